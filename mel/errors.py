@@ -1,0 +1,35 @@
+"""Errors that say what was wrong and what to do about it.
+
+Every user-facing failure in the library raises a subclass of MELError, so the CLI and the
+app can show the message instead of a traceback.
+"""
+
+
+class MELError(Exception):
+    """Base class for errors meant to be shown to a user."""
+
+
+class InputError(MELError, ValueError):
+    """Bad user input: a span outside the caption, an empty caption, a corrupt image..."""
+
+
+class DatasetFormatError(MELError):
+    """A dataset file is malformed. The message names the file and the record."""
+
+    def __init__(self, path, message, record=None):
+        where = f"{path}" + (f", record {record!r}" if record is not None else "")
+        super().__init__(f"{where}: {message}")
+        self.path = str(path)
+        self.record = record
+
+
+class KBError(MELError):
+    """A knowledge base file is missing, locked, empty or of another version."""
+
+
+class ModelUnavailableError(MELError):
+    """A model or backend cannot be loaded here (no hub access, missing optional package)."""
+
+
+class CheckpointError(MELError):
+    """A checkpoint directory is missing files or its config does not match the model."""
