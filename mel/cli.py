@@ -1,0 +1,258 @@
+"""`python -m mel ...`: the command line mirrors the Python API (one subcommand per function).
+
+    python -m mel models --preset auto
+    python -m mel data info --format wikimel --data DIR --split dev
+    python -m mel kb build --format wikimel --source DIR --out wikimel.sqlite --preset offline
+    python -m mel kb search wikimel.sqlite "Bianca Ryan"
+    python -m mel kb info wikimel.sqlite
+    python -m mel link --kb wikimel.sqlite --linker dense --caption "..." --mention "..." [--image IMG]
+    python -m mel eval --format wikimel --data DIR --split dev --kb wikimel.sqlite --linker dense --json out.json
+
+Other modules add subcommands (train, annotations, bench) through `COMMANDS`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+from .errors import MELError
+
+# subcommand -> "module:function(subparsers)" that adds it; kept lazy so --help stays fast
+COMMANDS: dict[str, str] = {
+    "train": "mel.training.cli:add_parser",
+    "annotations": "annotations.cli:add_parser",
+    "bench": "mel.bench:add_parser",
+}
+
+
+def _preset(args):
+    from .presets import describe, get_preset
+    preset = get_preset(args.preset, device=getattr(args, "device", None))
+    if preset.reason:
+        print(f"[mel] {preset.reason}", file=sys.stderr)
+    return preset
+
+
+def _add_preset_args(p):
+    p.add_argument("--preset", default="auto", help="paper | small | offline | auto (default: auto)")
+    p.add_argument("--device", default=None, help="override the preset's device (cpu, cuda, cuda:1...)")
+
+
+# -- models / data ------------------------------------------------------------------------------
+def cmd_models(args):
+    from .presets import PRESETS, describe
+    names = [args.preset] if args.preset != "all" else list(PRESETS)
+    for name in names:
+        print(describe(_preset(argparse.Namespace(preset=name, device=args.device))))
+
+
+def cmd_data_info(args):
+    from .datasets import load_dataset
+    split = load_dataset(args.format, args.data, args.split)
+    print(f"{args.format} {args.split}: {len(split)} mentions")
+    print(split.report.summary())
+    if args.json:
+        print(json.dumps(split.report.to_dict(), indent=2, ensure_ascii=False))
+
+
+# -- kb -----------------------------------------------------------------------------------------
+def cmd_kb_build(args):
+    from .datasets import read_kb_entities
+    from .kb import build_kb
+    entities = read_kb_entities(args.format, args.source)
+    if args.limit:
+        import itertools
+        entities = itertools.islice(entities, args.limit)
+    text_encoder = image_encoder = None
+    if not args.no_dense:
+        preset = _preset(args)
+        text_encoder = preset.backend("text_encoder")
+        if not args.no_images:
+            image_encoder = preset.backend("image_encoder")
+    kb = build_kb(entities, args.out, text_encoder=text_encoder, image_encoder=image_encoder,
+                  source_format=args.format, batch_size=args.batch_size, progress=not args.quiet)
+    info = kb.info()
+    print(f"built {args.out}: {info['n_entities']:,} entities, {info['n_aliases']:,} names/aliases, "
+          f"{info['n_entity_images']} entity images, text encoder {info['text_encoder']}, "
+          f"{info['build_seconds']} s")
+
+
+def cmd_kb_info(args):
+    from .kb import KnowledgeBase
+    print(json.dumps(KnowledgeBase(args.kb).info(), indent=2, ensure_ascii=False))
+
+
+def cmd_kb_search(args):
+    from .kb import KnowledgeBase
+    from .types import Mention
+    kb = KnowledgeBase(args.kb)
+    if args.mode == "bm25":
+        ranked = kb.search_bm25(args.query, k=args.k)
+    elif args.mode == "exact":
+        ranked = [(idx, 1.0 if kind == "name" else 0.5) for idx, kind in kb.lookup_name(args.query)][: args.k]
+    else:
+        from .linkers import build_linker
+        linker = build_linker("dense", kb, _preset(args))
+        result = linker.link(Mention(args.query, 0, len(args.query)), k=args.k)
+        ranked = [(kb.idx_of(c.entity.id), c.score) for c in result.candidates]
+    print(f"{kb.path.name}: {kb.size:,} entities; {args.mode} results for {args.query!r}")
+    for rank, (entity, (_, score)) in enumerate(zip(kb.entities_at([i for i, _ in ranked]), ranked), start=1):
+        desc = (entity.description[:70] + "...") if len(entity.description) > 70 else entity.description
+        print(f"{rank:3d}. {score:8.3f}  {entity.id:<12} {entity.name}  | {desc}")
+
+
+# -- link / eval --------------------------------------------------------------------------------
+def cmd_link(args):
+    from .kb import KnowledgeBase
+    from .linkers import build_linker
+    from .types import Mention
+    kb = KnowledgeBase(args.kb)
+    if args.start is not None and args.end is not None:
+        mention = Mention(args.caption, args.start, args.end, image=args.image)
+    else:
+        if not args.mention:
+            raise MELError("give the mention: --mention TEXT, or --start/--end character offsets")
+        mention = Mention.from_text(args.caption, args.mention, image=args.image)
+    linker = build_linker(args.linker, kb, _preset(args), **_options(args))
+    result = linker.link(mention, k=args.k)
+    if args.json:
+        print(result.to_json())
+        return
+    pred = result.prediction
+    print(f"mention: {mention.text!r}  ->  {pred.name + ' (' + pred.id + ')' if pred else 'NIL'}  "
+          f"[{args.linker}, preset {result.preset}, {result.timings.get('total', 0):.0f} ms]")
+    for rank, c in enumerate(result.candidates[:10], start=1):
+        print(f"{rank:3d}. {c.score:8.3f}  {c.entity.id:<12} {c.entity.name}")
+
+
+def _options(args) -> dict:
+    """`--opt key=value` pairs for linker-specific options (values parsed as JSON when possible)."""
+    options = {}
+    for item in args.opt or []:
+        key, _, value = item.partition("=")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def cmd_eval(args):
+    from .datasets import load_dataset
+    from .evaluate import evaluate, format_report
+    from .kb import KnowledgeBase
+    from .linkers import build_linker
+    data = load_dataset(args.format, args.data, args.split)
+    examples = data.examples[: args.limit] if args.limit else data.examples
+    kb = KnowledgeBase(args.kb, engine=args.engine)
+    print(f"[mel] {args.format} {args.split}: {len(examples)} mentions; KB {kb.path.name}: {kb.size:,} entities",
+          file=sys.stderr)
+    linker = build_linker(args.linker, kb, _preset(args), **_options(args))
+    report = evaluate(linker, examples, batch_size=args.batch_size, progress=not args.quiet,
+                      predictions_path=args.predictions)
+    report.update({"dataset": args.format, "split": args.split, "limit": args.limit,
+                   "reader": data.report.to_dict() if hasattr(data.report, "to_dict") else {}})
+    print(format_report(report))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2, ensure_ascii=False)
+
+
+# -- parser -------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m mel", description="Multimodal entity linking: GEMEL and DIM.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="show the models of a preset (or 'all')")
+    _add_preset_args(p)
+    p.set_defaults(func=cmd_models)
+
+    data = sub.add_parser("data", help="inspect a dataset").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("info", help="read a split and print what the reader found")
+    p.add_argument("--format", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="dev")
+    p.add_argument("--json", action="store_true", help="also print the full report as JSON")
+    p.set_defaults(func=cmd_data_info)
+
+    kb = sub.add_parser("kb", help="build, search and inspect a knowledge base").add_subparsers(dest="kb_command",
+                                                                                                 required=True)
+    p = kb.add_parser("build", help="build a KB (SQLite + FTS5 + dense index) from a dataset's KB files")
+    p.add_argument("--format", required=True, help="wikimel | richpedia | wikidiverse | mimic | gemel | jsonl")
+    p.add_argument("--source", required=True, help="the dataset directory (or a kb.jsonl for --format jsonl)")
+    p.add_argument("--out", required=True, help="the KB file to write, e.g. wikimel.sqlite")
+    p.add_argument("--no-dense", action="store_true", help="skip embeddings (BM25/exact only)")
+    p.add_argument("--no-images", action="store_true", help="skip entity image embeddings")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--limit", type=int, default=None, help="only the first N entities (for a quick try)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_preset_args(p)
+    p.set_defaults(func=cmd_kb_build)
+
+    p = kb.add_parser("info", help="size, encoders and build facts of a KB")
+    p.add_argument("kb")
+    p.set_defaults(func=cmd_kb_info)
+
+    p = kb.add_parser("search", help="search a KB by name (BM25 by default)")
+    p.add_argument("kb")
+    p.add_argument("query")
+    p.add_argument("--mode", choices=("bm25", "dense", "exact"), default="bm25")
+    p.add_argument("-k", type=int, default=10)
+    _add_preset_args(p)
+    p.set_defaults(func=cmd_kb_search)
+
+    p = sub.add_parser("link", help="link one mention")
+    p.add_argument("--kb", required=True)
+    p.add_argument("--linker", default="dense")
+    p.add_argument("--caption", required=True)
+    p.add_argument("--mention", help="the mention text (located in the caption)")
+    p.add_argument("--start", type=int, help="character offset where the mention starts")
+    p.add_argument("--end", type=int, help="character offset where it ends (exclusive)")
+    p.add_argument("--image", help="path of the image that goes with the caption")
+    p.add_argument("-k", type=int, default=20)
+    p.add_argument("--opt", action="append", help="linker option key=value (repeatable)")
+    p.add_argument("--json", action="store_true", help="print the LinkResult as JSON")
+    _add_preset_args(p)
+    p.set_defaults(func=cmd_link)
+
+    p = sub.add_parser("eval", help="Hits@k / MRR of a linker on a dataset split, whole-KB protocol")
+    p.add_argument("--format", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="dev")
+    p.add_argument("--kb", required=True)
+    p.add_argument("--linker", required=True)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--engine", default="auto", help="dense search engine: auto | numpy | faiss-flat | faiss-hnsw")
+    p.add_argument("--opt", action="append", help="linker option key=value (repeatable)")
+    p.add_argument("--json", help="write the report to this JSON file")
+    p.add_argument("--predictions", help="write one JSON line per mention to this file")
+    p.add_argument("--quiet", action="store_true")
+    _add_preset_args(p)
+    p.set_defaults(func=cmd_eval)
+
+    for name, target in COMMANDS.items():
+        module, attr = target.split(":")
+        try:
+            add = getattr(importlib.import_module(module), attr)
+        except ModuleNotFoundError as exc:
+            if exc.name and (exc.name == module or module.startswith(exc.name + ".")):
+                continue  # that part of the project is not installed/built yet
+            raise
+        add(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MELError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,104 @@
+"""Evaluation harness: Hits@k and MRR against the WHOLE KB, with latency figures.
+
+A gold entity missing from the KB counts as a miss (and is counted). A NIL gold is a hit when
+the linker predicts NIL (no entity). Latency is per mention as the linker reports it
+(`timings["total"]`; batched linkers report their amortised share of a batch).
+"""
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .types import NIL, Example, LinkResult
+
+HITS_AT = (1, 5, 10, 20)
+
+
+def rank_of(result: LinkResult, gold_id: str) -> int | None:
+    """1-based rank of the gold entity among the candidates, None when absent."""
+    for rank, candidate in enumerate(result.candidates, start=1):
+        if candidate.entity.id == gold_id:
+            return rank
+    return None
+
+
+def evaluate(linker, examples: Sequence[Example], *, k: int = max(HITS_AT), batch_size: int = 32,
+             progress: bool = True, predictions_path: str | Path | None = None) -> dict:
+    from tqdm.auto import tqdm
+
+    kb = linker.kb
+    ranks: list[int | None] = []
+    latencies, stage_totals = [], {}
+    n_gold_missing = n_nil = 0
+    out = open(predictions_path, "w", encoding="utf-8") if predictions_path else None
+    started = time.perf_counter()
+    try:
+        results = linker.pipe((ex.mention for ex in examples), k=k, batch_size=batch_size)
+        for example, result in tqdm(zip(examples, results), total=len(examples), desc=f"eval {linker.name}",
+                                    disable=not progress, unit=" mention"):
+            if example.gold_id == NIL:
+                n_nil += 1
+                rank = 1 if result.prediction is None else None
+            else:
+                if example.gold_id not in kb:
+                    n_gold_missing += 1
+                rank = rank_of(result, example.gold_id)
+            ranks.append(rank)
+            latencies.append(result.timings.get("total", float("nan")))
+            for stage, ms in result.timings.items():
+                stage_totals[stage] = stage_totals.get(stage, 0.0) + ms
+            if out:
+                out.write(json.dumps({"sample_id": example.sample_id, "mention": example.mention.text,
+                                      "gold_id": example.gold_id, "gold_name": example.gold_name, "rank": rank,
+                                      "prediction": result.prediction.id if result.prediction else None,
+                                      "top": [c.entity.id for c in result.candidates[:5]],
+                                      "details": _jsonable(result.details)}, ensure_ascii=False) + "\n")
+    finally:
+        if out:
+            out.close()
+    elapsed = time.perf_counter() - started
+    n = len(ranks)
+    report = {"linker": linker.name, "n": n, "kb_size": kb.size, "protocol": "whole-KB ranking"}
+    for h in HITS_AT:
+        report[f"hits@{h}"] = round(sum(1 for r in ranks if r is not None and r <= h) / n, 4) if n else 0.0
+    report["mrr"] = round(sum(1.0 / r for r in ranks if r) / n, 4) if n else 0.0
+    lat = np.asarray(latencies, dtype=float)
+    report["latency_ms_p50"] = round(float(np.nanpercentile(lat, 50)), 2) if n else None
+    report["latency_ms_p95"] = round(float(np.nanpercentile(lat, 95)), 2) if n else None
+    report["stage_ms_mean"] = {s: round(t / n, 2) for s, t in stage_totals.items()} if n else {}
+    report["throughput_per_s"] = round(n / elapsed, 2) if elapsed > 0 else None
+    report["wall_seconds"] = round(elapsed, 2)
+    report["n_gold_not_in_kb"] = n_gold_missing
+    report["n_nil_gold"] = n_nil
+    report["n_with_image"] = sum(1 for ex in examples if ex.mention.image)
+    preset = linker.preset
+    report["preset"] = getattr(preset, "name", "")
+    report["preset_reason"] = getattr(preset, "reason", "")
+    report["models"] = linker.models()
+    report["kb_path"] = str(kb.path.name)
+    report["python"] = platform.python_version()
+    report["command"] = " ".join(["python -m mel"] + sys.argv[1:]) if sys.argv and sys.argv[0].endswith(("mel", "__main__.py")) else ""
+    return report
+
+
+def _jsonable(value):
+    try:
+        json.dumps(value)
+        return value
+    except TypeError:
+        return str(value)
+
+
+def format_report(report: dict) -> str:
+    hits = "  ".join(f"H@{h} {report[f'hits@{h}']:.4f}" for h in HITS_AT)
+    return (f"{report['linker']}: n={report['n']} kb_size={report['kb_size']:,} ({report['protocol']})\n"
+            f"  {hits}  MRR {report['mrr']:.4f}\n"
+            f"  latency p50 {report['latency_ms_p50']} ms, p95 {report['latency_ms_p95']} ms, "
+            f"{report['throughput_per_s']} mentions/s; gold not in KB: {report['n_gold_not_in_kb']}; "
+            f"preset {report['preset']}")

@@ -1,0 +1,106 @@
+"""Dense nearest-neighbour search over L2-normalised embeddings (inner product = cosine).
+
+`DenseIndex` has one interface and two engines:
+  numpy  exact search (matrix product + argpartition); the default, fine up to ~200k rows.
+  faiss  `faiss-cpu`: exact `IndexFlatIP`, or HNSW (`hnsw`) for 1M-row KBs where exact search
+         is bound by memory bandwidth. `auto` picks numpy below `FAISS_AUTO_ROWS` rows, else HNSW.
+Embeddings are saved with safetensors, never pickled.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .errors import KBError, ModelUnavailableError
+
+FAISS_AUTO_ROWS = 200_000
+ENGINES = ("auto", "numpy", "faiss-flat", "faiss-hnsw")
+
+
+def _import_faiss():
+    try:
+        import faiss
+    except ImportError as exc:
+        raise ModelUnavailableError("faiss is not installed: `pip install faiss-cpu`, or use engine='numpy'") from exc
+    return faiss
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+class DenseIndex:
+    def __init__(self, vectors: np.ndarray, ids: np.ndarray | None = None, engine: str = "auto",
+                 hnsw_m: int = 32, ef_search: int = 128):
+        """`vectors` (n, d) float32, normalised. `ids` maps rows to KB row numbers (default: 0..n-1)."""
+        if engine not in ENGINES:
+            raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
+        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if self.vectors.ndim != 2:
+            raise ValueError(f"vectors must be 2-D, got shape {self.vectors.shape}")
+        self.ids = np.arange(len(self.vectors), dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
+        if engine == "auto":
+            engine = "faiss-hnsw" if len(self.vectors) >= FAISS_AUTO_ROWS else "numpy"
+        self.engine = engine
+        self._faiss_index = None
+        if engine.startswith("faiss") and len(self.vectors):
+            faiss = _import_faiss()
+            d = self.vectors.shape[1]
+            if engine == "faiss-flat":
+                index = faiss.IndexFlatIP(d)
+            else:
+                index = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+                index.hnsw.efSearch = ef_search
+            index.add(self.vectors)
+            self._faiss_index = index
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    @property
+    def dim(self) -> int:
+        return self.vectors.shape[1]
+
+    def search(self, queries: np.ndarray, k: int = 20) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids), each (n_queries, k'), best first; k' = min(k, len(index))."""
+        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        if queries.shape[1] != self.dim:
+            raise KBError(f"query embeddings have {queries.shape[1]} dimensions but the index has {self.dim}: "
+                          f"the KB was embedded with another encoder; rebuild it or use the same preset")
+        k = min(k, len(self))
+        if k == 0:
+            return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+        if self._faiss_index is not None:
+            scores, rows = self._faiss_index.search(np.ascontiguousarray(queries), k)
+            rows = np.where(rows < 0, 0, rows)  # HNSW pads with -1 when it finds fewer than k
+            return scores, self.ids[rows]
+        sims = queries @ self.vectors.T
+        if k < sims.shape[1]:
+            top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        else:
+            top = np.tile(np.arange(sims.shape[1]), (len(queries), 1))
+        top_scores = np.take_along_axis(sims, top, axis=1)
+        order = np.argsort(-top_scores, axis=1, kind="stable")
+        top = np.take_along_axis(top, order, axis=1)
+        return np.take_along_axis(top_scores, order, axis=1), self.ids[top]
+
+    def save(self, path: str | Path, metadata: dict | None = None) -> None:
+        from safetensors.numpy import save_file
+        meta = {"mel_dense_index": json.dumps(metadata or {})}
+        save_file({"vectors": self.vectors, "ids": self.ids}, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path, engine: str = "auto") -> tuple["DenseIndex", dict]:
+        from safetensors import safe_open
+        from safetensors.numpy import load_file
+        path = Path(path)
+        if not path.exists():
+            raise KBError(f"dense index {path} is missing: rebuild the KB with `python -m mel kb build`")
+        with safe_open(str(path), framework="numpy") as f:
+            meta = json.loads((f.metadata() or {}).get("mel_dense_index", "{}"))
+        tensors = load_file(str(path))
+        return cls(tensors["vectors"], tensors["ids"], engine=engine), meta

@@ -1,0 +1,37 @@
+"""Linkers: everything that turns a Mention into a LinkResult, behind one contract.
+
+    linker = build_linker("dense", kb, preset)
+    result = linker.link(mention)                 # one mention
+    results = list(linker.pipe(mentions))         # batched, same results
+
+New linkers register a factory under a name; the CLI, the evaluation harness and the app
+find them here.
+"""
+from __future__ import annotations
+
+import importlib
+
+from .base import Linker
+
+# name -> "module:factory"; factories take (kb, preset, **options). Imported on first use.
+LINKERS: dict[str, str] = {
+    "exact": "mel.linkers.baselines:ExactLinker",
+    "bm25": "mel.linkers.baselines:BM25Linker",
+    "dense": "mel.linkers.baselines:DenseLinker",
+}
+
+
+def register_linker(name: str, target: str) -> None:
+    LINKERS[name] = target
+
+
+def build_linker(name: str, kb, preset, **options) -> Linker:
+    if name not in LINKERS:
+        from ..errors import MELError
+        raise MELError(f"unknown linker {name!r}; available: {', '.join(sorted(LINKERS))}")
+    module, attr = LINKERS[name].split(":")
+    factory = getattr(importlib.import_module(module), attr)
+    return factory(kb, preset, **options)
+
+
+__all__ = ["Linker", "LINKERS", "build_linker", "register_linker"]

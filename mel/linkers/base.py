@@ -1,0 +1,67 @@
+"""The linker contract shared by baselines, GEMEL and DIM."""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+
+from ..types import Candidate, LinkResult, Mention
+
+
+class Linker:
+    """Subclasses set `name` and implement `link`; `pipe` may be overridden to batch."""
+
+    name = "linker"
+
+    def __init__(self, kb, preset):
+        self.kb = kb
+        self.preset = preset
+
+    def models(self) -> dict[str, str]:
+        """The models this linker uses (role -> spec); shown in results and the UI."""
+        return {}
+
+    def link(self, mention: Mention, k: int = 20) -> LinkResult:
+        raise NotImplementedError
+
+    def pipe(self, mentions: Iterable[Mention], k: int = 20, batch_size: int = 32) -> Iterator[LinkResult]:
+        for mention in mentions:
+            yield self.link(mention, k=k)
+
+    def result(self, mention: Mention, ranked: list[tuple[int, float]], *, source: str, timings: dict,
+               details: dict | None = None) -> LinkResult:
+        """A LinkResult from (kb idx, score) pairs, best first; the top one is the prediction."""
+        entities = self.kb.entities_at([idx for idx, _ in ranked])
+        candidates = [Candidate(entity, float(score), source) for entity, (_, score) in zip(entities, ranked)]
+        return LinkResult(
+            linker=self.name, mention=mention,
+            prediction=candidates[0].entity if candidates else None,
+            score=candidates[0].score if candidates else None,
+            candidates=candidates, timings=timings,
+            preset=getattr(self.preset, "name", ""), models=self.models(), details=details or {})
+
+
+class Stopwatch:
+    """Named stage timings in milliseconds: `with sw("encode"): ...`; `sw.timings` at the end."""
+
+    def __init__(self):
+        self.timings: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    def __call__(self, stage: str):
+        return _Stage(self, stage)
+
+    def total(self) -> dict[str, float]:
+        self.timings["total"] = (time.perf_counter() - self._start) * 1000
+        return self.timings
+
+
+class _Stage:
+    def __init__(self, watch: Stopwatch, stage: str):
+        self.watch, self.stage = watch, stage
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        ms = (time.perf_counter() - self.t0) * 1000
+        self.watch.timings[self.stage] = self.watch.timings.get(self.stage, 0.0) + ms

@@ -1,0 +1,42 @@
+"""Shared fixtures. Real data is read from ../shared/data by path (never copied into the repo)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never wait on the network
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.exists():
+        pytest.fail(f"{SHARED_DATA} is missing: the tests need ../shared/data beside the repository")
+    return SHARED_DATA
+
+
+class HashingTextEncoder:
+    """A deterministic bag-of-words encoder for tests that need embeddings but not a real model."""
+
+    name = "test-hashing"
+    dim = 64
+
+    def encode(self, texts, batch_size=64, show_progress=False):
+        out = np.zeros((len(texts), self.dim), np.float32)
+        for row, text in enumerate(texts):
+            for word in re.findall(r"\w+", text.lower()):
+                out[row, int(hashlib.md5(word.encode()).hexdigest(), 16) % self.dim] += 1.0
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.maximum(norms, 1e-12)
+
+
+@pytest.fixture
+def hashing_encoder():
+    return HashingTextEncoder()

@@ -1,0 +1,61 @@
+import re
+import json
+
+import pytest
+from hypothesis import given, strategies as st
+
+from mel.errors import InputError
+from mel.types import Candidate, Entity, Example, LinkResult, Mention, locate_mention
+
+
+def test_mention_span_and_text():
+    m = Mention("Collins waves from the ISS.", 0, 7, image="astronaut.png")
+    assert m.text == "Collins"
+    assert Mention.from_json(m.to_json()) == m
+
+
+@pytest.mark.parametrize("caption,start,end,fragment", [
+    ("", 0, 1, "empty"),
+    ("abc", 2, 9, "outside"),
+    ("abc", 2, 2, "outside the caption (length 3) or empty"),
+    ("a  b", 1, 3, "whitespace"),
+    ("abc", -1, 2, "outside"),
+    ("x" * 30_000, 0, 1, "limit"),
+])
+def test_bad_spans_say_what_is_wrong(caption, start, end, fragment):
+    with pytest.raises(InputError, match=re.escape(fragment)):
+        Mention(caption, start, end)
+
+
+def test_from_text_locates_exact_then_case_insensitive():
+    assert Mention.from_text("Hopper at Harvard", "Hopper").start == 0
+    m = Mention.from_text("THE ROCKET FALCON", "falcon")
+    assert m.text == "FALCON"
+    with pytest.raises(InputError, match="does not occur"):
+        Mention.from_text("Grace Hopper", "Turing")
+
+
+def test_link_result_round_trip():
+    e = Entity("Q1", "Eileen Collins", aliases=["Collins"], description="astronaut", type="person")
+    m = Mention("Collins in orbit", 0, 7)
+    r = LinkResult("dense", m, e, [Candidate(e, 0.9, "dense")], score=0.9, timings={"total": 1.5},
+                   preset="offline", models={"text_encoder": "minilm"}, details={"k": 4})
+    back = LinkResult.from_json(r.to_json())
+    assert back == r and back.ranked_ids() == ["Q1"]
+    ex = Example(m, "Q1", "Eileen Collins", "s1", "wikimel", "dev")
+    assert Example.from_dict(json.loads(ex.to_json())) == ex
+
+
+def test_unknown_field_is_an_error():
+    with pytest.raises(InputError, match="unknown field"):
+        Entity.from_dict({"id": "Q1", "name": "x", "popularity": 3})
+
+
+@given(st.text(min_size=1, max_size=40), st.integers(0, 39), st.integers(1, 40))
+def test_located_span_matches_mention_case_insensitively(caption, i, length):
+    mention = caption[i:i + length]
+    if not mention.strip():
+        return
+    span = locate_mention(caption, mention)
+    assert span is not None
+    assert caption[span[0]:span[1]].lower() == mention.strip().lower() or caption[span[0]:span[1]] == mention.strip()
