@@ -18,6 +18,10 @@ LINKERS: dict[str, str] = {
     "exact": "mel.linkers.baselines:ExactLinker",
     "bm25": "mel.linkers.baselines:BM25Linker",
     "dense": "mel.linkers.baselines:DenseLinker",
+    "gemel": "mel.gemel.linker:GemelLinker",              # generation over the whole KB trie
+    "gemel+dense": "mel.gemel.linker:gemel_with_dense",   # trie over the dense top-k
+    "gemel+dim": "mel.gemel.linker:gemel_with_dim",       # trie over DIM's top-k
+    "dim": "mel.dim.linker:DimLinker",
 }
 
 

@@ -1,0 +1,21 @@
+"""`python -m mel train {gemel,dim} ...`: each trainer module provides add_arguments(p) and run(args)."""
+from __future__ import annotations
+
+import importlib
+
+TRAINERS = {"gemel": "mel.gemel.train", "dim": "mel.dim.train"}
+
+
+def add_parser(subparsers) -> None:
+    train = subparsers.add_parser("train", help="train GEMEL's feature mapper or DIM's fusion head")
+    sub = train.add_subparsers(dest="trainer", required=True)
+    for name, module_name in TRAINERS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name and module_name.startswith(exc.name):
+                continue  # trainer not built yet
+            raise
+        p = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else None)
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
