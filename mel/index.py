@@ -2,8 +2,9 @@
 
 `DenseIndex` has one interface and two engines:
   numpy  exact search (matrix product + argpartition); the default, fine up to ~200k rows.
-  faiss  `faiss-cpu`: exact `IndexFlatIP`, or HNSW (`hnsw`) for 1M-row KBs where exact search
-         is bound by memory bandwidth. `auto` picks numpy below `FAISS_AUTO_ROWS` rows, else HNSW.
+  faiss  `faiss-cpu`: exact `IndexFlatIP` (faiss-flat), or approximate IVF (faiss-ivf) / HNSW
+         (faiss-hnsw) for 1M-row KBs, where exact search is bound by memory bandwidth.
+`auto` picks numpy below `FAISS_AUTO_ROWS` rows, else IVF (builds in seconds, unlike HNSW).
 Embeddings are saved with safetensors, never pickled.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 from .errors import KBError, ModelUnavailableError
 
 FAISS_AUTO_ROWS = 200_000
-ENGINES = ("auto", "numpy", "faiss-flat", "faiss-hnsw")
+ENGINES = ("auto", "numpy", "faiss-flat", "faiss-ivf", "faiss-hnsw")
 
 
 def _import_faiss():
@@ -35,7 +36,7 @@ def normalize(x: np.ndarray) -> np.ndarray:
 
 class DenseIndex:
     def __init__(self, vectors: np.ndarray, ids: np.ndarray | None = None, engine: str = "auto",
-                 hnsw_m: int = 32, ef_search: int = 128):
+                 hnsw_m: int = 32, ef_search: int = 128, nprobe: int = 32):
         """`vectors` (n, d) float32, normalised. `ids` maps rows to KB row numbers (default: 0..n-1)."""
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
@@ -44,7 +45,7 @@ class DenseIndex:
             raise ValueError(f"vectors must be 2-D, got shape {self.vectors.shape}")
         self.ids = np.arange(len(self.vectors), dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
         if engine == "auto":
-            engine = "faiss-hnsw" if len(self.vectors) >= FAISS_AUTO_ROWS else "numpy"
+            engine = "faiss-ivf" if len(self.vectors) >= FAISS_AUTO_ROWS else "numpy"
         self.engine = engine
         self._faiss_index = None
         if engine.startswith("faiss") and len(self.vectors):
@@ -52,6 +53,14 @@ class DenseIndex:
             d = self.vectors.shape[1]
             if engine == "faiss-flat":
                 index = faiss.IndexFlatIP(d)
+            elif engine == "faiss-ivf":
+                # ~sqrt(n) lists, k-means on 40 points per list: the build stays at seconds for 1M rows
+                n_lists = max(1, min(int(np.sqrt(len(self.vectors))), len(self.vectors) // 40))
+                index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, n_lists, faiss.METRIC_INNER_PRODUCT)
+                rng = np.random.default_rng(0)
+                sample = self.vectors[rng.choice(len(self.vectors), min(len(self.vectors), 40 * n_lists), replace=False)]
+                index.train(sample)
+                index.nprobe = min(nprobe, n_lists)
             else:
                 index = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
                 index.hnsw.efSearch = ef_search

@@ -106,7 +106,7 @@ def test_kb_reads_from_many_threads(kb):
     assert not errors
 
 
-@pytest.mark.parametrize("engine", ["numpy", "faiss-flat", "faiss-hnsw"])
+@pytest.mark.parametrize("engine", ["numpy", "faiss-flat", "faiss-ivf", "faiss-hnsw"])
 def test_dense_engines_agree_with_brute_force(engine, tmp_path):
     rng = np.random.default_rng(0)
     vectors = normalize(rng.normal(size=(2000, 32)))
@@ -115,7 +115,7 @@ def test_dense_engines_agree_with_brute_force(engine, tmp_path):
     scores, ids = index.search(queries, k=10)
     truth = np.argsort(-(queries @ vectors.T), axis=1)[:, :10]
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, truth)])
-    assert recall >= (1.0 if engine != "faiss-hnsw" else 0.9)
+    assert recall >= (1.0 if engine in ("numpy", "faiss-flat") else 0.8)
     assert np.all(np.diff(scores, axis=1) <= 1e-6)
     index.save(tmp_path / "i.safetensors", {"encoder": "x"})
     loaded, meta = DenseIndex.load(tmp_path / "i.safetensors", engine="numpy")
