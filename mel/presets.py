@@ -98,6 +98,7 @@ def get_preset(name: str = "auto", device: str | None = None) -> Preset:
         reachable, why = hub_status()
         if not reachable:
             preset = dataclasses.replace(PRESETS["offline"], reason=f"auto -> offline: {why}")
+            os.environ["HF_HUB_OFFLINE"] = "1"  # later hub lookups fail at once instead of retrying for ~30 s
         elif _cuda_available():
             preset = dataclasses.replace(PRESETS["paper"], reason=f"auto -> paper: {why} and a GPU is present")
         else:
