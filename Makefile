@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup run test clean
+.PHONY: setup run test clean browser
 
 setup: $(VENV)/.installed
 
@@ -22,8 +22,15 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 run: setup
 	$(PY) app.py
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# The browser test drives Debian's chromium through Playwright (`playwright install` downloads
+# its own browser build, which these machines cannot fetch). CI runs as root on a fresh machine.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@test -x /usr/bin/chromium || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium fonts-noto-color-emoji >/dev/null; }
 
 clean:
 	rm -rf $(VENV)

@@ -1,0 +1,73 @@
+"""`python -m mel annotations ...`: look at and export the correction store.
+
+    python -m mel annotations stats  --db DATA_DIR/annotations.sqlite
+    python -m mel annotations export --db DATA_DIR/annotations.sqlite --format jsonl --out exports/run1 \
+        [--kb KB.sqlite] [--dev-fraction 0.1]
+    python -m mel annotations backup --db DATA_DIR/annotations.sqlite --out backups/annotations-2025-01-01.sqlite
+
+The database is opened read-only for stats and export, so they are safe while the app runs.
+Having the database file is what the admin role means on the command line; the app's own
+export button is shown to admins only (MEL_ADMINS).
+"""
+from __future__ import annotations
+
+import json
+
+from .export import FORMATS, export_corrections
+from .store import AnnotationStore
+
+
+def add_parser(subparsers) -> None:
+    ann = subparsers.add_parser("annotations", help="statistics and training-data export of the correction store")
+    sub = ann.add_subparsers(dest="annotations_command", required=True)
+
+    p = sub.add_parser("stats", help="counts of mentions, predictions and corrections, per annotator")
+    p.add_argument("--db", required=True, help="annotations.sqlite (or the app's --data-dir)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("export", help="write the corrections as training files (latest correction per mention wins)")
+    p.add_argument("--db", required=True, help="annotations.sqlite (or the app's --data-dir)")
+    p.add_argument("--format", required=True, choices=FORMATS,
+                   help="jsonl (the library's format), wikimel (WikiMEL layout) or gemel (GEMEL records)")
+    p.add_argument("--out", required=True, help="directory to write (created if missing)")
+    p.add_argument("--kb", help="the KB the corrections link to; adds entity descriptions and aliases")
+    p.add_argument("--dev-fraction", type=float, default=0.0,
+                   help="share of mentions put in a dev split, chosen by hash (default 0: all train)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("backup", help="a consistent copy of the database, safe while the app writes")
+    p.add_argument("--db", required=True)
+    p.add_argument("--out", required=True, help="the copy to write")
+    p.set_defaults(func=cmd_backup)
+
+
+def cmd_stats(args) -> None:
+    with AnnotationStore.from_db(args.db, read_only=True) as store:
+        stats = store.stats()
+    if args.json:
+        print(json.dumps(stats, indent=2, ensure_ascii=False))
+        return
+    print(f"{stats['path']} (schema {stats['schema_version']}): {stats['mentions']} mentions, "
+          f"{stats['images']} images, {stats['predictions']} predictions, {stats['corrections']} corrections "
+          f"on {stats['corrected_mentions']} mentions ({stats['undone']} undone)")
+    for annotator, c in sorted(stats["by_annotator"].items()):
+        print(f"  {annotator}: {c['total']} ({c['linked']} linked, {c['nil']} NIL, {c['skip']} skipped, "
+              f"{c['undone']} undone)")
+
+
+def cmd_export(args) -> None:
+    kb = None
+    if args.kb:
+        from mel.kb import KnowledgeBase
+        kb = KnowledgeBase(args.kb)
+    with AnnotationStore.from_db(args.db, read_only=True) as store:
+        report = export_corrections(store, args.out, args.format, kb=kb, dev_fraction=args.dev_fraction)
+    print(report.summary())
+    print(f"files: {', '.join(report.files)}")
+
+
+def cmd_backup(args) -> None:
+    with AnnotationStore.from_db(args.db, read_only=True) as store:
+        path = store.backup(args.out)
+    print(f"backed up {args.db} to {path}")

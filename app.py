@@ -1,0 +1,120 @@
+"""Start the MEL demo and annotation app: `python app.py` (also the Hugging Face Space entry point).
+
+    python app.py                                   # demo KB + demo pool, preset auto, http://127.0.0.1:7860
+    python app.py --kb data/wikimel.sqlite --pool data/wikimel-train.jsonl --preset offline
+    MEL_AUTH="alice:secret,bob:pw2" MEL_ADMINS=alice python app.py --host 0.0.0.0
+
+Who annotates:
+  MEL_AUTH    "user:password,user2:password2": password login (never put passwords in the repo)
+  OAuth       on a Space with `hf_oauth: true` in README front matter (and no MEL_AUTH): HF login
+  neither     locally: everyone is "local" (also admin); on a Space: linking only, no saving
+  MEL_ADMINS  comma-separated users who may export training data from the app
+Where data goes: --data-dir, else $MEL_DATA_DIR, else /data/mel on a Space with persistent
+storage, else ./data/app.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+STARTED = time.perf_counter()
+
+
+def parse_auth(text: str | None) -> list[tuple[str, str]]:
+    """MEL_AUTH="user:pass,user2:pass2" -> [(user, pass), ...]; a malformed entry is an error."""
+    pairs = []
+    for item in (text or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        user, sep, password = item.partition(":")
+        if not sep or not user.strip() or not password:
+            raise SystemExit("MEL_AUTH must look like 'user:password,user2:password2' (an entry has no user or "
+                             "no password)")
+        pairs.append((user.strip(), password))
+    return pairs
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="MEL demo and annotation app (Gradio)")
+    p.add_argument("--kb", help="a KB built with `python -m mel kb build` (default: the bundled demo KB)")
+    p.add_argument("--pool", help="JSONL of Examples for GEMEL's demonstrations (default: the demo pool with the demo KB)")
+    p.add_argument("--preset", default=os.environ.get("MEL_PRESET", "auto"), help="auto | offline | small | paper")
+    p.add_argument("--device", default=None, help="override the preset's device (cpu, cuda)")
+    p.add_argument("--data-dir", default=None, help="where annotations.sqlite and the uploaded images are kept")
+    p.add_argument("--generator", default="gemel", help="the generative linker (gemel, gemel+dim, gemel+dense; '' = off)")
+    p.add_argument("--ranker", default="dim", help="the ranking linker (dim; dense/bm25 for a quick look)")
+    p.add_argument("--opt", action="append", default=[],
+                   help="linker option ROLE.key=value, ROLE = generator or ranker (e.g. generator.n_demos=8)")
+    p.add_argument("--no-live-pool", action="store_true", help="corrections do not join the demonstration pool")
+    p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    p.add_argument("--concurrency", type=int, default=4, help="requests handled at once (linking: always 1)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; more are refused")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("MEL_THREADS", "0")) or None,
+                   help="torch CPU threads (default: the library's choice). On a CPU shared with other jobs, "
+                        "1 is often much faster: idle OpenMP threads spin while waiting for a busy core")
+    return p.parse_args(argv)
+
+
+def linker_options(items: list[str]) -> tuple[dict, dict]:
+    out = {"generator": {}, "ranker": {}}
+    for item in items:
+        key, sep, value = item.partition("=")
+        role, dot, name = key.partition(".")
+        if not sep or not dot or role not in out or not name:
+            raise SystemExit(f"--opt {item!r}: expected ROLE.key=value with ROLE generator or ranker")
+        try:
+            out[role][name] = json.loads(value)
+        except json.JSONDecodeError:
+            out[role][name] = value
+    return out["generator"], out["ranker"]
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    auth = parse_auth(os.environ.get("MEL_AUTH"))
+    admins = frozenset(a.strip() for a in os.environ.get("MEL_ADMINS", "").split(",") if a.strip())
+    on_space = bool(os.environ.get("SPACE_ID"))
+    oauth = on_space and not auth and bool(os.environ.get("OAUTH_CLIENT_ID"))
+
+    if args.threads:
+        os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))  # the backends then keep torch's setting
+        import torch
+        torch.set_num_threads(args.threads)
+
+    from demo.service import LinkService, ServiceConfig
+    from demo.ui import Access, build_demo, launch_options
+
+    if auth:
+        access = Access("password", admins=admins)
+    elif oauth:
+        access = Access("oauth", admins=admins)
+    else:
+        access = Access("open", admins=admins, open_annotator=None if on_space else "local")
+        print("[app] no MEL_AUTH: " + ("annotation is off on this Space until a login is configured" if on_space
+              else "every correction is saved as annotator 'local' (set MEL_AUTH to log annotators in)"),
+              file=sys.stderr)
+
+    generator_options, ranker_options = linker_options(args.opt)
+    config = ServiceConfig(kb=args.kb, pool=args.pool, preset=args.preset, device=args.device, data_dir=args.data_dir,
+                           generator=args.generator, ranker=args.ranker, generator_options=generator_options,
+                           ranker_options=ranker_options, live_pool=not args.no_live_pool)
+    service = LinkService(config)
+    service.load(progress=lambda f, d: print(f"[app] {f:4.0%} {d}", file=sys.stderr))
+    demo = build_demo(service=service, access=access)
+    demo.queue(default_concurrency_limit=args.concurrency, max_size=args.max_queue)
+    print(f"[app] ready after {time.perf_counter() - STARTED:.1f} s; data in {service.data_dir}", file=sys.stderr)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth or None,
+                auth_message="Log in with the annotator account you were given." if auth else None,
+                show_error=True, **launch_options())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Benchmark of the app: time to ready, and link latency, on the offline preset.
+
+    python bench/bench_app.py --starts 3 --warm-links 2 --json bench-app.json
+
+For each of `--starts` fresh processes (`python app.py --preset offline` on a free port, a fresh
+data dir, models already cached, as a user's second start):
+  ready_s       process start -> the server answers HTTP 200 (models are loaded before it listens)
+  first_link_s  the first /link call (a bundled example, through gradio_client), request to result
+Then, on the last process, `--warm-links` rounds over all bundled examples:
+  warm_link_s   p50/p95 of later links, plus the server-side per-stage timings of each linker
+
+Targets (issue): ready < 30 s, first link p50 < 3 s on this CPU. The machine's load average is
+recorded with the figures because other jobs on a shared CPU change them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> float:
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the app exited with code {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return time.perf_counter()
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"the app did not answer within {timeout} s")
+
+
+def link_once(client, example) -> tuple[float, dict]:
+    from gradio_client import handle_file
+    t = time.perf_counter()
+    outputs = client.predict(handle_file(example.image) if example.image else None, example.caption, example.mention,
+                             example.start, example.end, api_name="/link")
+    elapsed = time.perf_counter() - t
+    raw = next(o for o in outputs if isinstance(o, dict) and "mention_id" in o)
+    return elapsed, raw
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--starts", type=int, default=3, help="fresh app processes to time")
+    p.add_argument("--warm-links", type=int, default=2, help="rounds over the bundled examples after the first link")
+    p.add_argument("--preset", default="offline")
+    p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--json", help="write the figures here")
+    p.add_argument("--app-arg", action="append", default=[], help="extra argument for app.py (repeatable)")
+    args = p.parse_args(argv)
+
+    from gradio_client import Client
+
+    from demo.bundled import bundled_examples
+    examples = bundled_examples()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
+    report = {"preset": args.preset, "machine": platform.platform(), "cpus": os.cpu_count(),
+              "load_avg_before": os.getloadavg(), "starts": []}
+    client = proc = None
+    try:
+        for n in range(args.starts):
+            port = free_port()
+            data_dir = tempfile.mkdtemp(prefix="mel-bench-app-")
+            log = open(Path(data_dir) / "app.log", "w")
+            t0 = time.perf_counter()
+            proc = subprocess.Popen([sys.executable, "app.py", "--preset", args.preset, "--port", str(port),
+                                     "--data-dir", data_dir, *args.app_arg], cwd=REPO, env=env, stdout=log,
+                                    stderr=subprocess.STDOUT)
+            url = f"http://127.0.0.1:{port}/"
+            ready = wait_ready(url, proc, args.timeout) - t0
+            t = time.perf_counter()
+            client = Client(url, verbose=False)
+            connect = time.perf_counter() - t
+            example = examples[n % len(examples)]
+            first, raw = link_once(client, example)
+            run = {"ready_s": round(ready, 2), "client_connect_s": round(connect, 2), "first_link_s": round(first, 3),
+                   "first_link_example": example.mention, "server_timings_ms": raw["timings"],
+                   "generator": raw["generator"]["linker"] if raw["generator"] else None,
+                   "ranker": raw["ranker"]["linker"]}
+            print(json.dumps(run), flush=True)
+            report["starts"].append(run)
+            if n < args.starts - 1:
+                client.close()
+                proc.terminate()
+                proc.wait(timeout=30)
+        warm = []
+        for _ in range(args.warm_links):
+            for example in examples:
+                elapsed, raw = link_once(client, example)
+                warm.append({"example": example.mention, "s": round(elapsed, 3), "server_timings_ms": raw["timings"]})
+        report["warm_links"] = warm
+    finally:
+        if client is not None:
+            client.close()
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+    ready = [r["ready_s"] for r in report["starts"]]
+    first = [r["first_link_s"] for r in report["starts"]]
+    report["summary"] = {
+        "ready_s_p50": statistics.median(ready), "ready_s_max": max(ready),
+        "first_link_s_p50": statistics.median(first), "first_link_s_max": max(first),
+        "warm_link_s_p50": statistics.median([w["s"] for w in warm]) if warm else None,
+        "warm_link_s_p95": pct([w["s"] for w in warm], 0.95) if warm else None,
+        "targets": {"ready_s": 30, "first_link_s_p50": 3},
+    }
+    report["load_avg_after"] = os.getloadavg()
+    print(json.dumps(report["summary"], indent=2))
+    print(f"load average before {report['load_avg_before']}, after {report['load_avg_after']} "
+          f"on {report['cpus']} CPUs")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,509 @@
+"""The app's service layer: everything the UI does, as plain Python (the UI only renders).
+
+    service = LinkService(ServiceConfig(preset="offline"))
+    service.load()                                   # KB, linkers, pool, store; once per process
+    view = service.link(caption, start, end, image="photo.jpg", annotator="alice")
+    ack = service.correct("alice", view.mention_id, "accept_dim", view.ranked[0]["id"])
+    service.undo("alice")
+
+Two linkers run on every mention: a generative one (GEMEL: its generated name, entity, score
+and the demonstrations it retrieved) and a ranking one (DIM: the expert cue and the ranked
+candidates). A linker that cannot be built here (missing checkpoint, model not downloadable)
+is reported as unavailable with the reason; the ranking panel then falls back to the dense
+baseline and says so, instead of the app refusing to start.
+
+Every mention linked, every prediction shown and every correction goes to the annotation
+store (annotations.AnnotationStore). With `live_pool` on, a correction joins GEMEL's
+demonstration pool at once, so the next link can already retrieve it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from annotations import AnnotationStore, NotAllowedError, export_corrections
+from annotations.store import LINK_ACTIONS
+from mel.errors import InputError, MELError
+from mel.types import NIL, Entity, Example, LinkResult, Mention
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[float, str], None]
+
+
+def default_data_dir() -> Path:
+    """$MEL_DATA_DIR; else /data/mel on a Hugging Face Space with persistent storage; else ./data/app."""
+    env = os.environ.get("MEL_DATA_DIR")
+    if env:
+        return Path(env)
+    if os.environ.get("SPACE_ID") and os.path.isdir("/data") and os.access("/data", os.W_OK):
+        return Path("/data/mel")
+    return Path.cwd() / "data" / "app"
+
+
+@dataclass
+class ServiceConfig:
+    kb: str | None = None               # a KB built with `mel kb build`; None = the bundled demo KB
+    pool: str | None = None             # JSONL of Examples for GEMEL's demonstrations; None = the demo pool
+    preset: str = "auto"
+    device: str | None = None
+    data_dir: str | None = None         # where annotations.sqlite and images/ live
+    generator: str = "gemel"            # the generative panel's linker ("" = off)
+    ranker: str = "dim"                 # the ranking panel's linker
+    fallback_ranker: str = "dense"      # used when `ranker` cannot be built here
+    generator_options: dict = field(default_factory=dict)
+    ranker_options: dict = field(default_factory=dict)
+    k: int = 10                         # candidates shown
+    live_pool: bool = True              # corrections join the demonstration pool at once
+    warm_up: bool = True                # run each linker once at load, so the first user link is fast
+
+
+@dataclass
+class PanelResult:
+    """One linker's output as shown, or why there is none."""
+
+    role: str                        # "generator" | "ranker"
+    linker: str                      # the linker that produced it (may be the fallback)
+    result: LinkResult | None = None
+    error: str | None = None
+    note: str = ""                   # e.g. "DIM is unavailable (...): showing the dense baseline"
+    prediction_id: int | None = None
+
+
+@dataclass
+class LinkView:
+    """Everything one link shows, ready to render."""
+
+    mention: Mention
+    mention_id: str
+    image_sha256: str | None
+    generator: PanelResult | None
+    ranker: PanelResult
+    cue: dict | None
+    demonstrations: list[dict]
+    timings: dict[str, Any]
+    preset: dict[str, Any]
+
+    @property
+    def ranked(self) -> list[dict]:
+        r = self.ranker.result
+        if r is None:
+            return []
+        return [{"rank": i, "id": c.entity.id, "name": c.entity.name, "description": c.entity.description,
+                 "score": c.score, "source": c.source} for i, c in enumerate(r.candidates, start=1)]
+
+    @property
+    def generated(self) -> dict | None:
+        g = self.generator
+        if g is None or g.result is None:
+            return None
+        r = g.result
+        text = _first(r.details, ("generated", "generated_text", "generation", "text", "output"))
+        return {"generated": text if isinstance(text, str) else (r.prediction.name if r.prediction else ""),
+                "id": r.prediction.id if r.prediction else NIL, "name": r.prediction.name if r.prediction else "NIL",
+                "description": r.prediction.description if r.prediction else "", "score": r.score}
+
+    def to_dict(self) -> dict:
+        def panel(p: PanelResult | None):
+            if p is None:
+                return None
+            return {"linker": p.linker, "error": p.error, "note": p.note, "prediction_id": p.prediction_id,
+                    "prediction": (p.result.prediction.to_dict() if p.result and p.result.prediction else None),
+                    "score": p.result.score if p.result else None,
+                    "timings": p.result.timings if p.result else {}}
+        return {"mention_id": self.mention_id, "mention": self.mention.to_dict(), "text": self.mention.text,
+                "image_sha256": self.image_sha256, "generator": panel(self.generator), "generated": self.generated,
+                "ranker": panel(self.ranker), "candidates": self.ranked, "cue": self.cue,
+                "demonstrations": self.demonstrations, "timings": self.timings, "preset": self.preset}
+
+
+class LinkService:
+    def __init__(self, config: ServiceConfig | None = None):
+        self.config = config or ServiceConfig()
+        self.data_dir = Path(self.config.data_dir) if self.config.data_dir else default_data_dir()
+        self.preset = None
+        self.kb = None
+        self.kb_label = ""
+        self.store: AnnotationStore | None = None
+        self.generator = None
+        self.ranker = None
+        self.ranker_name = self.config.ranker
+        self.status: dict[str, str] = {}       # linker role -> "ok" or why it is unavailable
+        self.pool_description = ""
+        self.load_seconds: dict[str, float] = {}
+        self._pooled: dict[int, str] = {}       # correction id -> sample_id added to the live pool
+        self._load_lock = threading.Lock()
+        self._link_lock = threading.Lock()      # linkers hold models that are not re-entrant
+        self._loaded = False
+
+    # -- loading -----------------------------------------------------------------------------
+    @property
+    def loaded(self) -> bool:
+        return self._loaded
+
+    def load(self, progress: Progress | None = None) -> "LinkService":
+        """Load preset, KB, linkers and store, once; later calls return at once."""
+        if self._loaded:
+            return self
+        with self._load_lock:
+            if self._loaded:
+                return self
+            say = progress or (lambda f, d: None)
+            t = time.perf_counter()
+            from mel.presets import get_preset
+            self.store = AnnotationStore(self.data_dir)
+            self.preset = get_preset(self.config.preset, device=self.config.device)
+            say(0.1, f"preset {self.preset.name}: loading the knowledge base")
+            self._load_kb()
+            self.load_seconds["kb"] = time.perf_counter() - t
+            say(0.3, "loading the generative linker (GEMEL)")
+            t = time.perf_counter()
+            self._load_generator()
+            self.load_seconds["generator"] = time.perf_counter() - t
+            say(0.6, "loading the ranking linker (DIM)")
+            t = time.perf_counter()
+            self._load_ranker()
+            self.load_seconds["ranker"] = time.perf_counter() - t
+            if self.config.warm_up:
+                say(0.8, "warming up the models")
+                t = time.perf_counter()
+                self._warm_up()
+                self.load_seconds["warm_up"] = time.perf_counter() - t
+            self._loaded = True
+            say(1.0, "ready")
+        return self
+
+    def _load_kb(self) -> None:
+        from mel.kb import KnowledgeBase
+        if self.config.kb:
+            path = Path(self.config.kb)
+        else:
+            from .bundled import ensure_demo_kb
+            path = ensure_demo_kb(self.preset)
+        self.kb = KnowledgeBase(path)
+        self.kb_label = f"{path.name} ({self.kb.meta.get('created', '')})"
+
+    def _pool_options(self) -> dict:
+        """GEMEL's pool: --pool, else the demo pool when the KB is the demo KB."""
+        options = dict(self.config.generator_options)
+        if "pool" in options or "pool_data" in options:
+            return options
+        if self.config.pool:
+            options["pool"] = self.config.pool
+        elif not self.config.kb:
+            from .bundled import POOL_FILE
+            options["pool"] = str(POOL_FILE)
+        return options
+
+    def _load_generator(self) -> None:
+        from mel.linkers import build_linker
+        name = self.config.generator
+        if not name:
+            self.status["generator"] = "off"
+            return
+        try:
+            self.generator = build_linker(name, self.kb, self.preset, **self._pool_options())
+            self.status["generator"] = "ok"
+        except Exception as exc:  # any failure: show why, keep the app up (logged with traceback)
+            log.warning("generative linker %r unavailable", name, exc_info=not isinstance(exc, MELError))
+            self.status["generator"] = _why(exc)
+            return
+        pool = self.pool()
+        if pool is not None:
+            self.pool_description = f"{len(pool)} demonstrations"
+            if self.config.live_pool:
+                self._pool_existing_corrections(pool)
+
+    def _load_ranker(self) -> None:
+        from mel.linkers import build_linker
+        try:
+            self.ranker = build_linker(self.config.ranker, self.kb, self.preset, **self.config.ranker_options)
+            self.ranker_name = self.config.ranker
+            self.status["ranker"] = "ok"
+        except Exception as exc:
+            log.warning("ranking linker %r unavailable", self.config.ranker, exc_info=not isinstance(exc, MELError))
+            self.status["ranker"] = _why(exc)
+            self.ranker = build_linker(self.config.fallback_ranker, self.kb, self.preset)  # must work: it is the baseline
+            self.ranker_name = self.config.fallback_ranker
+
+    def _warm_up(self) -> None:
+        """One link per linker on a bundled example: lazy models, tries and caches load now."""
+        from .bundled import bundled_examples
+        try:
+            ex = bundled_examples()[0]
+            mention = Mention(ex.caption, ex.start, ex.end, image=ex.image)
+        except MELError:
+            mention = Mention("warm up", 0, 4)
+        for linker in (self.generator, self.ranker):
+            if linker is None:
+                continue
+            try:
+                with self._link_lock:
+                    linker.link(mention, k=self.config.k)
+            except Exception:  # a failing linker shows its error on the first real link
+                log.warning("warm-up of %s failed", getattr(linker, "name", linker), exc_info=True)
+
+    def pool(self):
+        """GEMEL's demonstration pool (an object with add()), or None."""
+        for obj in (self.generator, getattr(self.generator, "generator", None), getattr(self.generator, "gemel", None)):
+            pool = getattr(obj, "pool", None)
+            if pool is not None and hasattr(pool, "add"):
+                return pool
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        p = self.preset
+        return {
+            "preset": p.name if p else None, "reason": p.reason if p else "", "device": p.device if p else None,
+            "models": p.models() if p else {}, "kb": self.kb_label, "kb_size": self.kb.size if self.kb else 0,
+            "generator": {"linker": self.config.generator, "status": self.status.get("generator", "")},
+            "ranker": {"linker": self.ranker_name, "wanted": self.config.ranker,
+                       "status": self.status.get("ranker", "")},
+            "pool": self.pool_description or "none", "data_dir": str(self.data_dir),
+            "load_seconds": {k: round(v, 2) for k, v in self.load_seconds.items()},
+        }
+
+    # -- linking -----------------------------------------------------------------------------
+    def link(self, caption: str, start: int, end: int, image: str | Path | None = None, *, annotator: str = "",
+             source: str = "app", progress: Progress | None = None) -> LinkView:
+        say = progress or (lambda f, d: None)
+        if not self._loaded:
+            say(0.0, "loading models (first time only)")
+            self.load(progress=lambda f, d: say(0.3 * f, d))
+        t_start = time.perf_counter()
+        timings: dict[str, Any] = {}
+        mention = Mention(caption, int(start), int(end))  # InputError on a bad span
+        t = time.perf_counter()
+        sha = self.store.save_image(image) if image else None
+        stored = self.store.image_path(sha) if sha else None
+        mention = Mention(caption, mention.start, mention.end, image=str(stored) if stored else None)
+        mention.id = self.store.record_mention(mention, image_sha256=sha, source=source)
+        timings["store_mention"] = _ms(t)
+
+        generator = None
+        if self.generator is not None:
+            say(0.35, "GEMEL: retrieving demonstrations and generating")
+            generator = self._run("generator", self.config.generator, self.generator, mention)
+        elif self.config.generator:
+            generator = PanelResult("generator", self.config.generator, error=self.status.get("generator"))
+        say(0.7, "DIM: expert cue and ranking")
+        ranker = self._run("ranker", self.ranker_name, self.ranker, mention)
+        if self.ranker_name != self.config.ranker:
+            ranker.note = (f"{self.config.ranker} is unavailable ({self.status.get('ranker')}); "
+                           f"showing the {self.ranker_name} baseline instead")
+
+        say(0.9, "saving the predictions")
+        t = time.perf_counter()
+        panels = [p for p in (generator, ranker) if p is not None]
+        shown = [p.result if p.result is not None else {"linker": p.linker, "error": p.error, "preset": self.preset.name}
+                 for p in panels]
+        ids = self.store.record_predictions(mention.id, shown, kb=self.kb_label, shown_to=annotator)
+        for p, pid in zip(panels, ids):
+            p.prediction_id = pid
+        timings["store_predictions"] = _ms(t)
+        for p in panels:
+            if p.result is not None:
+                timings[p.linker] = {k: round(v, 1) for k, v in p.result.timings.items()}
+        timings["total"] = _ms(t_start)
+        return LinkView(mention, mention.id, sha, generator, ranker, cue=self._cue(ranker, mention),
+                        demonstrations=self._demonstrations(generator), timings=timings,
+                        preset={"name": self.preset.name, "reason": self.preset.reason, "device": self.preset.device,
+                                "models": {p.linker: p.result.models for p in panels if p.result is not None},
+                                "kb": self.kb_label})
+
+    def _run(self, role: str, name: str, linker, mention: Mention) -> PanelResult:
+        try:
+            with self._link_lock:
+                return PanelResult(role, name, result=linker.link(mention, k=self.config.k))
+        except MELError as exc:
+            return PanelResult(role, name, error=str(exc))
+        except Exception as exc:  # one linker failing must not hide the other's result
+            log.exception("%s failed on %r", name, mention.text)
+            return PanelResult(role, name, error=f"{type(exc).__name__}: {exc}")
+
+    def _cue(self, ranker: PanelResult, mention: Mention) -> dict | None:
+        """DIM's expert cue; when DIM is not running, asked of the preset's cue provider directly."""
+        cue = ranker.result.details.get("cue") if ranker.result is not None else None
+        if cue is None and mention.image and self.ranker_name != self.config.ranker:
+            try:
+                from mel.imageio import load_image
+                with self._link_lock:
+                    cue = self.preset.backend("cue").cue(load_image(mention.image))
+            except Exception as exc:
+                return {"text": "", "provider": self.preset.cue, "error": _why(exc)}
+        if cue is None:
+            return None if mention.image else {"text": "", "provider": self.preset.cue, "error": "no image: no cue"}
+        if hasattr(cue, "to_dict"):
+            cue = cue.to_dict()
+        if isinstance(cue, str):
+            cue = {"text": cue, "provider": self.preset.cue}
+        return dict(cue)
+
+    @staticmethod
+    def _demonstrations(generator: PanelResult | None) -> list[dict]:
+        if generator is None or generator.result is None:
+            return []
+        demos = _first(generator.result.details, ("demonstrations", "demos")) or []
+        out = []
+        for d in demos:
+            if not isinstance(d, dict):
+                d = asdict(d) if hasattr(d, "__dataclass_fields__") else {"caption": str(d)}
+            out.append({
+                "caption": str(_first(d, ("caption", "text")) or ""),
+                "mention": str(_first(d, ("mention",)) or ""),
+                "gold_name": str(_first(d, ("gold_name", "answer", "name", "entity_name")) or ""),
+                "gold_id": str(_first(d, ("gold_id", "entity_id", "id")) or ""),
+                "similarity": _first(d, ("similarity", "score", "sim")),
+                "image": _first(d, ("image",)),
+                "sample_id": str(_first(d, ("sample_id",)) or ""),
+            })
+        return out
+
+    # -- annotation --------------------------------------------------------------------------
+    def search(self, query: str, k: int = 10) -> list[Entity]:
+        """KB entities for a query: exact name/alias matches first, then BM25 (FTS5)."""
+        query = (query or "").strip()
+        if not query:
+            return []
+        idxs: list[int] = []
+        for idx, _kind in self.kb.lookup_name(query):
+            if idx not in idxs:
+                idxs.append(idx)
+        for idx, _score in self.kb.search_bm25(query, k=k):
+            if idx not in idxs:
+                idxs.append(idx)
+        return self.kb.entities_at(idxs[:k])
+
+    def correct(self, annotator: str | None, mention_id: str, action: str, entity_id: str | None = None, *,
+                prediction_id: int | None = None, live_pool: bool | None = None):
+        """Save a correction; returns the store's Ack (given only after the commit)."""
+        if not annotator:
+            raise NotAllowedError("log in to save corrections: this app records who made each correction")
+        entity = None
+        if action in LINK_ACTIONS:
+            if not entity_id:
+                raise InputError("choose an entity first (accept a prediction, pick a DIM candidate or a search result)")
+            entity = self.kb.get(entity_id)  # InputError if the id is not in the KB
+        if prediction_id is None and action in ("accept_gemel", "accept_dim"):
+            linker = getattr(self.generator if action == "accept_gemel" else self.ranker, "name", "")
+            prediction_id = self._latest_prediction(mention_id, linker)
+        ack = self.store.record_correction(annotator, mention_id, entity.id if entity else entity_id, action,
+                                           entity_name=entity.name if entity else "", prediction_id=prediction_id,
+                                           kb=self.kb_label)
+        use_pool = self.config.live_pool if live_pool is None else live_pool
+        if entity is not None and use_pool:
+            self._add_to_pool(ack.correction_id, mention_id, entity)
+        return ack
+
+    def _latest_prediction(self, mention_id: str, linker: str) -> int | None:
+        row = self.store.db.execute("SELECT max(id) FROM predictions WHERE mention_id = ? AND linker = ?",
+                                    (mention_id, linker)).fetchone()
+        return row[0] if row else None
+
+    def undo(self, annotator: str | None) -> dict | None:
+        if not annotator:
+            raise NotAllowedError("log in to undo: only your own corrections can be undone")
+        undone = self.store.undo_last(annotator)
+        if undone is not None:
+            self._remove_from_pool(undone["id"])
+        return undone
+
+    def counts(self, annotator: str | None = None) -> dict:
+        counts = self.store.counts_by_annotator()
+        empty = {"total": 0, "linked": 0, "nil": 0, "skip": 0, "undone": 0}
+        return counts.get(annotator, empty) if annotator is not None else counts
+
+    # -- live demonstration pool -------------------------------------------------------------
+    def _example(self, correction_id: int, mention_id: str, entity: Entity) -> Example:
+        m = self.store.mention(mention_id)
+        image = self.store.image_path(m["image_sha256"]) if m["image_sha256"] else None
+        mention = Mention(m["caption"], m["start"], m["end"], image=str(image) if image else None, id=mention_id)
+        return Example(mention, gold_id=entity.id, gold_name=entity.name, sample_id=f"correction-{correction_id}",
+                       dataset="annotations", split="train")
+
+    def _add_to_pool(self, correction_id: int, mention_id: str, entity: Entity) -> None:
+        if self.generator is None:
+            return
+        example = self._example(correction_id, mention_id, entity)
+        with self._link_lock:  # never grow the pool while a link reads it
+            add = getattr(self.generator, "add_demonstrations", None)
+            pool = self.pool()
+            added = add([example]) if add is not None else (pool.add([example]) if pool is not None else 0)
+            if added:
+                self._pooled[correction_id] = example.sample_id
+
+    def _remove_from_pool(self, correction_id: int) -> None:
+        sample_id = self._pooled.pop(correction_id, None)
+        pool = self.pool()
+        if sample_id is None or pool is None:
+            return
+        with self._link_lock:
+            if hasattr(pool, "remove"):
+                pool.remove(sample_id)
+                return
+            # DemonstrationPool keeps `examples` and the matching rows of `vectors`: drop both
+            keep = [i for i, ex in enumerate(pool.examples) if ex.sample_id != sample_id]
+            pool.examples = [pool.examples[i] for i in keep]
+            pool.vectors = pool.vectors[keep]
+
+    def _pool_existing_corrections(self, pool) -> None:
+        """After a restart, the standing corrections join the pool again (same as when they were made)."""
+        examples = []
+        for c in self.store.latest_corrections():
+            if c["action"] in LINK_ACTIONS and c["entity_id"] in self.kb:
+                entity = self.kb.get(c["entity_id"])
+                examples.append(self._example(c["id"], c["mention_id"], entity))
+                self._pooled[c["id"]] = examples[-1].sample_id
+        if examples:
+            pool.add(examples)
+            self.pool_description = f"{len(pool)} demonstrations ({len(examples)} from corrections)"
+
+    # -- export (admin) ----------------------------------------------------------------------
+    def export(self, annotator: str | None, fmt: str, *, is_admin: bool) -> tuple[Path, str]:
+        """Export to DATA_DIR/exports/<time>-<fmt>/ and zip it; returns (zip path, summary). Admins only."""
+        if not is_admin:
+            raise NotAllowedError("exporting training data needs the admin role (MEL_ADMINS)")
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        out = self.data_dir / "exports" / f"{stamp}-{fmt}"
+        report = export_corrections(self.store, out, fmt, kb=self.kb)
+        zip_dir = Path(tempfile.mkdtemp(prefix="mel-export-"))  # Gradio serves files from the temp dir
+        archive = shutil.make_archive(str(zip_dir / f"mel-annotations-{stamp}-{fmt}"), "zip", root_dir=out)
+        log.info("%s exported %s", annotator, report.summary())
+        return Path(archive), report.summary()
+
+
+    def backup(self, annotator: str | None, *, is_admin: bool) -> Path:
+        """A consistent copy of the annotation database (safe while others write), for download. Admins only."""
+        if not is_admin:
+            raise NotAllowedError("downloading the annotation database needs the admin role (MEL_ADMINS)")
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        target = Path(tempfile.mkdtemp(prefix="mel-backup-")) / f"annotations-{stamp}.sqlite"
+        self.store.backup(target)
+        log.info("%s downloaded a backup of %s", annotator, self.store.path)
+        return target
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def _ms(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1000, 1)
+
+
+def _why(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if not isinstance(exc, MELError):
+        text = f"{type(exc).__name__}: {text}"
+    return text
+
+
+def _first(d: dict, keys: tuple[str, ...]):
+    for key in keys:
+        if isinstance(d, dict) and d.get(key) is not None:
+            return d[key]
+    return None

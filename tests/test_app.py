@@ -1,0 +1,231 @@
+"""The demo app: span handling, HTML escaping, access rules, and its API through gradio_client
+against a launched app (offline preset, bundled demo KB, password login)."""
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from demo.service import LinkView, PanelResult
+from demo.spans import highlight_html, index_to_utf16, resolve_span, span_from_selection, utf16_to_index
+from demo.ui import Access, candidate_rows, counter_html, gallery_items, render_cue, render_generator
+from mel.errors import InputError
+from mel.types import Candidate, Entity, LinkResult, Mention
+
+ROCKET_CAPTION = "🚀 Falcon climbs away from the pad at dawn."
+
+
+# -- spans: the browser counts UTF-16 units, Python counts code points ----------------------------
+def test_utf16_offsets_convert_around_emoji():
+    text = "🚀 Falcon and 👩‍🚀 Collins"
+    for i in range(len(text) + 1):
+        assert utf16_to_index(text, index_to_utf16(text, i)) == i
+    assert index_to_utf16(text, 2) == 3            # "F" comes after a 2-unit emoji and a space
+    assert utf16_to_index(text, 1) == 0            # half an emoji: the start of that character
+    with pytest.raises(InputError, match="past the end"):
+        utf16_to_index(text, 100)
+
+
+def test_a_browser_selection_becomes_the_python_span():
+    assert span_from_selection(ROCKET_CAPTION, 3, 9, "Falcon") == (2, 8)
+    assert span_from_selection(ROCKET_CAPTION, 3, 10, "Falcon ") == (2, 8)   # double click takes the space
+    assert span_from_selection("Hopper spoke.", 0, 6, "Hopper") == (0, 6)   # ASCII: units are characters
+    # the caption changed since the selection: the selected text is located instead
+    assert span_from_selection("Today: 🚀 Falcon", 3, 9, "Falcon") == (9, 15)
+    with pytest.raises(InputError):
+        span_from_selection(ROCKET_CAPTION, 2, 3, " ")
+
+
+def test_resolve_span_prefers_matching_offsets_and_locates_typed_mentions():
+    caption = "Collins met Collins."
+    assert resolve_span(caption, "Collins", 12, 19) == (12, 19)     # the second one, as selected
+    assert resolve_span(caption, "collins", None, None) == (0, 7)   # typed: first occurrence, any case
+    assert resolve_span(caption, "Collins", 3, 9) == (0, 7)         # offsets that do not match are ignored
+    assert resolve_span(caption, "", 12, 19) == (12, 19)
+    for bad in [("", None, None), ("Hopper", None, None), ("", 5, 2), ("", 0, 99)]:
+        with pytest.raises(InputError):
+            resolve_span(caption, *bad)
+    with pytest.raises(InputError, match="caption is empty"):
+        resolve_span("  ", "x", None, None)
+
+
+# -- everything rendered as HTML is escaped -------------------------------------------------------
+EVIL = '<img src=x onerror="alert(1)">'
+
+
+def _view(name=EVIL, description=EVIL, caption=f"{EVIL} Collins"):
+    m = Mention.from_text(caption, "Collins")
+    e = Entity("Q1<b>", name, description=description)
+    result = LinkResult("gemel", m, e, [Candidate(e, -0.5, "gemel")], -0.5,
+                        details={"generated": name, "visual_note": EVIL,
+                                 "demonstrations": [{"caption": EVIL, "mention": "Collins", "gold_id": "Q1",
+                                                     "gold_name": name, "similarity": 0.9, "image": None}]})
+    ranked = LinkResult("dim", m, e, [Candidate(e, 0.7, "dim")], 0.7, details={"cue": {"text": EVIL, "provider": EVIL}})
+    return LinkView(m, "mid", None, PanelResult("generator", "gemel", result), PanelResult("ranker", "dim", ranked),
+                    cue={"text": EVIL, "provider": EVIL}, demonstrations=[
+                        {"caption": EVIL, "mention": "Collins", "gold_id": "Q1", "gold_name": name,
+                         "similarity": 0.9, "image": None}], timings={}, preset={})
+
+
+def test_captions_names_and_descriptions_are_escaped():
+    view = _view()
+    for html_text in (render_generator(view), render_cue(view), highlight_html(view.mention.caption, view.mention.start, view.mention.end),
+                      counter_html(EVIL, {"total": 0, "linked": 0, "nil": 0, "skip": 0}, False)):
+        assert "<img" not in html_text and "&lt;img" in html_text
+    assert candidate_rows(view)[0][1] == EVIL   # table cells are text, not HTML (Dataframe datatype str)
+    assert "<mark" in highlight_html("a <b>Collins</b>", 6, 13)
+    assert gallery_items(view)[0][1].startswith("Collins → ")
+
+
+def test_access_rules():
+    class Req:
+        def __init__(self, username):
+            self.username = username
+    password = Access("password", admins=frozenset({"alice"}))
+    assert password.annotator(Req("bob")) == "bob" and password.annotator(Req(None)) is None
+    assert password.is_admin("alice") and not password.is_admin("bob") and not password.is_admin(None)
+    assert Access("open").annotator(Req(None)) == "local" and Access("open").is_admin("local")
+    assert Access("open", open_annotator=None).annotator(Req(None)) is None  # a Space without login
+    assert Access("oauth").annotator(Req("x"), None) is None
+
+
+def test_app_auth_parsing():
+    import app
+    assert app.parse_auth("alice:pw:with:colons, bob:x") == [("alice", "pw:with:colons"), ("bob", "x")]
+    assert app.parse_auth(None) == [] and app.parse_auth("") == []
+    with pytest.raises(SystemExit, match="MEL_AUTH"):
+        app.parse_auth("alice")
+    assert app.linker_options(["generator.n_demos=8", "ranker.checkpoint=runs/dim"]) == (
+        {"n_demos": 8}, {"checkpoint": "runs/dim"})
+
+
+# -- the launched app through gradio_client -------------------------------------------------------
+@pytest.fixture(scope="module")
+def running(tmp_path_factory):
+    from _app_server import launch_app
+    app = launch_app(tmp_path_factory.mktemp("app-data"))
+    yield app
+    app.close()
+
+
+@pytest.fixture(scope="module")
+def alice(running):
+    from gradio_client import Client
+    from _app_server import USERS
+    return Client(running.url, auth=("alice", USERS["alice"]), verbose=False)
+
+
+@pytest.fixture(scope="module")
+def bob(running):
+    from gradio_client import Client
+    from _app_server import USERS
+    return Client(running.url, auth=("bob", USERS["bob"]), verbose=False)
+
+
+def _link(client, image, caption, mention, start=None, end=None) -> dict:
+    from gradio_client import handle_file
+    outputs = client.predict(handle_file(str(image)) if image else None, caption, mention, start, end, api_name="/link")
+    return next(o for o in outputs if isinstance(o, dict) and "mention_id" in o)
+
+
+@pytest.mark.slow
+def test_the_app_needs_a_login(running):
+    from gradio_client import Client
+    with pytest.raises(Exception):
+        Client(running.url, verbose=False)
+    with pytest.raises(Exception):
+        Client(running.url, auth=("alice", "wrong"), verbose=False)
+
+
+@pytest.mark.slow
+def test_link_shows_both_linkers_and_records_the_predictions(running, alice):
+    from demo.bundled import package_image
+    result = _link(alice, package_image("skimage:rocket"), ROCKET_CAPTION, "Falcon")
+    assert result["text"] == "Falcon" and result["mention"]["start"] == 2 and result["mention"]["end"] == 8
+    assert result["generator"]["error"] is None, result["generator"]
+    assert result["generated"]["name"] and result["generated"]["id"]
+    assert result["candidates"] and result["candidates"][0]["rank"] == 1
+    assert result["cue"]["provider"] == "imagenet-labels" and result["cue"]["text"]
+    assert len(result["demonstrations"]) >= 1 and {"caption", "gold_name", "similarity"} <= set(result["demonstrations"][0])
+    assert result["preset"]["name"] == "offline" and result["timings"]["total"] > 0
+    assert result["image_sha256"]
+    conn = sqlite3.connect(running.data_dir / "annotations.sqlite")
+    rows = conn.execute("SELECT linker, preset, models, shown_to FROM predictions WHERE mention_id = ?",
+                        (result["mention_id"],)).fetchall()
+    conn.close()
+    assert {r[0] for r in rows} == {running.service.generator.name, running.service.ranker_name}
+    assert all(r[1] == "offline" and r[3] == "alice" for r in rows)
+    assert (running.data_dir / "images" / f"{result['image_sha256']}.png").exists()
+
+
+@pytest.mark.slow
+def test_bad_input_gives_a_clear_error(alice):
+    from gradio_client.exceptions import AppError
+    with pytest.raises(AppError, match="does not occur in the caption"):
+        _link(alice, None, "Hopper at the podium.", "Collins")
+
+
+@pytest.mark.slow
+def test_corrections_undo_and_ownership(running, alice, bob):
+    from gradio_client.exceptions import AppError
+    linked = _link(alice, None, "Java first thing in the morning.", "Java")
+    mid, top = linked["mention_id"], linked["candidates"][0]["id"]
+    ack = alice.predict(mid, "accept_dim", top, api_name="/correct")
+    assert ack["annotator"] == "alice" and ack["entity_id"] == top and ack["correction_id"] > 0
+    nil = bob.predict(mid, "nil", "", api_name="/correct")
+    assert nil["annotator"] == "bob" and nil["entity_id"] == "NIL"
+    with pytest.raises(AppError, match="not in the knowledge base"):
+        alice.predict(mid, "search", "demo:no-such-entity", api_name="/correct")
+    assert bob.predict(api_name="/undo")["id"] == nil["correction_id"]
+    assert bob.predict(api_name="/undo") == {}                      # nothing of bob's left: alice's untouched
+    assert running.service.store.correction(ack["correction_id"])["undone_at"] is None
+    counts = alice.predict(api_name="/counts")
+    assert counts["annotator"] == "alice" and counts["total"] >= 1
+
+
+@pytest.mark.slow
+def test_search_and_live_pool(running, alice):
+    found = alice.predict("Grace Hopper", 5, api_name="/search")
+    assert found[0]["id"] == "demo:grace-hopper"
+    caption = "Hopper signs the guest book at the naval academy."
+    linked = _link(alice, None, caption, "Hopper")
+    ack = alice.predict(linked["mention_id"], "search", "demo:grace-hopper", api_name="/correct")
+    # the correction is now a demonstration: linking the same mention retrieves it
+    again = _link(alice, None, caption, "Hopper")
+    sample_ids = [d["sample_id"] for d in again["demonstrations"]]
+    assert f"correction-{ack['correction_id']}" in sample_ids
+    alice.predict(api_name="/undo")  # ... and undoing it takes it out of the pool again
+    after = _link(alice, None, caption, "Hopper")
+    assert f"correction-{ack['correction_id']}" not in [d["sample_id"] for d in after["demonstrations"]]
+
+
+@pytest.mark.slow
+def test_html_outputs_of_the_api_are_escaped(alice):
+    outputs = alice.predict(None, "<b>Collins</b> waves <script>alert(1)</script>", "Collins", None, None,
+                            api_name="/link")
+    highlight = outputs[0]
+    assert "<script>" not in highlight and "&lt;script&gt;" in highlight and "<mark" in highlight
+
+
+@pytest.mark.slow
+def test_export_and_backup_are_for_admins_only(running, alice):
+    import zipfile
+    from annotations import NotAllowedError
+    linked = _link(alice, None, "Collins sang the opening number.", "Collins")
+    alice.predict(linked["mention_id"], "search", "demo:phil-collins", api_name="/correct")
+    service = running.service
+    with pytest.raises(NotAllowedError, match="admin"):
+        service.export("bob", "jsonl", is_admin=False)
+    with pytest.raises(NotAllowedError, match="admin"):
+        service.backup("bob", is_admin=False)
+    archive, summary = service.export("alice", "jsonl", is_admin=True)
+    assert "examples" in summary
+    with zipfile.ZipFile(archive) as z:
+        assert {"train.jsonl", "kb.jsonl", "export_report.json"} <= set(z.namelist())
+        assert "Phil Collins" in z.read("train.jsonl").decode()
+    # the export itself stays inside the data dir's exports/ folder
+    assert all(p.parent == running.data_dir / "exports" for p in (running.data_dir / "exports").iterdir())
+    copy = service.backup("alice", is_admin=True)
+    conn = sqlite3.connect(copy)
+    assert conn.execute("SELECT count(*) FROM corrections WHERE entity_id = 'demo:phil-collins'").fetchone()[0] >= 1
+    conn.close()
