@@ -203,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_preset_args(p)
     p.set_defaults(func=cmd_kb_search)
 
+    from .dim import enrich as dim_enrich  # import-light: the LLM loads only when the command runs
+    p = kb.add_parser("enrich", help="write a copy of a KB whose descriptions an LLM rewrote (DIM; off by default)")
+    dim_enrich.add_arguments(p)
+    p.set_defaults(func=dim_enrich.run)
+
     p = sub.add_parser("link", help="link one mention")
     p.add_argument("--kb", required=True)
     p.add_argument("--linker", default="dense")

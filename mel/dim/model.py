@@ -1,0 +1,174 @@
+r"""DIM's fusion head, read top to bottom.
+
+Mention side (one token per feature, a missing image or cue is a masked token):
+
+    [mention [SEP] sentence]  [mention]  [image]  [cue]        frozen encoder vectors
+           |                      |          |        |
+    Linear(d_i, d) + ReLU + LayerNorm + Dropout(0.4), one projection per feature (+ a feature-type embedding)
+           \______________________|__________|________/
+                 8-head self-attention over the tokens; missing ones are masked as keys
+                 masked mean of the attended tokens (a masked token never reaches the output)
+                 feed-forward block (d -> 2048 -> d, residual + LayerNorm)
+                 Linear(d, out_dim)  ->  mention embedding
+
+Entity side: `name [SEP] description` vector (+ the entity image when the KB has one), each
+projected the same way, masked mean, Linear(d, out_dim)  ->  entity embedding.
+
+    score = exp(logit_scale) * cos(mention, entity)  +  pair_mlp(pair features)
+
+The published code computes the attention and then sums the raw features; here the attention
+output is what reaches the embedding. The pair-feature term goes beyond the paper: a small MLP
+over cheap mention/name evidence (BM25 score, exact/alias match, token overlap, year
+compatibility, raw encoder cosines; see `mel.dim.pairs`) that the cosine of two frozen-sentence
+embeddings cannot express well, e.g. "Norris in 1976" vs a Norris born in 1990.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# the order of the mention-side feature tokens (index = feature-type embedding row)
+MENTION_FEATURES = ("context", "mention", "image", "cue")
+ENTITY_FEATURES = ("text", "image")
+
+
+@dataclass
+class FusionConfig:
+    text_dim: int = 384         # text encoder output (MiniLM 384, CLIP ViT-B/32 512)
+    image_dim: int = 1280       # image encoder output (EfficientNet-Lite0 1280, CLIP 512)
+    cue_dim: int = 384          # the cue is encoded with the text encoder
+    d_model: int = 512          # DIM: 512
+    n_heads: int = 8            # DIM: 8
+    ffn_dim: int = 2048         # DIM: 2048
+    out_dim: int = 512          # DIM: 512
+    dropout: float = 0.4        # DIM: 0.4
+    n_pair_features: int = 0    # 0 = the paper's head (cosine only)
+    pair_hidden: int = 64
+    init_logit_scale: float = math.log(20.0)
+    text_encoder: str = ""      # the encoders the head was trained on; the linker checks them
+    image_encoder: str = ""
+    cue_provider: str = ""
+    pair_feature_names: tuple[str, ...] | list[str] = ()
+
+
+class FeatureProjection(nn.Sequential):
+    """DIM's per-feature block: Linear(d_i, d) + ReLU + LayerNorm + Dropout."""
+
+    def __init__(self, in_dim: int, d: int, dropout: float):
+        super().__init__(nn.Linear(in_dim, d), nn.ReLU(), nn.LayerNorm(d), nn.Dropout(dropout))
+
+
+class MaskedMultiHeadAttention(nn.Module):
+    """Multi-head self-attention whose keys can be masked per sample.
+
+    Written out (instead of nn.MultiheadAttention) so that masking is exact on every code path:
+    a masked key gets -inf before the softmax, i.e. weight exactly 0, so its values cannot leak.
+    """
+
+    def __init__(self, d: int, n_heads: int, dropout: float):
+        super().__init__()
+        if d % n_heads:
+            raise ValueError(f"d_model {d} is not divisible by n_heads {n_heads}")
+        self.n_heads, self.head_dim = n_heads, d // n_heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """x (b, t, d); valid (b, t) bool, True where the token exists. Every row needs one valid token."""
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        mask = valid[:, None, None, :]  # (b, 1, 1, t): broadcast over heads and queries
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.out(out.transpose(1, 2).reshape(b, t, d))
+
+
+def masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean over the valid tokens; masked_fill (not multiply) so a NaN in a masked slot cannot leak."""
+    x = x.masked_fill(~valid[..., None], 0.0)
+    return x.sum(dim=1) / valid.sum(dim=1, keepdim=True).clamp_min(1)
+
+
+class DimFusion(nn.Module):
+    def __init__(self, config: FusionConfig):
+        super().__init__()
+        self.config = c = config
+        dims = {"context": c.text_dim, "mention": c.text_dim, "image": c.image_dim, "cue": c.cue_dim}
+        self.mention_proj = nn.ModuleDict({name: FeatureProjection(dims[name], c.d_model, c.dropout)
+                                           for name in MENTION_FEATURES})
+        self.feature_type = nn.Embedding(len(MENTION_FEATURES), c.d_model)
+        self.attention = MaskedMultiHeadAttention(c.d_model, c.n_heads, c.dropout)
+        self.attn_norm = nn.LayerNorm(c.d_model)
+        self.ffn = nn.Sequential(nn.Linear(c.d_model, c.ffn_dim), nn.ReLU(), nn.Dropout(c.dropout),
+                                 nn.Linear(c.ffn_dim, c.d_model))
+        self.ffn_norm = nn.LayerNorm(c.d_model)
+        self.mention_out = nn.Linear(c.d_model, c.out_dim)
+
+        self.entity_proj = nn.ModuleDict({"text": FeatureProjection(c.text_dim, c.d_model, c.dropout),
+                                          "image": FeatureProjection(c.image_dim, c.d_model, c.dropout)})
+        self.entity_out = nn.Linear(c.d_model, c.out_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(float(c.init_logit_scale)))
+        if c.n_pair_features:
+            self.pair_mlp = nn.Sequential(nn.Linear(c.n_pair_features, c.pair_hidden), nn.ReLU(),
+                                          nn.Linear(c.pair_hidden, c.pair_hidden), nn.ReLU(),
+                                          nn.Linear(c.pair_hidden, 1))
+        else:
+            self.pair_mlp = None
+
+    # -- the two towers ------------------------------------------------------------------------
+    def encode_mentions(self, context: torch.Tensor, mention: torch.Tensor, image: torch.Tensor,
+                        cue: torch.Tensor, image_mask: torch.Tensor, cue_mask: torch.Tensor) -> torch.Tensor:
+        """(b, out_dim) L2-normalised. `image_mask` / `cue_mask` (b,) bool: True where present.
+
+        A masked feature's values never reach the output (tested): it is a masked key, and the
+        pooling skips it.
+        """
+        feats = {"context": context, "mention": mention, "image": image, "cue": cue}
+        tokens = torch.stack([self.mention_proj[name](feats[name]) for name in MENTION_FEATURES], dim=1)
+        tokens = tokens + self.feature_type.weight[None]
+        always = torch.ones_like(image_mask, dtype=torch.bool)
+        valid = torch.stack([always, always, image_mask.bool(), cue_mask.bool()], dim=1)
+        # a masked token is also blanked: attention gives it weight 0, but 0 * NaN would still be NaN
+        tokens = tokens.masked_fill(~valid[..., None], 0.0)
+        x = self.attn_norm(tokens + self.attention(tokens, valid))
+        pooled = masked_mean(x, valid)
+        h = self.ffn_norm(pooled + self.ffn(pooled))
+        return F.normalize(self.mention_out(h), dim=-1)
+
+    def encode_entities(self, text: torch.Tensor, image: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
+        """(n, out_dim) L2-normalised; entities without an image use their text alone.
+
+        The masked mean of the text and image tokens, with the image projection run only for the
+        rows that have an image (most KB entities have none, and it is the largest projection).
+        """
+        pooled = self.entity_proj["text"](text)
+        has_image = image_mask.bool()
+        if bool(has_image.any()):
+            rows = has_image.nonzero().squeeze(1)
+            image_tokens = self.entity_proj["image"](image[rows])
+            pooled = pooled.index_add(0, rows, image_tokens) / (1.0 + has_image.to(pooled.dtype))[:, None]
+        return F.normalize(self.entity_out(pooled), dim=-1)
+
+    # -- scores --------------------------------------------------------------------------------
+    def scale(self) -> torch.Tensor:
+        return self.logit_scale.clamp(max=math.log(100.0)).exp()  # CLIP's cap keeps training stable
+
+    def pair_scores(self, pair_features: torch.Tensor | None) -> torch.Tensor | float:
+        if self.pair_mlp is None or pair_features is None:
+            return 0.0
+        return self.pair_mlp(pair_features).squeeze(-1)
+
+    def score_candidates(self, mention_emb: torch.Tensor, entity_emb: torch.Tensor,
+                         pair_features: torch.Tensor | None = None) -> torch.Tensor:
+        """mention_emb (b, o), entity_emb (b, c, o), pair_features (b, c, f) -> scores (b, c)."""
+        cos = torch.einsum("bo,bco->bc", mention_emb, entity_emb)
+        return self.scale() * cos + self.pair_scores(pair_features)
+
+    def in_batch_scores(self, mention_emb: torch.Tensor, entity_emb: torch.Tensor) -> torch.Tensor:
+        """Every mention against every gold entity of the batch (b, b): the embedding part only."""
+        return self.scale() * mention_emb @ entity_emb.T

@@ -1,0 +1,484 @@
+"""Train DIM's fusion head (N-pair loss, in-batch + hard negatives) on frozen, cached features.
+
+    python -m mel train dim --format wikimel --data DIR --kb wikimel.sqlite --preset offline --out runs/dim
+
+Same conventions as the GEMEL trainer: AdamW, linear warm-up, gradient clipping, a fixed seed,
+a progress bar, `--resume` (state in the sibling OUT.trainer_state/, removed after a finished run
+unless --keep-state), and a checkpoint directory (config.json +
+model.safetensors) holding the best epoch. The best epoch is chosen on held-out TRAINING records
+(`--holdout`, 5% by default), so the dev figures it reports were not tuned on. The encoders are
+frozen, so every feature (mention vectors, candidate pools, hard negatives, pair features) is
+computed once and cached on disk as safetensors under a key that hashes what it depends on;
+epochs then take about a minute on a CPU.
+
+The figures printed each epoch are the linker's whole-KB Hits@k on the cached features (the same
+candidates and scores `python -m mel eval --linker dim` computes; a gold outside the candidate
+pool is a miss).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import logging
+import math
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError, InputError
+from ..paths import cache_dir
+from ..training import (TrainConfig, load_training_state, make_optimizer_and_scheduler, save_pretrained_dir,
+                        save_training_state, seed_everything)
+from .candidates import CandidateConfig, CandidateGenerator, candidate_recall, hard_negatives
+from .features import FeatureExtractor, MentionFeatures
+from .loss import candidate_n_pair_loss, in_batch_n_pair_loss
+from .model import DimFusion, FusionConfig
+from .pairs import N_PAIR_FEATURES, PAIR_FEATURES
+from .pipeline import EntityFactsCache, candidate_batch, score
+
+log = logging.getLogger(__name__)
+FEATURE_CACHE_VERSION = 1  # bump when feature extraction or pair features change meaning
+SAVE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+STATE_SUFFIX = ".trainer_state"  # OUT.trainer_state/: resumable state, never shipped (git-ignored under models/)
+
+
+@dataclass
+class DimTrainConfig(TrainConfig):
+    """DIM's head is small and trained from scratch: a larger lr and batch than GEMEL's mapper."""
+
+    lr: float = 5e-4
+    epochs: int = 8
+    batch_size: int = 64
+    grad_accum: int = 1
+    n_hard: int = 16              # FTS neighbours of the gold kept as hard negatives
+    train_width: int = 48         # candidates scored per training mention: gold + hard + sampled pool
+    in_batch_weight: float = 0.5  # weight of the in-batch N-pair term (embedding part only)
+
+
+# -- cached features --------------------------------------------------------------------------------
+@dataclass
+class SplitFeatures:
+    feats: MentionFeatures
+    cand: np.ndarray      # (n, w) KB rows, -1 padding
+    valid: np.ndarray     # (n, w) bool
+    pair: np.ndarray      # (n, w, f)
+    gold: np.ndarray      # (n,) KB row of the gold, -1 when the gold is not in the KB
+    gold_pos: np.ndarray  # (n,) column of the gold in `cand`, -1 when absent
+    n_hard: np.ndarray    # (n,) how many of the first columns after the gold are FTS neighbours (train only)
+
+    def __len__(self) -> int:
+        return len(self.gold)
+
+
+def _cache_key(examples, kb, preset, ccfg: CandidateConfig, extra: dict) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"v": FEATURE_CACHE_VERSION, "kb": [kb.size, kb.meta.get("created"), kb.meta.get("text_encoder")],
+                         "preset": [preset.text_encoder, preset.image_encoder, preset.cue],
+                         "candidates": asdict(ccfg), "pairs": PAIR_FEATURES, **extra}, sort_keys=True).encode())
+    for ex in examples:
+        m = ex.mention
+        h.update(json.dumps([ex.sample_id, m.caption, m.start, m.end, m.image, ex.gold_id]).encode())
+    return h.hexdigest()[:20]
+
+
+def _save_split(path: Path, s: SplitFeatures) -> None:
+    from safetensors.numpy import save_file
+    f = s.feats
+    tensors = {"context": f.context, "mention": f.mention, "image": f.image, "image_mask": f.image_mask.astype(np.uint8),
+               "cue": f.cue, "cue_mask": f.cue_mask.astype(np.uint8), "cand": s.cand, "valid": s.valid.astype(np.uint8),
+               "pair": s.pair, "gold": s.gold, "gold_pos": s.gold_pos, "n_hard": s.n_hard}
+    part = path.with_name(path.name + ".part")
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(part),
+              metadata={"cues": json.dumps(f.cues)})
+    part.replace(path)
+
+
+def _load_split(path: Path) -> SplitFeatures:
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+    t = load_file(str(path))
+    with safe_open(str(path), framework="numpy") as fh:
+        cues = json.loads((fh.metadata() or {}).get("cues", "[]"))
+    feats = MentionFeatures(t["context"], t["mention"], t["image"], t["image_mask"].astype(bool), t["cue"],
+                            t["cue_mask"].astype(bool), cues, [None] * len(t["gold"]))
+    return SplitFeatures(feats, t["cand"], t["valid"].astype(bool), t["pair"], t["gold"], t["gold_pos"], t["n_hard"])
+
+
+def build_split_features(examples, kb, extractor: FeatureExtractor, generator: CandidateGenerator, *, training: bool,
+                         n_hard: int, width: int | None, batch_size: int = 256, progress: bool = True) -> SplitFeatures:
+    """Features for every example. Training rows put the gold in column 0, then `n_hard` FTS
+    neighbours of the gold, then the generator's pool; dev rows hold the pool as the linker sees it."""
+    from tqdm.auto import tqdm
+
+    facts = EntityFactsCache(kb)
+    parts = []
+    bar = tqdm(total=len(examples), desc="features (train)" if training else "features (dev)", disable=not progress,
+               unit=" mention")
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        mentions = [ex.mention for ex in chunk]
+        feats = extractor.mention_features(mentions)
+        pools = generator.generate([m.text for m in mentions], feats.context, feats.mention)
+        golds = [kb.idx_of(ex.gold_id) for ex in chunk]
+        hard_counts = []
+        if training:
+            lists = []
+            for ex, pool, gold in zip(chunk, pools, golds):
+                hard = hard_negatives(kb, gold, n_hard) if gold is not None else []
+                hard_counts.append(len(hard))
+                rest = [i for i in pool.idxs if i != gold and i not in set(hard)]
+                lists.append(([gold] if gold is not None else []) + hard + rest)
+            # keep the pools' BM25/dense evidence: the pair features must match inference
+            for pool, ordered in zip(pools, lists):
+                pool.idxs = ordered
+        else:
+            hard_counts = [0] * len(chunk)
+        cb = candidate_batch(mentions, feats, pools, extractor, facts, width=width)
+        gold_pos = []
+        for row, gold in enumerate(golds):
+            hits = np.flatnonzero(cb.idxs[row] == gold) if gold is not None else []
+            gold_pos.append(int(hits[0]) if len(hits) else -1)
+        parts.append((feats, cb, np.array([g if g is not None else -1 for g in golds], np.int64),
+                      np.array(gold_pos, np.int64), np.array(hard_counts, np.int64)))
+        bar.update(len(chunk))
+    bar.close()
+    w = max(p[1].width for p in parts)
+
+    def pad(a, fill):
+        if a.shape[1] == w:
+            return a
+        shape = (a.shape[0], w - a.shape[1]) + a.shape[2:]
+        return np.concatenate([a, np.full(shape, fill, a.dtype)], axis=1)
+
+    feats = MentionFeatures(*(np.concatenate([getattr(p[0], name) for p in parts]) for name in
+                              ("context", "mention", "image", "image_mask", "cue", "cue_mask")),
+                            [c for p in parts for c in p[0].cues], [n for p in parts for n in p[0].notes])
+    return SplitFeatures(feats, np.concatenate([pad(p[1].idxs, -1) for p in parts]),
+                         np.concatenate([pad(p[1].valid, False) for p in parts]),
+                         np.concatenate([pad(p[1].pair, 0.0) for p in parts]),
+                         np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts]),
+                         np.concatenate([p[4] for p in parts]))
+
+
+def cached_split_features(examples, kb, preset, extractor, generator, *, training, n_hard, width, cache, progress):
+    key = _cache_key(examples, kb, preset, generator.config,
+                     {"training": training, "n_hard": n_hard, "width": width, "use_image": extractor.use_image,
+                      "use_cue": extractor.use_cue, "cue_question": extractor.cue_question})
+    path = Path(cache) / f"{'train' if training else 'eval'}-{key}.safetensors"
+    if path.exists():
+        log.info("using cached features %s", path)
+        return _load_split(path), path
+    s = build_split_features(examples, kb, extractor, generator, training=training, n_hard=n_hard, width=width,
+                             progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save_split(path, s)
+    return s, path
+
+
+# -- training -----------------------------------------------------------------------------------------
+class EntityTable:
+    """Entity-side frozen features for the whole KB, gathered by row (the KB's text index)."""
+
+    def __init__(self, extractor: FeatureExtractor, kb_size: int):
+        self.text = torch.from_numpy(np.ascontiguousarray(extractor.entity_text_features(range(kb_size))))
+        img, mask = extractor.entity_image_features(range(kb_size))
+        self.has_images = bool(mask.any())
+        self.image = torch.from_numpy(img) if self.has_images else None
+        self.image_mask = torch.from_numpy(mask)
+        self.image_dim = extractor.image_dim
+
+    def gather(self, idxs: torch.Tensor):
+        safe = idxs.clamp_min(0)
+        text = self.text[safe]
+        if self.has_images:
+            image, mask = self.image[safe], self.image_mask[safe] & (idxs >= 0)
+        else:
+            image = torch.zeros(*idxs.shape, self.image_dim)
+            mask = torch.zeros(idxs.shape, dtype=torch.bool)
+        return text, image, mask
+
+
+def _mention_tensors(f: MentionFeatures, rows: np.ndarray) -> dict:
+    return f.rows(rows).tensors()
+
+
+def sample_training_columns(s: SplitFeatures, rows: np.ndarray, width: int, rng: np.random.Generator) -> np.ndarray:
+    """Per row: the gold column, all hard-negative columns, and random pool columns up to `width`."""
+    out = np.zeros((len(rows), width), np.int64)
+    for r, row in enumerate(rows):
+        n_valid = int(s.valid[row].sum())
+        fixed = list(range(min(n_valid, 1 + int(s.n_hard[row]))))  # gold + FTS neighbours
+        rest = np.arange(len(fixed), n_valid)
+        take = min(len(rest), width - len(fixed))
+        cols = fixed[:width] + (rng.choice(rest, size=take, replace=False).tolist() if take > 0 else [])
+        cols += [s.valid.shape[1] - 1] * (width - len(cols))  # padding slots (masked below)
+        out[r] = cols
+    return out
+
+
+def evaluate_split(model: DimFusion, s: SplitFeatures, table: EntityTable, batch_size: int = 256) -> dict:
+    """Whole-KB Hits@k / MRR over the cached pools (a gold outside the pool is a miss)."""
+    model.eval()
+    ranks = []
+    with torch.inference_mode():
+        for start in range(0, len(s), batch_size):
+            rows = np.arange(start, min(start + batch_size, len(s)))
+            idxs = torch.from_numpy(s.cand[rows])
+            valid = torch.from_numpy(s.valid[rows])
+            text, image, mask = table.gather(idxs)
+            scores, _, _ = score(model, _mention_tensors(s.feats, rows), text, image, mask,
+                                 torch.from_numpy(s.pair[rows]), valid)
+            scores = scores.numpy()
+            for r, row in enumerate(rows):
+                gp = s.gold_pos[row]
+                if gp < 0:
+                    ranks.append(None)
+                    continue
+                ranks.append(int((scores[r] > scores[r, gp]).sum()) + 1)
+    n = len(ranks)
+    out = {f"hits@{k}": round(sum(1 for r in ranks if r is not None and r <= k) / n, 4) for k in (1, 5, 10, 20)}
+    out["mrr"] = round(sum(1.0 / r for r in ranks if r) / n, 4)
+    out["n"] = n
+    return out
+
+
+def train(args) -> dict:
+    from tqdm.auto import tqdm
+
+    from ..datasets import load_dataset
+    from ..kb import KnowledgeBase
+    from ..presets import get_preset
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = DimTrainConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                         weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
+                         max_grad_norm=args.max_grad_norm, seed=args.seed, max_steps=args.max_steps,
+                         n_hard=args.n_hard, train_width=args.train_width, in_batch_weight=args.in_batch_weight)
+    seed_everything(cfg.seed)
+    preset = get_preset(args.preset)
+    kb = KnowledgeBase(args.kb)
+    train_ex = load_dataset(args.format, args.data, args.train_split).examples
+    dev_ex = load_dataset(args.format, args.data, args.dev_split).examples if args.dev_split else []
+    if args.limit:
+        train_ex = train_ex[: args.limit]
+    if args.dev_limit:
+        dev_ex = dev_ex[: args.dev_limit]
+    in_kb = [ex for ex in train_ex if ex.gold_id in kb]
+    if not in_kb:
+        raise InputError(f"none of the {len(train_ex)} training mentions has its gold entity in {kb.path.name}: "
+                         f"is it the KB of this dataset?")
+    if len(in_kb) < len(train_ex):
+        print(f"[dim] {len(train_ex) - len(in_kb)} training mentions have no gold in the KB and are skipped", file=sys.stderr)
+    train_ex, holdout_ex = split_holdout(in_kb, args.holdout, cfg.seed)
+
+    extractor = FeatureExtractor(kb, preset, use_image=not args.no_image, use_cue=not args.no_cue,
+                                 cue_question=args.cue_question)
+    ccfg = CandidateConfig(n_bm25=args.n_bm25, n_dense=args.n_dense, n_dense_mention=args.n_dense_mention)
+    generator = CandidateGenerator(kb, ccfg)
+    cache = Path(args.cache_dir) if args.cache_dir else cache_dir("dim-features")
+    progress = not args.quiet
+    t0 = time.perf_counter()
+    tr, tr_path = cached_split_features(train_ex, kb, preset, extractor, generator, training=True, n_hard=cfg.n_hard,
+                                        width=args.train_pool, cache=cache, progress=progress)
+    dv = ho = None
+    if dev_ex:
+        dv, _ = cached_split_features(dev_ex, kb, preset, extractor, generator, training=False, n_hard=0, width=None,
+                                      cache=cache, progress=progress)
+    if holdout_ex:
+        ho, _ = cached_split_features(holdout_ex, kb, preset, extractor, generator, training=False, n_hard=0,
+                                      width=None, cache=cache, progress=progress)
+    print(f"[dim] features: train {len(tr)} x {tr.cand.shape[1]} candidates, held-out {len(ho) if ho else 0}, "
+          f"dev {len(dv) if dv else 0} "
+          f"({time.perf_counter() - t0:.0f} s; cache {tr_path.parent})", file=sys.stderr)
+    if dv is not None:
+        dev_pool = [s[v].tolist() for s, v in zip(dv.cand, dv.valid)]
+        recall = candidate_recall(dev_pool, [g if g >= 0 else None for g in dv.gold])
+        print(f"[dim] dev candidate recall: {recall}", file=sys.stderr)
+    else:
+        recall = {}
+
+    fcfg = FusionConfig(text_dim=extractor.text_dim, image_dim=extractor.image_dim, cue_dim=extractor.text_dim,
+                        d_model=args.d_model, n_heads=args.n_heads, ffn_dim=args.ffn_dim, out_dim=args.out_dim,
+                        dropout=args.dropout, n_pair_features=0 if args.no_pair_features else N_PAIR_FEATURES,
+                        text_encoder=preset.text_encoder, image_encoder=preset.image_encoder, cue_provider=preset.cue,
+                        pair_feature_names=() if args.no_pair_features else PAIR_FEATURES)
+    model = DimFusion(fcfg)
+    table = EntityTable(extractor, kb.size)
+    steps_per_epoch = math.ceil(len(tr) / cfg.batch_size / cfg.grad_accum)
+    total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+    optimizer, scheduler = make_optimizer_and_scheduler(model.parameters(), cfg, total)
+
+    out = Path(args.out)
+    state_dir = Path(args.state_dir) if args.state_dir else out.with_name(out.name + STATE_SUFFIX)
+    # what a resumed run must share with the one that saved the state
+    recipe = {k: v for k, v in asdict(cfg).items() if k not in ("epochs", "max_steps")}  # those may grow
+    fingerprint = hashlib.sha256(json.dumps([tr_path.name, asdict(fcfg), recipe, args.holdout],
+                                            sort_keys=True, default=str).encode()).hexdigest()[:16]
+    step, start_epoch, best, history = 0, 0, {"hits@1": -1.0}, []
+    if args.resume:
+        last = state_dir / "last"
+        if not (last / "config.json").exists():
+            raise CheckpointError(f"nothing to resume for {out}: {last} is missing (the run finished, or never "
+                                  f"saved an epoch); start without --resume")
+        from ..training import load_state
+        info = load_training_state(state_dir / "optimizer", optimizer, scheduler)
+        if info.get("fingerprint") != fingerprint:
+            raise CheckpointError(f"{state_dir} was saved by a run with other data or settings; resume with the "
+                                  f"same arguments (except --epochs), or start without --resume")
+        model.load_state_dict(load_state(last))
+        step, start_epoch, best, history = info["step"], info["epoch"], info.get("best", best), info.get("history", [])
+        print(f"[dim] resumed at epoch {start_epoch}, step {step}", file=sys.stderr)
+
+    # the epoch is chosen on held-out TRAINING mentions, so the dev figures stay untuned
+    selected_on = "heldout" if ho is not None else "dev" if dv is not None else None
+    command = "python -m mel " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith(("mel", "__main__.py")) else ""
+    for epoch in range(start_epoch, cfg.epochs):
+        # per-epoch seeds: a resumed run samples exactly what an uninterrupted one would have
+        rng = np.random.default_rng([cfg.seed, epoch])
+        torch.manual_seed(cfg.seed * 1000 + epoch)
+        model.train()
+        order = rng.permutation(len(tr))
+        losses = []
+        bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress)
+        for i, start in enumerate(bar):
+            rows = order[start:start + cfg.batch_size]
+            cols = sample_training_columns(tr, rows, cfg.train_width, rng)
+            idxs = torch.from_numpy(np.take_along_axis(tr.cand[rows], cols, 1))
+            valid = torch.from_numpy(np.take_along_axis(tr.valid[rows], cols, 1))
+            # a padding column may repeat; keep each real column once
+            valid &= torch.from_numpy(_first_occurrence(cols))
+            pair = torch.from_numpy(np.take_along_axis(tr.pair[rows], cols[..., None], 1))
+            gold_pos = torch.zeros(len(rows), dtype=torch.long)  # column 0 is the gold by construction
+            gold_pos[torch.from_numpy(tr.gold_pos[rows] < 0)] = -1
+            text, image, mask = table.gather(idxs)
+            scores, m, e = score(model, _mention_tensors(tr.feats, rows), text, image, mask, pair, valid)
+            loss = candidate_n_pair_loss(scores, gold_pos, valid)
+            if cfg.in_batch_weight > 0 and len(rows) > 1:
+                loss = loss + cfg.in_batch_weight * in_batch_n_pair_loss(model.in_batch_scores(m, e[:, 0]),
+                                                                         torch.from_numpy(tr.gold[rows]))
+            (loss / cfg.grad_accum).backward()
+            if (i + 1) % cfg.grad_accum == 0 or start + cfg.batch_size >= len(order):
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+                step += 1
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+            if cfg.max_steps is not None and step >= cfg.max_steps:
+                break
+        bar.close()
+        entry = {"epoch": epoch + 1, "step": step, "loss": round(float(np.mean(losses)), 4)}
+        if ho is not None:
+            entry["heldout"] = evaluate_split(model, ho, table)
+        if dv is not None:
+            entry["dev"] = evaluate_split(model, dv, table)
+        history.append(entry)
+        print(f"[dim] {json.dumps(entry)}", file=sys.stderr)
+        metric = entry[selected_on]["hits@1"] if selected_on else -entry["loss"]
+        extra = {"dev": entry.get("dev", {}), "heldout": entry.get("heldout", {}), "selected_on": selected_on,
+                 "dev_candidate_recall": recall, "epoch": epoch + 1,
+                 "train": {**asdict(cfg), "n_train": len(tr), "dataset": args.format, "split": args.train_split},
+                 "candidates": asdict(ccfg), "kb": {"path": kb.path.name, "size": kb.size},
+                 "preset": preset.name, "command": command}
+        if metric > best.get("hits@1", -1.0) or selected_on is None:
+            best = {"hits@1": metric, "epoch": epoch + 1}
+            # float16 storage halves the file (DIM's 512/2048 head: 23 MB -> 12 MB); it loads back
+            # into float32 parameters, and the resumable copy below stays float32
+            shipped = copy.deepcopy(model).to(SAVE_DTYPES[args.save_dtype])
+            save_pretrained_dir(shipped, fcfg, out, extra={**extra, "weights_dtype": args.save_dtype})
+        save_pretrained_dir(model, fcfg, state_dir / "last", extra=extra)
+        save_training_state(state_dir / "optimizer", optimizer, scheduler,
+                            {"step": step, "epoch": epoch + 1, "best": best, "history": history,
+                             "fingerprint": fingerprint})
+        if cfg.max_steps is not None and step >= cfg.max_steps:
+            break
+    if not args.keep_state:  # a finished run needs no resumable state (it is 3x the head's size)
+        shutil.rmtree(state_dir, ignore_errors=True)
+    print(f"[dim] best epoch {best.get('epoch')} ({selected_on} hits@1 {best.get('hits@1')}); head written to {out}",
+          file=sys.stderr)
+    return {"best": best, "history": history, "out": str(out), "dev_candidate_recall": recall}
+
+
+def split_holdout(examples, fraction: float, seed: int):
+    """(train, held-out): `fraction` of the training RECORDS (all mentions of one caption go to the
+    same side, so a caption never leaks across) held out to choose the epoch."""
+    if not fraction:
+        return list(examples), []
+    if not 0 < fraction < 0.5:
+        raise InputError(f"--holdout must be between 0 and 0.5, got {fraction}")
+    records = sorted({ex.sample_id.split("#")[0] for ex in examples})
+    held = set(random.Random(seed).sample(records, max(1, round(fraction * len(records)))))
+    return ([ex for ex in examples if ex.sample_id.split("#")[0] not in held],
+            [ex for ex in examples if ex.sample_id.split("#")[0] in held])
+
+
+def _first_occurrence(cols: np.ndarray) -> np.ndarray:
+    keep = np.zeros(cols.shape, bool)
+    for r, row in enumerate(cols):
+        _, first = np.unique(row, return_index=True)
+        keep[r, first] = True
+    return keep
+
+
+# -- CLI ------------------------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d, c, f = DimTrainConfig(), CandidateConfig(), FusionConfig()
+    p.add_argument("--format", required=True, help="dataset format (wikimel, richpedia, wikidiverse, mimic, gemel, jsonl)")
+    p.add_argument("--data", required=True, help="dataset directory")
+    p.add_argument("--kb", required=True, help="the KB built from the dataset (python -m mel kb build)")
+    p.add_argument("--preset", default="offline", help="encoders to train on (default offline)")
+    p.add_argument("--out", required=True, help="checkpoint directory to write (best dev epoch)")
+    p.add_argument("--state-dir", default=None, help="where resumable state goes (default: OUT.trainer_state)")
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--dev-split", default="dev", help="'' to train without a dev split")
+    p.add_argument("--limit", type=int, default=None, help="only the first N training mentions")
+    p.add_argument("--dev-limit", type=int, default=None)
+    p.add_argument("--holdout", type=float, default=0.05,
+                   help="share of training records held out to pick the best epoch (0: pick on dev)")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
+    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--n-hard", type=int, default=d.n_hard, help="FTS neighbours of the gold used as hard negatives")
+    p.add_argument("--train-width", type=int, default=d.train_width, help="candidates scored per training mention")
+    p.add_argument("--train-pool", type=int, default=96, help="candidates cached per training mention")
+    p.add_argument("--in-batch-weight", type=float, default=d.in_batch_weight)
+    p.add_argument("--n-bm25", type=int, default=c.n_bm25)
+    p.add_argument("--n-dense", type=int, default=c.n_dense)
+    p.add_argument("--n-dense-mention", type=int, default=c.n_dense_mention)
+    p.add_argument("--d-model", type=int, default=f.d_model)
+    p.add_argument("--n-heads", type=int, default=f.n_heads)
+    p.add_argument("--ffn-dim", type=int, default=f.ffn_dim)
+    p.add_argument("--out-dim", type=int, default=f.out_dim)
+    p.add_argument("--dropout", type=float, default=f.dropout)
+    p.add_argument("--no-pair-features", action="store_true", help="the paper's head: cosine only")
+    p.add_argument("--no-image", action="store_true", help="never use images (masked)")
+    p.add_argument("--no-cue", action="store_true", help="never use expert cues (masked)")
+    p.add_argument("--cue-question", default=None, help="question for question-answering cue providers")
+    p.add_argument("--save-dtype", choices=sorted(SAVE_DTYPES), default="float16",
+                   help="dtype of the weights written to OUT (the resumable state stays float32)")
+    p.add_argument("--cache-dir", default=None, help="feature cache directory (default: $MEL_CACHE/dim-features)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.trainer_state/")
+    p.add_argument("--keep-state", action="store_true", help="keep OUT.trainer_state/ after the run")
+
+
+def run(args) -> None:
+    result = train(args)
+    print(json.dumps({"best": result["best"], "out": result["out"]}, indent=2))

@@ -1,0 +1,201 @@
+"""In-context demonstrations: the labelled mentions most similar to the query.
+
+As in the paper, the key is a sentence embedding of the MENTION string (SimCSE in the paper;
+the preset's `mention_encoder` here), cosine similarity, k nearest, ordered by ascending
+similarity so that the most similar demonstration sits right before the query. While training,
+the query itself is excluded (by `sample_id`).
+
+`key="multimodal"` (beyond the paper) embeds "mention. caption" with the text encoder and, when
+an image encoder is given, appends the image embedding: the vector is
+`[sqrt(1-w) * text, sqrt(w) * image]`, so the cosine of two examples that both have images is
+`(1-w) * text_cos + w * image_cos`, and an example without an image only matches on text.
+
+The pool is any list of Examples: a dataset's train split, or annotators' corrections; `add()`
+makes new corrections retrievable at once. Examples whose gold is NIL are left out (they have
+no entity name to demonstrate). Embeddings of a pool are cached on disk (safetensors) under a
+checksum of the encoder and the key texts, so a pool is embedded once per machine.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+from ..paths import cache_dir
+from ..types import NIL, Example, Mention
+
+KEYS = ("mention", "multimodal")
+SEARCH_CHUNK = 2048  # query rows per matrix product in batch retrieval
+
+
+@dataclass
+class Demonstration:
+    example: Example
+    similarity: float
+
+
+def _key_text(mention: Mention, key: str) -> str:
+    return mention.text if key == "mention" else f"{mention.text}. {mention.caption}"
+
+
+class DemonstrationPool:
+    def __init__(self, examples: list[Example], encoder, *, key: str = "mention", image_encoder=None,
+                 image_weight: float = 0.5, use_cache: bool = True, progress: bool = False):
+        if key not in KEYS:
+            raise InputError(f"unknown demonstration key {key!r}; choose one of {KEYS}")
+        if not 0.0 <= image_weight < 1.0:
+            raise InputError(f"image_weight must be in [0, 1), got {image_weight}")
+        self.encoder = encoder
+        self.key = key
+        self.image_encoder = image_encoder if key == "multimodal" else None
+        self.image_weight = image_weight
+        self.use_cache = use_cache
+        self.progress = progress
+        self.examples: list[Example] = []
+        self.vectors = np.zeros((0, self.dim), np.float32)
+        self._image_vectors: dict[str, np.ndarray | None] = {}
+        self.n_skipped_nil = 0
+        self.add(examples, cache=use_cache)
+
+    @property
+    def dim(self) -> int:
+        return self.encoder.dim + (self.image_encoder.dim if self.image_encoder is not None else 0)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def describe(self) -> dict:
+        return {"size": len(self), "key": self.key, "encoder": getattr(self.encoder, "name", "?"),
+                "image_encoder": getattr(self.image_encoder, "name", None), "n_skipped_nil": self.n_skipped_nil}
+
+    # -- embedding ---------------------------------------------------------------------------
+    def _image_vector(self, path: str | None) -> np.ndarray | None:
+        if path is None or self.image_encoder is None:
+            return None
+        if path not in self._image_vectors:
+            from ..imageio import load_image
+            try:
+                self._image_vectors[path] = self.image_encoder.encode([load_image(path)])[0]
+            except InputError:
+                self._image_vectors[path] = None  # an unreadable image leaves the example text-only
+        return self._image_vectors[path]
+
+    def embed(self, mentions: list[Mention]) -> np.ndarray:
+        """Retrieval keys (n, dim), L2-normalised."""
+        texts = [_key_text(m, self.key) for m in mentions]
+        text = np.asarray(self.encoder.encode(texts, batch_size=128, show_progress=self.progress and len(texts) > 512)
+                          if _accepts_progress(self.encoder) else self.encoder.encode(texts, batch_size=128),
+                          dtype=np.float32)
+        if self.image_encoder is None:
+            return text
+        image = np.zeros((len(mentions), self.image_encoder.dim), np.float32)
+        for row, m in enumerate(mentions):
+            vec = self._image_vector(m.image)
+            if vec is not None:
+                image[row] = vec
+        out = np.concatenate([math.sqrt(1 - self.image_weight) * text, math.sqrt(self.image_weight) * image], axis=1)
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
+    def _checksum(self, examples: list[Example]) -> str:
+        h = hashlib.sha256(f"{getattr(self.encoder, 'name', '?')}|{self.key}|{self.image_weight}|"
+                           f"{getattr(self.image_encoder, 'name', None)}".encode())
+        for ex in examples:
+            h.update(f"{_key_text(ex.mention, self.key)}\x1f{ex.mention.image if self.image_encoder else ''}\x1e"
+                     .encode("utf-8"))
+        return h.hexdigest()[:24]
+
+    def add(self, examples: list[Example], cache: bool = False) -> int:
+        """Append examples (e.g. fresh corrections); they are retrievable immediately. Returns how many."""
+        kept = [ex for ex in examples if ex.gold_id != NIL]
+        self.n_skipped_nil += len(examples) - len(kept)
+        if not kept:
+            return 0
+        vectors = None
+        path = None
+        if cache:
+            path = cache_dir("gemel", "demos") / f"pool-{self._checksum(kept)}.safetensors"
+            if path.exists():
+                from safetensors.numpy import load_file
+                try:
+                    loaded = load_file(str(path))["vectors"]
+                    if loaded.shape == (len(kept), self.dim):
+                        vectors = loaded
+                except Exception:  # a damaged cache is recomputed
+                    vectors = None
+        if vectors is None:
+            vectors = self.embed([ex.mention for ex in kept])
+            if path is not None:
+                from safetensors.numpy import save_file
+                tmp = path.with_name(f".{path.name}.{os.getpid()}")
+                save_file({"vectors": np.ascontiguousarray(vectors)}, str(tmp))
+                os.replace(tmp, path)
+        self.examples += kept
+        self.vectors = np.concatenate([self.vectors, vectors.astype(np.float32)], axis=0)
+        return len(kept)
+
+    # -- retrieval ---------------------------------------------------------------------------
+    def retrieve(self, mention: Mention, k: int, exclude_id: str | None = None,
+                 query_vector: np.ndarray | None = None) -> list[Demonstration]:
+        """The k most similar examples, ordered LEAST similar first (the most similar comes last,
+        next to the query). `exclude_id`: a sample_id never returned (the query itself in training)."""
+        if k <= 0 or not len(self):
+            return []
+        q = self.embed([mention])[0] if query_vector is None else query_vector
+        sims = self.vectors @ q
+        return self._top(sims, k, {exclude_id} if exclude_id else set())
+
+    def retrieve_many(self, mentions: list[Mention], k: int, exclude_ids: list[str | None] | None = None,
+                      ) -> list[list[Demonstration]]:
+        """`retrieve` for many queries at once (training): one embedding pass, chunked matrix products."""
+        if k <= 0 or not len(self):
+            return [[] for _ in mentions]
+        queries = self.embed(mentions)
+        exclude_ids = exclude_ids or [None] * len(mentions)
+        out = []
+        for start in range(0, len(mentions), SEARCH_CHUNK):
+            sims = queries[start:start + SEARCH_CHUNK] @ self.vectors.T
+            for row, ex_id in zip(sims, exclude_ids[start:start + SEARCH_CHUNK]):
+                out.append(self._top(row, k, {ex_id} if ex_id else set()))
+        return out
+
+    def _top(self, sims: np.ndarray, k: int, exclude: set[str]) -> list[Demonstration]:
+        take = min(len(sims), k + len(exclude))
+        top = np.argpartition(-sims, take - 1)[:take] if take < len(sims) else np.arange(len(sims))
+        top = top[np.argsort(-sims[top], kind="stable")]
+        chosen = [int(i) for i in top if self.examples[int(i)].sample_id not in exclude][:k]
+        # ascending similarity: the most similar demonstration ends up next to the query
+        return [Demonstration(self.examples[i], float(sims[i])) for i in reversed(chosen)]
+
+
+def _accepts_progress(encoder) -> bool:
+    import inspect
+    try:
+        return "show_progress" in inspect.signature(encoder.encode).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def load_pool_examples(*, pool: str | Path | None = None, pool_format: str | None = None,
+                       pool_data: str | Path | None = None, pool_split: str = "train") -> tuple[list[Example], str]:
+    """Examples for a pool from a JSONL file of Examples or a dataset split; (examples, description)."""
+    if pool is not None:
+        path = Path(pool)
+        if not path.exists():
+            raise InputError(f"demonstration pool {path} does not exist; give a JSONL file of Examples "
+                             f"(`mel.datasets.write_jsonl_examples`), or pool_data=DIR with pool_format=FORMAT")
+        from ..datasets import load_dataset
+        split = load_dataset("jsonl", path, pool_split)  # a single .jsonl file is read whatever the split
+        return split.examples, f"{path.name} ({len(split.examples)} examples)"
+    if pool_data is not None:
+        if not pool_format:
+            raise InputError("pool_data needs pool_format (wikimel, richpedia, wikidiverse, ...), or a KB whose "
+                             "build recorded its format")
+        from ..datasets import load_dataset
+        split = load_dataset(pool_format, pool_data, pool_split)
+        return split.examples, f"{pool_format} {pool_split} split ({len(split.examples)} examples)"
+    return [], "none (zero-shot)"

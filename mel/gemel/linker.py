@@ -1,0 +1,473 @@
+"""GEMEL as a linker: retrieve demonstrations, build the prompt, generate a KB name, map it back.
+
+    linker = GemelLinker(kb, preset, pool_data="../shared/data/wikimel")   # pool_format = the KB's format
+    result = linker.link(Mention.from_text(caption, "Ryan", image="ryan.jpg"))
+    result.prediction, result.score, result.details["demonstrations"], result.timings
+
+From the command line (options go through `--opt key=value`):
+
+    python -m mel eval --format wikimel --data DIR --split dev --kb wikimel.sqlite --linker gemel \\
+        --opt pool_data=DIR                 # demonstrations from DIR's train split (format: the KB's)
+    python -m mel eval ... --linker gemel+dense --opt pool_data=DIR --opt top_k=20
+    python -m mel link --kb wikimel.sqlite --linker gemel --opt pool=corrections.jsonl --caption ... --mention ...
+
+Options (all keyword arguments of GemelLinker):
+  pool            a JSONL file of Examples (e.g. exported annotation corrections), a list of Examples,
+                  or a DemonstrationPool; `pool_data=DIR` (+ `pool_format`, default the format the KB was
+                  built from, + `pool_split`, default train) reads a dataset split instead. No pool:
+                  zero-shot (0 demonstrations, said in `details`). `add_demonstrations()` adds corrections live.
+  n_demos         demonstrations per prompt (default 4; the paper used 16 on a GPU).
+  retrieval       "mention" (paper: embedding of the mention string) or "multimodal" (mention + caption
+                  + image).
+  mapper          a feature-mapper directory; default: the one shipped for the preset (models/gemel-offline
+                  for `offline`), else none. "none" turns visual tokens off. Without a mapper, or for a
+                  mention without an image, the prompt has no visual tokens (stated in `details`).
+  candidates      None: beam search over a trie of ALL KB names (the paper). "dense" | "bm25" | "dim" |
+                  "hybrid" (bm25 + dense): the trie holds only the names of that linker's `top_k`
+                  candidates, for KBs too large for a full trie; with `rank="all"` (the default in this
+                  mode) every candidate is scored by the LLM's log-likelihood, so Hits@k up to top_k is
+                  meaningful. Options for a candidate linker go with its name as prefix (`dim_checkpoint=...`).
+  fuse            candidate mode only (default on): rank by a product of experts, the LLM and the
+                  retriever(s), instead of the LLM alone:
+                      fused(e) = llm_weight * log p_LLM(e) + sum_s log softmax(score_s(e) / temperature_s)
+                  where p_LLM is the sequence probability of the name + EOS renormalised over the
+                  candidates, and a candidate missing from a retriever's top_k gets that retriever's
+                  lowest score. Both scores are shown side by side in `details["scores"]`. Defaults
+                  (llm_weight, temperature_bm25, temperature_dense, temperature_dim) were chosen on the
+                  WikiMEL *train* split, never on dev.
+  num_beams, max_new_tokens, length_penalty   decoding (paper: 5 beams, 32 tokens). length_penalty
+                  defaults to 0.0: names are ranked by their sequence log-probability. Hugging Face's
+                  generate() (the paper's code) divides by length (1.0), which favours long names whose
+                  later tokens are forced by the trie; with SmolLM2, 0.0 was better both for candidate
+                  scoring on WikiMEL train and for whole-KB beam search on the first 100 dev mentions
+                  (Hits@1 53% vs 46%).
+
+Candidates in the result: full-KB mode returns the finished beams (at most `num_beams` names, so
+Hits@k for k > num_beams counts only those); a name shared by several entities contributes all of
+them, ordered by the tie-break rule below, with the same score.
+
+Ambiguous names (one generated name, several KB entities) are reported in `details["ambiguity"]`
+and broken by this rule, which uses no popularity: (1) the entity that is the gold answer of the
+most similar retrieved demonstration, (2) the entity whose description shares the most words
+with the caption, (3) a fixed hash of the entity id.
+
+Scores: with beam search (and candidate mode without fusion) `Candidate.score` (and
+`LinkResult.score`) is the ranking score, the sequence log-probability of name + EOS divided by its
+length ** length_penalty (the plain sequence log-probability with the default 0.0); the raw sequence
+log-probability of every beam is in `details["beams"]` (`details["llm_ranking"]` when every
+candidate is scored).
+With fusion it is the fused log-probability over the candidates (log_softmax of `fused`).
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError, InputError, KBError, MELError
+from ..linkers.base import Linker, Stopwatch
+from ..types import Candidate, Example, LinkResult, Mention
+from .decode import DecodeConfig, Hypothesis, beam_search, score_groups
+from .demos import Demonstration, DemonstrationPool, load_pool_examples
+from .mapper import FeatureMapper
+from .prompt import PromptBuilder, Segment, embed_prompt
+from .trie import TokenTrie, kb_trie
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# the feature mapper shipped for a preset (trained with `python -m mel train gemel`, see its README)
+SHIPPED_MAPPERS = {"offline": REPO_ROOT / "models" / "gemel-offline"}
+TIE_BREAK_RULE = ("gold of the most similar retrieved demonstration, then most caption words in the description, "
+                  "then a fixed hash of the id (no popularity)")
+CANDIDATE_SOURCES = ("dense", "bm25", "hybrid", "dim")
+# product-of-experts defaults, chosen on WikiMEL's train split (bench/bench_gemel.py --tune-split train)
+FUSION_DEFAULTS = {"llm_weight": 0.5, "temperature_bm25": 2.0, "temperature_dense": 0.02, "temperature_dim": 0.02}
+IMAGE_CACHE_SIZE = 512
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    m = x.max()
+    return x - m - np.log(np.exp(x - m).sum())
+
+
+def _words(text: str) -> set[str]:
+    return {w for w in re.findall(r"\w+", text.casefold()) if len(w) > 2}
+
+
+def _stable_hash(entity_id: str) -> str:
+    return hashlib.sha1(entity_id.encode("utf-8")).hexdigest()
+
+
+class ImageFeatures:
+    """Image path -> feature vector, through the preset's image encoder, with a small LRU cache."""
+
+    def __init__(self, encoder, size: int = IMAGE_CACHE_SIZE):
+        self.encoder = encoder
+        self.size = size
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def __call__(self, source, strict: bool = True) -> np.ndarray | None:
+        """Features of the image at `source`; None when unreadable and not `strict` (else InputError)."""
+        from ..imageio import load_image
+        key = str(source)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        try:
+            vec = np.asarray(self.encoder.encode([load_image(source)])[0], np.float32)
+        except InputError:
+            if strict:
+                raise
+            return None
+        self._cache[key] = vec
+        if len(self._cache) > self.size:
+            self._cache.popitem(last=False)
+        return vec
+
+
+def resolve_mapper(spec, preset, d_embed: int) -> tuple[FeatureMapper | None, str, str]:
+    """(mapper or None, where it came from, a note for the user)."""
+    if spec is None:
+        path = SHIPPED_MAPPERS.get(getattr(preset, "name", ""))
+        if path is None or not (path / "config.json").exists():
+            return None, "", (f"no trained feature mapper for preset {getattr(preset, 'name', '?')!r}: images are not "
+                              f"used (no visual tokens); train one with `python -m mel train gemel ... --out DIR` "
+                              f"and pass --opt mapper=DIR")
+        spec = path
+    if isinstance(spec, FeatureMapper):
+        return spec.eval(), "given", ""
+    if isinstance(spec, str) and spec.lower() in ("none", "off", "false", ""):
+        return None, "", "visual tokens turned off (mapper=none)"
+    mapper, _ = FeatureMapper.from_pretrained(spec, d_embed=d_embed)
+    for role in ("image_encoder", "llm"):
+        trained_for, used = getattr(mapper.config, role), getattr(preset, role, "")
+        if trained_for and used and trained_for != used:
+            raise CheckpointError(f"feature mapper {spec} was trained for {role} {trained_for!r} but preset "
+                                  f"{preset.name!r} uses {used!r}; use its preset, pass mapper=none, or train a "
+                                  f"mapper for this preset")
+    return mapper, str(spec), ""
+
+
+class GemelLinker(Linker):
+    name = "gemel"
+
+    def __init__(self, kb, preset, *, mapper=None, pool=None, pool_format: str | None = None,
+                 pool_data: str | None = None, pool_split: str = "train", n_demos: int = 4,
+                 retrieval: str = "mention", candidates: str | None = None, top_k: int = 20, rank: str | None = None,
+                 num_beams: int = 5, max_new_tokens: int = 32, length_penalty: float = 0.0,
+                 max_caption_chars: int | None = 500, use_images: bool = True, trie_cache: bool = True,
+                 fuse: bool | None = None, llm_weight: float = FUSION_DEFAULTS["llm_weight"],
+                 temperature_bm25: float = FUSION_DEFAULTS["temperature_bm25"],
+                 temperature_dense: float = FUSION_DEFAULTS["temperature_dense"],
+                 temperature_dim: float = FUSION_DEFAULTS["temperature_dim"],
+                 show_prompt: bool = False, progress: bool = False, **candidate_options):
+        super().__init__(kb, preset)
+        if kb.size == 0:
+            raise KBError(f"knowledge base {kb.path} is empty: GEMEL can only generate names of KB entities; build "
+                          f"it from a dataset with `python -m mel kb build`")
+        if candidates is not None and candidates not in CANDIDATE_SOURCES:
+            raise InputError(f"candidates must be None (whole-KB trie) or one of {CANDIDATE_SOURCES}, got {candidates!r}")
+        rank = rank or ("all" if candidates else "beam")
+        if rank not in ("beam", "all"):
+            raise InputError(f"rank must be 'beam' or 'all', got {rank!r}")
+        if rank == "all" and candidates is None:
+            raise InputError("rank='all' scores every candidate and needs candidates=dense|dim|bm25; over a whole KB "
+                             "use rank='beam'")
+        fuse = bool(candidates) and rank == "all" if fuse is None else bool(fuse)
+        if fuse and candidates is None:
+            raise InputError("fuse=True combines the LLM with a retriever's scores and needs candidates=dense|bm25|"
+                             "hybrid|dim")
+        sources = ("bm25", "dense") if candidates == "hybrid" else ((candidates,) if candidates else ())
+        unknown = [k for k in candidate_options if not any(k.startswith(src + "_") for src in sources)]
+        if unknown:
+            raise InputError(f"unknown GEMEL option(s) {unknown}; see `mel.gemel.linker` for the options "
+                             f"(options of the candidate linker take its name as prefix, e.g. dense_query=...)")
+        self.n_demos = int(n_demos)
+        self.candidates = candidates
+        self.top_k = int(top_k)
+        self.rank = rank
+        self.use_images = bool(use_images)
+        self.show_prompt = bool(show_prompt)
+        self.fuse = fuse
+        self.llm_weight = float(llm_weight)
+        self.temperatures = {"bm25": float(temperature_bm25), "dense": float(temperature_dense),
+                             "dim": float(temperature_dim)}
+        if any(t <= 0 for t in self.temperatures.values()):
+            raise InputError(f"fusion temperatures must be positive, got {self.temperatures}")
+        self.decode_config = DecodeConfig(num_beams=int(num_beams), max_new_tokens=int(max_new_tokens),
+                                          length_penalty=float(length_penalty))
+        if candidates:
+            self.name = f"gemel+{candidates}"
+
+        self.llm = preset.backend("llm")
+        self.model = self.llm.model
+        self.tokenizer = self.llm.tokenizer
+        self.d_embed = int(self.model.get_input_embeddings().embedding_dim)
+
+        self.mapper, self.mapper_source, self.visual_note = resolve_mapper(mapper, preset, self.d_embed)
+        self.images: ImageFeatures | None = None
+        if self.mapper is not None:
+            self.mapper.to(self.llm.device)
+            encoder = preset.backend("image_encoder")
+            if encoder.dim != self.mapper.config.d_vision:
+                raise CheckpointError(f"feature mapper {self.mapper_source} maps {self.mapper.config.d_vision}-d "
+                                      f"features but {preset.image_encoder} gives {encoder.dim}-d ones; use the mapper's "
+                                      f"preset or train a mapper for this one")
+            self.images = ImageFeatures(encoder)
+        n_tokens = self.mapper.n_tokens if self.mapper is not None else 0
+        self.builder = PromptBuilder(self.tokenizer, n_image_tokens=n_tokens, max_caption_chars=max_caption_chars)
+
+        self.pool, self.pool_description = self._make_pool(pool, pool_format, pool_data, pool_split, retrieval, progress)
+        self._answers: dict[str, str] = {}
+
+        self.trie: TokenTrie | None = None
+        self.retrievers: dict = {}
+        if candidates is None:
+            self.trie = kb_trie(kb, self.tokenizer, use_cache=trie_cache)
+        else:
+            from ..linkers import build_linker
+            for src in sources:
+                opts = {k[len(src) + 1:]: v for k, v in candidate_options.items() if k.startswith(src + "_")}
+                self.retrievers[src] = build_linker(src, kb, preset, **opts)
+
+    # -- set-up helpers ----------------------------------------------------------------------
+    def _make_pool(self, pool, pool_format, pool_data, pool_split, retrieval, progress):
+        if isinstance(pool, DemonstrationPool):
+            return pool, f"given pool ({len(pool)} examples)"
+        if isinstance(pool, (list, tuple)):
+            examples, what = list(pool), f"given examples ({len(pool)})"
+        else:
+            if pool_data is not None and not pool_format:
+                pool_format = self.kb.source_format or None
+            examples, what = load_pool_examples(pool=pool, pool_format=pool_format, pool_data=pool_data,
+                                                pool_split=pool_split)
+        if not examples and pool is None and pool_data is None:
+            return None, what
+        image_encoder = self.images.encoder if (retrieval == "multimodal" and self.images is not None) else None
+        if retrieval == "multimodal" and image_encoder is None:
+            image_encoder = self.preset.backend("image_encoder")
+        built = DemonstrationPool(examples, self.preset.backend("mention_encoder"), key=retrieval,
+                                  image_encoder=image_encoder, progress=progress)
+        return built, what
+
+    def add_demonstrations(self, examples: list[Example]) -> int:
+        """Make new labelled examples (e.g. an annotator's corrections) retrievable from the next link on."""
+        if self.pool is None:
+            self.pool = DemonstrationPool([], self.preset.backend("mention_encoder"))
+            self.pool_description = "live corrections"
+        return self.pool.add(examples)
+
+    def models(self) -> dict[str, str]:
+        out = {"llm": self.preset.llm, "mention_encoder": self.preset.mention_encoder}
+        if self.mapper is not None:
+            out["image_encoder"] = self.preset.image_encoder
+            out["feature_mapper"] = self.mapper_source
+        for src, linker in self.retrievers.items():
+            out.update({f"candidates.{src}.{k}": v for k, v in linker.models().items()})
+        return out
+
+    def answer_of(self, example: Example) -> str:
+        """The name a demonstration answers with: the KB's name of its gold entity (what the trie can
+        generate), else the dataset's gold name."""
+        name = self._answers.get(example.gold_id)
+        if name is None:
+            idx = self.kb.idx_of(example.gold_id)
+            name = self.kb.entity_at(idx).name if idx is not None else (example.gold_name or example.gold_id)
+            self._answers[example.gold_id] = name
+        return name
+
+    def segments(self, mention: Mention, demos: list[Demonstration], query_features=None) -> list[Segment]:
+        segs = []
+        for demo in demos:
+            m = demo.example.mention
+            use = self.images is not None and self.use_images and m.image
+            feats = self.images(m.image, strict=False) if use else None  # an unreadable demo image: text only
+            segs.append(Segment(m.caption, m.text, self.answer_of(demo.example), feats))
+        segs.append(Segment(mention.caption, mention.text, None, query_features))
+        return segs
+
+    # -- linking -----------------------------------------------------------------------------
+    def link(self, mention: Mention, k: int = 20, exclude_sample_id: str | None = None) -> LinkResult:
+        """Link one mention. `exclude_sample_id` keeps that pool example out of the demonstrations
+        (when the mention itself belongs to the pool, e.g. tuning on the train split)."""
+        if not isinstance(mention, Mention):
+            raise InputError(f"link() takes a Mention, got {type(mention).__name__}; build one with "
+                             f"Mention.from_text(caption, mention, image=...)")
+        sw = Stopwatch()
+        details: dict = {"mode": "whole-KB trie" if self.candidates is None else f"{self.candidates} top-{self.top_k}",
+                         "ranking": (f"constrained beam search ({self.decode_config.num_beams} beams)"
+                                     if self.rank == "beam" else "every candidate by LLM log-likelihood")
+                         + (", fused with the retriever scores" if self.fuse else ""),
+                         "pool": self.pool_description}
+        with sw("retrieve"):
+            demos = (self.pool.retrieve(mention, self.n_demos, exclude_id=exclude_sample_id)
+                     if (self.pool is not None and self.n_demos > 0) else [])
+        trie, retrieved = self.trie, None
+        if self.retrievers:
+            with sw("candidates"):
+                retrieved = self.retrieve_candidates(mention)
+                details["retriever"] = [{"id": c["entity"].id, "name": c["entity"].name,
+                                         **{src: round(v, 4) for src, v in c["scores"].items()}}
+                                        for c in retrieved.values()]
+                pairs = [(idx, c["entity"].name) for idx, c in retrieved.items()]
+                trie = TokenTrie.build(pairs, self.tokenizer) if pairs else None
+            if trie is None:
+                details["note"] = f"the {self.candidates} retriever found no candidate: nothing to generate (NIL)"
+                return self._finish(mention, [], demos, details, sw, k)
+        with sw("image"):
+            query_features = None
+            if mention.image and self.images is not None and self.use_images:
+                query_features = self.images(mention.image, strict=True)
+            segments = self.segments(mention, demos, query_features)
+        with sw("prompt"):
+            prompt = self.builder.build(segments, use_images=self.use_images and self.mapper is not None)
+            with torch.inference_mode():
+                embeds = embed_prompt(self.llm.embed_tokens, prompt, segments, self.mapper, device=self.llm.device)
+        if self.rank == "beam":
+            hyps, stats = beam_search(self.model, trie, embeds, self.decode_config)
+        else:
+            hyps, stats = score_groups(self.model, trie, embeds, length_penalty=self.decode_config.length_penalty)
+        if self.fuse:
+            details["fusion"] = {"llm_weight": self.llm_weight,
+                                 "temperatures": {s: self.temperatures[s] for s in self.retrievers},
+                                 "formula": "llm_weight * log p_LLM(name | prompt, candidates) + "
+                                            "sum_s log softmax(score_s / temperature_s)"}
+        sw.timings["prefill"] = stats.prefill_ms
+        sw.timings["decode"] = stats.decode_ms
+        details["decode"] = stats.to_dict()
+        details["visual_tokens"] = bool(prompt.image_slots) and query_features is not None
+        details["n_visual_segments"] = len(prompt.image_slots)
+        details["visual_note"] = self._visual_note(mention, query_features)
+        if self.show_prompt:
+            details["prompt"] = prompt.text
+        with sw("map"):
+            ranked, beams, ambiguity = self._map(hyps, trie, mention, demos)
+            if self.fuse and ranked:
+                ranked, details["scores"] = self._fuse(ranked, hyps, trie, retrieved, mention, demos)
+                ambiguity = self._fused_ambiguity(ranked)
+        details["beams" if self.rank == "beam" else "llm_ranking"] = beams
+        details["ambiguity"] = ambiguity
+        if hyps:  # the LLM's own first choice (with fusion, the prediction may differ)
+            details["generated"] = self.tokenizer.decode(hyps[0].tokens[:-1])
+            details["logprob"] = round(hyps[0].logprob, 4)
+        else:
+            details["note"] = f"no name finished within {self.decode_config.max_new_tokens} tokens: NIL"
+        return self._finish(mention, ranked, demos, details, sw, k)
+
+    def retrieve_candidates(self, mention: Mention) -> dict[int, dict]:
+        """KB idx -> {"entity", "scores": {source: score}} from the top_k of each retriever (union)."""
+        out: dict[int, dict] = {}
+        for src, linker in self.retrievers.items():
+            for c in linker.link(mention, k=self.top_k).candidates:
+                idx = self.kb.idx_of(c.entity.id)
+                if idx is not None:
+                    out.setdefault(idx, {"entity": c.entity, "scores": {}})["scores"][src] = float(c.score)
+        return out
+
+    def _fuse(self, ranked, hyps, trie, retrieved, mention, demos):
+        """Re-rank entities by the product of experts; returns (ranked, side-by-side score table)."""
+        logprob = {}
+        for h in hyps:
+            for idx in trie.entities(h.group):
+                logprob[self.kb.entity_at(idx).id] = h.logprob
+        by_id = {c["entity"].id: c for c in retrieved.values()}
+        ids = [e.id for e, _ in ranked]
+        llm = np.array([logprob[i] for i in ids])
+        fused = self.llm_weight * _log_softmax(llm)
+        columns = {}
+        for src in self.retrievers:
+            present = [by_id[i]["scores"][src] for i in ids if src in by_id[i]["scores"]]
+            floor = min(present) if present else 0.0  # absent from this retriever's top_k: at most its lowest score
+            col = np.array([by_id[i]["scores"].get(src, floor) for i in ids])
+            columns[src] = col
+            fused = fused + _log_softmax(col / self.temperatures[src])
+        fused = _log_softmax(fused)
+        entities = {e.id: e for e, _ in ranked}
+        tie = {e.id: n for n, e in enumerate(self.tie_break([e for e, _ in ranked], mention, demos))}
+        order = sorted(range(len(ids)), key=lambda j: (-round(float(fused[j]), 9), tie[ids[j]]))
+        table = [{"id": ids[j], "name": entities[ids[j]].name, "llm_logprob": round(float(llm[j]), 4),
+                  **{src: round(float(columns[src][j]), 4) for src in columns}, "fused": round(float(fused[j]), 4)}
+                 for j in order]
+        return [(entities[ids[j]], float(fused[j])) for j in order], table
+
+    @staticmethod
+    def _fused_ambiguity(ranked) -> dict | None:
+        name = ranked[0][0].name
+        same = [e.id for e, _ in ranked if e.name == name]
+        if len(same) < 2:
+            return None
+        return {"name": name, "entity_ids": same, "chosen": ranked[0][0].id,
+                "rule": "fused score (the retrievers score same-name entities differently), then " + TIE_BREAK_RULE}
+
+    def _visual_note(self, mention: Mention, query_features) -> str:
+        if self.mapper is None:
+            return self.visual_note
+        if not self.use_images:
+            return "visual tokens turned off (use_images=False)"
+        if not mention.image:
+            return "the mention has no image: its segment has no visual tokens"
+        return f"{self.mapper.n_tokens} visual tokens from the image"
+
+    def _map(self, hyps: list[Hypothesis], trie: TokenTrie, mention: Mention, demos: list[Demonstration]):
+        ranked, beams, ambiguity = [], [], None
+        for h in hyps:
+            idxs = trie.entities(h.group)
+            entities = self.kb.entities_at(idxs)
+            if len(entities) > 1:
+                entities = self.tie_break(entities, mention, demos)
+                if ambiguity is None and not ranked:  # the prediction's name is ambiguous
+                    ambiguity = {"name": trie.name(h.group), "entity_ids": [e.id for e in entities],
+                                 "chosen": entities[0].id, "rule": TIE_BREAK_RULE}
+            beams.append({"name": trie.name(h.group), "logprob": round(h.logprob, 4), "score": round(h.score, 4),
+                          "entity_ids": [e.id for e in entities]})
+            ranked += [(e, h.score) for e in entities]
+        return ranked, beams, ambiguity
+
+    def tie_break(self, entities, mention: Mention, demos: list[Demonstration]):
+        demo_sim: dict[str, float] = {}
+        for d in demos:
+            demo_sim[d.example.gold_id] = max(demo_sim.get(d.example.gold_id, -1.0), d.similarity)
+        context = _words(mention.caption) - _words(mention.text)
+        return sorted(entities, key=lambda e: (-demo_sim.get(e.id, -2.0), -len(context & _words(e.description)),
+                                               _stable_hash(e.id)))
+
+    def _finish(self, mention, ranked, demos, details, sw, k) -> LinkResult:
+        details["n_demos"] = len(demos)
+        details["demonstrations"] = [{"caption": d.example.mention.caption, "mention": d.example.mention.text,
+                                      "gold_id": d.example.gold_id, "gold_name": self.answer_of(d.example),
+                                      "similarity": round(d.similarity, 4), "image": d.example.mention.image,
+                                      "sample_id": d.example.sample_id} for d in demos]
+        if not demos:
+            details["demonstrations_note"] = ("zero-shot: no demonstration pool (give pool=..., or pool_data=DIR)"
+                                              if self.pool is None else "the pool returned no demonstration")
+        source = self.name
+        candidates = [Candidate(entity, float(score), source) for entity, score in ranked[:max(k, 1)]]
+        return LinkResult(linker=self.name, mention=mention,
+                          prediction=candidates[0].entity if candidates else None,
+                          score=candidates[0].score if candidates else None, candidates=candidates,
+                          timings=sw.total(), preset=getattr(self.preset, "name", ""), models=self.models(),
+                          details=details)
+
+
+def gemel_with_dense(kb, preset, **options) -> GemelLinker:
+    """GEMEL restricted to the dense linker's top-k names (`top_k`, default 20), every one scored by the
+    LLM, ranked by the LLM fused with the dense scores (`fuse=False`: the LLM alone)."""
+    options.setdefault("candidates", "dense")
+    if options["candidates"] != "dense":
+        raise MELError("gemel+dense takes its candidates from the dense linker; use --linker gemel with "
+                       "--opt candidates=... for another source")
+    return GemelLinker(kb, preset, **options)
+
+
+def gemel_with_dim(kb, preset, **options) -> GemelLinker:
+    """GEMEL restricted to DIM's top-k names (`top_k`, default 20), LLM fused with DIM's scores; DIM's
+    options as dim_<name>=... (e.g. dim_checkpoint=DIR)."""
+    options.setdefault("candidates", "dim")
+    if options["candidates"] != "dim":
+        raise MELError("gemel+dim takes its candidates from DIM; use --linker gemel with --opt candidates=... "
+                       "for another source")
+    return GemelLinker(kb, preset, **options)

@@ -1,0 +1,381 @@
+"""Train GEMEL's feature mapper (the only trained part) with the paper's recipe.
+
+    python -m mel train gemel --format wikimel --data DIR --kb wikimel.sqlite --preset offline --out DIR
+
+The LLM and the image encoder stay frozen; the loss is the cross-entropy of the query's answer
+tokens + EOS only (demonstrations and question carry none). Recipe defaults are the paper's:
+AdamW lr 1e-6, weight decay 0.01, 5 epochs, batch 1 x 16 gradient accumulation, 10% linear
+warm-up, gradient clipping at 1.0, seed 42.
+
+Which examples: the mapper only receives a gradient from a prompt that holds an image (it is the
+only trainable part), so by default only examples whose prompt has at least one image (the query's
+or a demonstration's) are used (`--examples with-image`); `--examples with-query-image` keeps
+only those whose own mention has an image; `--examples all` keeps every example (paper-faithful,
+same gradients, much slower on a CPU). Demonstrations come from the same split, with the query
+itself excluded.
+
+Checkpoints: the mapper directory (config.json + model.safetensors) is written every
+`--save-every` optimizer steps and at the end, with the training facts in config.json; the
+optimizer/scheduler state goes to the sibling directory OUT.trainer_state, so `--resume` continues
+an interrupted run where it stopped (it is removed when the run finishes, unless --keep-state).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError, InputError
+from ..training import TrainConfig, load_training_state, make_optimizer_and_scheduler, save_training_state, seed_everything
+from ..types import NIL, Example
+from .demos import DemonstrationPool
+from .linker import ImageFeatures
+from .mapper import FeatureMapper, MapperConfig
+from .prompt import IGNORE_INDEX, PromptBuilder, Segment, embed_prompt
+
+STATE_SUFFIX = ".trainer_state"
+EXAMPLE_CHOICES = ("with-image", "with-query-image", "all")
+
+
+@dataclass
+class GemelTrainConfig(TrainConfig):
+    n_demos: int = 4
+    retrieval: str = "mention"
+    n_image_tokens: int = 4
+    max_caption_chars: int | None = 500
+    examples: str = "with-image"
+    save_every: int = 50  # optimizer steps between checkpoints
+
+
+@dataclass
+class TrainItem:
+    segments: list[Segment]
+    answer: str
+    sample_id: str
+
+
+def trainable_summary(mapper: torch.nn.Module, *frozen: torch.nn.Module) -> dict:
+    """Parameter counts: what is trained (the mapper) against everything that is frozen."""
+    trainable = sum(p.numel() for p in mapper.parameters() if p.requires_grad)
+    frozen_n = sum(p.numel() for m in frozen if m is not None for p in m.parameters())
+    leaked = [n for m in frozen if m is not None for n, p in m.named_parameters() if p.requires_grad]
+    total = trainable + frozen_n
+    return {"trainable": trainable, "frozen": frozen_n, "total": total,
+            "trainable_fraction": trainable / total if total else 0.0, "frozen_with_grad": leaked[:5]}
+
+
+def answer_loss(model, embeds: torch.Tensor, labels: list[int]) -> torch.Tensor:
+    """Mean cross-entropy over the labelled positions (the query's answer + EOS)."""
+    labels_t = torch.tensor(labels, device=embeds.device)
+    first = int((labels_t != IGNORE_INDEX).nonzero()[0])  # answer tokens are the tail of the prompt
+    n_keep = len(labels) - first + 1  # logits from the position before the first answer token onwards
+    out = model(inputs_embeds=embeds, logits_to_keep=n_keep) if _keeps_logits(model) else model(inputs_embeds=embeds)
+    logits = out.logits[0, -n_keep:-1].float()
+    return torch.nn.functional.cross_entropy(logits, labels_t[first:])
+
+
+def _keeps_logits(model) -> bool:
+    import inspect
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+class MapperTrainer:
+    """Holds the frozen models, the data and the optimisation; `run()` trains, `step_loss()` is one example."""
+
+    def __init__(self, examples: list[Example], kb, preset, out: str | Path, config: GemelTrainConfig | None = None,
+                 *, pool_examples: list[Example] | None = None, init: str | Path | None = None, progress: bool = True):
+        self.config = config or GemelTrainConfig()
+        if self.config.examples not in EXAMPLE_CHOICES:
+            raise InputError(f"examples must be one of {EXAMPLE_CHOICES}, got {self.config.examples!r}")
+        if self.config.batch_size != 1:
+            raise InputError("GEMEL trains with batch size 1 (the paper's); use --grad-accum for larger effective batches")
+        self.kb, self.preset, self.out, self.progress = kb, preset, Path(out), progress
+        seed_everything(self.config.seed)
+        self.llm = preset.backend("llm")
+        self.model = self.llm.model
+        for p in self.model.parameters():  # frozen, whatever the loader did
+            p.requires_grad_(False)
+        self.model.eval()  # no dropout: the LLM is a fixed function of its inputs
+        self.image_encoder = preset.backend("image_encoder")
+        d_embed = int(self.model.get_input_embeddings().embedding_dim)
+        mapper_config = MapperConfig(d_vision=int(self.image_encoder.dim), d_embed=d_embed,
+                                     n_tokens=self.config.n_image_tokens, image_encoder=preset.image_encoder,
+                                     llm=preset.llm)
+        self.mapper = FeatureMapper(mapper_config).to(self.llm.device)
+        if init is not None:
+            loaded, _ = FeatureMapper.from_pretrained(init, d_vision=mapper_config.d_vision, d_embed=d_embed)
+            self.mapper.load_state_dict(loaded.state_dict())
+        self.mapper.train()
+        self.initial_state = {k: v.detach().clone() for k, v in self.mapper.state_dict().items()}
+        self.builder = PromptBuilder(self.llm.tokenizer, self.config.n_image_tokens, self.config.max_caption_chars)
+        self.images = ImageFeatures(self.image_encoder, size=1 << 16)
+        self.items, self.data_report = self._prepare(examples, pool_examples)
+        if not self.items:
+            raise InputError(f"no training example left ({json.dumps(self.data_report)}); with --examples "
+                             f"{self.config.examples} the split needs mention images; try --examples all")
+
+    # -- data --------------------------------------------------------------------------------
+    def _answer(self, example: Example) -> str | None:
+        idx = self.kb.idx_of(example.gold_id) if example.gold_id != NIL else None
+        return self.kb.entity_at(idx).name if idx is not None else None
+
+    def _prepare(self, examples: list[Example], pool_examples: list[Example] | None):
+        report = {"n_examples": len(examples), "n_gold_not_in_kb": 0, "n_without_image": 0}
+        usable = []
+        for ex in examples:
+            answer = self._answer(ex)
+            if answer is None:
+                report["n_gold_not_in_kb"] += 1
+                continue
+            usable.append((ex, answer))
+        pool = DemonstrationPool(pool_examples if pool_examples is not None else [ex for ex, _ in usable],
+                                 self.preset.backend("mention_encoder"), key=self.config.retrieval,
+                                 image_encoder=self.image_encoder if self.config.retrieval == "multimodal" else None,
+                                 progress=self.progress)
+        demos = pool.retrieve_many([ex.mention for ex, _ in usable], self.config.n_demos,
+                                   exclude_ids=[ex.sample_id for ex, _ in usable])
+        items = []
+        for (ex, answer), ds in zip(usable, demos):
+            query_img = self.images(ex.mention.image, strict=False) if ex.mention.image else None
+            segs = []
+            for d in ds:
+                m = d.example.mention
+                segs.append(Segment(m.caption, m.text, self._answer(d.example) or d.example.gold_name or d.example.gold_id,
+                                    self.images(m.image, strict=False) if m.image else None))
+            segs.append(Segment(ex.mention.caption, ex.mention.text, None, query_img))
+            has_any = any(s.has_image for s in segs)
+            if (self.config.examples == "with-image" and not has_any) or \
+               (self.config.examples == "with-query-image" and query_img is None):
+                report["n_without_image"] += 1
+                continue
+            items.append(TrainItem(segs, answer, ex.sample_id))
+        report["n_items"] = len(items)
+        report["n_items_with_query_image"] = sum(1 for it in items if it.segments[-1].has_image)
+        report["pool_size"] = len(pool)
+        return items, report
+
+    # -- optimisation ------------------------------------------------------------------------
+    def step_loss(self, item: TrainItem) -> torch.Tensor:
+        prompt = self.builder.build(item.segments, target=item.answer)
+        embeds = embed_prompt(self.llm.embed_tokens, prompt, item.segments, self.mapper, device=self.llm.device)
+        return answer_loss(self.model, embeds, prompt.labels)
+
+    @torch.no_grad()
+    def item_losses(self, use_images: bool = True, state: dict | None = None) -> list[float]:
+        """The answer loss of every training item with the current mapper (or `state`), or with no
+        visual tokens at all (`use_images=False`)."""
+        current = {k: v.detach().clone() for k, v in self.mapper.state_dict().items()}
+        if state is not None:
+            self.mapper.load_state_dict(state)
+        try:
+            out = []
+            for item in self.items:
+                prompt = self.builder.build(item.segments, target=item.answer, use_images=use_images)
+                embeds = embed_prompt(self.llm.embed_tokens, prompt, item.segments,
+                                      self.mapper if use_images else None, device=self.llm.device)
+                out.append(float(answer_loss(self.model, embeds, prompt.labels)))
+            return out
+        finally:
+            self.mapper.load_state_dict(current)
+
+    def fit_report(self) -> dict:
+        """Mean answer loss on the training items: trained mapper vs its initialisation vs no visual tokens
+        (does the mapper help at all on what it saw? There is no image-bearing dev set to ask)."""
+        rows = {"trained_mapper": self.item_losses(), "initial_mapper": self.item_losses(state=self.initial_state),
+                "no_visual_tokens": self.item_losses(use_images=False)}
+        query_img = [i for i, it in enumerate(self.items) if it.segments[-1].has_image]
+        report = {"n_items": len(self.items), "n_items_with_query_image": len(query_img)}
+        for name, losses in rows.items():
+            report[f"mean_loss_{name}"] = round(float(np.mean(losses)), 4)
+            if query_img:
+                report[f"mean_loss_{name}_query_image_items"] = round(float(np.mean([losses[i] for i in query_img])), 4)
+        return report
+
+    def schedule(self) -> list[int]:
+        """Item order over all epochs (a seeded shuffle per epoch), so a resumed run sees the same order."""
+        order = []
+        for epoch in range(self.config.epochs):
+            idx = list(range(len(self.items)))
+            random.Random(self.config.seed + epoch).shuffle(idx)
+            order += idx
+        return order
+
+    @property
+    def state_dir(self) -> Path:
+        """Optimizer/scheduler state for --resume: a sibling of the mapper directory (never shipped with it)."""
+        return self.out.with_name(self.out.name + STATE_SUFFIX)
+
+    def total_steps(self) -> int:
+        steps = math.ceil(len(self.items) * self.config.epochs / self.config.grad_accum)
+        return min(steps, self.config.max_steps) if self.config.max_steps else steps
+
+    def run(self, resume: bool = False, keep_state: bool = False, command: str = "") -> dict:
+        from tqdm.auto import tqdm
+        cfg = self.config
+        total = self.total_steps()
+        optimizer, scheduler = make_optimizer_and_scheduler(self.mapper.parameters(), cfg, total)
+        step = micro = 0
+        losses: list[float] = []
+        state_dir = self.state_dir
+        if resume:
+            if not (state_dir / "state.json").exists():
+                raise CheckpointError(f"nothing to resume for {self.out}: {state_dir} is missing (the run finished, "
+                                      f"or never saved a checkpoint); start without --resume")
+            loaded, _ = FeatureMapper.from_pretrained(self.out, d_vision=self.mapper.config.d_vision,
+                                                      d_embed=self.mapper.config.d_embed)
+            self.mapper.load_state_dict(loaded.state_dict())
+            state = load_training_state(state_dir, optimizer, scheduler)
+            if state.get("n_items") != len(self.items) or state.get("config") != dataclasses.asdict(cfg):
+                raise CheckpointError(f"{state_dir} was saved by a run with other data or settings; resume with "
+                                      f"the same command, or start a fresh --out")
+            step, micro, losses = state["step"], state["micro"], state.get("losses", [])
+        order = self.schedule()[: total * cfg.grad_accum]
+        summary = trainable_summary(self.mapper, self.model, getattr(self.image_encoder, "model", None))
+        started = time.perf_counter()
+        bar = tqdm(total=len(order), initial=micro, desc="train gemel mapper", unit=" ex", disable=not self.progress)
+        running = []
+        epoch_sums: dict[int, list[float]] = {}
+        optimizer.zero_grad(set_to_none=True)
+        while micro < len(order):
+            loss = self.step_loss(self.items[order[micro]])
+            (loss / cfg.grad_accum).backward()
+            running.append(float(loss.detach()))
+            acc = epoch_sums.setdefault(micro // len(self.items), [0.0, 0])
+            acc[0] += running[-1]
+            acc[1] += 1
+            micro += 1
+            bar.update(1)
+            if micro % cfg.grad_accum == 0 or micro == len(order):
+                torch.nn.utils.clip_grad_norm_(self.mapper.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                losses.append(sum(running) / len(running))
+                running = []
+                bar.set_postfix(step=f"{step}/{total}", loss=f"{losses[-1]:.4f}")
+                if step % cfg.save_every == 0 and micro < len(order):
+                    self._save(step, losses, summary, command, final=False)
+                    save_training_state(state_dir, optimizer, scheduler,
+                                        {"step": step, "micro": micro, "losses": losses, "n_items": len(self.items),
+                                         "config": dataclasses.asdict(cfg)})
+        bar.close()
+        self.epoch_losses = {e: round(v[0] / v[1], 4) for e, v in sorted(epoch_sums.items())}
+        result = {"steps": step, "micro_steps": micro, "losses": losses, "epoch_mean_loss": self.epoch_losses,
+                  "seconds": round(time.perf_counter() - started, 1),
+                  **summary, "data": self.data_report}
+        self._save(step, losses, summary, command, final=True)
+        if not keep_state:
+            shutil.rmtree(state_dir, ignore_errors=True)
+        else:
+            save_training_state(state_dir, optimizer, scheduler,
+                                {"step": step, "micro": micro, "losses": losses, "n_items": len(self.items),
+                                 "config": dataclasses.asdict(cfg)})
+        return result
+
+    def _save(self, step: int, losses: list[float], summary: dict, command: str, final: bool) -> None:
+        extra = {"training": {"command": command, "recipe": dataclasses.asdict(self.config), "optimizer_steps": step,
+                              "finished": final, "loss_first_step": losses[0] if losses else None,
+                              "loss_last_step": losses[-1] if losses else None,
+                              "epoch_mean_loss": getattr(self, "epoch_losses", None), "data": self.data_report,
+                              "trainable_parameters": summary["trainable"],
+                              "trainable_fraction": round(summary["trainable_fraction"], 6)},
+                 "preset": getattr(self.preset, "name", "")}
+        self.mapper.save_pretrained(self.out, extra=extra)
+
+
+def evaluate_mapper(out: str | Path, kb, preset, examples: list[Example], pool_examples: list[Example],
+                    n_demos: int, progress: bool = True) -> dict:
+    """Dev accuracy (= Hits@1, whole-KB trie) of GEMEL with the trained mapper; recorded in config.json."""
+    from ..evaluate import evaluate
+    from .linker import GemelLinker
+    linker = GemelLinker(kb, preset, mapper=str(out), pool=pool_examples, n_demos=n_demos)
+    report = evaluate(linker, examples, progress=progress)
+    with_image = [ex for ex in examples if ex.mention.image]
+    return {"accuracy": report["hits@1"], "hits@5": report["hits@5"], "n": report["n"], "kb_size": report["kb_size"],
+            "n_with_image": len(with_image), "latency_ms_p50": report["latency_ms_p50"]}
+
+
+def _update_config(out, key: str, value: dict) -> None:
+    """Add a fact (dev accuracy, fit report) to the mapper's config.json."""
+    config_file = Path(out) / "config.json"
+    payload = json.loads(config_file.read_text())
+    payload[key] = value
+    config_file.write_text(json.dumps(payload, indent=2, ensure_ascii=False))
+
+
+# -- CLI -----------------------------------------------------------------------------------------
+def add_arguments(p) -> None:
+    p.add_argument("--format", required=True, help="dataset format (wikimel, richpedia, wikidiverse, mimic, gemel, jsonl)")
+    p.add_argument("--data", required=True, help="dataset directory")
+    p.add_argument("--split", default="train")
+    p.add_argument("--kb", required=True, help="the KB built from the dataset (`python -m mel kb build`)")
+    p.add_argument("--out", required=True, help="directory for the mapper (config.json + model.safetensors)")
+    p.add_argument("--preset", default="auto")
+    p.add_argument("--device", default=None)
+    d = TrainConfig()
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
+    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--n-demos", type=int, default=4, help="demonstrations per prompt (paper: 16)")
+    p.add_argument("--retrieval", choices=("mention", "multimodal"), default="mention")
+    p.add_argument("--n-image-tokens", type=int, default=4)
+    p.add_argument("--examples", choices=EXAMPLE_CHOICES, default="with-image")
+    p.add_argument("--limit", type=int, default=None, help="only the first N examples of the split")
+    p.add_argument("--init", default=None, help="start from this mapper directory")
+    p.add_argument("--save-every", type=int, default=50, help="optimizer steps between checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--keep-state", action="store_true", help="keep OUT.trainer_state after the run")
+    p.add_argument("--eval-split", default="dev", help="split for the dev accuracy written to config.json")
+    p.add_argument("--eval-limit", type=int, default=0, help="dev examples to evaluate after training (0: none)")
+    p.add_argument("--fit-report", action="store_true", help="after training, compare the mean answer loss on the "
+                   "training items: trained mapper, its initialisation, no visual tokens (3 more passes)")
+    p.add_argument("--quiet", action="store_true")
+
+
+def run(args) -> None:
+    from ..datasets import load_dataset
+    from ..kb import KnowledgeBase
+    from ..presets import get_preset
+    preset = get_preset(args.preset, device=args.device)
+    if preset.reason:
+        print(f"[mel] {preset.reason}", file=sys.stderr)
+    kb = KnowledgeBase(args.kb)
+    split = load_dataset(args.format, args.data, args.split)
+    examples = split.examples[: args.limit] if args.limit else split.examples
+    config = GemelTrainConfig(lr=args.lr, epochs=args.epochs, grad_accum=args.grad_accum, weight_decay=args.weight_decay,
+                              warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm, seed=args.seed,
+                              max_steps=args.max_steps, n_demos=args.n_demos, retrieval=args.retrieval,
+                              n_image_tokens=args.n_image_tokens, examples=args.examples, save_every=args.save_every)
+    command = "python -m mel " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith(("mel", "__main__.py")) else ""
+    trainer = MapperTrainer(examples, kb, preset, args.out, config, init=args.init, progress=not args.quiet)
+    print(f"[mel] {len(trainer.items)} training examples ({json.dumps(trainer.data_report)}); "
+          f"{trainer.total_steps()} optimizer steps", file=sys.stderr)
+    result = trainer.run(resume=args.resume, keep_state=args.keep_state, command=command)
+    print(f"trained {args.out}: {result['steps']} optimizer steps in {result['seconds']} s; loss "
+          f"{result['losses'][0]:.4f} -> {result['losses'][-1]:.4f}; trainable {result['trainable']:,} of "
+          f"{result['total']:,} parameters ({100 * result['trainable_fraction']:.2f}%)")
+    if args.fit_report:
+        fit = trainer.fit_report()
+        _update_config(args.out, "fit", fit)
+        print("fit on the training items (mean answer loss): " + ", ".join(
+            f"{k[len('mean_loss_'):]} {v}" for k, v in fit.items() if k.startswith("mean_loss_")))
+    if args.eval_limit:
+        dev = load_dataset(args.format, args.data, args.eval_split).examples[: args.eval_limit]
+        scores = evaluate_mapper(args.out, kb, preset, dev, examples, config.n_demos, progress=not args.quiet)
+        _update_config(args.out, "dev", {"split": args.eval_split, "format": args.format, **scores})
+        print(f"dev ({args.eval_split}, n={scores['n']}, KB {scores['kb_size']:,}): accuracy {scores['accuracy']:.4f}")
