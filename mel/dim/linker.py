@@ -12,14 +12,13 @@ are inflated and every result says which protocol produced it (`details["protoco
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import CheckpointError, InputError, KBError
-from ..linkers.base import Linker, Stopwatch
+from ..linkers.base import BatchLinker, Stopwatch
 from ..training import load_pretrained_dir
 from ..types import Candidate, LinkResult, Mention
 from .candidates import CandidateConfig, CandidateGenerator, CandidatePool, load_candidate_lists
@@ -60,7 +59,7 @@ def load_head(path: str | Path, device: str = "cpu") -> tuple[DimFusion, dict]:
     return model.to(device).eval(), payload
 
 
-class DimLinker(Linker):
+class DimLinker(BatchLinker):
     name = "dim"
 
     def __init__(self, kb, preset, checkpoint: str | Path | None = None, protocol: str = "whole-kb",
@@ -108,18 +107,6 @@ class DimLinker(Linker):
         return {"text_encoder": self.preset.text_encoder, "image_encoder": self.preset.image_encoder,
                 "cue": self.preset.cue, "fusion_head": str(self.checkpoint)}
 
-    def link(self, mention: Mention, k: int = 20):
-        return next(self.pipe([mention], k=k, batch_size=1))
-
-    def pipe(self, mentions: Iterable[Mention], k: int = 20, batch_size: int = 64) -> Iterator:
-        batch: list[Mention] = []
-        for mention in mentions:
-            batch.append(mention)
-            if len(batch) == batch_size:
-                yield from self._link_batch(batch, k)
-                batch = []
-        if batch:
-            yield from self._link_batch(batch, k)
 
     # -- one batch ---------------------------------------------------------------------------------
     def _pools_from_lists(self, mentions: list[Mention], feats) -> list[CandidatePool]:

@@ -40,6 +40,26 @@ class Linker:
             preset=getattr(self.preset, "name", ""), models=self.models(), details=details or {})
 
 
+class BatchLinker(Linker):
+    """A linker that works a batch at a time: subclasses implement `_link_batch(mentions, k)`."""
+
+    def link(self, mention: Mention, k: int = 20) -> LinkResult:
+        return next(self.pipe([mention], k=k, batch_size=1))
+
+    def pipe(self, mentions: Iterable[Mention], k: int = 20, batch_size: int = 64) -> Iterator[LinkResult]:
+        batch: list[Mention] = []
+        for mention in mentions:
+            batch.append(mention)
+            if len(batch) == batch_size:
+                yield from self._link_batch(batch, k)
+                batch = []
+        if batch:
+            yield from self._link_batch(batch, k)
+
+    def _link_batch(self, mentions: list[Mention], k: int) -> Iterator[LinkResult]:
+        raise NotImplementedError
+
+
 class Stopwatch:
     """Named stage timings in milliseconds: `with sw("encode"): ...`; `sw.timings` at the end."""
 

@@ -12,10 +12,9 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-from collections.abc import Iterable, Iterator
 
 from ..types import Mention
-from .base import Linker, Stopwatch
+from .base import BatchLinker, Linker, Stopwatch
 
 
 def _words(text: str) -> set[str]:
@@ -56,7 +55,7 @@ class BM25Linker(Linker):
         return self.result(mention, ranked, source="bm25", timings=sw.total())
 
 
-class DenseLinker(Linker):
+class DenseLinker(BatchLinker):
     """`query="mention"` embeds the mention string; `"mention+caption"` adds the caption."""
 
     name = "dense"
@@ -81,18 +80,6 @@ class DenseLinker(Linker):
     def query_text(self, mention: Mention) -> str:
         return mention.text if self.query == "mention" else f"{mention.text}. {mention.caption}"
 
-    def link(self, mention: Mention, k: int = 20):
-        return next(self.pipe([mention], k=k, batch_size=1))
-
-    def pipe(self, mentions: Iterable[Mention], k: int = 20, batch_size: int = 64) -> Iterator:
-        batch: list[Mention] = []
-        for mention in mentions:
-            batch.append(mention)
-            if len(batch) == batch_size:
-                yield from self._link_batch(batch, k)
-                batch = []
-        if batch:
-            yield from self._link_batch(batch, k)
 
     def _link_batch(self, mentions: list[Mention], k: int):
         t0 = time.perf_counter()
