@@ -123,8 +123,9 @@ def tune_fusion(kb, preset, data: str, fmt: str, n: int, n_demos: int, seed: int
                 continue
             fused = w * _log_softmax(np.array([c[1] for c in cands]))
             for col, t in ((2, tb), (3, td)):
-                if source in ("hybrid", "bm25" if col == 2 else "dense"):
-                    present = [c[col] for c in cands if c[col] is not None]
+                present = [c[col] for c in cands if c[col] is not None]
+                if present and source in ("hybrid", "bm25" if col == 2 else "dense"):
+                    # as in GemelLinker._fuse: absent from a retriever's top_k -> its lowest score
                     fused = fused + _log_softmax(np.array([c[col] if c[col] is not None else min(present)
                                                            for c in cands]) / t)
             hits += cands[int(np.argmax(fused))][0] == gold
