@@ -135,15 +135,17 @@ def tune_fusion(kb, preset, data: str, fmt: str, n: int, n_demos: int, seed: int
     for source in ("bm25", "dense", "hybrid"):
         grid = []
         for w, tb, td in itertools.product(*GRID.values()):
-            if (source == "bm25" and td != GRID["temperature_dense"][0]) or (source == "dense" and tb != GRID["temperature_bm25"][0]):
+            unused = (source == "bm25" and td != GRID["temperature_dense"][0]) or \
+                     (source == "dense" and tb != GRID["temperature_bm25"][0])
+            if unused:
                 continue  # that temperature plays no part for this source
-            grid.append({"llm_weight": w, "temperature_bm25": tb, "temperature_dense": td, "accuracy": accuracy(source, w, tb, td)})
+            grid.append({"llm_weight": w, "temperature_bm25": tb, "temperature_dense": td,
+                         "accuracy": accuracy(source, w, tb, td)})
         best = max(grid, key=lambda g: g["accuracy"])
-        out["sources"][source] = {"retriever_only": accuracy(source, 0.0, FUSION_DEFAULTS["temperature_bm25"],
-                                                              FUSION_DEFAULTS["temperature_dense"]),
+        t_bm25, t_dense = FUSION_DEFAULTS["temperature_bm25"], FUSION_DEFAULTS["temperature_dense"]
+        out["sources"][source] = {"retriever_only": accuracy(source, 0.0, t_bm25, t_dense),
                                   "llm_only": accuracy(source, 1.0, 1e9, 1e9),
-                                  "defaults": accuracy(source, FUSION_DEFAULTS["llm_weight"],
-                                                       FUSION_DEFAULTS["temperature_bm25"], FUSION_DEFAULTS["temperature_dense"]),
+                                  "defaults": accuracy(source, FUSION_DEFAULTS["llm_weight"], t_bm25, t_dense),
                                   "best": best, "grid": grid}
         s = out["sources"][source]
         print(f"  {source:<7} retriever alone {s['retriever_only']:.4f}, LLM alone {s['llm_only']:.4f}, fused with the "

@@ -8,7 +8,6 @@ packaged SmolLM2 checks real behaviour on a tiny KB.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 
 import numpy as np
@@ -120,7 +119,7 @@ class StubPreset(Preset):
 _SHARED: dict = {}
 
 
-def _preset(llm_spec: str) -> TestPreset:
+def _preset(llm_spec: str) -> "StubPreset":
     return StubPreset("test", image_encoder="test-pixels", text_encoder="test-hashing", mention_encoder="test-hashing",
                       llm=llm_spec, cue="none")
 
@@ -451,8 +450,10 @@ def test_training_lowers_the_loss_and_resumes(tiny, kb, tmp_path, images):
     with pytest.raises(KeyboardInterrupt):
         interrupted.run(command="test")
     assert (tmp_path / "cut.trainer_state" / "state.json").exists()
+    (tmp_path / "cut" / "README.md").write_text("notes")  # survives the checkpoint rewrites
     resumed = MapperTrainer(examples, kb, preset, tmp_path / "cut", config, progress=False)
     again = resumed.run(resume=True, command="test")
+    assert (tmp_path / "cut" / "README.md").read_text() == "notes"
     assert again["steps"] == result["steps"]
     cut, _ = FeatureMapper.from_pretrained(tmp_path / "cut")
     for (name, a), (_, b) in zip(full.state_dict().items(), cut.state_dict().items()):

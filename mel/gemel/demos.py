@@ -88,9 +88,8 @@ class DemonstrationPool:
     def embed(self, mentions: list[Mention]) -> np.ndarray:
         """Retrieval keys (n, dim), L2-normalised."""
         texts = [_key_text(m, self.key) for m in mentions]
-        text = np.asarray(self.encoder.encode(texts, batch_size=128, show_progress=self.progress and len(texts) > 512)
-                          if _accepts_progress(self.encoder) else self.encoder.encode(texts, batch_size=128),
-                          dtype=np.float32)
+        kwargs = {"show_progress": self.progress and len(texts) > 512} if _accepts_progress(self.encoder) else {}
+        text = np.asarray(self.encoder.encode(texts, batch_size=128, **kwargs), dtype=np.float32)
         if self.image_encoder is None:
             return text
         image = np.zeros((len(mentions), self.image_encoder.dim), np.float32)

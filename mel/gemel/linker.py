@@ -33,8 +33,8 @@ Options (all keyword arguments of GemelLinker):
                   where p_LLM is the sequence probability of the name + EOS renormalised over the
                   candidates, and a candidate missing from a retriever's top_k gets that retriever's
                   lowest score. Both scores are shown side by side in `details["scores"]`. Defaults
-                  (llm_weight, temperature_bm25, temperature_dense, temperature_dim) were chosen on the
-                  WikiMEL *train* split, never on dev.
+                  (llm_weight, temperature_bm25, temperature_dense) were chosen on the WikiMEL *train*
+                  split, never on dev; temperature_dim is 1 because DIM's scores are softmax logits.
   num_beams, max_new_tokens, length_penalty   decoding (paper: 5 beams, 32 tokens). length_penalty
                   defaults to 0.0: names are ranked by their sequence log-probability. Hugging Face's
                   generate() (the paper's code) divides by length (1.0), which favours long names whose
@@ -85,7 +85,9 @@ TIE_BREAK_RULE = ("gold of the most similar retrieved demonstration, then most c
 CANDIDATE_SOURCES = ("dense", "bm25", "hybrid", "dim")
 # product-of-experts defaults: the best grid point on 200 random WikiMEL *train* mentions
 # (`python bench/bench_gemel.py --tune 200`, query excluded from its demonstrations), never on dev
-FUSION_DEFAULTS = {"llm_weight": 0.25, "temperature_bm25": 1.0, "temperature_dense": 0.02, "temperature_dim": 0.02}
+# DIM's scores are already logits of a softmax over candidates (its N-pair loss), so its temperature is
+# 1 (not tuned); BM25 scores and cosines have no such scale, hence their tuned temperatures.
+FUSION_DEFAULTS = {"llm_weight": 0.25, "temperature_bm25": 1.0, "temperature_dense": 0.02, "temperature_dim": 1.0}
 IMAGE_CACHE_SIZE = 512
 
 

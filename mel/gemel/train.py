@@ -290,7 +290,11 @@ class MapperTrainer:
                               "trainable_parameters": summary["trainable"],
                               "trainable_fraction": round(summary["trainable_fraction"], 6)},
                  "preset": getattr(self.preset, "name", "")}
+        # save_pretrained_dir replaces the directory atomically: carry notes (README.md) over
+        notes = {f.name: f.read_text() for f in self.out.glob("*.md")} if self.out.is_dir() else {}
         self.mapper.save_pretrained(self.out, extra=extra)
+        for name, text in notes.items():
+            (self.out / name).write_text(text)
 
 
 def evaluate_mapper(out: str | Path, kb, preset, examples: list[Example], pool_examples: list[Example],
