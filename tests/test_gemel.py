@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from mel.errors import CheckpointError, InputError, KBError
-from mel.gemel.decode import DecodeConfig, beam_search, score_groups
+from mel.gemel.decode import DecodeConfig, FreeVocabulary, beam_search, score_groups
 from mel.gemel.demos import DemonstrationPool
 from mel.gemel.linker import GemelLinker
 from mel.gemel.mapper import FeatureMapper, MapperConfig
@@ -289,6 +289,26 @@ def test_beam_search_only_writes_kb_names(tiny, kb):
     assert abs(hyps[0].logprob) >= 0 and len(ranked) == trie.n_groups
 
 
+def test_free_generation_may_leave_the_kb_and_says_so(tiny, kb):
+    """The ablation without the trie: a random model writes arbitrary text, which is no KB name."""
+    _, preset, llm = tiny
+    free = FreeVocabulary(llm.tokenizer)
+    assert free.stop[llm.tokenizer.eos_token_id] and free.allowed(free.ROOT) is None
+    torch.manual_seed(0)
+    hyps, _ = beam_search(llm.model, free, torch.randn(1, 12, llm.hidden_size), DecodeConfig(num_beams=3, max_new_tokens=6))
+    assert all(free.group_at(free.step(0, h.tokens[-1])) == 0 for h in hyps)  # finished at a stop token
+    linker = GemelLinker(kb, preset, mapper="none", constrained=False, trie_cache=False)
+    assert linker.name == "gemel-free"
+    r = linker.link(Mention.from_text("Collins waves to the crowd", "Collins"))
+    assert r.details["mode"] == "free generation (no trie)"
+    names = {e.name for e in ENTITIES}
+    assert r.details["not_a_kb_name"] == (r.details.get("generated") not in names)
+    if r.details["not_a_kb_name"]:
+        assert r.prediction is None and not r.candidates
+    with pytest.raises(InputError, match="free generation"):
+        GemelLinker(kb, preset, mapper="none", constrained=False, candidates="dense")
+
+
 def test_linker_links_to_kb_entities_and_reports(tiny, kb, tmp_path, images):
     _, preset, llm = tiny
     linker = GemelLinker(kb, preset, pool=_examples(images), n_demos=3, mapper=_mapper_dir(tmp_path, llm),
@@ -484,6 +504,11 @@ def test_smollm2_links_a_mention_sensibly(tmp_path, hashing_encoder):
     assert r.prediction.id in ("Q2", "Q8") and r.prediction.name == "Phil Collins", r.details["beams"]
     assert r.details["ambiguity"]["name"] == "Phil Collins"  # Q2 and Q8 share the name
     assert r.prediction.id == "Q2"  # tie-break: the gold of the retrieved demonstration
+    # without the trie the same model writes the name freely; exact name match maps it to the KB
+    free = GemelLinker(kb, preset, pool=pool, n_demos=3, mapper="none", constrained=False)
+    r = free.link(Mention.from_text("Barack Obama signs the bill at the White House", "Barack Obama"))
+    assert r.details["generated"] == "Barack Obama" and r.prediction.id == "Q4", r.details["beams"]
+    assert r.details["not_a_kb_name"] is False
 
 
 @pytest.mark.slow

@@ -7,6 +7,8 @@ beam_search   the paper's decoding: beam search (5 beams, up to 32 new tokens) w
               `generate(num_beams=..)`: the best 2 x beams continuations are considered in order,
               a finished name is kept only if it ranks within the top `num_beams`, and the search
               stops when no live beam can beat the worst of `num_beams` finished names.
+FreeVocabulary  the ablation without the trie: any token, a name ends at EOS or at a token that
+              holds a newline (the prompt's answer separator); the output need not be a KB name.
 score_groups  exhaustive ranking of a small set of names (candidate mode): the log-likelihood of
               each name + EOS given the prompt, computed for all of them in one batched pass over
               the shared prompt cache. This is what a perfect beam search over that set would find.
@@ -23,8 +25,10 @@ import inspect
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
+from .prompt import eos_id
 from .trie import TokenTrie
 
 
@@ -41,6 +45,31 @@ class Hypothesis:
     logprob: float     # sequence log-probability
     score: float       # ranking score: logprob / len(tokens) ** length_penalty
     group: int         # trie name group (-> name and entities)
+
+
+class FreeVocabulary:
+    """Stand-in for a TokenTrie that allows every token (free generation, for the ablation).
+
+    Same interface as TokenTrie for beam_search: `allowed(node)` is None (all tokens), `step` goes to
+    FINISHED on a stop token (EOS, or a token whose text holds a newline) and `group_at(FINISHED)` is 0.
+    """
+    ROOT, FINISHED = 0, 1
+
+    def __init__(self, tokenizer):
+        self.eos = eos_id(tokenizer)
+        vocab = tokenizer.get_vocab()
+        stops = {self.eos} | {i for tok, i in vocab.items() if "\n" in tokenizer.convert_tokens_to_string([tok])}
+        self.stop = np.zeros(max(max(vocab.values()) + 1, len(tokenizer)), dtype=bool)
+        self.stop[list(stops)] = True
+
+    def allowed(self, node: int):
+        return None
+
+    def step(self, node: int, token: int) -> int:
+        return self.FINISHED if token >= len(self.stop) or self.stop[token] else self.ROOT
+
+    def group_at(self, node: int) -> int:
+        return 0 if node == self.FINISHED else -1
 
 
 @dataclass
@@ -80,7 +109,7 @@ def prefill(model, inputs_embeds: torch.Tensor):
 
 
 @torch.inference_mode()
-def beam_search(model, trie: TokenTrie, inputs_embeds: torch.Tensor, config: DecodeConfig | None = None,
+def beam_search(model, trie: TokenTrie | FreeVocabulary, inputs_embeds: torch.Tensor, config: DecodeConfig | None = None,
                 ) -> tuple[list[Hypothesis], DecodeStats]:
     """Finished hypotheses, best first (at most `num_beams`), and timing statistics."""
     config = config or DecodeConfig()
@@ -91,12 +120,16 @@ def beam_search(model, trie: TokenTrie, inputs_embeds: torch.Tensor, config: Dec
     stats.prefill_ms = (t1 - t0) * 1000
     device = inputs_embeds.device
     n_beams = config.num_beams
-    beams: list[tuple[float, list[int], int]] = [(0.0, [], TokenTrie.ROOT)]  # (logprob, tokens, node)
+    beams: list[tuple[float, list[int], int]] = [(0.0, [], trie.ROOT)]  # (logprob, tokens, node)
     finished: list[Hypothesis] = []
     for step in range(config.max_new_tokens):
         candidates: list[tuple[float, int, int]] = []  # (logprob, beam, token)
         for b, (lp, _, node) in enumerate(beams):
             allowed = trie.allowed(node)
+            if allowed is None:  # free generation: the whole vocabulary
+                top = torch.topk(logp[b], 2 * n_beams)
+                candidates += [(lp + s, b, int(j)) for s, j in zip(top.values.tolist(), top.indices.tolist())]
+                continue
             if len(allowed) == 0:
                 continue
             scores = logp[b, torch.from_numpy(allowed).to(device)]

@@ -35,6 +35,10 @@ Options (all keyword arguments of GemelLinker):
                   lowest score. Both scores are shown side by side in `details["scores"]`. Defaults
                   (llm_weight, temperature_bm25, temperature_dense) were chosen on the WikiMEL *train*
                   split, never on dev; temperature_dim is 1 because DIM's scores are softmax logits.
+  constrained     whole-KB mode only (default True, the paper). False: the ablation without the trie,
+                  free beam search over the whole vocabulary until EOS or a newline; the text is
+                  mapped to entities by exact (normalised) name or alias match, and an output that is
+                  no KB name is a miss (NIL, `details["not_a_kb_name"]`).
   num_beams, max_new_tokens, length_penalty   decoding (paper: 5 beams, 32 tokens). length_penalty
                   defaults to 0.0: names are ranked by their sequence log-probability. Hugging Face's
                   generate() (the paper's code) divides by length (1.0), which favours long names whose
@@ -71,7 +75,7 @@ import torch
 from ..errors import CheckpointError, InputError, KBError, MELError
 from ..linkers.base import Linker, Stopwatch
 from ..types import Candidate, Example, LinkResult, Mention
-from .decode import DecodeConfig, Hypothesis, beam_search, score_groups
+from .decode import DecodeConfig, FreeVocabulary, Hypothesis, beam_search, score_groups
 from .demos import Demonstration, DemonstrationPool, load_pool_examples
 from .mapper import FeatureMapper
 from .prompt import PromptBuilder, Segment, embed_prompt
@@ -161,7 +165,7 @@ class GemelLinker(Linker):
     def __init__(self, kb, preset, *, mapper=None, pool=None, pool_format: str | None = None,
                  pool_data: str | None = None, pool_split: str = "train", n_demos: int = 4,
                  retrieval: str = "mention", candidates: str | None = None, top_k: int = 20, rank: str | None = None,
-                 num_beams: int = 5, max_new_tokens: int = 32, length_penalty: float = 0.0,
+                 num_beams: int = 5, max_new_tokens: int = 32, length_penalty: float = 0.0, constrained: bool = True,
                  max_caption_chars: int | None = 500, use_images: bool = True, trie_cache: bool = True,
                  fuse: bool | None = None, llm_weight: float = FUSION_DEFAULTS["llm_weight"],
                  temperature_bm25: float = FUSION_DEFAULTS["temperature_bm25"],
@@ -201,6 +205,10 @@ class GemelLinker(Linker):
                              "dim": float(temperature_dim)}
         if any(t <= 0 for t in self.temperatures.values()):
             raise InputError(f"fusion temperatures must be positive, got {self.temperatures}")
+        self.constrained = bool(constrained)
+        if not self.constrained and candidates:
+            raise InputError("constrained=False (free generation) is the whole-KB ablation; with candidates=... the "
+                             "output is always one of the candidates")
         self.decode_config = DecodeConfig(num_beams=int(num_beams), max_new_tokens=int(max_new_tokens),
                                           length_penalty=float(length_penalty))
         if candidates:
@@ -227,9 +235,12 @@ class GemelLinker(Linker):
         self.pool, self.pool_description = self._make_pool(pool, pool_format, pool_data, pool_split, retrieval, progress)
         self._answers: dict[str, str] = {}
 
-        self.trie: TokenTrie | None = None
+        self.trie: TokenTrie | FreeVocabulary | None = None
         self.retrievers: dict = {}
-        if candidates is None:
+        if candidates is None and not self.constrained:
+            self.trie = FreeVocabulary(self.tokenizer)
+            self.name = "gemel-free"
+        elif candidates is None:
             self.trie = kb_trie(kb, self.tokenizer, use_cache=trie_cache)
         else:
             from ..linkers import build_linker
@@ -301,7 +312,9 @@ class GemelLinker(Linker):
             raise InputError(f"link() takes a Mention, got {type(mention).__name__}; build one with "
                              f"Mention.from_text(caption, mention, image=...)")
         sw = Stopwatch()
-        details: dict = {"mode": "whole-KB trie" if self.candidates is None else f"{self.candidates} top-{self.top_k}",
+        mode = ("whole-KB trie" if self.constrained else "free generation (no trie)") if self.candidates is None \
+            else f"{self.candidates} top-{self.top_k}"
+        details: dict = {"mode": mode,
                          "ranking": (f"constrained beam search ({self.decode_config.num_beams} beams)"
                                      if self.rank == "beam" else "every candidate by LLM log-likelihood")
                          + (", fused with the retriever scores" if self.fuse else ""),
@@ -354,7 +367,14 @@ class GemelLinker(Linker):
                 ambiguity = self._fused_ambiguity(ranked)
         details["beams" if self.rank == "beam" else "llm_ranking"] = beams
         details["ambiguity"] = ambiguity
-        if hyps:  # the LLM's own first choice (with fusion, the prediction may differ)
+        if isinstance(trie, FreeVocabulary):  # the first output decides: a non-KB text is a miss, not skipped
+            details["not_a_kb_name"] = not hyps or beams[0].get("not_a_kb_name", False)
+            if details["not_a_kb_name"]:
+                ranked = []
+        if hyps and isinstance(trie, FreeVocabulary):
+            details["generated"] = self._free_text(hyps[0])
+            details["logprob"] = round(hyps[0].logprob, 4)
+        elif hyps:  # the LLM's own first choice (with fusion, the prediction may differ)
             details["generated"] = self.tokenizer.decode(hyps[0].tokens[:-1])
             details["logprob"] = round(hyps[0].logprob, 4)
         else:
@@ -415,17 +435,29 @@ class GemelLinker(Linker):
             return "the mention has no image: its segment has no visual tokens"
         return f"{self.mapper.n_tokens} visual tokens from the image"
 
-    def _map(self, hyps: list[Hypothesis], trie: TokenTrie, mention: Mention, demos: list[Demonstration]):
+    def _free_text(self, h: Hypothesis) -> str:
+        return self.tokenizer.decode(h.tokens, skip_special_tokens=True).split("\n")[0].strip()
+
+    def _map(self, hyps: list[Hypothesis], trie, mention: Mention, demos: list[Demonstration]):
         ranked, beams, ambiguity = [], [], None
+        free = isinstance(trie, FreeVocabulary)
         for h in hyps:
-            idxs = trie.entities(h.group)
+            name = self._free_text(h) if free else trie.name(h.group)
+            if free:  # free generation: the text names an entity only if it equals a KB name or alias
+                idxs = list(dict.fromkeys(idx for idx, _ in self.kb.lookup_name(name)))
+                if not idxs:
+                    beams.append({"name": name, "logprob": round(h.logprob, 4), "score": round(h.score, 4),
+                                  "entity_ids": [], "not_a_kb_name": True})
+                    continue
+            else:
+                idxs = trie.entities(h.group)
             entities = self.kb.entities_at(idxs)
             if len(entities) > 1:
                 entities = self.tie_break(entities, mention, demos)
                 if ambiguity is None and not ranked:  # the prediction's name is ambiguous
-                    ambiguity = {"name": trie.name(h.group), "entity_ids": [e.id for e in entities],
+                    ambiguity = {"name": name, "entity_ids": [e.id for e in entities],
                                  "chosen": entities[0].id, "rule": TIE_BREAK_RULE}
-            beams.append({"name": trie.name(h.group), "logprob": round(h.logprob, 4), "score": round(h.score, 4),
+            beams.append({"name": name, "logprob": round(h.logprob, 4), "score": round(h.score, 4),
                           "entity_ids": [e.id for e in entities]})
             ranked += [(e, h.score) for e in entities]
         return ranked, beams, ambiguity
