@@ -34,22 +34,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from mel.bench import parse_linker  # noqa: E402
+
 STAGES = ("retrieve", "candidates", "image", "prompt", "prefill", "decode", "map")
 DEFAULT_LINKERS = "gemel gemel+dense gemel:candidates=bm25 bm25 dense"
 GRID = {"llm_weight": (0.25, 0.5, 1.0, 2.0), "temperature_bm25": (1.0, 2.0, 5.0), "temperature_dense": (0.02, 0.05, 0.1)}
-
-
-def parse_linker(spec: str) -> tuple[str, dict]:
-    """`gemel:candidates=bm25,top_k=10` -> ("gemel", {"candidates": "bm25", "top_k": 10})."""
-    name, _, opts = spec.partition(":")
-    options = {}
-    for item in filter(None, opts.split(",")):
-        key, _, value = item.partition("=")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return name, options
 
 
 def bench_latency(kb, preset, examples, pool_data, pool_format, n: int, n_demos: int, linker_name: str = "gemel") -> dict:

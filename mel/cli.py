@@ -59,20 +59,10 @@ def cmd_data_info(args):
 
 # -- kb -----------------------------------------------------------------------------------------
 def cmd_kb_build(args):
-    from .datasets import read_kb_entities
-    from .kb import build_kb
-    entities = read_kb_entities(args.format, args.source)
-    if args.limit:
-        import itertools
-        entities = itertools.islice(entities, args.limit)
-    text_encoder = image_encoder = None
-    if not args.no_dense:
-        preset = _preset(args)
-        text_encoder = preset.backend("text_encoder")
-        if not args.no_images:
-            image_encoder = preset.backend("image_encoder")
-    kb = build_kb(entities, args.out, text_encoder=text_encoder, image_encoder=image_encoder,
-                  source_format=args.format, batch_size=args.batch_size, progress=not args.quiet)
+    from .kb import build_dataset_kb
+    kb = build_dataset_kb(args.format, args.source, args.out, preset=None if args.no_dense else _preset(args),
+                          images=not args.no_images, limit=args.limit, batch_size=args.batch_size,
+                          progress=not args.quiet)
     info = kb.info()
     print(f"built {args.out}: {info['n_entities']:,} entities, {info['n_aliases']:,} names/aliases, "
           f"{info['n_entity_images']} entity images, text encoder {info['text_encoder']}, "
@@ -105,9 +95,17 @@ def cmd_kb_search(args):
 
 # -- link / eval --------------------------------------------------------------------------------
 def cmd_link(args):
+    from .imageio import load_image
     from .kb import KnowledgeBase
     from .linkers import build_linker
-    from .types import Mention
+    from .types import Mention, check_caption, check_typed_text
+    check_caption(args.caption)
+    check_typed_text(args.caption, "caption")
+    check_typed_text(args.mention or "", "mention")
+    if (args.start is None) != (args.end is None):
+        raise MELError("give both --start and --end (character offsets of the mention), or --mention TEXT")
+    if args.image:
+        load_image(args.image)  # a missing, non-image, corrupt or oversized file is refused here, for every linker
     kb = KnowledgeBase(args.kb)
     if args.start is not None and args.end is not None:
         mention = Mention(args.caption, args.start, args.end, image=args.image)

@@ -70,6 +70,14 @@ class DenseIndex:
     def __len__(self) -> int:
         return len(self.vectors)
 
+    def memory_bytes(self) -> int:
+        """Bytes this index holds: the vectors and ids (kept for saving and exact re-scoring) plus the
+        FAISS structure (its serialised size, which for flat/IVF includes another copy of the vectors)."""
+        size = self.vectors.nbytes + self.ids.nbytes
+        if self._faiss_index is not None:
+            size += int(_import_faiss().serialize_index(self._faiss_index).nbytes)
+        return size
+
     @property
     def dim(self) -> int:
         return self.vectors.shape[1]

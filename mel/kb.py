@@ -31,6 +31,7 @@ from .types import Entity
 SCHEMA_VERSION = 1
 BM25_WEIGHTS = (10.0, 5.0, 1.0)  # name, aliases, description: a name hit matters most
 ENTITY_TEXT_MAX_CHARS = 400      # keeps embedding fast; names and the first facts carry the signal
+LOCK_WAIT_S = 5.0                # how long a read waits for another process's write lock before KBError
 
 
 def normalize_name(text: str) -> str:
@@ -78,7 +79,7 @@ class KnowledgeBase:
         db = getattr(self._local, "db", None)
         if db is None:
             uri = f"file:{urllib.parse.quote(str(self.path.resolve()))}?mode=ro"
-            conn = sqlite3.connect(uri, uri=True, timeout=5.0, check_same_thread=False)
+            conn = sqlite3.connect(uri, uri=True, timeout=LOCK_WAIT_S, check_same_thread=False)
             db = self._local.db = sqlite_utils.Database(conn)
         return db
 
@@ -306,3 +307,19 @@ def _encode_entity_images(image_encoder, images: list[tuple[int, str]], progress
     if not loaded:
         return np.zeros((0, image_encoder.dim), np.float32), np.zeros(0, np.int64)
     return image_encoder.encode(loaded), np.asarray(ids, np.int64)
+
+
+def build_dataset_kb(format: str, source: str | Path, out: str | Path, *, preset=None, images: bool = True,
+                     limit: int | None = None, batch_size: int = 128, progress: bool = True) -> KnowledgeBase:
+    """The KB that goes with a dataset layout (what `python -m mel kb build` runs). `preset` None: no
+    dense index (BM25 and exact only); `images`: also embed entity images when the layout has them."""
+    import itertools
+
+    from .datasets import read_kb_entities
+    entities = read_kb_entities(format, source)
+    if limit:
+        entities = itertools.islice(entities, limit)
+    text_encoder = preset.backend("text_encoder") if preset is not None else None
+    image_encoder = preset.backend("image_encoder") if (preset is not None and images) else None
+    return build_kb(entities, out, text_encoder=text_encoder, image_encoder=image_encoder, source_format=format,
+                    batch_size=batch_size, progress=progress)
