@@ -91,6 +91,7 @@ def main(argv=None) -> None:
 
     from demo.service import LinkService, ServiceConfig
     from demo.ui import Access, build_demo, launch_options
+    from mel.errors import MELError
 
     if auth:
         access = Access("password", admins=admins)
@@ -107,7 +108,10 @@ def main(argv=None) -> None:
                            generator=args.generator, ranker=args.ranker, generator_options=generator_options,
                            ranker_options=ranker_options, live_pool=not args.no_live_pool)
     service = LinkService(config)
-    service.load(progress=lambda f, d: print(f"[app] {f:4.0%} {d}", file=sys.stderr))
+    try:
+        service.load(progress=lambda f, d: print(f"[app] {f:4.0%} {d}", file=sys.stderr))
+    except MELError as exc:  # a missing, locked or foreign KB, an unwritable data dir...: say so, no traceback
+        raise SystemExit(f"[app] cannot start: {exc}") from None
     demo = build_demo(service=service, access=access)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=args.max_queue)
     print(f"[app] ready after {time.perf_counter() - STARTED:.1f} s; data in {service.data_dir}", file=sys.stderr)

@@ -337,6 +337,7 @@ class AnnotationStore:
         """
         if self.read_only:
             raise AnnotationStoreError(f"the annotation database {self.path} was opened read-only; cannot store images")
+        name = "the image"
         if isinstance(source, Image.Image):
             buffer = io.BytesIO()
             load_image(source).save(buffer, format="PNG")
@@ -345,11 +346,12 @@ class AnnotationStore:
             data = bytes(source)
         else:
             path = Path(source)
+            name = f"the image {path.name}"
             try:
                 data = path.read_bytes()
             except OSError as exc:
                 raise InputError(f"cannot read the image {path.name}: {exc.strerror or exc}") from exc
-        image = load_image(data)  # refuses non-images, bombs and corrupt files with InputError
+        image = load_image(data, name=name)  # refuses non-images, bombs and corrupt files with InputError
         fmt = Image.open(io.BytesIO(data)).format or ""
         if fmt not in _EXTENSIONS:  # e.g. ICO, PPM: store a lossless PNG instead
             buffer = io.BytesIO()

@@ -18,38 +18,16 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> float:
-    start = time.perf_counter()
-    while time.perf_counter() - start < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the app exited with code {proc.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return time.perf_counter()
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"the app did not answer within {timeout} s")
+from demo.serving import AppProcess  # noqa: E402 (after the path set-up)
 
 
 def link_once(client, example) -> tuple[float, dict]:
@@ -81,21 +59,14 @@ def main(argv=None) -> int:
 
     from demo.bundled import bundled_examples
     examples = bundled_examples()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
     report = {"preset": args.preset, "machine": platform.platform(), "cpus": os.cpu_count(),
               "load_avg_before": os.getloadavg(), "starts": []}
     client = proc = None
     try:
         for n in range(args.starts):
-            port = free_port()
             data_dir = tempfile.mkdtemp(prefix="mel-bench-app-")
-            log = open(Path(data_dir) / "app.log", "w")
-            t0 = time.perf_counter()
-            proc = subprocess.Popen([sys.executable, "app.py", "--preset", args.preset, "--port", str(port),
-                                     "--data-dir", data_dir, *args.app_arg], cwd=REPO, env=env, stdout=log,
-                                    stderr=subprocess.STDOUT)
-            url = f"http://127.0.0.1:{port}/"
-            ready = wait_ready(url, proc, args.timeout) - t0
+            proc = AppProcess.start(data_dir, preset=args.preset, args=args.app_arg, timeout=args.timeout)
+            url, ready = proc.url, proc.ready_s
             t = time.perf_counter()
             client = Client(url, verbose=False)
             connect = time.perf_counter() - t
@@ -109,8 +80,7 @@ def main(argv=None) -> int:
             report["starts"].append(run)
             if n < args.starts - 1:
                 client.close()
-                proc.terminate()
-                proc.wait(timeout=30)
+                proc.stop(grace=30)
         warm = []
         for _ in range(args.warm_links):
             for example in examples:
@@ -120,9 +90,8 @@ def main(argv=None) -> int:
     finally:
         if client is not None:
             client.close()
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            proc.wait(timeout=30)
+        if proc is not None:
+            proc.stop(grace=30)
 
     ready = [r["ready_s"] for r in report["starts"]]
     first = [r["first_link_s"] for r in report["starts"]]

@@ -18,11 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mel.index import DenseIndex, normalize  # noqa: E402
 
 
 def bench_build(source: str, preset_name: str) -> dict:
@@ -46,40 +44,12 @@ def bench_build(source: str, preset_name: str) -> dict:
 
 
 def bench_search(rows: int, dim: int, engines: list[str], n_queries: int, k: int = 20) -> list[dict]:
-    rng = np.random.default_rng(0)
-    # clustered synthetic data: real embeddings are clustered, uniform noise is the worst case for IVF
-    centers = normalize(rng.normal(size=(2000, dim)))
-    vectors = np.empty((rows, dim), np.float32)
-    for start in range(0, rows, 100_000):
-        stop = min(rows, start + 100_000)
-        assign = rng.integers(0, len(centers), stop - start)
-        vectors[start:stop] = normalize(centers[assign] + 0.6 * rng.normal(size=(stop - start, dim)) / np.sqrt(dim))
-    queries = normalize(centers[rng.integers(0, len(centers), n_queries)] + 0.6 * rng.normal(size=(n_queries, dim)) / np.sqrt(dim))
-    out, truth, baseline_ms = [], None, None
-    for engine in engines:
-        t0 = time.perf_counter()
-        index = DenseIndex(vectors, engine=engine)
-        build_s = time.perf_counter() - t0
-        index.search(queries[:2], k)  # warm-up
-        times, found = [], []
-        for q in queries:
-            t0 = time.perf_counter()
-            _, ids = index.search(q[None], k)
-            times.append((time.perf_counter() - t0) * 1000)
-            found.append(ids[0])
-        t0 = time.perf_counter()
-        index.search(queries, k)
-        batch_ms = (time.perf_counter() - t0) * 1000 / len(queries)
-        if engine == "numpy":
-            truth, baseline_ms = found, float(np.median(times))
-        recall = (float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found, truth)])) if truth is not None else None)
-        p50 = float(np.median(times))
-        out.append({"engine": engine, "rows": rows, "dim": dim, "build_s": round(build_s, 2),
-                    "query_ms_p50": round(p50, 3), "query_ms_p95": round(float(np.percentile(times, 95)), 3),
-                    "batched_ms_per_query": round(batch_ms, 3), "recall@20_vs_exact": None if recall is None else round(recall, 4),
-                    "speedup_vs_numpy": round(baseline_ms / p50, 1) if baseline_ms else None,
-                    "index_bytes_per_entity": dim * 4, "target_ms": 50, "meets_target": p50 < 50})
-        del index
+    """The search part of `python -m mel bench scale` at one size, with the < 50 ms target."""
+    from mel.bench import search_engines, synthetic_queries, synthetic_vectors
+    vectors = synthetic_vectors(rows, dim)
+    out = search_engines(vectors, synthetic_queries(vectors, n_queries), engines, k)
+    for r in out:
+        r.update({"target_ms": 50, "meets_target": r["query_ms_p50"] < 50})
     return out
 
 

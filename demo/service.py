@@ -31,7 +31,7 @@ from typing import Any, Callable
 from annotations import AnnotationStore, NotAllowedError, export_corrections
 from annotations.store import LINK_ACTIONS
 from mel.errors import InputError, MELError
-from mel.types import NIL, Entity, Example, LinkResult, Mention
+from mel.types import NIL, Entity, Example, LinkResult, Mention, check_typed_text
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +279,12 @@ class LinkService:
             self.load(progress=lambda f, d: say(0.3 * f, d))
         t_start = time.perf_counter()
         timings: dict[str, Any] = {}
-        mention = Mention(caption, int(start), int(end))  # InputError on a bad span
+        try:
+            start, end = int(start), int(end)
+        except (TypeError, ValueError):
+            raise InputError(f"start and end must be whole numbers, got {start!r} and {end!r}") from None
+        mention = Mention(caption, start, end)  # InputError on a bad span
+        check_typed_text(caption, "caption")               # ... or on control characters
         t = time.perf_counter()
         sha = self.store.save_image(image) if image else None
         stored = self.store.image_path(sha) if sha else None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import html
 
 from mel.errors import InputError
-from mel.types import locate_mention, validate_span
+from mel.types import check_caption, check_typed_text, locate_mention, validate_span
 
 
 def utf16_to_index(text: str, offset: int) -> int:
@@ -76,6 +76,11 @@ def resolve_span(caption: str, mention: str | None, start, end) -> tuple[int, in
     """
     if not isinstance(caption, str) or not caption.strip():
         raise InputError("the caption is empty: type or paste the text that goes with the image")
+    check_caption(caption)  # too long: said before anything is searched in it
+    check_typed_text(caption, "caption")
+    if mention is not None and not isinstance(mention, str):
+        raise InputError(f"the mention must be text, got {type(mention).__name__}")
+    check_typed_text(mention or "", "mention")
     mention = (mention or "").strip()
     have_span = start is not None and end is not None and str(start) != "" and str(end) != ""
     if have_span:

@@ -59,6 +59,35 @@ class Access:
         return annotator in self.admins
 
 
+def hand_over_unopened(image: gr.Image) -> gr.Image:
+    """Make `image` (type="filepath") hand the uploaded file to the app without opening it.
+
+    gr.Image opens every upload with PIL before the handler runs and decodes (converts) every
+    image that is not RGB. A text file, a decompression bomb or a truncated PNG then fails inside
+    Gradio with a generic "could not preprocess" error, and a 100-megapixel grey PNG is decoded
+    in full before any check. With this the path goes straight to LinkService.link, where
+    mel.imageio.load_image reads the size from the header first and says what is wrong.
+    (An instance attribute, not a subclass: Gradio writes a .pyi stub beside the module of every
+    Component subclass.)
+    """
+    opened = image.preprocess
+
+    def preprocess(payload):
+        if payload is None:
+            return None
+        path = getattr(payload, "path", None)
+        if path:
+            return str(path)
+        try:  # an inline data: URL (not what the browser sends for an upload, but possible from the API)
+            return opened(payload)
+        except Exception as exc:
+            raise gr.Error(f"the image could not be read ({type(exc).__name__}: {exc}); upload a JPEG or PNG "
+                           f"file") from None
+
+    image.preprocess = preprocess
+    return image
+
+
 CSS = """
 .mel-caption { font-size: 1.1em; line-height: 1.6; }
 .mel-caption mark.mel-mention { background: #ffe58a; padding: 0 2px; border-radius: 3px; }
@@ -262,8 +291,8 @@ def build_demo(kb_path: str | None = None, pool: str | None = None, preset: str 
 
         with gr.Row(equal_height=False):
             with gr.Column(scale=4):
-                image = gr.Image(type="filepath", label="Image (optional)", sources=["upload", "clipboard"],
-                                 height=260, elem_id="mel-image")
+                image = hand_over_unopened(gr.Image(type="filepath", label="Image (optional)", height=260,
+                                                    sources=["upload", "clipboard"], elem_id="mel-image"))
                 caption = gr.Textbox(label="Caption", lines=3, elem_id="mel-caption",
                                      info="Select the mention with the mouse (or type it below)")
                 with gr.Row():

@@ -105,7 +105,7 @@ def cmd_link(args):
     if (args.start is None) != (args.end is None):
         raise MELError("give both --start and --end (character offsets of the mention), or --mention TEXT")
     if args.image:
-        load_image(args.image)  # a missing, non-image, corrupt or oversized file is refused here, for every linker
+        load_image(args.image, name=f"the image {args.image}")  # refused here, whichever linker runs
     kb = KnowledgeBase(args.kb)
     if args.start is not None and args.end is not None:
         mention = Mention(args.caption, args.start, args.end, image=args.image)

@@ -106,7 +106,8 @@ def _decode(data: bytes, what: str, max_pixels: int) -> Image.Image:
     except InputError:
         raise
     except Image.DecompressionBombError as e:
-        raise InputError(f"{what} looks like a decompression bomb and was refused: {e}") from e
+        raise InputError(f"{what} looks like a decompression bomb and was refused ({e}); use a photo of at most "
+                         f"{max_pixels / 1e6:g} megapixels") from e
     except UnidentifiedImageError as e:
         raise InputError(
             f"{what} is not an image file PIL can read (expected JPEG, PNG, GIF, WebP, BMP, TIFF...)"
@@ -139,17 +140,19 @@ def _finish(im: Image.Image, what: str) -> Image.Image:
     return im
 
 
-def load_image(source: ImageSource, *, allow_url: bool = False, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def load_image(source: ImageSource, *, allow_url: bool = False, max_pixels: int = MAX_PIXELS,
+               name: str | None = None) -> Image.Image:
     """An RGB PIL image from a path, bytes, a PIL image, or (allow_url=True) an http(s) URL.
 
     EXIF orientation is applied. Raises InputError (see the module doc) on any bad input.
+    `name`: how messages call the image (e.g. "the uploaded image photo.png"); default: its path.
     """
     if isinstance(source, Image.Image):
-        what = f"image {source.width}x{source.height}"
+        what = name or f"image {source.width}x{source.height}"
         _check_size(source.width, source.height, what, max_pixels)
         return _finish(source, what)
     data, what = _read_bytes(source, allow_url)
-    return _decode(data, what, max_pixels)
+    return _decode(data, name or what, max_pixels)
 
 
 def image_sha256(source: ImageSource, *, allow_url: bool = False) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +64,7 @@ class Mention(_JSONMixin):
     @classmethod
     def from_text(cls, caption: str, mention: str, image: str | None = None, id: str | None = None) -> "Mention":
         """Locate `mention` in `caption` (exact first, then case-insensitive)."""
+        check_caption(caption)  # an empty or oversized caption says so, not "the mention does not occur"
         span = locate_mention(caption, mention)
         if span is None:
             raise InputError(
@@ -139,7 +141,8 @@ class Example(_JSONMixin):
         return _from_dict(cls, data)
 
 
-def validate_span(caption: str, start: int, end: int) -> None:
+def check_caption(caption: str) -> None:
+    """The caption is text, not empty and at most MAX_CAPTION_CHARS long (else InputError)."""
     if not isinstance(caption, str):
         raise InputError(f"the caption must be text, got {type(caption).__name__}")
     if not caption.strip():
@@ -148,6 +151,33 @@ def validate_span(caption: str, start: int, end: int) -> None:
         raise InputError(
             f"the caption has {len(caption):,} characters, more than the limit of {MAX_CAPTION_CHARS:,}; "
             f"keep only the sentence around the mention")
+
+
+def check_typed_text(text: str, what: str = "caption") -> None:
+    """Refuse characters nobody types: control characters other than tab, newline and carriage
+    return (U+0000-U+001F, U+007F-U+009F), and unpaired UTF-16 surrogates (half an emoji).
+
+    For text a person gives the app, the API or the CLI; emoji and every other script are fine.
+    Dataset readers keep what their files hold and do not call this.
+    """
+    if not isinstance(text, str):
+        raise InputError(f"the {what} must be text, got {type(text).__name__}")
+    for i, ch in enumerate(text):
+        if ch in "\t\n\r":
+            continue
+        kind = unicodedata.category(ch)
+        if kind == "Cc":
+            raise InputError(
+                f"the {what} contains the control character U+{ord(ch):04X} at position {i}; control characters "
+                f"are not text (copying from a terminal or a PDF can bring them along): remove them and try again")
+        if kind == "Cs":
+            raise InputError(
+                f"the {what} contains half of an emoji or symbol (the unpaired surrogate U+{ord(ch):04X} at "
+                f"position {i}); type or paste that character again")
+
+
+def validate_span(caption: str, start: int, end: int) -> None:
+    check_caption(caption)
     if isinstance(start, bool) or isinstance(end, bool) or not isinstance(start, int) or not isinstance(end, int):
         raise InputError(f"span offsets must be integers, got start={start!r}, end={end!r}")
     if not 0 <= start < end <= len(caption):

@@ -103,6 +103,12 @@ def from_pretrained(cls, ref: str, what: str, **kwargs):
     local Hugging Face cache (no network), then a download; if that fails -> ModelUnavailableError
     saying the hub could not be reached and how to run offline.
     """
+    from .text import refuse_unsafe_pickles
+    with refuse_unsafe_pickles(what, ref):
+        return _from_pretrained(cls, ref, what, **kwargs)
+
+
+def _from_pretrained(cls, ref: str, what: str, **kwargs):
     path = Path(ref).expanduser()
     if path.exists():
         if not path.is_dir():

@@ -30,6 +30,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import threading
 from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
@@ -173,13 +174,35 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+@contextlib.contextmanager
+def refuse_unsafe_pickles(what: str, source: str):
+    """A pickled checkpoint (pytorch_model.bin) that fails transformers' weights-only torch.load is
+    a CheckpointError that says why; nothing retries it unsafely (a pickle can run code)."""
+    try:
+        yield
+    except pickle.UnpicklingError as e:
+        detail = next((line.strip() for line in str(e).splitlines() if "global" in line.lower()), "")
+        raise CheckpointError(
+            f"{what}: {source!r} holds a pickled PyTorch checkpoint that failed the safe weights-only load"
+            + (f" ({detail})" if detail else "")
+            + "; pickles can run code, so it is not loaded any other way. Use safetensors weights (loading the "
+              "model where you trust it and calling save_pretrained(dir) writes model.safetensors)") from e
+
+
 def load_pretrained(loader: Callable, source: str, is_local: bool, what: str, **kwargs):
     """Call a ``from_pretrained``-style `loader` the way every backend here loads models.
 
     Local directory: ``local_files_only=True``; a failure is a CheckpointError naming the directory.
     Hub id: the local Hugging Face cache first (no network at all when it is there), then the hub
     (skipped under HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE); a failure is a ModelUnavailableError.
+    Weights: transformers reads safetensors, and a .bin only through torch.load(weights_only=True);
+    a pickle that the weights-only load refuses is a CheckpointError (refuse_unsafe_pickles).
     """
+    with refuse_unsafe_pickles(what, source):
+        return _load_pretrained(loader, source, is_local, what, **kwargs)
+
+
+def _load_pretrained(loader: Callable, source: str, is_local: bool, what: str, **kwargs):
     errors = _hub_errors()
     if is_local:
         try:

@@ -125,9 +125,17 @@ class DatasetSplit:
 # Files
 
 
+def expand_user(path: str | Path) -> Path:
+    """Path(path) with ~ expanded; '~someone' for a user this machine does not know stays as written."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:  # pathlib: "Could not determine home directory"
+        return Path(path)
+
+
 def dataset_dir(path: str | Path, fmt: str, layout: str) -> Path:
     """The dataset directory; a file inside it is accepted too (its folder is used)."""
-    p = Path(path).expanduser()
+    p = expand_user(path)
     if p.is_file():
         p = p.parent
     if not p.is_dir():
@@ -149,6 +157,8 @@ def load_json(path: Path, expect: type | tuple[type, ...] | None = None) -> Any:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise DatasetFormatError(path, f"not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+    except RecursionError:
+        raise DatasetFormatError(path, "not a dataset file: its JSON is nested too deeply to read") from None
     except UnicodeDecodeError as e:
         raise DatasetFormatError(path, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:
@@ -178,6 +188,9 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
                     yield n, json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DatasetFormatError(path, f"not valid JSON: {e.msg} at column {e.colno}",
+                                             f"line {n}") from None
+                except RecursionError:
+                    raise DatasetFormatError(path, "not a dataset record: its JSON is nested too deeply to read",
                                              f"line {n}") from None
     except UnicodeDecodeError as e:
         raise DatasetFormatError(path, f"not UTF-8 text ({e.reason} at byte {e.start})") from None

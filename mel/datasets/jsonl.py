@@ -19,7 +19,7 @@ from typing import Any, Iterable, Iterator
 
 from ..errors import DatasetFormatError, InputError
 from ..types import Entity, Example
-from .common import DatasetSplit, ExampleBuilder, dataset_dir, iter_jsonl, resolve_split
+from .common import DatasetSplit, ExampleBuilder, dataset_dir, expand_user, iter_jsonl, resolve_split
 
 FORMAT = "jsonl"
 KB_FILE = "kb.jsonl"
@@ -75,7 +75,7 @@ def read(path, split: str = "dev", *, dev_fraction: float = 0.1, seed: int = 0) 
 def _image(image: str | None, root: Path) -> str | None:
     if not image or _URL.match(image):
         return image or None
-    p = Path(image).expanduser()
+    p = expand_user(image)
     if p.is_file():
         return image
     if not p.is_absolute() and (root / p).is_file():

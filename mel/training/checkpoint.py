@@ -57,16 +57,27 @@ def load_config(path: str | Path) -> dict:
     if not file.exists():
         raise CheckpointError(f"{path} is not a checkpoint directory: {CONFIG_FILE} is missing")
     try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
+        payload = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{file} is not valid JSON ({exc})") from exc
+    if not isinstance(payload, dict) or not isinstance(payload.get("config", {}), dict):
+        raise CheckpointError(f"{file} is not a checkpoint config: expected an object with a 'config' object")
+    return payload
 
 
 def load_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The weights of a checkpoint directory, read with safetensors only (nothing is ever unpickled)."""
     file = Path(path) / WEIGHTS_FILE
     if not file.exists():
-        raise CheckpointError(f"{Path(path)} has no {WEIGHTS_FILE}")
-    return load_file(str(file))
+        pickles = sorted(p.name for p in Path(path).glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+        hint = (f"; {', '.join(pickles)} is a pickle, which is never loaded (it can run code): convert it to "
+                f"safetensors where it was made" if pickles else "")
+        raise CheckpointError(f"{Path(path)} has no {WEIGHTS_FILE}{hint}")
+    try:
+        return load_file(str(file))
+    except Exception as exc:  # SafetensorError, OSError: a damaged file or a pickle renamed to .safetensors
+        raise CheckpointError(f"{file} is not a readable safetensors file ({type(exc).__name__}: {exc}); checkpoints "
+                              f"are read as safetensors only, never unpickled") from exc
 
 
 def load_pretrained_dir(module_cls, config_cls, path: str | Path, **overrides):
@@ -79,8 +90,11 @@ def load_pretrained_dir(module_cls, config_cls, path: str | Path, **overrides):
     unknown = set(raw) - fields
     if unknown:
         raise CheckpointError(f"{path}/config.json has fields {sorted(unknown)} that {config_cls.__name__} does not know")
-    config = config_cls(**raw)
-    module = module_cls(config)
+    try:
+        config = config_cls(**raw)
+        module = module_cls(config)
+    except (TypeError, ValueError) as exc:  # a required field missing, a value of the wrong kind
+        raise CheckpointError(f"{path}/config.json does not fit {config_cls.__name__}: {exc}") from exc
     state = load_state(path)
     expected = module.state_dict()
     problems = [f"missing {k}" for k in expected if k not in state]
@@ -116,8 +130,12 @@ def load_training_state(path: str | Path, optimizer: torch.optim.Optimizer, sche
     path = Path(path)
     if not (path / "state.json").exists():
         raise CheckpointError(f"{path} holds no training state to resume from")
-    state = json.loads((path / "state.json").read_text())
-    tensors = load_file(str(path / "optimizer.safetensors"))
+    try:
+        state = json.loads((path / "state.json").read_text())
+        tensors = load_file(str(path / "optimizer.safetensors"))
+    except Exception as exc:  # damaged JSON or safetensors (never a pickle: nothing else is read)
+        raise CheckpointError(f"the training state in {path} cannot be read ({type(exc).__name__}: {exc}); "
+                              f"start without resuming or restore it") from exc
     per_param: dict[int, dict] = {}
     for name, value in tensors.items():
         pid, key = name.split(".", 1)

@@ -1,0 +1,166 @@
+"""Start the real app on 127.0.0.1 for tests and benchmarks, in this process or as `python app.py`.
+
+    app = launch_in_process(data_dir, users={"alice": "pw"}, admins={"alice"})   # gradio_client tests
+    app.url, app.service, app.close()
+
+    proc = AppProcess.start(data_dir, users={"ann1": "pw"}, args=["--threads", "1"])  # a separate process
+    proc.url, proc.db_path, proc.kill()      # SIGKILL: no clean shutdown (fault tests)
+    proc.stop()                              # SIGTERM, then SIGKILL after a grace period
+
+Both bind to the loopback interface and a free port only. Passwords reach the child process in
+MEL_AUTH, its environment, exactly as `python app.py` reads them in production; they are never
+written to a file.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 300.0) -> float:
+    """Poll `url` until it answers HTTP 200; returns the perf_counter() time it did.
+
+    Raises RuntimeError when `proc` exits first and TimeoutError after `timeout` seconds.
+    """
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the app exited with code {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return time.perf_counter()
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"the app did not answer at {url} within {timeout:.0f} s")
+
+
+def auth_env(users: dict[str, str] | None, admins=()) -> dict[str, str]:
+    """MEL_AUTH / MEL_ADMINS for `users` ({} or None: no login, everyone is 'local')."""
+    env = {"MEL_AUTH": ",".join(f"{u}:{p}" for u, p in (users or {}).items()),
+           "MEL_ADMINS": ",".join(sorted(admins))}
+    return {k: v for k, v in env.items() if v}
+
+
+# -- in this process -------------------------------------------------------------------------------
+@dataclass
+class RunningApp:
+    demo: object
+    service: object
+    url: str
+    data_dir: Path
+
+    def close(self) -> None:
+        self.demo.close()
+        self.service.store.close()
+
+
+def launch_in_process(data_dir: str | Path, *, users: dict[str, str] | None = None, admins=frozenset(),
+                      preset: str = "offline", concurrency: int = 4, max_queue: int = 32) -> RunningApp:
+    """The app of `python app.py` (offline preset, bundled demo KB), served from a thread here.
+
+    `users`: password login with these accounts; None: no login (everyone is 'local').
+    """
+    from .service import LinkService, ServiceConfig
+    from .ui import Access, build_demo, launch_options
+
+    service = LinkService(ServiceConfig(preset=preset, data_dir=str(data_dir)))
+    access = Access("password", admins=frozenset(admins)) if users else Access("open")
+    demo = build_demo(service=service, access=access)
+    demo.queue(default_concurrency_limit=concurrency, max_size=max_queue)
+    port = free_port()
+    demo.launch(server_name=HOST, server_port=port, prevent_thread_lock=True, quiet=True,
+                auth=list(users.items()) if users else None, **launch_options())
+    return RunningApp(demo, service, f"http://{HOST}:{port}/", Path(data_dir))
+
+
+# -- as a separate process -------------------------------------------------------------------------
+@dataclass
+class AppProcess:
+    """`python app.py` running in a child process (its own interpreter, as in production)."""
+
+    proc: subprocess.Popen
+    url: str
+    data_dir: Path
+    log_path: Path
+    ready_s: float
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "annotations.sqlite"
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    @classmethod
+    def start(cls, data_dir: str | Path, *, users: dict[str, str] | None = None, admins=(), preset: str = "offline",
+              args: list[str] | tuple[str, ...] = (), timeout: float = 300.0,
+              log_path: str | Path | None = None) -> "AppProcess":
+        data_dir = Path(data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        log_path = Path(log_path) if log_path else data_dir / "app.log"
+        env = {k: v for k, v in os.environ.items() if k not in ("MEL_AUTH", "MEL_ADMINS", "SPACE_ID")}
+        env.update(HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1",
+                   **auth_env(users, admins))
+        t0 = time.perf_counter()
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen([sys.executable, "app.py", "--preset", preset, "--host", HOST, "--port", str(port),
+                                     "--data-dir", str(data_dir), *args], cwd=REPO, env=env, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        url = f"http://{HOST}:{port}/"
+        try:
+            ready = wait_ready(url, proc, timeout) - t0
+        except BaseException:
+            _end(proc, signal.SIGKILL)
+            tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
+            raise RuntimeError(f"the app did not start; the end of its log {log_path}:\n{tail}") from None
+        return cls(proc, url, data_dir, log_path, ready)
+
+    def kill(self) -> None:
+        """SIGKILL, as an out-of-memory killer or a pulled plug would: no shutdown code runs."""
+        _end(self.proc, signal.SIGKILL)
+
+    def stop(self, grace: float = 20.0) -> None:
+        if self.alive:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                _end(self.proc, signal.SIGKILL)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def _end(proc: subprocess.Popen, sig: int) -> None:
+    if proc.poll() is None:
+        try:
+            os.kill(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:  # pragma: no cover - a process that ignores SIGKILL
+        pass

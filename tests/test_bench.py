@@ -1,0 +1,87 @@
+"""`python -m mel bench`: the runs write JSON + Markdown + PNG with provenance, on real data (small)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mel.bench import PeakRSS, parse_linker, search_engines, sha256_paths, subset_metrics, synthetic_vectors
+from mel.cli import main
+
+
+
+def test_parse_linker_and_subset_metrics():
+    assert parse_linker("gemel:n_demos=16,constrained=false") == ("gemel", {"n_demos": 16, "constrained": False})
+    assert parse_linker("bm25") == ("bm25", {})
+    m = subset_metrics([1, 3, None, 25])
+    assert m["n"] == 4 and m["hits@1"] == 0.25 and m["hits@5"] == 0.5 and m["hits@20"] == 0.5
+    assert m["mrr"] == pytest.approx(round((1 + 1 / 3 + 1 / 25) / 4, 4))
+
+
+def test_peak_rss_sees_an_allocation():
+    with PeakRSS() as rss:
+        block = np.ones(64 * 2**20 // 8)  # 64 MB, touched
+        block.sum()
+    assert rss.peak_mb >= PeakRSS.current() / 2**20 - 1 and rss.peak_mb > 64
+
+
+def test_checksums_change_with_content(tmp_path):
+    (tmp_path / "a.json").write_text("[1]")
+    first = sha256_paths([tmp_path])
+    (tmp_path / "a.json").write_text("[2]")
+    assert sha256_paths([tmp_path])["sha256"] != first["sha256"] and first["files"] == 1
+
+
+def test_search_engines_report_recall_and_memory():
+    vectors = synthetic_vectors(3000, 32)
+    rows = search_engines(vectors, vectors[:5] + 0.01, ["numpy", "faiss-flat", "faiss-hnsw"])
+    assert [r["engine"] for r in rows] == ["numpy", "faiss-flat", "faiss-hnsw"]
+    assert rows[0]["recall@20_vs_exact"] == 1.0 and rows[1]["recall@20_vs_exact"] == 1.0
+    assert rows[0]["index_bytes_per_entity"] == 32 * 4 + 8  # float32 vectors + int64 ids
+    assert rows[2]["index_bytes_per_entity"] > rows[0]["index_bytes_per_entity"]  # HNSW adds its graph
+
+
+def test_scale_run_writes_json_markdown_and_plot(tmp_path, capsys):
+    assert main(["bench", "scale", "--sizes", "300,1200", "--engines", "numpy,faiss-flat", "--dim", "16",
+                 "--queries", "5", "--encoder-names", "0", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "bench_scale.json").read_text())
+    assert [r["entities"] for r in res["rows"]] == [300, 1200]
+    assert all(r["kb_build_s"] > 0 and r["bm25_ms_p50"] > 0 for r in res["rows"])
+    assert res["command"].startswith("python -m mel bench") and res["seed"] == 0
+    md = (tmp_path / "bench_scale.md").read_text()
+    assert "| 1,200 |" in md and "faiss-flat" in md
+    assert (tmp_path / "scale.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_quality_run_on_real_data_compares_linkers_on_the_same_mentions(tmp_path, shared_data):
+    from mel.kb import build_dataset_kb
+    SHARED = shared_data
+    kb_dir = tmp_path / "kbs"
+    build_dataset_kb("wikidiverse", SHARED / "wikidiverse", kb_dir / "wikidiverse.sqlite", preset=None, progress=False)
+    out = tmp_path / "results"
+    assert main(["bench", "quality", "--datasets", "wikidiverse", "--linkers", "exact,bm25", "--limit", "40",
+                 "--generative-limit", "10", "--no-reference", "--data-root", str(SHARED), "--kb-dir", str(kb_dir),
+                 "--out", str(out)]) == 0
+    res = json.loads((out / "bench_quality.json").read_text())
+    d = res["datasets"]["wikidiverse"]
+    assert d["kb_size"] > 1000 and len(d["kb_checksum"]["sha256"]) == 64 and d["data_checksum"]["files"] >= 2
+    rows = {r["linker"]: r for r in res["rows"]}
+    assert rows["exact"]["n"] == rows["bm25"]["n"] == 40
+    assert 0 < rows["exact"]["hits@1"] <= rows["exact"]["hits@20"] <= 1
+    assert rows["bm25"]["hits@20"] > rows["exact"]["hits@20"]  # BM25 ranks many candidates, exact only names
+    assert all(r["n"] == 10 for r in res["subset_rows"])
+    assert rows["bm25"]["peak_rss_mb"] > 0 and rows["bm25"]["latency_ms_p50"] > 0
+    md = (out / "bench_quality.md").read_text()
+    assert "| wikidiverse | bm25 | 40 |" in md
+    for png in ("quality.png", "latency_stages.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    # the report command re-renders from the JSON alone
+    (out / "bench_quality.md").unlink()
+    assert main(["bench", "report", "--out", str(out)]) == 0
+    assert (out / "bench_quality.md").read_text() == md
+
+
+def test_report_without_results_is_a_clear_error(tmp_path, capsys):
+    assert main(["bench", "report", "--out", str(tmp_path)]) == 2
+    assert "run `python -m mel bench" in capsys.readouterr().err
