@@ -27,6 +27,7 @@ from PIL import Image
 from ..errors import CheckpointError, InputError, ModelUnavailableError
 from ..imageio import load_image
 from . import efficientnet_lite as lite
+from .text import check_device as _check_device
 
 log = logging.getLogger(__name__)
 
@@ -59,18 +60,6 @@ def _l2_normalise(x: torch.Tensor) -> np.ndarray:
     return x.cpu().numpy().astype(np.float32, copy=False)
 
 
-def _check_device(device: str) -> str:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise InputError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelUnavailableError(f"device {device!r} was asked for but CUDA is not available here; use device='cpu'")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ModelUnavailableError(f"device {device!r} was asked for but MPS is not available here; use device='cpu'")
-    return str(dev)
-
-
 def _as_pil_list(images) -> list[Image.Image]:
     if isinstance(images, Image.Image):
         images = [images]
@@ -82,6 +71,16 @@ def _as_pil_list(images) -> list[Image.Image]:
             im = im.convert("RGB")
         out.append(im)
     return out
+
+
+def _encode_images(images, batch_size: int, dim: int, encode_batch) -> np.ndarray:
+    """(n, dim) float32 features: `encode_batch(list of PIL images)` over batches, without gradients."""
+    images = _as_pil_list(images)
+    if not images:
+        return np.zeros((0, dim), dtype=np.float32)
+    with torch.inference_mode():
+        out = [encode_batch(batch) for batch in _batches(images, batch_size)]
+    return np.concatenate(out).astype(np.float32, copy=False)
 
 
 def _batches(items: list, batch_size: int):
@@ -164,15 +163,10 @@ class Lite0ImageEncoder:
         self.dim = self.model.config.head_channels
 
     def encode(self, images: list[Image.Image], batch_size: int = 16, normalize: bool = True) -> np.ndarray:
-        images = _as_pil_list(images)
-        if not images:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        out = []
-        with torch.inference_mode():
-            for batch in _batches(images, batch_size):
-                feats = self.model.features(lite.preprocess(batch, self.model.config).to(self.device))
-                out.append(_l2_normalise(feats) if normalize else feats.float().cpu().numpy())
-        return np.concatenate(out).astype(np.float32, copy=False)
+        def features(batch):
+            feats = self.model.features(lite.preprocess(batch, self.model.config).to(self.device))
+            return _l2_normalise(feats) if normalize else feats.float().cpu().numpy()
+        return _encode_images(images, batch_size, self.dim, features)
 
     def logits(self, images: list[Image.Image]) -> torch.Tensor:
         with torch.inference_mode():
@@ -249,19 +243,15 @@ class CLIPImageEncoder:
     def encode(self, images: list[Image.Image], batch_size: int = 16, normalize: bool = True) -> np.ndarray:
         """(n, dim) float32 embeddings; L2-normalised unless normalize=False (raw, e.g. for a
         learned mapper that wants the pooler output as it is)."""
-        images = _as_pil_list(images)
-        if not images:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        out = []
         dtype = next(self.model.parameters()).dtype
-        with torch.inference_mode():
-            for batch in _batches(images, batch_size):
-                pixels = self.processor(images=batch, return_tensors="pt")["pixel_values"].to(self.device, dtype)
-                feats = self.model.vision_model(pixel_values=pixels).pooler_output
-                if not self.pooled:
-                    feats = self.model.visual_projection(feats)
-                out.append(_l2_normalise(feats) if normalize else feats.float().cpu().numpy())
-        return np.concatenate(out).astype(np.float32, copy=False)
+
+        def features(batch):
+            pixels = self.processor(images=batch, return_tensors="pt")["pixel_values"].to(self.device, dtype)
+            feats = self.model.vision_model(pixel_values=pixels).pooler_output
+            if not self.pooled:
+                feats = self.model.visual_projection(feats)
+            return _l2_normalise(feats) if normalize else feats.float().cpu().numpy()
+        return _encode_images(images, batch_size, self.dim, features)
 
 
 class CLIPTextEncoder:
@@ -328,15 +318,8 @@ class OpenCLIPImageEncoder:
         self.dim = int(probe.shape[-1])
 
     def encode(self, images: list[Image.Image], batch_size: int = 16) -> np.ndarray:
-        images = _as_pil_list(images)
-        if not images:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        out = []
-        with torch.inference_mode():
-            for batch in _batches(images, batch_size):
-                x = torch.stack([self.preprocess(im) for im in batch]).to(self.device)
-                out.append(_l2_normalise(self.model.encode_image(x)))
-        return np.concatenate(out).astype(np.float32, copy=False)
+        return _encode_images(images, batch_size, self.dim, lambda batch: _l2_normalise(
+            self.model.encode_image(torch.stack([self.preprocess(im) for im in batch]).to(self.device))))
 
 
 # -----------------------------------------------------------------------------

@@ -222,6 +222,28 @@ def load_records(path: Path) -> list[tuple[str, Any]]:
     return [(f"line {n}", rec) for n, rec in iter_jsonl(path)]
 
 
+def records_of_split(ids: list[str], samples: dict[str, Any], out: "ExampleBuilder", *, split_name: str,
+                     ids_file: str, data_file: str) -> Iterator[tuple[str, Any]]:
+    """(id, record) for each id a split file lists, once each, in order; ids missing from the data
+    file and repeated ids are skipped and counted in `out`'s notes."""
+    absent, repeats, seen = 0, 0, set()
+    for sid in ids:
+        if sid in seen:  # a repeated id would give two examples with one sample_id
+            repeats += 1
+            continue
+        seen.add(sid)
+        rec = samples.get(sid)
+        if rec is None:
+            absent += 1
+            continue
+        yield sid, rec
+    if absent:
+        out.note(f"{absent:,} of the {len(ids):,} ids that {ids_file} lists for {split_name!r} "
+                 f"are not in {data_file} and were skipped")
+    if repeats:
+        out.note(f"{repeats:,} repeated ids in {ids_file}[{split_name!r}] were read once")
+
+
 def image_index(folder: Path) -> set[str]:
     """File names in `folder` (one listing instead of one stat per record)."""
     try:

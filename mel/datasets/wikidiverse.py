@@ -20,7 +20,7 @@ from typing import Iterator
 from ..errors import DatasetFormatError
 from ..types import NIL, Entity
 from .common import (DatasetSplit, ExampleBuilder, dataset_dir, get_field, image_index, load_json, load_split_ids,
-                     mention_record, require_file, resolve_split)
+                     mention_record, records_of_split, require_file, resolve_split)
 
 FORMAT = "wikidiverse"
 DATA_FILE = "WikiDiverse.json"
@@ -58,25 +58,12 @@ def read(path, split: str = "dev", *, dev_fraction: float = 0.1, seed: int = 0) 
     local = {"images": image_index(root / "images"), "": image_index(root)}
 
     out = ExampleBuilder(FORMAT, split, root)
-    absent, repeats, seen = 0, 0, set()
-    for sid in splits[stored]:
-        if sid in seen:  # a repeated id would give two examples with one sample_id
-            repeats += 1
-            continue
-        seen.add(sid)
-        rec = samples.get(sid)
-        if rec is None:
-            absent += 1
-            continue
+    for sid, rec in records_of_split(splits[stored], samples, out, split_name=stored, ids_file=SPLITS_FILE,
+                                     data_file=DATA_FILE):
         caption, mentions = mention_record(rec, data_path, sid, mentions="mention", names="entity")
         img_name = get_field(rec, "imgPath", str, data_path, sid, default="")
         url = get_field(rec, "img-url", (str, type(None)), data_path, sid, default=None)
         out.add_record(sid, caption, mentions, _local_image(root, img_name, local), image_url=url or None)
-    if absent:
-        out.note(f"{absent:,} of the {len(splits[stored]):,} ids that {SPLITS_FILE} lists for {stored!r} "
-                 f"are not in {DATA_FILE} and were skipped")
-    if repeats:
-        out.note(f"{repeats:,} repeated ids in {SPLITS_FILE}[{stored!r}] were read once")
     overlap = _overlap(splits, stored)
     if overlap:
         out.note(f"{len(overlap):,} ids of {stored!r} are also listed in another split of {SPLITS_FILE} "

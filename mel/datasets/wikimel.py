@@ -18,7 +18,7 @@ from typing import Iterator
 
 from ..types import Entity
 from .common import (DatasetSplit, ExampleBuilder, dataset_dir, image_index, load_json, load_split_ids, load_str_map,
-                     mention_record, require_file, resolve_split)
+                     mention_record, records_of_split, require_file, resolve_split)
 
 FORMAT = "wikimel"
 DATA_FILE = "Wikidata-MEL.json"
@@ -44,24 +44,11 @@ def read(path, split: str = "dev", *, dev_fraction: float = 0.1, seed: int = 0) 
     images = image_index(root / "images")
 
     out = ExampleBuilder(FORMAT, split, root)
-    absent, repeats, seen = 0, 0, set()
-    for sid in splits[stored]:
-        if sid in seen:  # a repeated id would give two examples with one sample_id
-            repeats += 1
-            continue
-        seen.add(sid)
-        rec = samples.get(sid)
-        if rec is None:
-            absent += 1
-            continue
+    for sid, rec in records_of_split(splits[stored], samples, out, split_name=stored, ids_file=SPLITS_FILE,
+                                     data_file=DATA_FILE):
         caption, mentions = mention_record(rec, data_path, sid)
         image = str(root / "images" / f"{sid}.jpg") if f"{sid}.jpg" in images else None
         out.add_record(sid, caption, mentions, image)
-    if absent:
-        out.note(f"{absent:,} of the {len(splits[stored]):,} ids that {SPLITS_FILE} lists for {stored!r} "
-                 f"are not in {DATA_FILE} and were skipped")
-    if repeats:
-        out.note(f"{repeats:,} repeated ids in {SPLITS_FILE}[{stored!r}] were read once")
     return out.build()
 
 
