@@ -4,6 +4,7 @@
     python -m mel bench ablations --data-root ../shared/data --kb-dir data --out results
     python -m mel bench scale     --sizes 10000,100000,1000000 --out results
     python -m mel bench report    --out results          # re-render Markdown + PNG from the JSON files
+    python -m mel bench all       --data-root ../shared/data --kb-dir data --out results   # all three runs
 
 quality    every linker (exact, bm25, dense, dim, gemel, gemel+dense, gemel+dim) on the dev split of
            WikiMEL, RichpediaMEL and WikiDiverse, one process, one run: Hits@1/5/10/20, MRR, n, KB size,
@@ -717,10 +718,11 @@ def _run(args) -> None:
     if args.bench_command == "report":
         cmd_report(args, argv)
         return
-    fn = {"quality": bench_quality, "ablations": bench_ablations, "scale": bench_scale}[args.bench_command]
-    res = fn(args, argv)
-    for p in write_results(res, Path(args.out)):
-        print(f"wrote {p}")
+    runs = {"quality": bench_quality, "ablations": bench_ablations, "scale": bench_scale}
+    for kind in (list(runs) if args.bench_command == "all" else [args.bench_command]):
+        res = runs[kind](args, argv)
+        for p in write_results(res, Path(args.out)):
+            print(f"wrote {p}")
 
 
 def add_parser(sub) -> None:
@@ -741,22 +743,35 @@ def add_parser(sub) -> None:
                            help="GEMEL linkers on the first N dev mentions (0 = all; ~1 s per mention on a CPU)")
         p.set_defaults(func=_run)
 
+    def quality_args(p):
+        p.add_argument("--datasets", default=",".join(DATASETS))
+        p.add_argument("--linkers", default=",".join(LINKERS), help="comma-separated; options as name:key=value")
+        p.add_argument("--limit", type=int, default=None, help="only the first N dev mentions for every linker")
+        p.add_argument("--no-reference", action="store_true", help="skip the physical reference")
+
+    def ablation_args(p):
+        p.add_argument("--dataset", default="wikimel")
+
+    def scale_args(p):
+        p.add_argument("--sizes", default="10000,100000,1000000")
+        p.add_argument("--engines", default="numpy,faiss-flat,faiss-ivf,faiss-hnsw")
+        p.add_argument("--dim", type=int, default=384)
+        p.add_argument("--queries", type=int, default=30)
+        p.add_argument("--encoder-names", type=int, default=2000, help="text-encoder throughput on N names (0: skip)")
+
     p = kinds.add_parser("quality", help="every linker on every dev split + the physical reference")
-    p.add_argument("--datasets", default=",".join(DATASETS))
-    p.add_argument("--linkers", default=",".join(LINKERS), help="comma-separated; options as name:key=value")
-    p.add_argument("--limit", type=int, default=None, help="only the first N dev mentions for every linker")
-    p.add_argument("--no-reference", action="store_true", help="skip the physical reference")
+    quality_args(p)
     common(p)
     p = kinds.add_parser("ablations", help="image, expert cue, number of demonstrations, trie vs free generation")
-    p.add_argument("--dataset", default="wikimel")
+    ablation_args(p)
     common(p)
     p = kinds.add_parser("scale", help="KB build and search cost at growing KB sizes (synthetic entities)")
-    p.add_argument("--sizes", default="10000,100000,1000000")
-    p.add_argument("--engines", default="numpy,faiss-flat,faiss-ivf,faiss-hnsw")
-    p.add_argument("--dim", type=int, default=384)
-    p.add_argument("--queries", type=int, default=30)
-    p.add_argument("--encoder-names", type=int, default=2000, help="real-encoder throughput on N names (0: skip)")
+    scale_args(p)
     common(p, data=False)
+    p = kinds.add_parser("all", help="quality, ablations and scale in turn: everything under results/ in one command")
+    for add in (quality_args, ablation_args, scale_args):
+        add(p)
+    common(p)
     p = kinds.add_parser("report", help="re-render Markdown and PNG from the bench_*.json under --out")
     p.add_argument("--out", default="results")
     p.add_argument("--threads", type=int, default=0)
