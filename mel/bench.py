@@ -555,7 +555,7 @@ def markdown_quality(res: dict) -> str:
                      f"decoding {llm['gemel_decode_tokens_per_s']} tokens/s vs a plain cached step "
                      f"{llm['plain_decode_step_tokens_per_s']} tokens/s (fraction {llm['decode_fraction_of_plain_step']}); "
                      f"the plain forward reaches {llm['plain_forward_fraction_of_sgemm']} of the matrix-multiply rate; "
-                     f"the LLM takes {llm['llm_share_of_link_time']} of a GEMEL link's time")
+                     f"the LLM takes {llm.get('llm_share_of_link_time', '-')} of a GEMEL link's time")
     return "\n".join(lines) + "\n"
 
 
@@ -621,16 +621,24 @@ def plot_quality(res: dict, out: Path) -> list[Path]:
 
     rows = [r for r in res["rows"] if r["dataset"] == datasets[0]]
     stages = [s for s in dict.fromkeys(s for r in rows for s in r["stage_ms_mean"]) if s != "total"]
-    fig, ax = plt.subplots(figsize=(10, 4.2))
+    colors = plt.get_cmap("tab20").colors
+    names = [r["linker"] for r in rows]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1, 1.6]})
+    a1.barh(names, [r["stage_ms_mean"].get("total", 0.0) for r in rows], color="tab:gray")
+    a1.set_xscale("log")
+    a1.set_xlabel("mean ms per mention (log)")
+    a1.set_title(f"Latency on {datasets[0]} dev")
     left = np.zeros(len(rows))
-    for s in stages:
-        vals = np.array([r["stage_ms_mean"].get(s, 0.0) for r in rows])
-        ax.barh([r["linker"] for r in rows], vals, left=left, label=s)
-        left += vals
-    ax.set_xscale("symlog", linthresh=1)
-    ax.set_xlabel("mean ms per mention (symlog)")
-    ax.set_title(f"Latency per stage on {datasets[0]} dev")
-    ax.legend(fontsize=8, ncol=4)
+    for i, s in enumerate(stages):  # each linker's time split by stage, as shares (linear)
+        totals = np.array([max(r["stage_ms_mean"].get("total", 0.0), 1e-9) for r in rows])
+        share = np.array([r["stage_ms_mean"].get(s, 0.0) for r in rows]) / totals
+        a2.barh(names, share, left=left, label=s, color=colors[i % len(colors)])
+        left += share
+    a2.set_xlim(0, 1)
+    a2.set_yticklabels([])
+    a2.set_xlabel("share of the time per stage")
+    a2.set_title("Where the time goes")
+    a2.legend(fontsize=7, ncol=2, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     paths.append(out / "latency_stages.png")
     fig.savefig(paths[-1], dpi=110)
