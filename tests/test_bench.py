@@ -61,7 +61,7 @@ def test_quality_run_on_real_data_compares_linkers_on_the_same_mentions(tmp_path
     build_dataset_kb("wikidiverse", SHARED / "wikidiverse", kb_dir / "wikidiverse.sqlite", preset=None, progress=False)
     out = tmp_path / "results"
     assert main(["bench", "quality", "--datasets", "wikidiverse", "--linkers", "exact,bm25", "--limit", "40",
-                 "--generative-limit", "10", "--no-reference", "--data-root", str(SHARED), "--kb-dir", str(kb_dir),
+                 "--generative-limit", "10", "--data-root", str(SHARED), "--kb-dir", str(kb_dir),
                  "--out", str(out)]) == 0
     res = json.loads((out / "bench_quality.json").read_text())
     d = res["datasets"]["wikidiverse"]

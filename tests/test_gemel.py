@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mel.errors import CheckpointError, InputError, KBError
+from mel.errors import CheckpointError, InputError, KBError, MELError
 from mel.gemel.decode import DecodeConfig, FreeVocabulary, beam_search, score_groups
 from mel.gemel.demos import DemonstrationPool
 from mel.gemel.linker import GemelLinker
@@ -364,6 +364,13 @@ def test_candidate_mode_ranks_every_candidate(tiny, kb):
     assert [c.score for c in r.candidates] == sorted((c.score for c in r.candidates), reverse=True)
     with pytest.raises(InputError, match="unknown GEMEL option"):
         GemelLinker(kb, preset, mapper="none", bogus=1)
+    from mel.linkers import build_linker
+    bm25 = build_linker("gemel+bm25", kb, preset, mapper="none", top_k=3, pool=_examples(), n_demos=2)
+    assert bm25.name == "gemel+bm25" and list(bm25.retrievers) == ["bm25"]
+    r = bm25.link(Mention.from_text("Collins on stage", "Collins"))
+    assert {c.entity.id for c in r.candidates} == {x["id"] for x in r.details["retriever"]} and r.details["scores"]
+    with pytest.raises(MELError, match="gemel\\+bm25 takes its candidates from BM25"):
+        build_linker("gemel+bm25", kb, preset, candidates="dense")
 
 
 # -- demonstrations ----------------------------------------------------------------------------------

@@ -15,11 +15,11 @@ Modules:
 """
 from .decode import DecodeConfig, beam_search, score_groups
 from .demos import Demonstration, DemonstrationPool
-from .linker import GemelLinker, gemel_with_dense, gemel_with_dim
+from .linker import GemelLinker, gemel_with_bm25, gemel_with_dense, gemel_with_dim
 from .mapper import FeatureMapper, MapperConfig
 from .prompt import PromptBuilder, Segment, render_prompt
 from .trie import TokenTrie, kb_trie
 
-__all__ = ["GemelLinker", "gemel_with_dense", "gemel_with_dim", "FeatureMapper", "MapperConfig", "DemonstrationPool",
+__all__ = ["GemelLinker", "gemel_with_bm25", "gemel_with_dense", "gemel_with_dim", "FeatureMapper", "MapperConfig", "DemonstrationPool",
            "Demonstration", "TokenTrie", "kb_trie", "PromptBuilder", "Segment", "render_prompt", "DecodeConfig",
            "beam_search", "score_groups"]

@@ -488,21 +488,20 @@ class GemelLinker(Linker):
                           details=details)
 
 
-def gemel_with_dense(kb, preset, **options) -> GemelLinker:
-    """GEMEL restricted to the dense linker's top-k names (`top_k`, default 20), every one scored by the
-    LLM, ranked by the LLM fused with the dense scores (`fuse=False`: the LLM alone)."""
-    options.setdefault("candidates", "dense")
-    if options["candidates"] != "dense":
-        raise MELError("gemel+dense takes its candidates from the dense linker; use --linker gemel with "
-                       "--opt candidates=... for another source")
-    return GemelLinker(kb, preset, **options)
+def _gemel_with(source: str, what: str):
+    def factory(kb, preset, **options) -> GemelLinker:
+        options.setdefault("candidates", source)
+        if options["candidates"] != source:
+            raise MELError(f"gemel+{source} takes its candidates from {what}; use --linker gemel with "
+                           f"--opt candidates=... for another source")
+        return GemelLinker(kb, preset, **options)
+    factory.__name__ = f"gemel_with_{source}"
+    factory.__doc__ = (f"GEMEL restricted to {what}'s top-k names (`top_k`, default 20), every one scored by the "
+                       f"LLM, ranked by the LLM fused with {what}'s scores (`fuse=False`: the LLM alone); options "
+                       f"of {what} as {source}_<name>=...")
+    return factory
 
 
-def gemel_with_dim(kb, preset, **options) -> GemelLinker:
-    """GEMEL restricted to DIM's top-k names (`top_k`, default 20), LLM fused with DIM's scores; DIM's
-    options as dim_<name>=... (e.g. dim_checkpoint=DIR)."""
-    options.setdefault("candidates", "dim")
-    if options["candidates"] != "dim":
-        raise MELError("gemel+dim takes its candidates from DIM; use --linker gemel with --opt candidates=... "
-                       "for another source")
-    return GemelLinker(kb, preset, **options)
+gemel_with_dense = _gemel_with("dense", "the dense linker")
+gemel_with_bm25 = _gemel_with("bm25", "BM25")
+gemel_with_dim = _gemel_with("dim", "DIM")

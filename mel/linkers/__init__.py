@@ -20,6 +20,7 @@ LINKERS: dict[str, str] = {
     "dense": "mel.linkers.baselines:DenseLinker",
     "gemel": "mel.gemel.linker:GemelLinker",              # generation over the whole KB trie
     "gemel+dense": "mel.gemel.linker:gemel_with_dense",   # trie over the dense top-k
+    "gemel+bm25": "mel.gemel.linker:gemel_with_bm25",     # trie over the BM25 top-k
     "gemel+dim": "mel.gemel.linker:gemel_with_dim",       # trie over DIM's top-k
     "dim": "mel.dim.linker:DimLinker",
 }
