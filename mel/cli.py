@@ -28,7 +28,7 @@ COMMANDS: dict[str, str] = {
 
 
 def _preset(args):
-    from .presets import describe, get_preset
+    from .presets import get_preset
     preset = get_preset(args.preset, device=getattr(args, "device", None))
     if preset.reason:
         print(f"[mel] {preset.reason}", file=sys.stderr)

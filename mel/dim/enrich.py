@@ -99,7 +99,7 @@ def enrich_kb(kb_path: str | Path, out: str | Path, generate: Callable[[Sequence
             if text:
                 entity.description = text
                 rewritten += 1
-    kb = build_kb(entities, out, text_encoder=text_encoder, source_format=src.source_format, progress=progress)
+    build_kb(entities, out, text_encoder=text_encoder, source_format=src.source_format, progress=progress)
     if src.has_dense("image"):  # images did not change: keep their embeddings
         shutil.copyfile(sidecar(src.path, "image"), sidecar(out, "image"))
     db = sqlite_utils.Database(out)
