@@ -46,7 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", default=os.environ.get("MEL_PRESET", "auto"), help="auto | offline | small | paper")
     p.add_argument("--device", default=None, help="override the preset's device (cpu, cuda)")
     p.add_argument("--data-dir", default=None, help="where annotations.sqlite and the uploaded images are kept")
-    p.add_argument("--generator", default="gemel", help="the generative linker (gemel, gemel+dim, gemel+dense; '' = off)")
+    p.add_argument("--generator", default="gemel", help="the generative linker (gemel: the paper's whole-KB trie; gemel+bm25, "
+                   "gemel+dense, gemel+dim: the LLM over another linker's top-k, more accurate with a small LLM; "
+                   "'' = off)")
     p.add_argument("--ranker", default="dim", help="the ranking linker (dim; dense/bm25 for a quick look)")
     p.add_argument("--opt", action="append", default=[],
                    help="linker option ROLE.key=value, ROLE = generator or ranker (e.g. generator.n_demos=8)")
