@@ -202,6 +202,7 @@ def evaluate_spec(spec: str, kb, preset, examples, *, fmt: str, data_dir: Path, 
     row.update({k: report[k] for k in ("n", "kb_size", *(f"hits@{h}" for h in HITS), "mrr", "n_with_image",
                                        "latency_ms_p50", "latency_ms_p95", "throughput_per_s", "stage_ms_mean",
                                        "n_gold_not_in_kb", "models")})
+    row["n_not_a_kb_name"] = report.get("n_not_a_kb_name", 0)  # free generation only
     row["load_s"] = round(load_s, 2)
     row["peak_rss_mb"] = rss.peak_mb
     del linker
@@ -384,6 +385,7 @@ def bench_ablations(args, argv) -> dict:
                  **{k: row[k] for k in ("n", "hits@1", "hits@5", "mrr", "latency_ms_p50", "n_with_image")}}
         if spec == "gemel:constrained=false":
             entry["note"] = "an output that is no KB name counts as a miss"
+            entry["n_not_a_kb_name"] = row["n_not_a_kb_name"]
         out["rows"].append(entry)
         print(f"  {question:<15} {variant:<30} n={row['n']:>5} H@1 {row['hits@1']:.4f} MRR {row['mrr']:.4f} "
               f"p50 {row['latency_ms_p50']} ms", flush=True)

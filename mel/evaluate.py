@@ -35,7 +35,7 @@ def evaluate(linker, examples: Sequence[Example], *, k: int = max(HITS_AT), batc
     kb = linker.kb
     ranks: list[int | None] = []
     latencies, stage_totals = [], {}
-    n_gold_missing = n_nil = 0
+    n_gold_missing = n_nil = n_not_kb_name = 0
     out = open(predictions_path, "w", encoding="utf-8") if predictions_path else None
     started = time.perf_counter()
     try:
@@ -50,6 +50,7 @@ def evaluate(linker, examples: Sequence[Example], *, k: int = max(HITS_AT), batc
                     n_gold_missing += 1
                 rank = rank_of(result, example.gold_id)
             ranks.append(rank)
+            n_not_kb_name += bool(result.details.get("not_a_kb_name"))  # free generation wrote a non-KB text
             latencies.append(result.timings.get("total", float("nan")))
             for stage, ms in result.timings.items():
                 stage_totals[stage] = stage_totals.get(stage, 0.0) + ms
@@ -76,6 +77,8 @@ def evaluate(linker, examples: Sequence[Example], *, k: int = max(HITS_AT), batc
     report["wall_seconds"] = round(elapsed, 2)
     report["n_gold_not_in_kb"] = n_gold_missing
     report["n_nil_gold"] = n_nil
+    if n_not_kb_name:
+        report["n_not_a_kb_name"] = n_not_kb_name
     report["n_with_image"] = sum(1 for ex in examples if ex.mention.image)
     preset = linker.preset
     report["preset"] = getattr(preset, "name", "")

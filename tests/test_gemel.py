@@ -305,6 +305,9 @@ def test_free_generation_may_leave_the_kb_and_says_so(tiny, kb):
     assert r.details["not_a_kb_name"] == (r.details.get("generated") not in names)
     if r.details["not_a_kb_name"]:
         assert r.prediction is None and not r.candidates
+    from mel.evaluate import evaluate
+    report = evaluate(linker, [Example(r.mention, "Q2", "Phil Collins", "s1")], progress=False)
+    assert report.get("n_not_a_kb_name", 0) == int(r.details["not_a_kb_name"])  # counted in the report
     with pytest.raises(InputError, match="free generation"):
         GemelLinker(kb, preset, mapper="none", constrained=False, candidates="dense")
 
