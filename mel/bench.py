@@ -44,11 +44,11 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
+from .paths import REPO_ROOT
 
 DATASETS = ("wikimel", "richpedia", "wikidiverse")
 LINKERS = ("exact", "bm25", "dense", "dim", "gemel", "gemel+dense", "gemel+dim")
 HITS = (1, 5, 10, 20)
-REPO = Path(__file__).resolve().parents[1]
 
 
 # -- provenance ---------------------------------------------------------------------------------
@@ -74,9 +74,9 @@ def kb_files(kb_path: Path) -> list[Path]:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
                              timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return out.stdout.strip() + ("+uncommitted" if dirty else "")
     except (OSError, subprocess.SubprocessError):

@@ -11,3 +11,15 @@ def cache_dir(*parts: str) -> Path:
     path = root.joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def display_path(path: str | Path) -> str:
+    """A path as results and reports show it: relative to the repository when inside it (a shipped
+    checkpoint reads `models/dim-offline` on every machine), otherwise as given."""
+    try:
+        return Path(path).resolve().relative_to(REPO_ROOT).as_posix()
+    except ValueError:
+        return str(path)

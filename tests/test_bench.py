@@ -85,3 +85,9 @@ def test_quality_run_on_real_data_compares_linkers_on_the_same_mentions(tmp_path
 def test_report_without_results_is_a_clear_error(tmp_path, capsys):
     assert main(["bench", "report", "--out", str(tmp_path)]) == 2
     assert "run `python -m mel bench" in capsys.readouterr().err
+
+
+def test_reported_paths_are_relative_to_the_repository(tmp_path):
+    from mel.paths import REPO_ROOT, display_path
+    assert display_path(REPO_ROOT / "models" / "dim-offline") == "models/dim-offline"
+    assert display_path(tmp_path / "head") == str(tmp_path / "head")  # outside the repository: as given

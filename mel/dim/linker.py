@@ -19,6 +19,7 @@ import torch
 
 from ..errors import CheckpointError, InputError, KBError
 from ..linkers.base import BatchLinker, Stopwatch
+from ..paths import REPO_ROOT, display_path
 from ..training import load_pretrained_dir
 from ..types import Candidate, LinkResult, Mention
 from .candidates import CandidateConfig, CandidateGenerator, CandidatePool, load_candidate_lists
@@ -43,7 +44,7 @@ def shipped_checkpoint(preset_name: str) -> Path:
             f"no DIM fusion head is shipped for preset {preset_name!r} (only for {', '.join(SHIPPED)}): train one with "
             f"`python -m mel train dim --preset {preset_name} --format ... --data DIR --kb KB --out DIR` and pass "
             f"checkpoint=DIR (CLI: --opt checkpoint=DIR)")
-    path = Path(__file__).resolve().parents[2] / "models" / name
+    path = REPO_ROOT / "models" / name
     if not (path / "config.json").exists():
         raise CheckpointError(f"the shipped DIM head {path} is missing; reinstall the project or train one with "
                               f"`python -m mel train dim ...` and pass checkpoint=DIR")
@@ -105,7 +106,7 @@ class DimLinker(BatchLinker):
 
     def models(self) -> dict[str, str]:
         return {"text_encoder": self.preset.text_encoder, "image_encoder": self.preset.image_encoder,
-                "cue": self.preset.cue, "fusion_head": str(self.checkpoint)}
+                "cue": self.preset.cue, "fusion_head": display_path(self.checkpoint)}
 
 
     # -- one batch ---------------------------------------------------------------------------------

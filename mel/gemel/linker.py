@@ -67,13 +67,13 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import OrderedDict
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import CheckpointError, InputError, KBError, MELError
 from ..linkers.base import Linker, Stopwatch
+from ..paths import REPO_ROOT, display_path
 from ..types import Candidate, Example, LinkResult, Mention
 from .decode import DecodeConfig, FreeVocabulary, Hypothesis, beam_search, score_groups
 from .demos import Demonstration, DemonstrationPool, load_pool_examples
@@ -81,7 +81,6 @@ from .mapper import FeatureMapper
 from .prompt import PromptBuilder, Segment, embed_prompt
 from .trie import TokenTrie, kb_trie
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 # the feature mapper shipped for a preset (trained with `python -m mel train gemel`, see its README)
 SHIPPED_MAPPERS = {"offline": REPO_ROOT / "models" / "gemel-offline"}
 TIE_BREAK_RULE = ("gold of the most similar retrieved demonstration, then most caption words in the description, "
@@ -279,7 +278,7 @@ class GemelLinker(Linker):
         out = {"llm": self.preset.llm, "mention_encoder": self.preset.mention_encoder}
         if self.mapper is not None:
             out["image_encoder"] = self.preset.image_encoder
-            out["feature_mapper"] = self.mapper_source
+            out["feature_mapper"] = display_path(self.mapper_source)
         for src, linker in self.retrievers.items():
             out.update({f"candidates.{src}.{k}": v for k, v in linker.models().items()})
         return out
