@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from demo.serving import AppProcess  # noqa: E402 (after the path set-up)
+from mel.bench import save_json  # noqa: E402
 
 
 def link_once(client, example) -> tuple[float, dict]:
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
     print(f"load average before {report['load_avg_before']}, after {report['load_avg_after']} "
           f"on {report['cpus']} CPUs")
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        save_json(args.json, report)
     return 0
 
 

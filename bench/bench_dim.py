@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mel.bench import save_json  # noqa: E402
 from mel.datasets import load_dataset  # noqa: E402
 from mel.dim.candidates import candidate_lists, candidate_recall, save_candidate_lists  # noqa: E402
 from mel.evaluate import evaluate  # noqa: E402
@@ -143,8 +144,7 @@ def main(argv=None) -> int:
     for name, q in out["quality"].items():
         print(f"| {name} | {q['hits@1']:.4f} | {q['hits@5']:.4f} | {q['hits@10']:.4f} | {q['hits@20']:.4f} | {q['mrr']:.4f} |")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2, ensure_ascii=False))
+        save_json(args.json, out)
     return 0
 
 

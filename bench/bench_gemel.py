@@ -22,7 +22,6 @@ with other jobs, 2 threads wait on each other at every op and decoding gets many
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -34,7 +33,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mel.bench import parse_linker  # noqa: E402
+from mel.bench import parse_linker, save_json  # noqa: E402
 
 STAGES = ("retrieve", "candidates", "image", "prompt", "prefill", "decode", "map")
 DEFAULT_LINKERS = "gemel gemel+dense gemel:candidates=bm25 bm25 dense"
@@ -197,8 +196,7 @@ def main(argv=None) -> int:
         out["quality"] = bench_quality(kb, preset, examples, linkers, args.data, args.format, args.n_demos)
     out["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2))
+        save_json(args.json, out)
     return 0
 
 

@@ -11,7 +11,6 @@ Prints, against the foundation targets:
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mel.bench import save_json  # noqa: E402
 
 
 def bench_build(source: str, preset_name: str) -> dict:
@@ -78,8 +78,7 @@ def main(argv=None) -> int:
     results["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     print(f"peak RSS {results['peak_rss_mb']} MB")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        save_json(args.json, results)
     return 0
 
 

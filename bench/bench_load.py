@@ -52,6 +52,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from demo.serving import AppProcess  # noqa: E402 (after the path set-up)
+from mel.bench import save_json  # noqa: E402
 
 ACTION_CYCLE = ("accept_dim", "search", "nil", "skip")
 _STARTED: list[AppProcess] = []  # apps this process started, for the watchdog
@@ -433,8 +434,7 @@ def main(argv=None) -> int:
           f"{'PASSED' if s['passed'] else 'FAILED'}")
     print(f"load average before {report['load_avg_before']}, after {report['load_avg_after']} on {report['cpus']} CPUs")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        save_json(args.json, report)
     return 0 if s["passed"] else 1
 
 

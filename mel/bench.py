@@ -72,6 +72,14 @@ def kb_files(kb_path: Path) -> list[Path]:
     return [kb_path] + sorted(kb_path.parent.glob(f"{stem.name}.*.safetensors"))
 
 
+def save_json(path: str | Path, data) -> Path:
+    """Write a benchmark result: indented UTF-8 JSON, parent folders created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
@@ -720,7 +728,7 @@ def write_results(res: dict, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     kind = res["kind"]
     paths = [out / f"bench_{kind}.json", out / f"bench_{kind}.md"]
-    paths[0].write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    save_json(paths[0], res)
     markdown, plot = RENDER[kind]
     paths[1].write_text(markdown(res), encoding="utf-8")
     paths += plot(res, out)

@@ -108,16 +108,22 @@ def prefill(model, inputs_embeds: torch.Tensor):
     return torch.log_softmax(out.logits[:, -1].float(), dim=-1), out.past_key_values
 
 
-@torch.inference_mode()
-def beam_search(model, trie: TokenTrie | FreeVocabulary, inputs_embeds: torch.Tensor, config: DecodeConfig | None = None,
-                ) -> tuple[list[Hypothesis], DecodeStats]:
-    """Finished hypotheses, best first (at most `num_beams`), and timing statistics."""
-    config = config or DecodeConfig()
+def timed_prefill(model, inputs_embeds: torch.Tensor):
+    """prefill() with its time recorded: (log-probs, KV cache, DecodeStats, the clock when it ended)."""
     stats = DecodeStats(prompt_tokens=int(inputs_embeds.shape[1]))
     t0 = time.perf_counter()
     logp, past = prefill(model, inputs_embeds)
     t1 = time.perf_counter()
     stats.prefill_ms = (t1 - t0) * 1000
+    return logp, past, stats, t1
+
+
+@torch.inference_mode()
+def beam_search(model, trie: TokenTrie | FreeVocabulary, inputs_embeds: torch.Tensor, config: DecodeConfig | None = None,
+                ) -> tuple[list[Hypothesis], DecodeStats]:
+    """Finished hypotheses, best first (at most `num_beams`), and timing statistics."""
+    config = config or DecodeConfig()
+    logp, past, stats, t1 = timed_prefill(model, inputs_embeds)
     device = inputs_embeds.device
     n_beams = config.num_beams
     beams: list[tuple[float, list[int], int]] = [(0.0, [], trie.ROOT)]  # (logprob, tokens, node)
@@ -177,11 +183,7 @@ def score_groups(model, trie: TokenTrie, inputs_embeds: torch.Tensor, groups: li
                  length_penalty: float = 1.0, batch_size: int = 32) -> tuple[list[Hypothesis], DecodeStats]:
     """Every name group of `trie` (or `groups`) scored by the LLM given the prompt, best first."""
     groups = list(range(trie.n_groups)) if groups is None else list(groups)
-    stats = DecodeStats(prompt_tokens=int(inputs_embeds.shape[1]))
-    t0 = time.perf_counter()
-    first_logp, past = prefill(model, inputs_embeds)
-    t1 = time.perf_counter()
-    stats.prefill_ms = (t1 - t0) * 1000
+    first_logp, past, stats, t1 = timed_prefill(model, inputs_embeds)
     device = inputs_embeds.device
     hyps: list[Hypothesis] = []
     for start in range(0, len(groups), batch_size):
