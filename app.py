@@ -15,7 +15,6 @@ storage, else ./data/app.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -65,16 +64,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def linker_options(items: list[str]) -> tuple[dict, dict]:
+    from mel.linkers import option_value
     out = {"generator": {}, "ranker": {}}
     for item in items:
         key, sep, value = item.partition("=")
         role, dot, name = key.partition(".")
         if not sep or not dot or role not in out or not name:
             raise SystemExit(f"--opt {item!r}: expected ROLE.key=value with ROLE generator or ranker")
-        try:
-            out[role][name] = json.loads(value)
-        except json.JSONDecodeError:
-            out[role][name] = value
+        out[role][name] = option_value(value)
     return out["generator"], out["ranker"]
 
 

@@ -44,11 +44,11 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
+from .evaluate import HITS_AT as HITS, rank_metrics
 from .paths import REPO_ROOT
 
 DATASETS = ("wikimel", "richpedia", "wikidiverse")
 LINKERS = ("exact", "bm25", "dense", "dim", "gemel", "gemel+dense", "gemel+dim")
-HITS = (1, 5, 10, 20)
 
 
 # -- provenance ---------------------------------------------------------------------------------
@@ -151,15 +151,9 @@ class PeakRSS:
 
 def parse_linker(spec: str) -> tuple[str, dict]:
     """`gemel:n_demos=16,constrained=false` -> ("gemel", {"n_demos": 16, "constrained": False})."""
+    from .linkers import parse_options
     name, _, opts = spec.partition(":")
-    options = {}
-    for item in filter(None, opts.split(",")):
-        key, _, value = item.partition("=")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return name, options
+    return name, parse_options(filter(None, opts.split(",")))
 
 
 def is_generative(spec: str) -> bool:
@@ -183,15 +177,6 @@ def open_kb(fmt: str, data_root: Path, kb_dir: Path, preset, progress: bool) -> 
                 "kb_built_in_this_run_s": built}
 
 
-def subset_metrics(ranks: list[int | None]) -> dict:
-    n = len(ranks)
-    out = {"n": n}
-    for h in HITS:
-        out[f"hits@{h}"] = round(sum(1 for r in ranks if r is not None and r <= h) / n, 4) if n else 0.0
-    out["mrr"] = round(sum(1.0 / r for r in ranks if r) / n, 4) if n else 0.0
-    return out
-
-
 def evaluate_spec(spec: str, kb, preset, examples, *, fmt: str, data_dir: Path, progress: bool) -> tuple[dict, list]:
     """Evaluate one linker spec; returns (row, per-mention ranks)."""
     from .evaluate import evaluate
@@ -199,13 +184,12 @@ def evaluate_spec(spec: str, kb, preset, examples, *, fmt: str, data_dir: Path, 
     name, options = parse_linker(spec)
     if is_generative(name):
         options = {"pool_data": str(data_dir), "pool_format": fmt, **options}
-    with PeakRSS() as rss, tempfile.TemporaryDirectory() as tmp:
+    with PeakRSS() as rss:
         t0 = time.perf_counter()
         linker = build_linker(name, kb, preset, **options)
         load_s = time.perf_counter() - t0
-        predictions = Path(tmp) / "predictions.jsonl"
-        report = evaluate(linker, examples, progress=progress, predictions_path=predictions)
-        ranks = [json.loads(line)["rank"] for line in predictions.read_text(encoding="utf-8").splitlines()]
+        report = evaluate(linker, examples, progress=progress, keep_ranks=True)
+    ranks = report.pop("ranks")
     row = {"linker": spec, "dataset": fmt}
     row.update({k: report[k] for k in ("n", "kb_size", *(f"hits@{h}" for h in HITS), "mrr", "n_with_image",
                                        "latency_ms_p50", "latency_ms_p95", "throughput_per_s", "stage_ms_mean",
@@ -245,7 +229,7 @@ def bench_quality(args, argv) -> dict:
             use = examples[:g] if is_generative(spec) else examples
             row, ranks = evaluate_spec(spec, kb, preset, use, fmt=fmt, data_dir=data_dir, progress=args.progress)
             out["rows"].append(row)
-            sub = {"linker": spec, "dataset": fmt, **subset_metrics(ranks[:g])}
+            sub = {"linker": spec, "dataset": fmt, "n": len(ranks[:g]), **rank_metrics(ranks[:g])}
             out["subset_rows"].append(sub)
             print(f"  {fmt:<11} {spec:<12} n={row['n']:>5} H@1 {row['hits@1']:.4f} H@5 {row['hits@5']:.4f} "
                   f"MRR {row['mrr']:.4f} | first {sub['n']}: H@1 {sub['hits@1']:.4f} | p50 {row['latency_ms_p50']} ms "
@@ -284,18 +268,16 @@ def physical_reference(kb, preset, examples, data_dir: Path, fmt: str, n_links: 
     # dense search: the KB's text index against a bare matrix product over the same vectors
     if kb.has_dense("text"):
         index, _ = kb.dense("text")
-        vectors = index.vectors if hasattr(index, "vectors") else None
+        vectors = index.vectors
         q = np.random.default_rng(1).standard_normal((1, index.dim), dtype=np.float32)
         q /= np.linalg.norm(q)
         search_ms = _p50_ms(lambda: kb.search_dense(q, k=20), 20)
-        entry = {"rows": len(index), "dim": index.dim, "engine": getattr(index, "engine", ""),
-                 "search_ms_p50": round(search_ms, 3)}
-        if vectors is not None:
-            bare_ms = _p50_ms(lambda: q @ vectors.T, 20)  # the same (1, d) x (d, n) product, nothing else
-            entry.update({"bare_matmul_ms_p50": round(bare_ms, 3), "fraction_of_bare_matmul": round(bare_ms / search_ms, 3),
-                          "achieved_gb_per_s": round(vectors.nbytes / (search_ms / 1000) / 1e9, 2),
-                          "fraction_of_copy_bandwidth": round(vectors.nbytes / (search_ms / 1000) / bandwidth, 3)})
-        ref["dense_search"] = entry
+        bare_ms = _p50_ms(lambda: q @ vectors.T, 20)  # the same (1, d) x (d, n) product, nothing else
+        ref["dense_search"] = {"rows": len(index), "dim": index.dim, "engine": index.engine,
+                               "search_ms_p50": round(search_ms, 3), "bare_matmul_ms_p50": round(bare_ms, 3),
+                               "fraction_of_bare_matmul": round(bare_ms / search_ms, 3),
+                               "achieved_gb_per_s": round(vectors.nbytes / (search_ms / 1000) / 1e9, 2),
+                               "fraction_of_copy_bandwidth": round(vectors.nbytes / (search_ms / 1000) / bandwidth, 3)}
 
     # the LLM: GEMEL's prefill and decoding against plain forwards of the same model and shapes
     linker = build_linker("gemel", kb, preset, pool_data=str(data_dir), pool_format=fmt)

@@ -127,14 +127,8 @@ def cmd_link(args):
 
 def _options(args) -> dict:
     """`--opt key=value` pairs for linker-specific options (values parsed as JSON when possible)."""
-    options = {}
-    for item in args.opt or []:
-        key, _, value = item.partition("=")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return options
+    from .linkers import parse_options
+    return parse_options(args.opt or [])
 
 
 def cmd_eval(args):

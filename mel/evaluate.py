@@ -28,8 +28,18 @@ def rank_of(result: LinkResult, gold_id: str) -> int | None:
     return None
 
 
+def rank_metrics(ranks: Sequence[int | None]) -> dict:
+    """Hits@k for k in HITS_AT and MRR from 1-based gold ranks (None: the gold was not returned)."""
+    n = len(ranks)
+    out = {f"hits@{h}": round(sum(1 for r in ranks if r is not None and r <= h) / n, 4) if n else 0.0
+           for h in HITS_AT}
+    out["mrr"] = round(sum(1.0 / r for r in ranks if r) / n, 4) if n else 0.0
+    return out
+
+
 def evaluate(linker, examples: Sequence[Example], *, k: int = max(HITS_AT), batch_size: int = 32,
-             progress: bool = True, predictions_path: str | Path | None = None) -> dict:
+             progress: bool = True, predictions_path: str | Path | None = None, keep_ranks: bool = False) -> dict:
+    """The report dict; `keep_ranks` adds `ranks`, the gold's rank per example (None when absent)."""
     from tqdm.auto import tqdm
 
     kb = linker.kb
@@ -66,9 +76,7 @@ def evaluate(linker, examples: Sequence[Example], *, k: int = max(HITS_AT), batc
     elapsed = time.perf_counter() - started
     n = len(ranks)
     report = {"linker": linker.name, "n": n, "kb_size": kb.size, "protocol": "whole-KB ranking"}
-    for h in HITS_AT:
-        report[f"hits@{h}"] = round(sum(1 for r in ranks if r is not None and r <= h) / n, 4) if n else 0.0
-    report["mrr"] = round(sum(1.0 / r for r in ranks if r) / n, 4) if n else 0.0
+    report.update(rank_metrics(ranks))
     lat = np.asarray(latencies, dtype=float)
     report["latency_ms_p50"] = round(float(np.nanpercentile(lat, 50)), 2) if n else None
     report["latency_ms_p95"] = round(float(np.nanpercentile(lat, 95)), 2) if n else None
@@ -87,6 +95,8 @@ def evaluate(linker, examples: Sequence[Example], *, k: int = max(HITS_AT), batc
     report["kb_path"] = str(kb.path.name)
     report["python"] = platform.python_version()
     report["command"] = " ".join(["python -m mel"] + sys.argv[1:]) if sys.argv and sys.argv[0].endswith(("mel", "__main__.py")) else ""
+    if keep_ranks:
+        report["ranks"] = ranks
     return report
 
 

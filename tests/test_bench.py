@@ -6,16 +6,17 @@ import json
 import numpy as np
 import pytest
 
-from mel.bench import PeakRSS, parse_linker, search_engines, sha256_paths, subset_metrics, synthetic_vectors
+from mel.bench import PeakRSS, parse_linker, search_engines, sha256_paths, synthetic_vectors
 from mel.cli import main
+from mel.evaluate import rank_metrics
 
 
 
-def test_parse_linker_and_subset_metrics():
+def test_parse_linker_and_rank_metrics():
     assert parse_linker("gemel:n_demos=16,constrained=false") == ("gemel", {"n_demos": 16, "constrained": False})
     assert parse_linker("bm25") == ("bm25", {})
-    m = subset_metrics([1, 3, None, 25])
-    assert m["n"] == 4 and m["hits@1"] == 0.25 and m["hits@5"] == 0.5 and m["hits@20"] == 0.5
+    m = rank_metrics([1, 3, None, 25])
+    assert m["hits@1"] == 0.25 and m["hits@5"] == 0.5 and m["hits@20"] == 0.5
     assert m["mrr"] == pytest.approx(round((1 + 1 / 3 + 1 / 25) / 4, 4))
 
 

@@ -10,6 +10,7 @@ find them here.
 from __future__ import annotations
 
 import importlib
+import json
 
 from .base import Linker
 
@@ -26,6 +27,23 @@ LINKERS: dict[str, str] = {
 }
 
 
+def option_value(text: str):
+    """A linker option's value from the command line: JSON when it parses (16, false, 0.5), else the text."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_options(items) -> dict:
+    """`["top_k=10", "candidates=bm25"]` -> {"top_k": 10, "candidates": "bm25"} (CLI `--opt`, bench specs)."""
+    options = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        options[key] = option_value(value)
+    return options
+
+
 def register_linker(name: str, target: str) -> None:
     LINKERS[name] = target
 
@@ -39,4 +57,4 @@ def build_linker(name: str, kb, preset, **options) -> Linker:
     return factory(kb, preset, **options)
 
 
-__all__ = ["Linker", "LINKERS", "build_linker", "register_linker"]
+__all__ = ["Linker", "LINKERS", "build_linker", "register_linker", "parse_options", "option_value"]
