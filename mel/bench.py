@@ -400,9 +400,10 @@ def synthetic_vectors(rows: int, dim: int, seed: int = 0) -> np.ndarray:
 def synthetic_queries(vectors: np.ndarray, n: int, seed: int = 1, noise: float = 0.05) -> np.ndarray:
     """Queries near random rows: row + Gaussian noise (`noise` per dimension; 0.05 over 384 dims gives a
     cosine of about 0.7 to the row, like a mention embedding to its entity's)."""
+    from .index import normalize
     rng = np.random.default_rng(seed)
-    q = vectors[rng.integers(0, len(vectors), n)] + noise * rng.standard_normal((n, vectors.shape[1]), dtype=np.float32)
-    return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+    return normalize(vectors[rng.integers(0, len(vectors), n)]
+                     + noise * rng.standard_normal((n, vectors.shape[1]), dtype=np.float32))
 
 
 def search_engines(vectors: np.ndarray, queries: np.ndarray, engines: list[str], k: int = 20) -> list[dict]:
@@ -448,8 +449,8 @@ class RandomEncoder:
         self._rng = np.random.default_rng(0)
 
     def encode(self, texts, batch_size: int = 128, **_):
-        v = self._rng.standard_normal((len(texts), self.dim), dtype=np.float32)
-        return v / np.linalg.norm(v, axis=1, keepdims=True)
+        from .index import normalize
+        return normalize(self._rng.standard_normal((len(texts), self.dim), dtype=np.float32))
 
 
 WORDS = ("river north king star stone city black red house field john maria lake union royal club saint new "
@@ -485,7 +486,7 @@ def bench_scale(args, argv) -> dict:
             kb_bytes = sum(f.stat().st_size for f in kb_files(path))
             kb = KnowledgeBase(path)
             queries = [" ".join(rng.choice(WORDS, 2)) for _ in range(args.queries)]
-            bm25_ms = [(_p50_ms(lambda q=q: kb.search_bm25(q, k=20), 1)) for q in queries]
+            bm25_ms = [_p50_ms(lambda q=q: kb.search_bm25(q, k=20), 1) for q in queries]
         vectors = synthetic_vectors(size, args.dim, args.seed)
         search = search_engines(vectors, synthetic_queries(vectors, args.queries, args.seed + 1), engines)
         row = {"entities": size, "kb_build_s": round(build_s, 2), "kb_build_entities_per_s": round(size / build_s, 1),

@@ -366,15 +366,13 @@ class GemelLinker(Linker):
                 ambiguity = self._fused_ambiguity(ranked)
         details["beams" if self.rank == "beam" else "llm_ranking"] = beams
         details["ambiguity"] = ambiguity
-        if isinstance(trie, FreeVocabulary):  # the first output decides: a non-KB text is a miss, not skipped
+        free = isinstance(trie, FreeVocabulary)
+        if free:  # the first output decides: a non-KB text is a miss, not skipped
             details["not_a_kb_name"] = not hyps or beams[0].get("not_a_kb_name", False)
             if details["not_a_kb_name"]:
                 ranked = []
-        if hyps and isinstance(trie, FreeVocabulary):
-            details["generated"] = self._free_text(hyps[0])
-            details["logprob"] = round(hyps[0].logprob, 4)
-        elif hyps:  # the LLM's own first choice (with fusion, the prediction may differ)
-            details["generated"] = self.tokenizer.decode(hyps[0].tokens[:-1])
+        if hyps:  # the LLM's own first choice (with fusion, the prediction may differ)
+            details["generated"] = self._free_text(hyps[0]) if free else self.tokenizer.decode(hyps[0].tokens[:-1])
             details["logprob"] = round(hyps[0].logprob, 4)
         else:
             details["note"] = f"no name finished within {self.decode_config.max_new_tokens} tokens: NIL"
@@ -442,22 +440,20 @@ class GemelLinker(Linker):
         free = isinstance(trie, FreeVocabulary)
         for h in hyps:
             name = self._free_text(h) if free else trie.name(h.group)
-            if free:  # free generation: the text names an entity only if it equals a KB name or alias
-                idxs = list(dict.fromkeys(idx for idx, _ in self.kb.lookup_name(name)))
-                if not idxs:
-                    beams.append({"name": name, "logprob": round(h.logprob, 4), "score": round(h.score, 4),
-                                  "entity_ids": [], "not_a_kb_name": True})
-                    continue
-            else:
-                idxs = trie.entities(h.group)
+            # free generation: the text names an entity only if it equals a KB name or alias
+            idxs = list(dict.fromkeys(idx for idx, _ in self.kb.lookup_name(name))) if free else trie.entities(h.group)
+            beam = {"name": name, "logprob": round(h.logprob, 4), "score": round(h.score, 4), "entity_ids": []}
+            beams.append(beam)
+            if not idxs:
+                beam["not_a_kb_name"] = True
+                continue
             entities = self.kb.entities_at(idxs)
             if len(entities) > 1:
                 entities = self.tie_break(entities, mention, demos)
                 if ambiguity is None and not ranked:  # the prediction's name is ambiguous
                     ambiguity = {"name": name, "entity_ids": [e.id for e in entities],
                                  "chosen": entities[0].id, "rule": TIE_BREAK_RULE}
-            beams.append({"name": name, "logprob": round(h.logprob, 4), "score": round(h.score, 4),
-                          "entity_ids": [e.id for e in entities]})
+            beam["entity_ids"] = [e.id for e in entities]
             ranked += [(e, h.score) for e in entities]
         return ranked, beams, ambiguity
 
