@@ -40,47 +40,59 @@ class DenseIndex:
         """`vectors` (n, d) float32, normalised. `ids` maps rows to KB row numbers (default: 0..n-1)."""
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
-        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        if self.vectors.ndim != 2:
-            raise ValueError(f"vectors must be 2-D, got shape {self.vectors.shape}")
-        self.ids = np.arange(len(self.vectors), dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
+        self._vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if self._vectors.ndim != 2:
+            raise ValueError(f"vectors must be 2-D, got shape {self._vectors.shape}")
+        self._n, self._dim = self._vectors.shape
+        self.ids = np.arange(self._n, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
         if engine == "auto":
-            engine = "faiss-ivf" if len(self.vectors) >= FAISS_AUTO_ROWS else "numpy"
+            engine = "faiss-ivf" if self._n >= FAISS_AUTO_ROWS else "numpy"
         self.engine = engine
         self._faiss_index = None
-        if engine.startswith("faiss") and len(self.vectors):
+        if engine.startswith("faiss") and self._n:
             faiss = _import_faiss()
-            d = self.vectors.shape[1]
+            d = self._dim
             if engine == "faiss-flat":
                 index = faiss.IndexFlatIP(d)
             elif engine == "faiss-ivf":
                 # ~sqrt(n) lists, k-means on 40 points per list: the build stays at seconds for 1M rows
-                n_lists = max(1, min(int(np.sqrt(len(self.vectors))), len(self.vectors) // 40))
+                n_lists = max(1, min(int(np.sqrt(self._n)), self._n // 40))
                 index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, n_lists, faiss.METRIC_INNER_PRODUCT)
                 rng = np.random.default_rng(0)
-                sample = self.vectors[rng.choice(len(self.vectors), min(len(self.vectors), 40 * n_lists), replace=False)]
+                sample = self._vectors[rng.choice(self._n, min(self._n, 40 * n_lists), replace=False)]
                 index.train(sample)
                 index.nprobe = min(nprobe, n_lists)
+                index.make_direct_map()  # so that `vectors` can be reconstructed
             else:
                 index = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
                 index.hnsw.efSearch = ef_search
-            index.add(self.vectors)
+            index.add(self._vectors)
             self._faiss_index = index
+            self._vectors = None  # every FAISS engine here stores the vectors itself: keep one copy
 
     def __len__(self) -> int:
-        return len(self.vectors)
+        return self._n
+
+    @property
+    def vectors(self) -> np.ndarray:
+        """All vectors (n, d), row order of `ids`; with a FAISS engine, reconstructed from it (a copy)."""
+        if self._vectors is not None:
+            return self._vectors
+        return self._faiss_index.reconstruct_n(0, self._n)
 
     def memory_bytes(self) -> int:
-        """Bytes this index holds: the vectors and ids (kept for saving and exact re-scoring) plus the
-        FAISS structure (its serialised size, which for flat/IVF includes another copy of the vectors)."""
-        size = self.vectors.nbytes + self.ids.nbytes
+        """Bytes this index holds: ids plus either the vectors (numpy) or the FAISS structure (its
+        serialised size, which holds the vectors once, and for HNSW also the graph)."""
+        size = self.ids.nbytes
         if self._faiss_index is not None:
             size += int(_import_faiss().serialize_index(self._faiss_index).nbytes)
+        else:
+            size += self._vectors.nbytes
         return size
 
     @property
     def dim(self) -> int:
-        return self.vectors.shape[1]
+        return self._dim
 
     def search(self, queries: np.ndarray, k: int = 20) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids), each (n_queries, k'), best first; k' = min(k, len(index))."""
@@ -95,7 +107,7 @@ class DenseIndex:
             scores, rows = self._faiss_index.search(np.ascontiguousarray(queries), k)
             rows = np.where(rows < 0, 0, rows)  # HNSW pads with -1 when it finds fewer than k
             return scores, self.ids[rows]
-        sims = queries @ self.vectors.T
+        sims = queries @ self._vectors.T
         if k < sims.shape[1]:
             top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
         else:

@@ -9,6 +9,7 @@ import pytest
 from mel.bench import PeakRSS, parse_linker, search_engines, sha256_paths, synthetic_vectors
 from mel.cli import main
 from mel.evaluate import rank_metrics
+from mel.index import DenseIndex
 
 
 
@@ -36,11 +37,26 @@ def test_checksums_change_with_content(tmp_path):
 
 def test_search_engines_report_recall_and_memory():
     vectors = synthetic_vectors(3000, 32)
-    rows = search_engines(vectors, vectors[:5] + 0.01, ["numpy", "faiss-flat", "faiss-hnsw"])
-    assert [r["engine"] for r in rows] == ["numpy", "faiss-flat", "faiss-hnsw"]
+    engines = ["numpy", "faiss-flat", "faiss-ivf", "faiss-hnsw"]
+    rows = search_engines(vectors, vectors[:5] + 0.01, engines)
+    assert [r["engine"] for r in rows] == engines
     assert rows[0]["recall@20_vs_exact"] == 1.0 and rows[1]["recall@20_vs_exact"] == 1.0
     assert rows[0]["index_bytes_per_entity"] == 32 * 4 + 8  # float32 vectors + int64 ids
-    assert rows[2]["index_bytes_per_entity"] > rows[0]["index_bytes_per_entity"]  # HNSW adds its graph
+    # FAISS holds the only copy of the vectors (flat: a small header; IVF: list ids + direct map)
+    assert rows[1]["index_bytes_per_entity"] < 1.05 * rows[0]["index_bytes_per_entity"]
+    assert rows[2]["index_bytes_per_entity"] < 1.3 * rows[0]["index_bytes_per_entity"]
+    assert rows[3]["index_bytes_per_entity"] > rows[0]["index_bytes_per_entity"]  # HNSW adds its graph
+
+
+@pytest.mark.parametrize("engine", ["faiss-flat", "faiss-ivf", "faiss-hnsw"])
+def test_faiss_engines_give_back_the_vectors_and_save_like_numpy(tmp_path, engine):
+    vectors = synthetic_vectors(500, 16)
+    index = DenseIndex(vectors, np.arange(500) + 7, engine=engine)
+    assert np.allclose(index.vectors, vectors) and len(index) == 500 and index.dim == 16
+    index.save(tmp_path / "v.safetensors", {"engine": engine})
+    back, meta = DenseIndex.load(tmp_path / "v.safetensors", engine="numpy")
+    assert meta == {"engine": engine} and np.allclose(back.vectors, vectors)
+    assert back.search(vectors[:3], k=1)[1][:, 0].tolist() == [7, 8, 9]
 
 
 def test_scale_run_writes_json_markdown_and_plot(tmp_path, capsys):
