@@ -84,7 +84,7 @@ def main(argv=None) -> None:
     oauth = on_space and not auth and bool(os.environ.get("OAUTH_CLIENT_ID"))
 
     if args.threads:
-        os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))  # the backends then keep torch's setting
+        os.environ["MEL_THREADS"] = str(args.threads)  # read by every backend (configure_cpu_threads)
         import torch
         torch.set_num_threads(args.threads)
 

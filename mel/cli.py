@@ -15,9 +15,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 
-from .errors import MELError
+from .errors import InputError, MELError
 
 # subcommand -> "module:function(subparsers)" that adds it; kept lazy so --help stays fast
 COMMANDS: dict[str, str] = {
@@ -155,6 +156,9 @@ def cmd_eval(args):
 # -- parser -------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mel", description="Multimodal entity linking: GEMEL and DIM.")
+    parser.add_argument("--threads", dest="torch_threads", type=int, default=None, metavar="N",
+                        help="torch CPU threads for every model (sets MEL_THREADS; default: the CPUs this process "
+                             "may use). On a CPU shared with other jobs 1 is often much faster")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("models", help="show the models of a preset (or 'all')")
@@ -245,6 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.torch_threads is not None:
+            if args.torch_threads < 1:
+                raise InputError(f"--threads must be >= 1, got {args.torch_threads}")
+            os.environ["MEL_THREADS"] = str(args.torch_threads)  # read by configure_cpu_threads
+            import torch
+            torch.set_num_threads(args.torch_threads)  # also when a backend configured threads earlier
         args.func(args)
     except MELError as exc:
         print(f"error: {exc}", file=sys.stderr)

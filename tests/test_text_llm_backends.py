@@ -328,3 +328,23 @@ def test_smollm2_generates_sensibly(smollm2):
     emb_out = lm.model.generate(inputs_embeds=lm.embed_tokens(ids), attention_mask=torch.ones_like(ids),
                                 max_new_tokens=12, do_sample=False)
     assert lm.tokenizer.decode(emb_out[0], skip_special_tokens=True) == answer
+
+
+def test_mel_threads_sets_torch_threads_for_the_whole_library(monkeypatch, capsys):
+    import mel.backends.text as text
+    from mel.cli import main
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("MEL_THREADS", "1")
+        monkeypatch.setattr(text, "_threads_done", False)
+        torch.set_num_threads(2)
+        assert text.configure_cpu_threads() == 1 == torch.get_num_threads()
+        monkeypatch.setenv("MEL_THREADS", "two")
+        monkeypatch.setattr(text, "_threads_done", False)
+        with pytest.raises(InputError, match="MEL_THREADS must be a whole number of threads >= 1, got 'two'"):
+            text.configure_cpu_threads()
+        monkeypatch.delenv("MEL_THREADS")
+        assert main(["--threads", "0", "models"]) == 2
+        assert "--threads must be >= 1" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)

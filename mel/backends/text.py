@@ -100,19 +100,36 @@ def _usable_cpus() -> int:
 def configure_cpu_threads() -> int:
     """Fit torch's intra-op thread count to the CPUs this process may really use (once).
 
-    torch starts one thread per physical core of the host, which oversubscribes a container with
-    a CPU quota or an affinity mask. Never raises the count (hyper-threads slow GEMMs down), and
-    leaves it alone when the user set OMP_NUM_THREADS / MKL_NUM_THREADS.
+    `MEL_THREADS=N` (or `python -m mel --threads N`, `app.py --threads N`) sets it for the whole
+    library: on a CPU shared with other jobs, 1 thread is often several times faster than 2, because
+    idle OpenMP threads spin while waiting for a busy core. Otherwise: torch starts one thread per
+    physical core of the host, which oversubscribes a container with a CPU quota or an affinity
+    mask; never raise the count (hyper-threads slow GEMMs down), and leave it alone when the user
+    set OMP_NUM_THREADS / MKL_NUM_THREADS.
     """
     global _threads_done
     with _threads_lock:
         if not _threads_done:
+            requested = threads_from_env()
             _threads_done = True
-            if not (os.environ.get("OMP_NUM_THREADS") or os.environ.get("MKL_NUM_THREADS")):
+            if requested:
+                torch.set_num_threads(requested)
+            elif not (os.environ.get("OMP_NUM_THREADS") or os.environ.get("MKL_NUM_THREADS")):
                 n = _usable_cpus()
                 if torch.get_num_threads() > n:
                     torch.set_num_threads(n)
     return torch.get_num_threads()
+
+
+def threads_from_env() -> int | None:
+    """MEL_THREADS as a thread count (None when unset); a clear InputError when it is not one."""
+    text = os.environ.get("MEL_THREADS", "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise InputError(f"MEL_THREADS must be a whole number of threads >= 1, got {text!r}; unset it for the "
+                         f"library's choice")
+    return int(text)
 
 
 def check_device(device: str) -> str:
