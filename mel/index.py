@@ -95,7 +95,8 @@ class DenseIndex:
         return self._dim
 
     def search(self, queries: np.ndarray, k: int = 20) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, ids), each (n_queries, k'), best first; k' = min(k, len(index))."""
+        """(scores, ids), each (n_queries, k'), best first; k' = min(k, len(index)). An approximate
+        engine that finds fewer than k' rows for a query pads its row with id -1 and score -inf."""
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         if queries.shape[1] != self.dim:
             raise KBError(f"query embeddings have {queries.shape[1]} dimensions but the index has {self.dim}: "
@@ -105,8 +106,9 @@ class DenseIndex:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
         if self._faiss_index is not None:
             scores, rows = self._faiss_index.search(np.ascontiguousarray(queries), k)
-            rows = np.where(rows < 0, 0, rows)  # HNSW pads with -1 when it finds fewer than k
-            return scores, self.ids[rows]
+            missing = rows < 0  # HNSW / IVF pad with -1 when they find fewer than k
+            ids = np.where(missing, -1, self.ids[np.where(missing, 0, rows)])
+            return np.where(missing, -np.inf, scores).astype(np.float32), ids
         sims = queries @ self._vectors.T
         if k < sims.shape[1]:
             top = np.argpartition(-sims, k - 1, axis=1)[:, :k]

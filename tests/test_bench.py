@@ -108,3 +108,13 @@ def test_reported_paths_are_relative_to_the_repository(tmp_path):
     from mel.paths import REPO_ROOT, display_path
     assert display_path(REPO_ROOT / "models" / "dim-offline") == "models/dim-offline"
     assert display_path(tmp_path / "head") == str(tmp_path / "head")  # outside the repository: as given
+
+
+def test_an_approximate_engine_that_finds_fewer_rows_pads_with_minus_one():
+    vectors = synthetic_vectors(3000, 16)
+    index = DenseIndex(vectors, np.arange(3000) + 100, engine="faiss-ivf", nprobe=1)  # one list of ~55 rows
+    scores, ids = index.search(vectors[:4], k=200)
+    missing = ids < 0
+    assert missing.any() and (ids == -1)[missing].all() and np.isneginf(scores[missing]).all()
+    assert (ids[~missing] >= 100).all() and np.isfinite(scores[~missing]).all()
+    assert ids[:, 0].tolist() == [100, 101, 102, 103]  # each row finds itself first

@@ -109,6 +109,8 @@ class CandidateGenerator:
         for scores, ids in dense_lists:
             for pool, row_scores, row_ids in zip(pools, scores, ids):
                 for rank, (idx, score) in enumerate(zip(row_ids.tolist(), row_scores.tolist())):
+                    if idx < 0:
+                        continue  # an approximate engine found fewer rows (padding)
                     if idx not in pool.dense:  # the context list comes first and keeps its rank
                         pool.dense[idx] = (float(score), rank)
                     pool.add(idx)

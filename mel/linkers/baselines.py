@@ -90,5 +90,6 @@ class DenseLinker(BatchLinker):
         n = len(mentions)  # batch cost is shared evenly: per-mention latency is amortised
         timings = {"encode": (t1 - t0) * 1000 / n, "search": (t2 - t1) * 1000 / n, "total": (t2 - t0) * 1000 / n}
         for mention, row_scores, row_ids in zip(mentions, scores, ids):
-            yield self.result(mention, list(zip(row_ids.tolist(), row_scores.tolist())), source="dense",
+            found = [(i, s) for i, s in zip(row_ids.tolist(), row_scores.tolist()) if i >= 0]  # -1: padding
+            yield self.result(mention, found, source="dense",
                               timings=dict(timings), details={"batch_size": n})
