@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -38,6 +39,7 @@ from mel.bench import parse_linker, save_json  # noqa: E402
 STAGES = ("retrieve", "candidates", "image", "prompt", "prefill", "decode", "map")
 DEFAULT_LINKERS = "gemel gemel+dense gemel:candidates=bm25 bm25 dense"
 GRID = {"llm_weight": (0.25, 0.5, 1.0, 2.0), "temperature_bm25": (1.0, 2.0, 5.0), "temperature_dense": (0.02, 0.05, 0.1)}
+DIM_GRID = {"llm_weight": (0.0, 0.1, 0.25, 0.5, 1.0), "temperature_dim": (0.5, 1.0, 2.0, 4.0)}
 
 
 def bench_latency(kb, preset, examples, pool_data, pool_format, n: int, n_demos: int, linker_name: str = "gemel") -> dict:
@@ -142,6 +144,47 @@ def tune_fusion(kb, preset, data: str, fmt: str, n: int, n_demos: int, seed: int
     return out
 
 
+def tune_dim_fusion(kb, preset, data: str, fmt: str, n: int, n_demos: int, seed: int = 0) -> dict:
+    """Grid-search gemel+dim's llm_weight and temperature_dim on N random train mentions (never dev)."""
+    import itertools
+    import random
+    from mel.datasets import load_dataset
+    from mel.gemel.linker import FUSION_DEFAULTS, _log_softmax
+    from mel.linkers import build_linker
+    train = load_dataset(fmt, data, "train").examples
+    sample = random.Random(seed).sample(train, min(n, len(train)))
+    linker = build_linker("gemel+dim", kb, preset, pool=train, n_demos=n_demos, fuse=False)
+    rows = []
+    for ex in sample:
+        r = linker.link(ex.mention, exclude_sample_id=ex.sample_id)
+        llm = {c.entity.id: c.score for c in r.candidates}
+        cands = [(x["id"], llm[x["id"]], x["dim"]) for x in r.details.get("retriever", []) if x["id"] in llm]
+        rows.append((ex.gold_id, cands))
+
+    def accuracy(w: float, t: float) -> float:
+        hits = 0
+        for gold, cands in rows:
+            if cands:
+                fused = w * _log_softmax(np.array([c[1] for c in cands])) + _log_softmax(np.array([c[2] for c in cands]) / t)
+                hits += cands[int(np.argmax(fused))][0] == gold
+        return hits / len(rows)
+
+    grid = [{"llm_weight": w, "temperature_dim": t, "accuracy": accuracy(w, t)}
+            for w, t in itertools.product(*DIM_GRID.values())]
+    # ties go to the smaller LLM weight (the simpler model), then to the temperature nearer 1
+    best = max(grid, key=lambda g: (g["accuracy"], -g["llm_weight"], -abs(np.log(g["temperature_dim"]))))
+    out = {"n": len(rows), "split": "train", "dataset": fmt, "seed": seed,
+           "dim_only": accuracy(0.0, 1.0), "llm_only": accuracy(1.0, 1e9),
+           "defaults": accuracy(FUSION_DEFAULTS["llm_weight"], FUSION_DEFAULTS["temperature_dim"]),
+           "best": best, "grid": grid}
+    print(f"  dim     DIM alone {out['dim_only']:.4f}, LLM alone {out['llm_only']:.4f}, fused with the defaults "
+          f"{out['defaults']:.4f}; best {best['accuracy']:.4f} at llm_weight={best['llm_weight']}, "
+          f"T_dim={best['temperature_dim']}", flush=True)
+    for g in grid:
+        print(f"    llm_weight {g['llm_weight']:<5} T_dim {g['temperature_dim']:<4} {g['accuracy']:.4f}")
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--format", default="wikimel")
@@ -156,6 +199,7 @@ def main(argv=None) -> int:
                    "name[:key=value,...] ('' to skip)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tune", type=int, default=0, help="tune the fusion weights on N random train mentions (0: skip)")
+    p.add_argument("--tune-dim", type=int, default=0, help="tune gemel+dim's fusion on N random train mentions (0: skip)")
     p.add_argument("--json", help="write the figures to this file")
     args = p.parse_args(argv)
 
@@ -172,7 +216,7 @@ def main(argv=None) -> int:
     out = {"dataset": args.format, "split": args.split, "kb": Path(args.kb).name, "kb_size": kb.size,
            "preset": preset.name, "threads": args.threads, "cpus": os.cpu_count(), "python": platform.python_version(),
            "load_avg_before": [round(x, 2) for x in os.getloadavg()],
-           "command": "python bench/bench_gemel.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+           "command": "python bench/bench_gemel.py " + shlex.join(argv if argv is not None else sys.argv[1:])}
     print(f"{args.format} {args.split}: KB {kb.size:,} entities, preset {preset.name}, {args.threads} thread(s), "
           f"load average {out['load_avg_before']}", flush=True)
     if args.latency_n:
@@ -190,6 +234,9 @@ def main(argv=None) -> int:
         print(f"fusion tuning on {args.tune} random {args.format} train mentions (query excluded from its demos):",
               flush=True)
         out["tune"] = tune_fusion(kb, preset, args.data, args.format, args.tune, args.n_demos)
+    if args.tune_dim:
+        print(f"gemel+dim fusion tuning on {args.tune_dim} random {args.format} train mentions:", flush=True)
+        out["tune_dim"] = tune_dim_fusion(kb, preset, args.data, args.format, args.tune_dim, args.n_demos)
     linkers = [x for x in args.linkers.split(";" if ";" in args.linkers else " ") if x] if args.linkers else []
     if linkers:
         print(f"quality on the first {len(examples)} {args.split} mentions (whole-KB protocol, KB {kb.size:,}):", flush=True)
