@@ -18,6 +18,9 @@ import numpy as np
 from .types import NIL, Example, LinkResult
 
 HITS_AT = (1, 5, 10, 20)
+# a linker's `protocol` attribute -> the label every report carries (whole-KB when it has none)
+PROTOCOL_LABELS = {"whole-kb": "whole-KB ranking",
+                   "candidate-list": "candidate lists given per mention, gold inside (inflated; DIM's code)"}
 
 
 def rank_of(result: LinkResult, gold_id: str) -> int | None:
@@ -75,7 +78,8 @@ def evaluate(linker, examples: Sequence[Example], *, k: int = max(HITS_AT), batc
             out.close()
     elapsed = time.perf_counter() - started
     n = len(ranks)
-    report = {"linker": linker.name, "n": n, "kb_size": kb.size, "protocol": "whole-KB ranking"}
+    protocol = getattr(linker, "protocol", "whole-kb")
+    report = {"linker": linker.name, "n": n, "kb_size": kb.size, "protocol": PROTOCOL_LABELS.get(protocol, protocol)}
     report.update(rank_metrics(ranks))
     lat = np.asarray(latencies, dtype=float)
     report["latency_ms_p50"] = round(float(np.nanpercentile(lat, 50)), 2) if n else None

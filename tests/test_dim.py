@@ -15,10 +15,11 @@ from mel.dim.loss import candidate_n_pair_loss, in_batch_n_pair_loss, n_pair_los
 from mel.dim.model import DimFusion, FusionConfig
 from mel.dim.pairs import N_PAIR_FEATURES, PAIR_FEATURES, EntityFacts, MentionContext, pair_features
 from mel.errors import CheckpointError, InputError, KBError
+from mel.evaluate import evaluate
 from mel.kb import build_kb
 from mel.presets import Preset
 from mel.training import save_pretrained_dir
-from mel.types import Entity, Mention
+from mel.types import Entity, Example, Mention
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -274,6 +275,9 @@ def test_linker_ranks_on_a_small_kb(kb, tmp_path, hashing_encoder):
                        candidate_file=tmp_path / "lists.jsonl")
     r = listed.link(m)
     assert {c.entity.id for c in r.candidates} == set(lists["m1"]) and "candidate-list" in r.details["protocol"]
+    # and the evaluation report is labelled with it, not as whole-KB ranking
+    assert evaluate(listed, [Example(m, "Q5", "x", "m1")], progress=False)["protocol"].startswith("candidate lists")
+    assert evaluate(linker, [Example(m, "Q5", "x", "m1")], progress=False)["protocol"] == "whole-KB ranking"
     with pytest.raises(InputError, match="no candidate list"):
         listed.link(Mention("Norris in 1976", 0, 6, id="unknown"))
     with pytest.raises(InputError, match="candidate_file"):
