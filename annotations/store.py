@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import filelock
-
 import sqlite_utils
 from PIL import Image
 
