@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mel.bench import save_json  # noqa: E402
 from mel.datasets import load_dataset  # noqa: E402
-from mel.dim.candidates import candidate_lists, candidate_recall, save_candidate_lists  # noqa: E402
+from mel.dim.candidates import candidate_recall, protocol_lists, save_candidate_lists  # noqa: E402
 from mel.evaluate import evaluate  # noqa: E402
 from mel.kb import KnowledgeBase  # noqa: E402
 from mel.linkers import build_linker  # noqa: E402
@@ -126,9 +126,7 @@ def main(argv=None) -> int:
     out["dim_above_every_baseline"] = out["quality"]["dim"]["hits@1"] > best_baseline[0]
 
     if args.list_size:
-        idx_pools = [[kb.idx_of(i) for i in p if kb.idx_of(i) is not None] for p in pools]
-        lists = candidate_lists([ex.mention.id for ex in examples], [ex.gold_id for ex in examples], idx_pools, kb,
-                                size=args.list_size, seed=0)
+        lists, _ = protocol_lists(kb, examples, preset, size=args.list_size)  # as `python -m mel.dim.candidates`
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "lists.jsonl"
             save_candidate_lists(lists, path)

@@ -450,6 +450,18 @@ def test_only_the_mapper_is_trained(tiny, kb, tmp_path, images):
           f"({100 * summary['trainable_fraction']:.2f}%, tiny test model)")
 
 
+def test_training_on_all_examples_includes_prompts_without_an_image(tiny, kb, tmp_path):
+    # --examples all (paper-faithful): an image-free prompt gives the mapper no gradient, and no crash
+    _, preset, _ = tiny
+    trainer = MapperTrainer(_examples(), kb, preset, tmp_path / "out",
+                            GemelTrainConfig(n_demos=1, n_image_tokens=2, grad_accum=2, epochs=1, examples="all"),
+                            progress=False)
+    assert len(trainer.items) == 6 and not any(s.has_image for it in trainer.items for s in it.segments)
+    before = {k: v.clone() for k, v in trainer.mapper.state_dict().items()}
+    summary = trainer.run()
+    assert summary["steps"] == 3 and all(torch.equal(before[k], v) for k, v in trainer.mapper.state_dict().items())
+
+
 def test_training_lowers_the_loss_and_resumes(tiny, kb, tmp_path, images):
     kind, preset, _ = tiny
     config = GemelTrainConfig(lr=3e-2, epochs=8, grad_accum=2, warmup_ratio=0.1, n_demos=1, n_image_tokens=2,

@@ -177,6 +177,22 @@ def candidate_lists(mention_ids: Sequence[str], gold_ids: Sequence[str], pools: 
     return out
 
 
+def protocol_lists(kb, examples, preset, size: int = 100, seed: int = 0) -> tuple[dict[str, list[str]], list[list[int]]]:
+    """The candidate-list protocol's lists for `examples` (and the pools they came from): the gold plus
+    the best non-gold entities of a generator with BM25 and dense top-`size` (hard negatives)."""
+    from .features import FeatureExtractor
+    extractor = FeatureExtractor(kb, preset, use_image=False, use_cue=False)
+    generator = CandidateGenerator(kb, CandidateConfig(n_bm25=size, n_dense=size))
+    pools = []
+    for start in range(0, len(examples), 256):
+        chunk = [ex.mention for ex in examples[start:start + 256]]
+        feats = extractor.mention_features(chunk)
+        pools += [p.idxs for p in generator.generate([m.text for m in chunk], feats.context, feats.mention)]
+    lists = candidate_lists([ex.mention.id for ex in examples], [ex.gold_id for ex in examples], pools, kb,
+                            size=size, seed=seed)
+    return lists, pools
+
+
 def save_candidate_lists(lists: dict[str, list[str]], path: str | Path) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for mid, ids in lists.items():
@@ -212,7 +228,6 @@ def main(argv=None) -> int:
     from ..errors import MELError
     from ..kb import KnowledgeBase
     from ..presets import get_preset
-    from .features import FeatureExtractor
 
     ap = argparse.ArgumentParser(prog="python -m mel.dim.candidates",
                                  description="Write DIM's candidate-list protocol file (gold + the generator's best "
@@ -229,15 +244,7 @@ def main(argv=None) -> int:
     try:
         kb = KnowledgeBase(args.kb)
         examples = load_dataset(args.format, args.data, args.split).examples
-        extractor = FeatureExtractor(kb, get_preset(args.preset), use_image=False, use_cue=False)
-        generator = CandidateGenerator(kb, CandidateConfig(n_bm25=args.size, n_dense=args.size))
-        pools = []
-        for start in range(0, len(examples), 256):
-            chunk = [ex.mention for ex in examples[start:start + 256]]
-            feats = extractor.mention_features(chunk)
-            pools += [p.idxs for p in generator.generate([m.text for m in chunk], feats.context, feats.mention)]
-        lists = candidate_lists([ex.mention.id for ex in examples], [ex.gold_id for ex in examples], pools, kb,
-                                size=args.size, seed=args.seed)
+        lists, pools = protocol_lists(kb, examples, get_preset(args.preset), size=args.size, seed=args.seed)
         save_candidate_lists(lists, args.out)
     except MELError as exc:
         print(f"error: {exc}", file=sys.stderr)

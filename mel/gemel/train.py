@@ -247,7 +247,8 @@ class MapperTrainer:
         optimizer.zero_grad(set_to_none=True)
         while micro < len(order):
             loss = self.step_loss(self.items[order[micro]])
-            (loss / cfg.grad_accum).backward()
+            if loss.requires_grad:  # a prompt without any image gives the mapper (all that trains) no gradient
+                (loss / cfg.grad_accum).backward()
             running.append(float(loss.detach()))
             acc = epoch_sums.setdefault(micro // len(self.items), [0.0, 0])
             acc[0] += running[-1]
