@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mel.bench import save_json  # noqa: E402
 from mel.datasets import load_dataset  # noqa: E402
+from mel.paths import display_path  # noqa: E402
 from mel.dim.candidates import candidate_recall, protocol_lists, save_candidate_lists  # noqa: E402
 from mel.evaluate import evaluate  # noqa: E402
 from mel.kb import KnowledgeBase  # noqa: E402
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
     opts = {"checkpoint": args.checkpoint} if args.checkpoint else {}
     dim = build_linker("dim", kb, preset, keep_pool=True, **opts)
     out = {"dataset": args.format, "split": args.split, "kb": kb.path.name, "kb_size": kb.size, "n": len(examples),
-           "preset": preset.name, "checkpoint": str(dim.checkpoint), "command": "python " + " ".join(sys.argv)}
+           "preset": preset.name, "checkpoint": display_path(dim.checkpoint), "command": "python " + " ".join(sys.argv)}
 
     for m in text_only[:5]:  # warm-up: load the encoders, fill caches
         dim.link(m)

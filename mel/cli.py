@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--linker", required=True)
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--engine", default="auto", help="dense search engine: auto | numpy | faiss-flat | faiss-hnsw")
+    p.add_argument("--engine", default="auto", help="dense search engine: auto | numpy | faiss-flat | faiss-ivf | faiss-hnsw")
     p.add_argument("--opt", action="append", help="linker option key=value (repeatable)")
     p.add_argument("--json", help="write the report to this JSON file")
     p.add_argument("--predictions", help="write one JSON line per mention to this file")
