@@ -579,14 +579,27 @@ class AnnotationStore:
         }
 
     def backup(self, target: str | Path) -> Path:
-        """A consistent copy of the database (SQLite online backup; safe while the app writes)."""
+        """A consistent copy of the database (SQLite online backup; safe while the app writes).
+        Never overwrites: the copy is written beside `target` and linked in only if nothing is there."""
         target = Path(target)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        dest = sqlite3.connect(target)
+        if target.exists() or target.is_symlink():
+            raise AnnotationStoreError(f"{target} already exists; a backup never overwrites a file: pick a new name")
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
         try:
-            self.db.conn.backup(dest)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            dest = sqlite3.connect(tmp)
+            try:
+                self.db.conn.backup(dest)
+            finally:
+                dest.close()
+            os.link(tmp, target)  # fails if the name was taken meanwhile: no overwrite, even in a race
+        except FileExistsError as exc:
+            raise AnnotationStoreError(f"{target} already exists; a backup never overwrites a file: "
+                                       f"pick a new name") from exc
+        except (OSError, sqlite3.Error) as exc:
+            raise AnnotationStoreError(f"could not write the backup {target} ({exc}); pick a writable path") from exc
         finally:
-            dest.close()
+            tmp.unlink(missing_ok=True)
         return target
 
 

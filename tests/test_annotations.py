@@ -429,3 +429,10 @@ def test_backup_is_a_consistent_copy(corrected, tmp_path, capsys):
     conn = sqlite3.connect(target)
     assert conn.execute("SELECT count(*) FROM corrections").fetchone()[0] == 6  # undone ones included
     conn.close()
+    # a backup never overwrites anything (here: a KB-sized file the user keeps under that name)
+    kept = tmp_path / "backup" / "kb.sqlite"
+    kept.write_bytes(b"precious" * 1000)
+    for out in (kept, target, tmp_path / "backup"):
+        assert main(["annotations", "backup", "--db", str(corrected.path), "--out", str(out)]) == 2
+        assert "already exists; a backup never overwrites" in capsys.readouterr().err
+    assert kept.read_bytes() == b"precious" * 1000 and sorted(p.name for p in kept.parent.iterdir()) == ["copy.sqlite", "kb.sqlite"]

@@ -623,3 +623,40 @@ def test_a_config_that_does_not_fit_is_explained(tmp_path):
     (path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"config\.json is not valid JSON"):
         FeatureMapper.from_pretrained(path)
+
+
+def test_checkpoints_never_delete_what_the_user_keeps_at_out(tmp_path):
+    from mel.dim.model import DimFusion, FusionConfig
+    from mel.errors import CheckpointError
+    from mel.training import load_pretrained_dir, remove_written, save_pretrained_dir, save_training_state
+    head = DimFusion(FusionConfig(text_dim=8, image_dim=8, cue_dim=8, d_model=8, n_heads=2, ffn_dim=16, out_dim=8))
+    out = tmp_path / "mydir"
+    (out / "sub").mkdir(parents=True)
+    (out / "notes.txt").write_text("keep")
+    (out / "sub" / "data.csv").write_text("1,2")
+    save_pretrained_dir(head, head.config, out)
+    save_pretrained_dir(head, head.config, out)  # written again (as every --save-every): still kept
+    assert (out / "notes.txt").read_text() == "keep" and (out / "sub" / "data.csv").read_text() == "1,2"
+    assert load_pretrained_dir(DimFusion, FusionConfig, out)[0] is not None
+    # a finished run removes its training state, and only that
+    opt = torch.optim.AdamW(head.parameters())
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "mine.txt").write_text("keep")
+    save_training_state(state, opt, None, {"step": 1})
+    remove_written(state)
+    assert [p.name for p in state.iterdir()] == ["mine.txt"]
+    # an existing FILE is never turned into a checkpoint directory
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep")
+    with pytest.raises(CheckpointError, match="is an existing file"):
+        save_pretrained_dir(head, head.config, precious)
+    assert precious.read_text() == "keep" and not list(tmp_path.glob(".precious.txt.*"))
+
+
+def test_training_refuses_a_file_as_out_before_it_starts(tmp_path, capsys):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep")
+    code = cli.main(["train", "dim", "--format", "wikimel", "--data", str(tmp_path), "--kb", str(tmp_path / "kb.sqlite"),
+                 "--preset", "offline", "--out", str(precious)])
+    assert code == 2 and "is an existing file" in capsys.readouterr().err and precious.read_text() == "keep"

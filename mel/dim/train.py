@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import random
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -35,8 +34,8 @@ import torch
 
 from ..errors import CheckpointError, InputError
 from ..paths import cache_dir
-from ..training import (TrainConfig, load_training_state, make_optimizer_and_scheduler, save_pretrained_dir,
-                        save_training_state, seed_everything)
+from ..training import (TrainConfig, check_checkpoint_target, load_training_state, make_optimizer_and_scheduler,
+                        remove_written, save_pretrained_dir, save_training_state, seed_everything)
 from .candidates import CandidateConfig, CandidateGenerator, candidate_recall, hard_negatives
 from .features import FeatureExtractor, MentionFeatures
 from .loss import candidate_n_pair_loss, in_batch_n_pair_loss
@@ -257,6 +256,9 @@ def train(args) -> dict:
     from ..kb import KnowledgeBase
     from ..presets import get_preset
 
+    check_checkpoint_target(args.out)
+    if args.state_dir:
+        check_checkpoint_target(args.state_dir)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = DimTrainConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
@@ -403,7 +405,9 @@ def train(args) -> dict:
         if cfg.max_steps is not None and step >= cfg.max_steps:
             break
     if not args.keep_state:  # a finished run needs no resumable state (it is 3x the head's size)
-        shutil.rmtree(state_dir, ignore_errors=True)
+        for part in ("last", "optimizer"):
+            remove_written(state_dir / part)
+        remove_written(state_dir)
     print(f"[dim] best epoch {best.get('epoch')} ({selected_on} hits@1 {best.get('hits@1')}); head written to {out}",
           file=sys.stderr)
     return {"best": best, "history": history, "out": str(out), "dev_candidate_recall": recall}

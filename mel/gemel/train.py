@@ -25,7 +25,6 @@ import dataclasses
 import json
 import math
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -35,7 +34,8 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, InputError
-from ..training import TrainConfig, load_training_state, make_optimizer_and_scheduler, save_training_state, seed_everything
+from ..training import (TrainConfig, check_checkpoint_target, load_training_state, make_optimizer_and_scheduler,
+                        remove_written, save_training_state, seed_everything)
 from ..types import NIL, Example
 from .demos import DemonstrationPool
 from .linker import ImageFeatures
@@ -98,7 +98,7 @@ class MapperTrainer:
             raise InputError(f"examples must be one of {EXAMPLE_CHOICES}, got {self.config.examples!r}")
         if self.config.batch_size != 1:
             raise InputError("GEMEL trains with batch size 1 (the paper's); use --grad-accum for larger effective batches")
-        self.kb, self.preset, self.out, self.progress = kb, preset, Path(out), progress
+        self.kb, self.preset, self.out, self.progress = kb, preset, check_checkpoint_target(out), progress
         seed_everything(self.config.seed)
         self.llm = preset.backend("llm")
         self.model = self.llm.model
@@ -276,7 +276,7 @@ class MapperTrainer:
                   **summary, "data": self.data_report}
         self._save(step, losses, summary, command, final=True)
         if not keep_state:
-            shutil.rmtree(state_dir, ignore_errors=True)
+            remove_written(state_dir)
         else:
             save_training_state(state_dir, optimizer, scheduler,
                                 {"step": step, "micro": micro, "losses": losses, "n_items": len(self.items),

@@ -30,12 +30,47 @@ def _atomic_dir(path: Path) -> Path:
     return tmp
 
 
+# every file a checkpoint or a training state directory holds; nothing else in such a folder is ours
+WRITTEN_FILES = (CONFIG_FILE, WEIGHTS_FILE, "optimizer.safetensors", "state.json")
+
+
+def check_checkpoint_target(path: str | Path) -> Path:
+    """Refuse, before any training time is spent, a checkpoint path that is an existing file."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path} is an existing file; checkpoints are directories (config.json + "
+                              f"model.safetensors): pick another --out")
+    return path
+
+
 def _publish(tmp: Path, path: Path) -> None:
+    """Swap the freshly written `tmp` in for `path` in one rename. Whatever else an existing folder
+    holds (a model card, the user's own files) is carried over: only our files are replaced."""
+    if path.exists() and not path.is_dir():
+        shutil.rmtree(tmp, ignore_errors=True)
+        check_checkpoint_target(path)
+    if path.is_dir():
+        for entry in path.iterdir():
+            if not (tmp / entry.name).exists():
+                os.replace(entry, tmp / entry.name)
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_written(path: str | Path) -> None:
+    """Delete the files this module wrote into `path` (and `path` itself once empty), nothing else."""
+    path = Path(path)
+    if not path.is_dir():
+        return
+    for name in WRITTEN_FILES:
+        (path / name).unlink(missing_ok=True)
+    try:
+        path.rmdir()
+    except OSError:
+        pass  # it holds something of the user's: leave it
 
 
 def save_pretrained_dir(module: torch.nn.Module, config, path: str | Path, extra: dict | None = None) -> Path:
