@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cli import count_arg
 from .errors import InputError
 from .evaluate import HITS_AT as HITS, rank_metrics
 from .paths import REPO_ROOT
@@ -768,7 +769,7 @@ def add_parser(sub) -> None:
     def quality_args(p):
         p.add_argument("--datasets", default=",".join(DATASETS))
         p.add_argument("--linkers", default=",".join(LINKERS), help="comma-separated; options as name:key=value")
-        p.add_argument("--limit", type=int, default=None, help="only the first N dev mentions for every linker")
+        p.add_argument("--limit", type=count_arg, default=None, help="only the first N dev mentions for every linker")
 
     def ablation_args(p):
         p.add_argument("--dataset", default="wikimel")

@@ -78,6 +78,8 @@ def cmd_kb_info(args):
 def cmd_kb_search(args):
     from .kb import KnowledgeBase
     from .types import Mention
+    from .linkers.base import check_k
+    check_k(args.k)
     kb = KnowledgeBase(args.kb)
     if args.mode == "bm25":
         ranked = kb.search_bm25(args.query, k=args.k)
@@ -137,6 +139,9 @@ def cmd_eval(args):
     from .evaluate import evaluate, format_report
     from .kb import KnowledgeBase
     from .linkers import build_linker
+    for path in (args.json, args.predictions):  # fail now, not after the whole evaluation
+        if path:
+            _check_output_file(path)
     data = load_dataset(args.format, args.data, args.split)
     examples = data.examples[: args.limit] if args.limit else data.examples
     kb = KnowledgeBase(args.kb, engine=args.engine)
@@ -153,7 +158,32 @@ def cmd_eval(args):
             json.dump(report, f, indent=2, ensure_ascii=False)
 
 
+def _check_output_file(path: str) -> None:
+    """A file this command will write: not a directory, and its folder exists (created) and is writable."""
+    from pathlib import Path
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a directory; name the file to write, e.g. {path / 'report.json'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create the folder for {path} ({exc.strerror or exc}); pick a writable path") from exc
+    if not os.access(path.parent, os.W_OK):
+        raise InputError(f"cannot write into {path.parent}; pick a writable path")
+
+
 # -- parser -------------------------------------------------------------------------------------
+def count_arg(text: str) -> int:
+    """argparse type of a `--limit N`: a whole number >= 0 (-1 once meant "all but the last")."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mel", description="Multimodal entity linking: GEMEL and DIM.")
     parser.add_argument("--threads", dest="torch_threads", type=int, default=None, metavar="N",
@@ -182,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-dense", action="store_true", help="skip embeddings (BM25/exact only)")
     p.add_argument("--no-images", action="store_true", help="skip entity image embeddings")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--limit", type=int, default=None, help="only the first N entities (for a quick try)")
+    p.add_argument("--limit", type=count_arg, default=None, help="only the first N entities (for a quick try)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_preset_args(p)
     p.set_defaults(func=cmd_kb_build)
@@ -224,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="dev")
     p.add_argument("--kb", required=True)
     p.add_argument("--linker", required=True)
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--limit", type=count_arg, default=None, help="only the first N mentions (0: all)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--engine", default="auto", help="dense search engine: auto | numpy | faiss-flat | faiss-ivf | faiss-hnsw")
     p.add_argument("--opt", action="append", help="linker option key=value (repeatable)")

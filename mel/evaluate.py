@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import InputError
 from .types import NIL, Example, LinkResult
 
 HITS_AT = (1, 5, 10, 20)
@@ -45,6 +46,9 @@ def evaluate(linker, examples: Sequence[Example], *, k: int = max(HITS_AT), batc
     """The report dict; `keep_ranks` adds `ranks`, the gold's rank per example (None when absent)."""
     from tqdm.auto import tqdm
 
+    if not len(examples):
+        raise InputError("nothing to evaluate: no usable mention (an empty split, --limit cut everything, or the "
+                         "reader skipped every mention; `python -m mel data info ...` shows why)")
     kb = linker.kb
     ranks: list[int | None] = []
     latencies, stage_totals = [], {}

@@ -177,6 +177,8 @@ class KnowledgeBase:
     # -- search ------------------------------------------------------------------------------
     def search_bm25(self, query: str, k: int = 20) -> list[tuple[int, float]]:
         """BM25 (FTS5) over names, aliases and descriptions: [(idx, score)], higher is better."""
+        from .linkers.base import check_k
+        check_k(k)  # SQLite reads LIMIT -1 as "no limit"
         match = fts_query(query)
         if not match:
             return []
@@ -216,6 +218,8 @@ def build_kb(entities: Iterable[Entity], out: str | Path, *, text_encoder=None, 
     from tqdm.auto import tqdm
 
     out = Path(out)
+    if out.is_dir():
+        raise KBError(f"{out} is a directory; the KB is one file: name it, e.g. {out / 'kb.sqlite'}")
     if out.exists() and not overwrite:
         raise KBError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)

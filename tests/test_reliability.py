@@ -660,3 +660,65 @@ def test_training_refuses_a_file_as_out_before_it_starts(tmp_path, capsys):
     code = cli.main(["train", "dim", "--format", "wikimel", "--data", str(tmp_path), "--kb", str(tmp_path / "kb.sqlite"),
                  "--preset", "offline", "--out", str(precious)])
     assert code == 2 and "is an existing file" in capsys.readouterr().err and precious.read_text() == "keep"
+
+
+# -- options, k, limits and output paths (found by probing the CLI) -------------------------------------
+def test_bad_linker_options_and_k_through_the_cli(bm25_kb, capsys):
+    link = ["link", "--kb", bm25_kb, "--caption", "Falcon lifts off.", "--mention", "Falcon", "--preset", "offline"]
+    assert_clear_error(*run_cli(capsys, *link, "--linker", "bm25", "--opt", "foo=1")[::2],
+                       r"linker 'bm25' has no option 'foo'")
+    assert_clear_error(*run_cli(capsys, *link, "--linker", "bm25", "-k", "-1")[::2],
+                       r"k \(how many candidates to return\) must be a whole number >= 1, got -1")
+    assert_clear_error(*run_cli(capsys, *link, "--linker", "exact", "-k", "0")[::2], r"must be a whole number >= 1")
+    assert_clear_error(*run_cli(capsys, "kb", "search", bm25_kb, "Falcon", "-k", "-2")[::2], r"got -2")
+
+
+@pytest.mark.parametrize("option, pattern", [
+    ({"num_beams": 0}, "num_beams must be a whole number >= 1, got 0"),
+    ({"n_demos": -1}, "n_demos must be a whole number >= 0"),
+    ({"top_k": "abc"}, "top_k must be a whole number >= 1, got 'abc'"),
+    ({"llm_weight": float("nan")}, "llm_weight must be a finite number"),
+    ({"constrained": "abc"}, "constrained must be true or false, got 'abc'"),
+    ({"max_caption_chars": -5}, "max_caption_chars must be a whole number >= 1")])
+def test_bad_gemel_options_are_refused_before_any_model_loads(bm25_kb, option, pattern):
+    from mel.kb import KnowledgeBase
+    from mel.linkers import build_linker
+    from mel.presets import get_preset
+    with pytest.raises(InputError, match=re.escape(pattern)):
+        build_linker("gemel", KnowledgeBase(bm25_kb), get_preset("offline"), **option)
+
+
+def test_limits_empty_evaluations_and_output_paths(bm25_kb, tmp_path, capsys):
+    from mel.evaluate import evaluate
+    from mel.kb import KnowledgeBase
+    from mel.linkers import build_linker
+    with pytest.raises(SystemExit) as exc:  # argparse: exit 2 with its usage line
+        cli.main(["eval", "--format", "wikimel", "--data", str(tmp_path), "--kb", str(bm25_kb), "--linker", "bm25",
+                  "--limit", "-1"])
+    assert exc.value.code == 2 and "expected a whole number >= 0, got '-1'" in capsys.readouterr().err
+    with pytest.raises(InputError, match="nothing to evaluate"):
+        evaluate(build_linker("bm25", KnowledgeBase(bm25_kb), None), [], progress=False)
+    assert_clear_error(*run_cli(capsys, "eval", "--format", "wikimel", "--data", tmp_path, "--kb", bm25_kb,
+                                "--linker", "bm25", "--json", tmp_path)[::2], r"is a directory; name the file")
+    src = tmp_path / "kb.jsonl"
+    src.write_text(json.dumps({"id": "Q1", "name": "Falcon 9"}) + "\n")
+    assert_clear_error(*run_cli(capsys, "kb", "build", "--format", "jsonl", "--source", src, "--out", tmp_path,
+                                "--no-dense", "--quiet")[::2],
+                       r"is a directory; the KB is one file")
+    assert not list(tmp_path.glob(".*building*"))
+
+
+def test_bad_training_settings_are_refused_before_training():
+    from mel.dim.model import FusionConfig
+    from mel.dim.train import DimTrainConfig
+    from mel.gemel.train import GemelTrainConfig
+    for make, pattern in [(lambda: DimTrainConfig(lr=-1.0), "lr must be a finite number"),
+                          (lambda: DimTrainConfig(lr=float("nan")), "lr must be a finite number"),
+                          (lambda: DimTrainConfig(batch_size=0), "batch-size must be a whole number >= 1"),
+                          (lambda: DimTrainConfig(seed=-1), "seed must be a whole number >= 0"),
+                          (lambda: GemelTrainConfig(save_every=0), "save-every must be a whole number >= 1"),
+                          (lambda: GemelTrainConfig(epochs=0), "epochs must be a whole number >= 1"),
+                          (lambda: FusionConfig(n_heads=7), r"d-model \(512\) must be divisible by n-heads \(7\)"),
+                          (lambda: FusionConfig(dropout=2.0), "dropout must be a finite number between")]:
+        with pytest.raises(InputError, match=pattern):
+            make()

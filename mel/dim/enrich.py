@@ -20,6 +20,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ..cli import count_arg
 from ..errors import InputError, KBError
 
 DEFAULT_PROMPT = ("Rewrite these facts about {name} as one or two fluent sentences. Use only the facts given.\n"
@@ -131,7 +132,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="the enriched KB to write")
     p.add_argument("--llm", default=None, help="causal LM spec (default: the preset's llm, e.g. smollm2)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt template with {name} and {description}")
-    p.add_argument("--limit", type=int, default=None, help="rewrite only the first N entities (try it on a sample)")
+    p.add_argument("--limit", type=count_arg, default=None, help="rewrite only the first N entities (try it on a sample)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--quiet", action="store_true")

@@ -31,6 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
+from ..training.common import check_number, check_whole
+
 # the order of the mention-side feature tokens (index = feature-type embedding row)
 MENTION_FEATURES = ("context", "mention", "image", "cue")
 ENTITY_FEATURES = ("text", "image")
@@ -53,6 +56,14 @@ class FusionConfig:
     image_encoder: str = ""
     cue_provider: str = ""
     pair_feature_names: tuple[str, ...] | list[str] = ()
+
+    def __post_init__(self):
+        check_whole(self, text_dim=1, image_dim=1, cue_dim=1, d_model=1, n_heads=1, ffn_dim=1, out_dim=1,
+                    n_pair_features=0, pair_hidden=1)
+        check_number(self, dropout=(0.0, 0.99))
+        if self.d_model % self.n_heads:
+            raise InputError(f"d-model ({self.d_model}) must be divisible by n-heads ({self.n_heads}): "
+                             f"each attention head gets d_model / n_heads dimensions")
 
 
 class FeatureProjection(nn.Sequential):

@@ -32,10 +32,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..cli import count_arg
 from ..errors import CheckpointError, InputError
 from ..paths import cache_dir
-from ..training import (TrainConfig, check_checkpoint_target, load_training_state, make_optimizer_and_scheduler,
-                        remove_written, save_pretrained_dir, save_training_state, seed_everything)
+from ..training import (TrainConfig, check_checkpoint_target, check_number, check_whole, load_training_state,
+                        make_optimizer_and_scheduler, remove_written, save_pretrained_dir, save_training_state,
+                        seed_everything)
 from .candidates import CandidateConfig, CandidateGenerator, candidate_recall, hard_negatives
 from .features import FeatureExtractor, MentionFeatures
 from .loss import candidate_n_pair_loss, in_batch_n_pair_loss
@@ -60,6 +62,11 @@ class DimTrainConfig(TrainConfig):
     n_hard: int = 16              # FTS neighbours of the gold kept as hard negatives
     train_width: int = 48         # candidates scored per training mention: gold + hard + sampled pool
     in_batch_weight: float = 0.5  # weight of the in-batch N-pair term (embedding part only)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_whole(self, n_hard=0, train_width=2)
+        check_number(self, in_batch_weight=(0.0, None))
 
 
 # -- cached features --------------------------------------------------------------------------------
@@ -445,8 +452,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", default=None, help="where resumable state goes (default: OUT.trainer_state)")
     p.add_argument("--train-split", default="train")
     p.add_argument("--dev-split", default="dev", help="'' to train without a dev split")
-    p.add_argument("--limit", type=int, default=None, help="only the first N training mentions")
-    p.add_argument("--dev-limit", type=int, default=None)
+    p.add_argument("--limit", type=count_arg, default=None, help="only the first N training mentions")
+    p.add_argument("--dev-limit", type=count_arg, default=None)
     p.add_argument("--holdout", type=float, default=0.05,
                    help="share of training records held out to pick the best epoch (0: pick on dev)")
     p.add_argument("--epochs", type=int, default=d.epochs)

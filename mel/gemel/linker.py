@@ -65,6 +65,7 @@ With fusion it is the fused log-probability over the candidates (log_softmax of 
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections import OrderedDict
 
@@ -72,7 +73,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, InputError, KBError, MELError
-from ..linkers.base import Linker, Stopwatch
+from ..linkers.base import Linker, Stopwatch, check_k, check_mention
 from ..paths import REPO_ROOT, display_path
 from ..types import Candidate, Example, LinkResult, Mention
 from .decode import DecodeConfig, FreeVocabulary, Hypothesis, beam_search, score_groups
@@ -175,6 +176,11 @@ class GemelLinker(Linker):
                  temperature_dim: float = FUSION_DEFAULTS["temperature_dim"],
                  show_prompt: bool = False, progress: bool = False, **candidate_options):
         super().__init__(kb, preset)
+        _check_options(n_demos=n_demos, top_k=top_k, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                       max_caption_chars=max_caption_chars, llm_weight=llm_weight, length_penalty=length_penalty,
+                       temperature_bm25=temperature_bm25, temperature_dense=temperature_dense,
+                       temperature_dim=temperature_dim, constrained=constrained, use_images=use_images,
+                       trie_cache=trie_cache, show_prompt=show_prompt, progress=progress, fuse=fuse)
         if kb.size == 0:
             raise KBError(f"knowledge base {kb.path} is empty: GEMEL can only generate names of KB entities; build "
                           f"it from a dataset with `python -m mel kb build`")
@@ -310,9 +316,8 @@ class GemelLinker(Linker):
     def link(self, mention: Mention, k: int = 20, exclude_sample_id: str | None = None) -> LinkResult:
         """Link one mention. `exclude_sample_id` keeps that pool example out of the demonstrations
         (when the mention itself belongs to the pool, e.g. tuning on the train split)."""
-        if not isinstance(mention, Mention):
-            raise InputError(f"link() takes a Mention, got {type(mention).__name__}; build one with "
-                             f"Mention.from_text(caption, mention, image=...)")
+        check_mention(mention)
+        check_k(k)
         sw = Stopwatch()
         mode = ("whole-KB trie" if self.constrained else "free generation (no trie)") if self.candidates is None \
             else f"{self.candidates} top-{self.top_k}"
@@ -484,6 +489,26 @@ class GemelLinker(Linker):
                           score=candidates[0].score if candidates else None, candidates=candidates,
                           timings=sw.total(), preset=getattr(self.preset, "name", ""), models=self.models(),
                           details=details)
+
+
+def _check_options(**options) -> None:
+    """Clear errors for option values that would otherwise crash or quietly do nothing useful
+    (num_beams=-2 crashed the beam search; constrained="abc" read as True; NaN weights made every score NaN)."""
+    minimum = {"n_demos": 0, "top_k": 1, "num_beams": 1, "max_new_tokens": 1, "max_caption_chars": 1}
+    for key, low in minimum.items():
+        value = options[key]
+        if key == "max_caption_chars" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise InputError(f"GEMEL option {key} must be a whole number >= {low}, got {value!r}")
+    for key in ("llm_weight", "length_penalty", "temperature_bm25", "temperature_dense", "temperature_dim"):
+        value = options[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InputError(f"GEMEL option {key} must be a finite number, got {value!r}")
+    for key in ("constrained", "use_images", "trie_cache", "show_prompt", "progress", "fuse"):
+        value = options[key]
+        if not isinstance(value, bool) and not (key == "fuse" and value is None):
+            raise InputError(f"GEMEL option {key} must be true or false, got {value!r}")
 
 
 def _gemel_with(source: str, what: str):

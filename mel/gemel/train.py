@@ -33,9 +33,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..cli import count_arg
 from ..errors import CheckpointError, InputError
-from ..training import (TrainConfig, check_checkpoint_target, load_training_state, make_optimizer_and_scheduler,
-                        remove_written, save_training_state, seed_everything)
+from ..training import (TrainConfig, check_checkpoint_target, check_whole, load_training_state,
+                        make_optimizer_and_scheduler, remove_written, save_training_state, seed_everything)
 from ..types import NIL, Example
 from .demos import DemonstrationPool
 from .linker import ImageFeatures
@@ -54,6 +55,12 @@ class GemelTrainConfig(TrainConfig):
     max_caption_chars: int | None = 500
     examples: str = "with-image"
     save_every: int = 50  # optimizer steps between checkpoints
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_whole(self, n_demos=0, n_image_tokens=1, save_every=1)
+        if self.max_caption_chars is not None:
+            check_whole(self, max_caption_chars=1)
 
 
 @dataclass
@@ -340,7 +347,7 @@ def add_arguments(p) -> None:
     p.add_argument("--retrieval", choices=("mention", "multimodal"), default="mention")
     p.add_argument("--n-image-tokens", type=int, default=4)
     p.add_argument("--examples", choices=EXAMPLE_CHOICES, default="with-image")
-    p.add_argument("--limit", type=int, default=None, help="only the first N examples of the split")
+    p.add_argument("--limit", type=count_arg, default=None, help="only the first N examples of the split")
     p.add_argument("--init", default=None, help="start from this mapper directory")
     p.add_argument("--save-every", type=int, default=50, help="optimizer steps between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")

@@ -54,7 +54,29 @@ def build_linker(name: str, kb, preset, **options) -> Linker:
         raise MELError(f"unknown linker {name!r}; available: {', '.join(sorted(LINKERS))}")
     module, attr = LINKERS[name].split(":")
     factory = getattr(importlib.import_module(module), attr)
-    return factory(kb, preset, **options)
+    try:
+        return factory(kb, preset, **options)
+    except TypeError as exc:
+        if "unexpected keyword argument" not in str(exc):
+            raise
+        from ..errors import InputError
+        known = _option_names(factory)
+        raise InputError(f"linker {name!r} has no option {str(exc).rsplit(' ', 1)[-1]}"
+                         + (f"; its options: {', '.join(known)}" if known else "")) from exc
+    except ValueError as exc:  # a value of the wrong kind: int("abc"), an unknown query mode...
+        if not options:
+            raise
+        from ..errors import InputError
+        raise InputError(f"linker {name!r} refused its options {options}: {exc}") from exc
+
+
+def _option_names(factory) -> list[str]:
+    """The keyword options a linker class takes (empty for factory functions: see their docstring)."""
+    import inspect
+    if not inspect.isclass(factory):
+        return []
+    params = inspect.signature(factory.__init__).parameters.values()
+    return [p.name for p in params if p.name not in ("self", "kb", "preset") and p.kind is not p.VAR_KEYWORD]
 
 
 __all__ = ["Linker", "LINKERS", "build_linker", "register_linker", "parse_options", "option_value"]

@@ -4,7 +4,22 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator
 
+from ..errors import InputError
 from ..types import Candidate, LinkResult, Mention
+
+
+def check_k(k) -> int:
+    """How many candidates to return: a whole number >= 1 (a negative k once returned almost the KB)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise InputError(f"k (how many candidates to return) must be a whole number >= 1, got {k!r}")
+    return k
+
+
+def check_mention(mention) -> Mention:
+    if not isinstance(mention, Mention):
+        raise InputError(f"a linker takes a Mention, got {type(mention).__name__}; build one with "
+                         f"Mention.from_text(caption, mention, image=...)")
+    return mention
 
 
 class Linker:
@@ -24,6 +39,7 @@ class Linker:
         raise NotImplementedError
 
     def pipe(self, mentions: Iterable[Mention], k: int = 20, batch_size: int = 32) -> Iterator[LinkResult]:
+        check_k(k)
         for mention in mentions:
             yield self.link(mention, k=k)
 
@@ -47,9 +63,12 @@ class BatchLinker(Linker):
         return next(self.pipe([mention], k=k, batch_size=1))
 
     def pipe(self, mentions: Iterable[Mention], k: int = 20, batch_size: int = 64) -> Iterator[LinkResult]:
+        check_k(k)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
         batch: list[Mention] = []
         for mention in mentions:
-            batch.append(mention)
+            batch.append(check_mention(mention))
             if len(batch) == batch_size:
                 yield from self._link_batch(batch, k)
                 batch = []

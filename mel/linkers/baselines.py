@@ -14,7 +14,7 @@ import re
 import time
 
 from ..types import Mention
-from .base import BatchLinker, Linker, Stopwatch
+from .base import BatchLinker, Linker, Stopwatch, check_k, check_mention
 
 
 def _words(text: str) -> set[str]:
@@ -29,6 +29,8 @@ class ExactLinker(Linker):
     name = "exact"
 
     def link(self, mention: Mention, k: int = 20):
+        check_mention(mention)
+        check_k(k)
         sw = Stopwatch()
         with sw("lookup"):
             matches = self.kb.lookup_name(mention.text)
@@ -49,6 +51,8 @@ class BM25Linker(Linker):
     name = "bm25"
 
     def link(self, mention: Mention, k: int = 20):
+        check_mention(mention)
+        check_k(k)
         sw = Stopwatch()
         with sw("fts5"):
             ranked = self.kb.search_bm25(mention.text, k=k)

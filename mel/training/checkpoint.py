@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InputError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -128,7 +128,7 @@ def load_pretrained_dir(module_cls, config_cls, path: str | Path, **overrides):
     try:
         config = config_cls(**raw)
         module = module_cls(config)
-    except (TypeError, ValueError) as exc:  # a required field missing, a value of the wrong kind
+    except (TypeError, ValueError, InputError) as exc:  # a required field missing, a value of the wrong kind
         raise CheckpointError(f"{path}/config.json does not fit {config_cls.__name__}: {exc}") from exc
     state = load_state(path)
     expected = module.state_dict()

@@ -1,11 +1,14 @@
 """What both trainers share: the paper's optimisation recipe and reproducibility."""
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from ..errors import InputError
 
 
 @dataclass
@@ -21,6 +24,34 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 42
     max_steps: int | None = None  # stop early (quick runs, tests)
+
+    def __post_init__(self):
+        check_whole(self, epochs=1, batch_size=1, grad_accum=1, seed=0)
+        if self.max_steps is not None:
+            check_whole(self, max_steps=1)
+        check_number(self, lr=(0.0, None), weight_decay=(0.0, None), warmup_ratio=(0.0, 1.0),
+                     max_grad_norm=(0.0, None))
+        for name in ("lr", "max_grad_norm"):
+            if getattr(self, name) == 0:
+                raise InputError(f"{name.replace('_', '-')} must be > 0, got 0")
+
+
+def check_whole(config, **minimum) -> None:
+    """Each named field is a whole number >= its minimum, else a clear InputError (not a crash mid-run)."""
+    for name, low in minimum.items():
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise InputError(f"{name.replace('_', '-')} must be a whole number >= {low}, got {value!r}")
+
+
+def check_number(config, **bounds) -> None:
+    """Each named field is a finite number within (low, high) bounds, inclusive; None: no bound."""
+    for name, (low, high) in bounds.items():
+        value = getattr(config, name)
+        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+        if not ok or (low is not None and value < low) or (high is not None and value > high):
+            span = f"between {low} and {high}" if high is not None else f">= {low}"
+            raise InputError(f"{name.replace('_', '-')} must be a finite number {span}, got {value!r}")
 
 
 def seed_everything(seed: int) -> None:
