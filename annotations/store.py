@@ -240,6 +240,12 @@ class AnnotationStore:
                                        check_same_thread=False)
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             conn.execute("PRAGMA foreign_keys = ON")
+            tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+            if tables and "schema_version" not in tables:  # e.g. a KB renamed annotations.sqlite
+                conn.close()
+                raise AnnotationStoreError(
+                    f"{self.path} is an SQLite file but not an annotation database (it holds "
+                    f"{', '.join(tables[:5])}); it is left untouched: point --data-dir / --db at the right file")
             if not self.read_only:
                 mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
                 if mode.lower() != "wal":

@@ -112,6 +112,8 @@ def cmd_link(args):
     kb = KnowledgeBase(args.kb)
     if args.start is not None and args.end is not None:
         mention = Mention(args.caption, args.start, args.end, image=args.image)
+        if args.mention and mention.text != args.mention.strip():
+            raise MELError(f"--mention {args.mention!r} and --start/--end ({mention.text!r}) disagree; give one of them")
     else:
         if not args.mention:
             raise MELError("give the mention: --mention TEXT, or --start/--end character offsets")

@@ -436,3 +436,16 @@ def test_backup_is_a_consistent_copy(corrected, tmp_path, capsys):
         assert main(["annotations", "backup", "--db", str(corrected.path), "--out", str(out)]) == 2
         assert "already exists; a backup never overwrites" in capsys.readouterr().err
     assert kept.read_bytes() == b"precious" * 1000 and sorted(p.name for p in kept.parent.iterdir()) == ["copy.sqlite", "kb.sqlite"]
+
+
+def test_a_foreign_sqlite_file_is_refused_and_left_untouched(tmp_path):
+    path = tmp_path / "annotations.sqlite"  # e.g. a KB renamed by mistake
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE entities (id TEXT)")
+    conn.commit()
+    conn.close()
+    before = path.read_bytes()
+    for read_only in (False, True):
+        with pytest.raises(AnnotationStoreError, match="not an annotation database .*entities.*left untouched"):
+            AnnotationStore(tmp_path, read_only=read_only)
+    assert path.read_bytes() == before
