@@ -37,10 +37,24 @@ class _JSONMixin:
 
     @classmethod
     def from_json(cls, text: str):
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise InputError(f"not a JSON {cls.__name__}: {exc}") from exc
+        return cls.from_dict(data)
 
     @classmethod
     def from_dict(cls, data: dict):
+        """Rebuild from `to_dict()` output; a record with missing or mistyped fields is an InputError."""
+        if not isinstance(data, dict):
+            raise InputError(f"a {cls.__name__} record must be a JSON object, got {type(data).__name__}")
+        try:
+            return cls._build(data)
+        except (TypeError, KeyError, AttributeError) as exc:
+            raise InputError(f"not a valid {cls.__name__} record ({type(exc).__name__}: {exc})") from exc
+
+    @classmethod
+    def _build(cls, data: dict):
         return _from_dict(cls, data)
 
 
@@ -65,6 +79,8 @@ class Mention(_JSONMixin):
     def from_text(cls, caption: str, mention: str, image: str | None = None, id: str | None = None) -> "Mention":
         """Locate `mention` in `caption` (exact first, then case-insensitive)."""
         check_caption(caption)  # an empty or oversized caption says so, not "the mention does not occur"
+        if not isinstance(mention, str) or not mention.strip():
+            raise InputError(f"the mention is empty (got {mention!r}): select it in the caption or type it")
         span = locate_mention(caption, mention)
         if span is None:
             raise InputError(
@@ -82,6 +98,12 @@ class Entity(_JSONMixin):
     type: str = ""
     images: list[str] = field(default_factory=list)
 
+    def __post_init__(self):
+        if not isinstance(self.id, str) or not self.id.strip():
+            raise InputError(f"an entity needs a non-empty id, got {self.id!r}")
+        if not isinstance(self.name, str):
+            raise InputError(f"entity {self.id}: the name must be text, got {type(self.name).__name__}")
+
 
 @dataclass
 class Candidate(_JSONMixin):
@@ -90,7 +112,7 @@ class Candidate(_JSONMixin):
     source: str = ""
 
     @classmethod
-    def from_dict(cls, data: dict):
+    def _build(cls, data: dict):
         data = dict(data)
         data["entity"] = Entity.from_dict(data["entity"])
         return _from_dict(cls, data)
@@ -111,7 +133,7 @@ class LinkResult(_JSONMixin):
     details: dict[str, Any] = field(default_factory=dict)  # linker-specific (generated text, demos, cue...)
 
     @classmethod
-    def from_dict(cls, data: dict):
+    def _build(cls, data: dict):
         data = dict(data)
         data["mention"] = Mention.from_dict(data["mention"])
         if data.get("prediction") is not None:
@@ -135,7 +157,7 @@ class Example(_JSONMixin):
     split: str = ""
 
     @classmethod
-    def from_dict(cls, data: dict):
+    def _build(cls, data: dict):
         data = dict(data)
         data["mention"] = Mention.from_dict(data["mention"])
         return _from_dict(cls, data)

@@ -59,3 +59,17 @@ def test_located_span_matches_mention_case_insensitively(caption, i, length):
     span = locate_mention(caption, mention)
     assert span is not None
     assert caption[span[0]:span[1]].lower() == mention.strip().lower() or caption[span[0]:span[1]] == mention.strip()
+
+
+def test_malformed_records_are_input_errors_not_crashes():
+    for call, pattern in [(lambda: Mention.from_dict({"caption": "abc"}), "not a valid Mention record"),
+                          (lambda: Mention.from_json("{bad"), "not a JSON Mention"),
+                          (lambda: Mention.from_dict(["x"]), "must be a JSON object"),
+                          (lambda: Entity.from_dict({"id": "Q1"}), "not a valid Entity record"),
+                          (lambda: LinkResult.from_dict({"linker": "x", "candidates": None}), "not a valid LinkResult"),
+                          (lambda: Mention.from_text("Falcon lifts off", None), "the mention is empty"),
+                          (lambda: Mention.from_text("Falcon lifts off", "   "), "the mention is empty"),
+                          (lambda: Entity("", "x"), "non-empty id"),
+                          (lambda: Entity("Q1", None), "the name must be text")]:
+        with pytest.raises(InputError, match=pattern):
+            call()
