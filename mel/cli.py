@@ -80,6 +80,8 @@ def cmd_kb_search(args):
     from .types import Mention
     from .linkers.base import check_k
     check_k(args.k)
+    if not args.query.strip():
+        raise InputError("the search query is empty: give the words to look for")
     kb = KnowledgeBase(args.kb)
     if args.mode == "bm25":
         ranked = kb.search_bm25(args.query, k=args.k)

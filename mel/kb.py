@@ -66,6 +66,8 @@ class KnowledgeBase:
         if not self.path.exists():
             raise KBError(f"knowledge base {self.path} does not exist; build one with "
                           f"`python -m mel kb build --format ... --source DIR --out {self.path}`")
+        if self.path.is_dir():
+            raise KBError(f"{self.path} is a directory; a knowledge base is one .sqlite file (from `mel kb build`)")
         self._local = threading.local()
         self._dense: dict[str, tuple[DenseIndex, dict]] = {}
         self._dense_lock = threading.Lock()

@@ -353,7 +353,7 @@ def add_arguments(p) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--keep-state", action="store_true", help="keep OUT.trainer_state after the run")
     p.add_argument("--eval-split", default="dev", help="split for the dev accuracy written to config.json")
-    p.add_argument("--eval-limit", type=int, default=0, help="dev examples to evaluate after training (0: none)")
+    p.add_argument("--eval-limit", type=count_arg, default=0, help="dev examples to evaluate after training (0: none)")
     p.add_argument("--fit-report", action="store_true", help="after training, compare the mean answer loss on the "
                    "training items: trained mapper, its initialisation, no visual tokens (3 more passes)")
     p.add_argument("--quiet", action="store_true")
@@ -369,6 +369,7 @@ def run(args) -> None:
     kb = KnowledgeBase(args.kb)
     split = load_dataset(args.format, args.data, args.split)
     examples = split.examples[: args.limit] if args.limit else split.examples
+    dev = load_dataset(args.format, args.data, args.eval_split).examples[: args.eval_limit] if args.eval_limit else []
     config = GemelTrainConfig(lr=args.lr, epochs=args.epochs, grad_accum=args.grad_accum, weight_decay=args.weight_decay,
                               warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm, seed=args.seed,
                               max_steps=args.max_steps, n_demos=args.n_demos, retrieval=args.retrieval,
@@ -386,8 +387,7 @@ def run(args) -> None:
         _update_config(args.out, "fit", fit)
         print("fit on the training items (mean answer loss): " + ", ".join(
             f"{k[len('mean_loss_'):]} {v}" for k, v in fit.items() if k.startswith("mean_loss_")))
-    if args.eval_limit:
-        dev = load_dataset(args.format, args.data, args.eval_split).examples[: args.eval_limit]
+    if args.eval_limit:  # the split was read before training: a wrong name fails at once
         scores = evaluate_mapper(args.out, kb, preset, dev, examples, config.n_demos, progress=not args.quiet)
         _update_config(args.out, "dev", {"split": args.eval_split, "format": args.format, **scores})
         print(f"dev ({args.eval_split}, n={scores['n']}, KB {scores['kb_size']:,}): accuracy {scores['accuracy']:.4f}")
