@@ -3,6 +3,7 @@
 Every user-facing failure in the library raises a subclass of MELError, so the CLI and the
 app can show the message instead of a traceback.
 """
+import math
 
 
 class MELError(Exception):
@@ -33,3 +34,19 @@ class ModelUnavailableError(MELError):
 
 class CheckpointError(MELError):
     """A checkpoint directory is missing files or its config does not match the model."""
+
+
+def require_whole(label: str, value, low: int):
+    """`value` if it is a whole number >= `low` (not a bool), else an InputError naming `label`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise InputError(f"{label} must be a whole number >= {low}, got {value!r}")
+    return value
+
+
+def require_finite(label: str, value, low: float | None = None, high: float | None = None):
+    """`value` if it is a finite number within the inclusive bounds given, else an InputError naming `label`."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not ok or (low is not None and value < low) or (high is not None and value > high):
+        span = f" between {low} and {high}" if high is not None else (f" >= {low}" if low is not None else "")
+        raise InputError(f"{label} must be a finite number{span}, got {value!r}")
+    return value

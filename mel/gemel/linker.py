@@ -65,14 +65,13 @@ With fusion it is the fused log-probability over the candidates (log_softmax of 
 from __future__ import annotations
 
 import hashlib
-import math
 import re
 from collections import OrderedDict
 
 import numpy as np
 import torch
 
-from ..errors import CheckpointError, InputError, KBError, MELError
+from ..errors import CheckpointError, InputError, KBError, MELError, require_finite, require_whole
 from ..linkers.base import Linker, Stopwatch, check_k, check_mention
 from ..paths import REPO_ROOT, display_path
 from ..types import Candidate, Example, LinkResult, Mention
@@ -496,15 +495,10 @@ def _check_options(**options) -> None:
     (num_beams=-2 crashed the beam search; constrained="abc" read as True; NaN weights made every score NaN)."""
     minimum = {"n_demos": 0, "top_k": 1, "num_beams": 1, "max_new_tokens": 1, "max_caption_chars": 1}
     for key, low in minimum.items():
-        value = options[key]
-        if key == "max_caption_chars" and value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise InputError(f"GEMEL option {key} must be a whole number >= {low}, got {value!r}")
+        if not (key == "max_caption_chars" and options[key] is None):
+            require_whole(f"GEMEL option {key}", options[key], low)
     for key in ("llm_weight", "length_penalty", "temperature_bm25", "temperature_dense", "temperature_dim"):
-        value = options[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise InputError(f"GEMEL option {key} must be a finite number, got {value!r}")
+        require_finite(f"GEMEL option {key}", options[key])
     for key in ("constrained", "use_images", "trie_cache", "show_prompt", "progress", "fuse"):
         value = options[key]
         if not isinstance(value, bool) and not (key == "fuse" and value is None):

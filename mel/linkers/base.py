@@ -4,15 +4,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator
 
-from ..errors import InputError
+from ..errors import InputError, require_whole
 from ..types import Candidate, LinkResult, Mention
 
 
 def check_k(k) -> int:
     """How many candidates to return: a whole number >= 1 (a negative k once returned almost the KB)."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise InputError(f"k (how many candidates to return) must be a whole number >= 1, got {k!r}")
-    return k
+    return require_whole("k (how many candidates to return)", k, 1)
 
 
 def check_mention(mention) -> Mention:
@@ -64,8 +62,7 @@ class BatchLinker(Linker):
 
     def pipe(self, mentions: Iterable[Mention], k: int = 20, batch_size: int = 64) -> Iterator[LinkResult]:
         check_k(k)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise InputError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+        require_whole("batch_size", batch_size, 1)
         batch: list[Mention] = []
         for mention in mentions:
             batch.append(check_mention(mention))

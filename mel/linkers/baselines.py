@@ -51,8 +51,7 @@ class BM25Linker(Linker):
     name = "bm25"
 
     def link(self, mention: Mention, k: int = 20):
-        check_mention(mention)
-        check_k(k)
+        check_mention(mention)  # k is checked by kb.search_bm25
         sw = Stopwatch()
         with sw("fts5"):
             ranked = self.kb.search_bm25(mention.text, k=k)

@@ -1,14 +1,13 @@
 """What both trainers share: the paper's optimisation recipe and reproducibility."""
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, require_finite, require_whole
 
 
 @dataclass
@@ -39,19 +38,13 @@ class TrainConfig:
 def check_whole(config, **minimum) -> None:
     """Each named field is a whole number >= its minimum, else a clear InputError (not a crash mid-run)."""
     for name, low in minimum.items():
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise InputError(f"{name.replace('_', '-')} must be a whole number >= {low}, got {value!r}")
+        require_whole(name.replace("_", "-"), getattr(config, name), low)
 
 
 def check_number(config, **bounds) -> None:
     """Each named field is a finite number within (low, high) bounds, inclusive; None: no bound."""
     for name, (low, high) in bounds.items():
-        value = getattr(config, name)
-        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-        if not ok or (low is not None and value < low) or (high is not None and value > high):
-            span = f"between {low} and {high}" if high is not None else f">= {low}"
-            raise InputError(f"{name.replace('_', '-')} must be a finite number {span}, got {value!r}")
+        require_finite(name.replace("_", "-"), getattr(config, name), low, high)
 
 
 def seed_everything(seed: int) -> None:
