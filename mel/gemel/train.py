@@ -37,6 +37,7 @@ from ..cli import count_arg
 from ..errors import CheckpointError, InputError
 from ..training import (TrainConfig, check_checkpoint_target, check_whole, load_training_state,
                         make_optimizer_and_scheduler, remove_written, save_training_state, seed_everything)
+from ..training.checkpoint import STATE_FILE
 from ..types import NIL, Example
 from .demos import DemonstrationPool
 from .linker import ImageFeatures
@@ -234,7 +235,7 @@ class MapperTrainer:
         losses: list[float] = []
         state_dir = self.state_dir
         if resume:
-            if not (state_dir / "state.json").exists():
+            if not (state_dir / STATE_FILE).exists():
                 raise CheckpointError(f"nothing to resume for {self.out}: {state_dir} is missing (the run finished, "
                                       f"or never saved a checkpoint); start without --resume")
             loaded, _ = FeatureMapper.from_pretrained(self.out, d_vision=self.mapper.config.d_vision,

@@ -17,10 +17,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import CheckpointError, InputError
+from ..errors import CheckpointError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"  # training state: optimizer moments
+STATE_FILE = "state.json"                 # training state: step, scheduler, run facts
 
 
 def _atomic_dir(path: Path) -> Path:
@@ -31,7 +33,7 @@ def _atomic_dir(path: Path) -> Path:
 
 
 # every file a checkpoint or a training state directory holds; nothing else in such a folder is ours
-WRITTEN_FILES = (CONFIG_FILE, WEIGHTS_FILE, "optimizer.safetensors", "state.json")
+WRITTEN_FILES = (CONFIG_FILE, WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE)
 
 
 def check_checkpoint_target(path: str | Path) -> Path:
@@ -46,9 +48,11 @@ def check_checkpoint_target(path: str | Path) -> Path:
 def _publish(tmp: Path, path: Path) -> None:
     """Swap the freshly written `tmp` in for `path` in one rename. Whatever else an existing folder
     holds (a model card, the user's own files) is carried over: only our files are replaced."""
-    if path.exists() and not path.is_dir():
-        shutil.rmtree(tmp, ignore_errors=True)
+    try:
         check_checkpoint_target(path)
+    except CheckpointError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if path.is_dir():
         for entry in path.iterdir():
             if not (tmp / entry.name).exists():
@@ -128,7 +132,7 @@ def load_pretrained_dir(module_cls, config_cls, path: str | Path, **overrides):
     try:
         config = config_cls(**raw)
         module = module_cls(config)
-    except (TypeError, ValueError, InputError) as exc:  # a required field missing, a value of the wrong kind
+    except (TypeError, ValueError) as exc:  # a required field missing, a value of the wrong kind (InputError too)
         raise CheckpointError(f"{path}/config.json does not fit {config_cls.__name__}: {exc}") from exc
     state = load_state(path)
     expected = module.state_dict()
@@ -154,20 +158,20 @@ def save_training_state(path: str | Path, optimizer: torch.optim.Optimizer, sche
                 tensors[f"{pid}.{key}"] = value.detach().contiguous().cpu()
             else:
                 scalars[f"{pid}.{key}"] = value
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    save_file(tensors, str(tmp / OPTIMIZER_FILE))
     state = {"param_groups": opt["param_groups"], "scalars": scalars,
              "scheduler": scheduler.state_dict() if scheduler is not None else None, **info}
-    (tmp / "state.json").write_text(json.dumps(state, indent=2, default=str))
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, default=str))
     _publish(tmp, path)
 
 
 def load_training_state(path: str | Path, optimizer: torch.optim.Optimizer, scheduler) -> dict:
     path = Path(path)
-    if not (path / "state.json").exists():
+    if not (path / STATE_FILE).exists():
         raise CheckpointError(f"{path} holds no training state to resume from")
     try:
-        state = json.loads((path / "state.json").read_text())
-        tensors = load_file(str(path / "optimizer.safetensors"))
+        state = json.loads((path / STATE_FILE).read_text())
+        tensors = load_file(str(path / OPTIMIZER_FILE))
     except Exception as exc:  # damaged JSON or safetensors (never a pickle: nothing else is read)
         raise CheckpointError(f"the training state in {path} cannot be read ({type(exc).__name__}: {exc}); "
                               f"start without resuming or restore it") from exc
