@@ -88,22 +88,30 @@ def bench_quality(kb, preset, examples, linkers: list[str], pool_data, pool_form
     return rows
 
 
-def tune_fusion(kb, preset, data: str, fmt: str, n: int, n_demos: int, seed: int = 0) -> dict:
-    """Grid-search the fusion weights on N random train mentions (never dev)."""
-    import itertools
+def train_sample_scores(kb, preset, data: str, fmt: str, n: int, n_demos: int, seed: int, linker_name: str,
+                        sources: tuple[str, ...], **options) -> list[tuple[str, list[tuple]]]:
+    """N random TRAIN mentions (each one's own example kept out of its demonstrations), each with its
+    candidates as (id, LLM sequence log-prob, score of each source or None): what the grids fuse."""
     import random
     from mel.datasets import load_dataset
-    from mel.gemel.linker import FUSION_DEFAULTS, _log_softmax
     from mel.linkers import build_linker
     train = load_dataset(fmt, data, "train").examples
     sample = random.Random(seed).sample(train, min(n, len(train)))
-    linker = build_linker("gemel", kb, preset, pool=train, n_demos=n_demos, candidates="hybrid", fuse=False)
+    linker = build_linker(linker_name, kb, preset, pool=train, n_demos=n_demos, fuse=False, **options)
     rows = []
     for ex in sample:
         r = linker.link(ex.mention, exclude_sample_id=ex.sample_id)
         llm = {c.entity.id: c.score for c in r.candidates}  # sequence log-prob (length_penalty 0)
-        rows.append((ex.gold_id, [(x["id"], llm[x["id"]], x.get("bm25"), x.get("dense")) for x in r.details["retriever"]
-                                  if x["id"] in llm]))
+        rows.append((ex.gold_id, [(x["id"], llm[x["id"]], *(x.get(src) for src in sources))
+                                  for x in r.details.get("retriever", []) if x["id"] in llm]))
+    return rows
+
+
+def tune_fusion(kb, preset, data: str, fmt: str, n: int, n_demos: int, seed: int = 0) -> dict:
+    """Grid-search the fusion weights on N random train mentions (never dev)."""
+    import itertools
+    from mel.gemel.linker import FUSION_DEFAULTS, _log_softmax
+    rows = train_sample_scores(kb, preset, data, fmt, n, n_demos, seed, "gemel", ("bm25", "dense"), candidates="hybrid")
 
     def accuracy(source: str, w: float, tb: float, td: float) -> float:
         hits = 0
@@ -147,19 +155,8 @@ def tune_fusion(kb, preset, data: str, fmt: str, n: int, n_demos: int, seed: int
 def tune_dim_fusion(kb, preset, data: str, fmt: str, n: int, n_demos: int, seed: int = 0) -> dict:
     """Grid-search gemel+dim's llm_weight and temperature_dim on N random train mentions (never dev)."""
     import itertools
-    import random
-    from mel.datasets import load_dataset
     from mel.gemel.linker import FUSION_DEFAULTS, _log_softmax
-    from mel.linkers import build_linker
-    train = load_dataset(fmt, data, "train").examples
-    sample = random.Random(seed).sample(train, min(n, len(train)))
-    linker = build_linker("gemel+dim", kb, preset, pool=train, n_demos=n_demos, fuse=False)
-    rows = []
-    for ex in sample:
-        r = linker.link(ex.mention, exclude_sample_id=ex.sample_id)
-        llm = {c.entity.id: c.score for c in r.candidates}
-        cands = [(x["id"], llm[x["id"]], x["dim"]) for x in r.details.get("retriever", []) if x["id"] in llm]
-        rows.append((ex.gold_id, cands))
+    rows = train_sample_scores(kb, preset, data, fmt, n, n_demos, seed, "gemel+dim", ("dim",))
 
     def accuracy(w: float, t: float) -> float:
         hits = 0
