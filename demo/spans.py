@@ -4,13 +4,20 @@ A browser reports a text selection in UTF-16 code units (`selectionStart`/`selec
 Python indexes strings by code point: every character outside the Basic Multilingual Plane
 (most emoji, some CJK ideographs) is 2 units in the browser and 1 in Python. So
 "🚀 Falcon" has "Falcon" at [3, 9) in the browser and at [2, 8) in Python.
+
+Unicode normalisation: a caption may hold "ë" as one code point (NFC, U+00EB) or as "e" + U+0308
+(NFD, e.g. pasted from macOS), and the typed mention the other form. Matching ignores the
+difference (mel.types.locate_mention compares in NFC). Every span returned here is in Python
+offsets of the caption as given, never cuts a letter from its accent, and mel.types.Mention maps
+it onto the NFC caption it stores.
 """
 from __future__ import annotations
 
 import html
+import unicodedata
 
-from mel.errors import InputError
-from mel.types import check_caption, check_typed_text, locate_mention, validate_span
+from mel.errors import InputError, MELError
+from mel.types import Mention, check_caption, check_typed_text, locate_mention, nfc_boundaries, validate_span
 
 
 def utf16_to_index(text: str, offset: int) -> int:
@@ -65,14 +72,29 @@ def span_from_selection(caption: str, utf16_start: int, utf16_end: int, selected
     while end > start and caption[end - 1].isspace():
         end -= 1
     validate_span(caption, start, end)
-    return start, end
+    return _whole_characters(caption, start, end)
+
+
+def _whole_characters(caption: str, start: int, end: int) -> tuple[int, int]:
+    """[start, end) widened to whole characters where it cuts a letter from the combining accent
+    after it (only possible in a caption that is not NFC), as a half emoji is widened above."""
+    if unicodedata.is_normalized("NFC", caption):
+        return start, end
+    cuts = sorted(nfc_boundaries(caption).values())
+    return max(c for c in cuts if c <= start), min(c for c in cuts if c >= end)
+
+
+def _same_text(a: str, b: str) -> bool:
+    return unicodedata.normalize("NFC", a) == unicodedata.normalize("NFC", b)
 
 
 def resolve_span(caption: str, mention: str | None, start, end) -> tuple[int, int]:
     """The span to link: (start, end) when given and they match `mention`, else `mention` located.
 
     This is what the Link button and the API use: offsets from a selection win; a typed
-    mention is located (exact, then ignoring case); both checked against each other.
+    mention is located (exact, then ignoring case); both checked against each other. Both
+    comparisons ignore Unicode normalisation (NFC "Zoë" matches NFD "Zoe\u0308"); the span is in
+    offsets of `caption` as given.
     """
     if not isinstance(caption, str) or not caption.strip():
         raise InputError("the caption is empty: type or paste the text that goes with the image")
@@ -90,9 +112,15 @@ def resolve_span(caption: str, mention: str | None, start, end) -> tuple[int, in
             raise InputError(f"start and end must be whole numbers, got {start!r} and {end!r}") from None
         if float(start) != s or float(end) != e:
             raise InputError(f"start and end must be whole numbers, got {start!r} and {end!r}")
-        if 0 <= s < e <= len(caption) and (not mention or caption[s:e] == mention):
-            validate_span(caption, s, e)
-            return s, e
+        if 0 <= s < e <= len(caption) and (not mention or _same_text(caption[s:e], mention)):
+            if not mention:
+                Mention(caption, s, e)  # raises with the reason (an empty span, one that cuts a character...)
+                return s, e
+            try:
+                Mention(caption, s, e)
+                return s, e
+            except MELError:
+                pass  # e.g. "Zoe" of "Zoe\u0308": locate the typed mention instead
         if not mention:
             validate_span(caption, s, e)  # raises with the reason
     if not mention:

@@ -5,6 +5,14 @@ Entity     a knowledge-base entry.
 Candidate  an entity with a score and the name of what produced it.
 LinkResult what one linker says about one mention.
 Example    a mention with its gold entity, as read from a dataset.
+
+Text fidelity, at construction (so also for JSON read with from_json / from_dict):
+- every text field is valid Unicode: a lone surrogate ("\\ud800": half of an emoji, or a byte
+  that was not UTF-8) is refused with an InputError naming the field (check_unicode_text), not
+  left to fail as a codec error when the record is written or stored;
+- captions and names are stored in Unicode NFC, so a caption typed with "ë" (U+00EB) and a
+  mention pasted as "e" + U+0308 match. Ids are kept exactly as given. Offsets given with a
+  caption refer to the caption as given and are mapped to the NFC caption (see Mention).
 """
 from __future__ import annotations
 
@@ -60,7 +68,14 @@ class _JSONMixin:
 
 @dataclass
 class Mention(_JSONMixin):
-    """`caption[start:end]` is the mention (Python string offsets, i.e. code points)."""
+    """`caption[start:end]` is the mention (Python string offsets, i.e. code points).
+
+    The caption is stored in NFC. `start`/`end` refer to the caption as given; when it is not
+    NFC they are mapped onto the NFC caption, so `text` is the NFC form of what the caller
+    selected. A span that cuts a character in two (a letter and the combining accent that
+    follows it, as in "Zoe" of "Zoe\u0308") has no NFC equivalent and is refused.
+    `id` and `image` are kept as given (checked to be valid Unicode).
+    """
 
     caption: str
     start: int
@@ -70,6 +85,11 @@ class Mention(_JSONMixin):
 
     def __post_init__(self):
         validate_span(self.caption, self.start, self.end)
+        for what, value in (("mention id", self.id), ("mention image path", self.image)):
+            if value is not None:
+                _require_text(value, what)
+        if not unicodedata.is_normalized("NFC", self.caption):
+            self.caption, self.start, self.end = _nfc_span(self.caption, self.start, self.end)
 
     @property
     def text(self) -> str:
@@ -77,10 +97,12 @@ class Mention(_JSONMixin):
 
     @classmethod
     def from_text(cls, caption: str, mention: str, image: str | None = None, id: str | None = None) -> "Mention":
-        """Locate `mention` in `caption` (exact first, then case-insensitive)."""
+        """Locate `mention` in `caption` (exact first, then case-insensitive), whatever the Unicode
+        normalisation of either (NFC "Zoë" matches NFD "Zoe\u0308"); the caption is stored in NFC."""
         check_caption(caption)  # an empty or oversized caption says so, not "the mention does not occur"
         if not isinstance(mention, str) or not mention.strip():
             raise InputError(f"the mention is empty (got {mention!r}): select it in the caption or type it")
+        check_unicode_text(mention, "mention")
         span = locate_mention(caption, mention)
         if span is None:
             raise InputError(
@@ -101,8 +123,14 @@ class Entity(_JSONMixin):
     def __post_init__(self):
         if not isinstance(self.id, str) or not self.id.strip():
             raise InputError(f"an entity needs a non-empty id, got {self.id!r}")
+        check_unicode_text(self.id, "entity id")
         if not isinstance(self.name, str):
             raise InputError(f"entity {self.id}: the name must be text, got {type(self.name).__name__}")
+        self.name = _nfc(_require_text(self.name, f"entity {self.id!r} name"))
+        self.description = _nfc(_require_text(self.description, f"entity {self.id!r} description"))
+        self.type = _nfc(_require_text(self.type, f"entity {self.id!r} type"))
+        self.aliases = [_nfc(_require_text(a, f"entity {self.id!r} alias {i}")) for i, a in enumerate(self.aliases)]
+        self.images = [_require_text(p, f"entity {self.id!r} image path {i}") for i, p in enumerate(self.images)]
 
 
 @dataclass
@@ -110,6 +138,9 @@ class Candidate(_JSONMixin):
     entity: Entity
     score: float
     source: str = ""
+
+    def __post_init__(self):
+        _require_text(self.source, "candidate source")
 
     @classmethod
     def _build(cls, data: dict):
@@ -131,6 +162,12 @@ class LinkResult(_JSONMixin):
     preset: str = ""
     models: dict[str, str] = field(default_factory=dict)  # role -> model id / path
     details: dict[str, Any] = field(default_factory=dict)  # linker-specific (generated text, demos, cue...)
+
+    def __post_init__(self):
+        _require_text(self.linker, "linker name")
+        _require_text(self.preset, "preset name")
+        _check_tree(self.models, "models")
+        _check_tree(self.details, "details")
 
     @classmethod
     def _build(cls, data: dict):
@@ -156,6 +193,12 @@ class Example(_JSONMixin):
     dataset: str = ""
     split: str = ""
 
+    def __post_init__(self):
+        _require_text(self.gold_id, "gold entity id")
+        self.gold_name = _nfc(_require_text(self.gold_name, "gold entity name"))
+        for what, value in (("sample id", self.sample_id), ("dataset name", self.dataset), ("split name", self.split)):
+            _require_text(value, what)
+
     @classmethod
     def _build(cls, data: dict):
         data = dict(data)
@@ -163,10 +206,76 @@ class Example(_JSONMixin):
         return _from_dict(cls, data)
 
 
+def _nfc(text: str) -> str:
+    return text if unicodedata.is_normalized("NFC", text) else unicodedata.normalize("NFC", text)
+
+
+def _require_text(value, what: str) -> str:
+    """`value` if it is valid Unicode text, else an InputError naming `what`."""
+    if not isinstance(value, str):
+        raise InputError(f"the {what} must be text, got {type(value).__name__}")
+    check_unicode_text(value, what)
+    return value
+
+
+def _check_tree(value, what: str, depth: int = 0) -> None:
+    """Every string (key or value) in nested dicts / lists is valid Unicode text."""
+    if isinstance(value, str):
+        check_unicode_text(value, what)
+    elif isinstance(value, dict) and depth < 32:
+        for key, item in value.items():
+            if isinstance(key, str):
+                check_unicode_text(key, f"{what} key")
+            _check_tree(item, f"{what}[{key!r}]" if isinstance(key, str) and key.isprintable() else what, depth + 1)
+    elif isinstance(value, (list, tuple)) and depth < 32:
+        for item in value:
+            _check_tree(item, what, depth + 1)
+
+
+def check_unicode_text(text: str, what: str = "caption") -> None:
+    """Refuse a lone (unpaired) surrogate, U+D800-U+DFFF: not valid Unicode, so it cannot be
+    written as UTF-8 (JSON files, SQLite, the network) and would fail later as a codec error.
+
+    Such text comes from half of an emoji (a UTF-16 pair split by a program), from JSON with a
+    "\\ud800" escape, or from bytes that are not UTF-8 (Python holds each as U+DC80-U+DCFF
+    when it decodes command-line arguments and file names). The message names `what`.
+    Every text field of the data model goes through this; so does check_typed_text.
+    """
+    try:
+        text.encode("utf-8")
+        return
+    except UnicodeEncodeError as e:
+        pos = e.start
+    code = ord(text[pos])
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8, decoded by Python with "surrogateescape"
+        raw = text.encode("utf-8", "surrogateescape") if _escapes_only(text) else None
+        try:
+            decoded = raw.decode("utf-8", "surrogatepass") if raw is not None else None
+        except UnicodeDecodeError:
+            raise InputError(
+                f"the {what} contains a lone surrogate (U+{code:04X}) at position {pos}, which is not valid Unicode "
+                f"text: it stands for the byte 0x{code - 0xDC00:02X}, which is not UTF-8 (text saved in another "
+                f"encoding, such as Latin-1, or a file name that is not UTF-8); give it as UTF-8 (rename such a "
+                f"file) and try again") from None
+        if decoded is not None:  # UTF-8 bytes of a surrogate itself (what bash makes of $'\ud800')
+            pos = next(i for i, ch in enumerate(decoded) if 0xD800 <= ord(ch) <= 0xDFFF)
+            code = ord(decoded[pos])
+    raise InputError(
+        f"the {what} contains a lone surrogate (U+{code:04X}) at position {pos}, which is not valid Unicode text: "
+        f"half of an emoji or symbol whose other half is missing; type or paste that character again")
+
+
+def _escapes_only(text: str) -> bool:
+    """Every surrogate in `text` is a surrogateescape'd byte (U+DC80-U+DCFF)."""
+    return all(not 0xD800 <= ord(ch) <= 0xDFFF or 0xDC80 <= ord(ch) <= 0xDCFF for ch in text)
+
+
 def check_caption(caption: str) -> None:
-    """The caption is text, not empty and at most MAX_CAPTION_CHARS long (else InputError)."""
+    """The caption is text, valid Unicode (check_unicode_text), not empty and at most
+    MAX_CAPTION_CHARS long (else InputError)."""
     if not isinstance(caption, str):
         raise InputError(f"the caption must be text, got {type(caption).__name__}")
+    check_unicode_text(caption, "caption")
     if not caption.strip():
         raise InputError("the caption is empty: type or paste the text that goes with the image")
     if len(caption) > MAX_CAPTION_CHARS:
@@ -177,7 +286,7 @@ def check_caption(caption: str) -> None:
 
 def check_typed_text(text: str, what: str = "caption") -> None:
     """Refuse characters nobody types: control characters other than tab, newline and carriage
-    return (U+0000-U+001F, U+007F-U+009F), and unpaired UTF-16 surrogates (half an emoji).
+    return (U+0000-U+001F, U+007F-U+009F), and lone surrogates (half an emoji; check_unicode_text).
 
     For text a person gives the app, the API or the CLI; emoji and every other script are fine.
     Dataset readers keep what their files hold and do not call this.
@@ -187,15 +296,11 @@ def check_typed_text(text: str, what: str = "caption") -> None:
     for i, ch in enumerate(text):
         if ch in "\t\n\r":
             continue
-        kind = unicodedata.category(ch)
-        if kind == "Cc":
+        if unicodedata.category(ch) == "Cc":
             raise InputError(
                 f"the {what} contains the control character U+{ord(ch):04X} at position {i}; control characters "
                 f"are not text (copying from a terminal or a PDF can bring them along): remove them and try again")
-        if kind == "Cs":
-            raise InputError(
-                f"the {what} contains half of an emoji or symbol (the unpaired surrogate U+{ord(ch):04X} at "
-                f"position {i}); type or paste that character again")
+    check_unicode_text(text, what)
 
 
 def validate_span(caption: str, start: int, end: int) -> None:
@@ -211,17 +316,81 @@ def validate_span(caption: str, start: int, end: int) -> None:
 
 
 def locate_mention(caption: str, mention: str) -> tuple[int, int] | None:
-    """Character span of `mention` in `caption`: exact match first, then case-insensitive."""
+    """Character span of `mention` in `caption`: exact match first, then case-insensitive.
+
+    Unicode normalisation does not matter: both are compared in NFC ("Zoë" typed as U+00EB is
+    found in a caption holding "Zoe" + U+0308, and the other way round). The span refers to
+    `caption` as given, and never cuts a character of it in two.
+    """
     mention = mention.strip()
     if not mention:
         return None
-    i = caption.find(mention)
-    if i >= 0:
-        return i, i + len(mention)
+    mention = _nfc(mention)
+    if unicodedata.is_normalized("NFC", caption):
+        return _locate(caption, mention, None)
+    bounds = nfc_boundaries(caption)  # NFC offset -> offset in caption, where a cut is safe
+    span = _locate(unicodedata.normalize("NFC", caption), mention, bounds)
+    return None if span is None else (bounds[span[0]], bounds[span[1]])
+
+
+def _locate(caption: str, mention: str, ok: dict[int, int] | None) -> tuple[int, int] | None:
+    span = _find(caption, mention, ok)
+    if span is not None:
+        return span
     # casefold can change lengths (ß -> ss); lower() keeps them for nearly all scripts, check anyway
     low_caption, low_mention = caption.lower(), mention.lower()
     if len(low_caption) == len(caption):
-        i = low_caption.find(low_mention)
-        if i >= 0:
-            return i, i + len(low_mention)
+        return _find(low_caption, low_mention, ok)
     return None
+
+
+def _find(text: str, needle: str, ok: dict[int, int] | None) -> tuple[int, int] | None:
+    """The first occurrence of `needle` in `text` that starts and ends at offsets in `ok` (any, if None)."""
+    i = text.find(needle)
+    while i >= 0:
+        if ok is None or (i in ok and i + len(needle) in ok):
+            return i, i + len(needle)
+        i = text.find(needle, i + 1)
+    return None
+
+
+def nfc_boundaries(text: str) -> dict[int, int]:
+    """{offset in NFC(text): offset in text} for every place where `text` can be cut without
+    changing its NFC form (NFC(a) + NFC(b) == NFC(a + b)); always holds 0 and the ends.
+
+    Cuts are tried before each character that cannot combine with the one before it (not a
+    combining mark, not a Hangul jamo that composes, ...); the result is checked as a whole, so
+    an offset in the map is always safe, and a script this rule does not know only loses cuts.
+    """
+    whole = unicodedata.normalize("NFC", text)
+    cuts = [0]
+    for i in range(1, len(text)):
+        ch = text[i]
+        if ch < "\u0300" and text[i - 1] < "\u0300":  # Latin-1 and the like: never composes
+            cuts.append(i)
+        elif not unicodedata.combining(ch):
+            piece = text[cuts[-1]:i]  # since the last cut
+            if unicodedata.normalize("NFC", piece + ch) == unicodedata.normalize("NFC", piece) + _nfc(ch):
+                cuts.append(i)
+    cuts.append(len(text))
+    pieces = [unicodedata.normalize("NFC", text[a:b]) for a, b in zip(cuts, cuts[1:])]
+    if "".join(pieces) != whole:
+        return {0: 0, len(whole): len(text)}
+    mapping, pos = {0: 0}, 0
+    for b, piece in zip(cuts[1:], pieces):
+        pos += len(piece)
+        mapping[pos] = b
+    return mapping
+
+
+def _nfc_span(caption: str, start: int, end: int) -> tuple[str, int, int]:
+    """The NFC caption and the span [start, end) of `caption` mapped onto it; InputError when the
+    span cuts a character (a letter and the combining mark after it) in two."""
+    to_nfc = {orig: new for new, orig in nfc_boundaries(caption).items()}
+    for offset in (start, end):
+        if offset not in to_nfc:
+            raise InputError(
+                f"the span [{start}, {end}) cuts the character {caption[max(offset - 1, 0):offset + 1]!r} in two at "
+                f"offset {offset}: a letter and the accent or mark that follows it (U+{ord(caption[offset]):04X}) "
+                f"are one character; select whole characters")
+    return unicodedata.normalize("NFC", caption), to_nfc[start], to_nfc[end]

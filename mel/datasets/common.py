@@ -6,12 +6,13 @@ import dataclasses
 import hashlib
 import json
 import os
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from ..errors import DatasetFormatError, InputError
-from ..types import NIL, Example, Mention, locate_mention, validate_span
+from ..types import NIL, Entity, Example, Mention, locate_mention, validate_span
 
 CAPTION_PREFIX_CHARS = 60  # how much of a caption the report keeps for an unlocated mention
 MAX_LISTED_IN_SUMMARY = 3
@@ -291,6 +292,15 @@ def as_str_list(value, key: str, path: Path, record_id) -> list[str]:
     return items
 
 
+def make_entity(path: Path, record_id, **fields) -> Entity:
+    """Entity(**fields); a field the data model refuses (a lone surrogate from a "\\ud800" escape...)
+    is a DatasetFormatError naming the file and the record, like any other malformed record."""
+    try:
+        return Entity(**fields)
+    except InputError as e:
+        raise DatasetFormatError(path, str(e), record_id) from None
+
+
 def parse_gold_id(value: str, path: Path, record_id) -> str:
     """A gold id from a file: 'nil' in any case means NIL; empty is an error."""
     value = value.strip()
@@ -382,16 +392,17 @@ class ExampleBuilder:
                 r.n_unlocated += 1
                 r.unlocated.append((sid, text, caption[:CAPTION_PREFIX_CHARS]))
                 continue
-            try:
+            try:  # Mention and Example refuse text that is not valid Unicode (a "\\ud800" escape in a file)
                 mention = Mention(caption, span[0], span[1], image=image, id=sid)
+                example = Example(mention, gid, gname, sid, self.fmt, self.split)
             except InputError as e:
                 self._invalid(sid, str(e))
                 continue
-            if caption[span[0]:span[1]] == text.strip():
+            if mention.text == unicodedata.normalize("NFC", text.strip()):  # exact up to NFC vs NFD
                 r.n_located_exact += 1
             else:
                 r.n_located_casefold += 1
-            self._append(Example(mention, gid, gname, sid, self.fmt, self.split), image_url)
+            self._append(example, image_url)
 
     def add_example(self, example: Example, image_url: str | None = None) -> None:
         """A record that already is an Example with offsets (the jsonl format)."""
@@ -448,7 +459,7 @@ def _caption_problem(caption: str) -> str | None:
 def _locate(caption: str, text: str, used_end: dict[str, int]) -> tuple[int, int] | None:
     """locate_mention, except that a mention repeated within one record takes the next
     occurrence after the previous one when there is one ("Smith and Smith")."""
-    key = text.strip().lower()
+    key = unicodedata.normalize("NFC", text.strip()).lower()
     span = None
     if key in used_end:
         start = used_end[key]

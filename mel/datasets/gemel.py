@@ -23,7 +23,8 @@ from typing import Iterator
 
 from ..errors import DatasetFormatError
 from ..types import NIL, Entity
-from .common import DatasetSplit, ExampleBuilder, dataset_dir, get_field, image_index, load_records, resolve_split
+from .common import (DatasetSplit, ExampleBuilder, dataset_dir, get_field, image_index, load_records, make_entity,
+                     resolve_split)
 from . import jsonl
 
 FORMAT = "gemel"
@@ -104,5 +105,5 @@ def read_kb(source) -> Iterator[Entity]:
         for _, rec, label in _records(path):
             gid, name = _gold(rec, path, label)
             if gid != NIL and gid not in entities:
-                entities[gid] = Entity(id=gid, name=name or gid)
+                entities[gid] = make_entity(path, label, id=gid, name=name or gid)
     return iter(entities.values())

@@ -123,7 +123,11 @@ def _stream_kb(path: Path) -> Iterator[Entity]:
         if obj["id"] in seen:
             raise DatasetFormatError(path, f"duplicate entity id {obj['id']!r}", label)
         seen.add(obj["id"])
-        yield Entity.from_dict(obj)
+        try:
+            entity = Entity.from_dict(obj)
+        except InputError as e:  # e.g. a lone surrogate from a "\ud800" escape
+            raise DatasetFormatError(path, str(e), label) from None
+        yield entity
 
 
 def write_jsonl_examples(examples: Iterable[Example], path: str | Path) -> int:

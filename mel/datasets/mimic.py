@@ -17,6 +17,7 @@ JPEG). Gold names missing from a record are taken from the KB when kb_entity.jso
 from __future__ import annotations
 
 import re
+import unicodedata
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import unquote
@@ -24,7 +25,7 @@ from urllib.parse import unquote
 from ..errors import DatasetFormatError
 from ..types import NIL, Entity
 from .common import (DatasetSplit, ExampleBuilder, dataset_dir, get_field, image_index, load_json,
-                     mention_record, require_file, resolve_split)
+                     make_entity, mention_record, require_file, resolve_split)
 
 FORMAT = "mimic"
 KB_FILE = "kb_entity.json"
@@ -119,7 +120,7 @@ def read_kb(source) -> Iterator[Entity]:
         if qid is None and raw_id is None:
             raise DatasetFormatError(path, "an entity needs an 'id' or a 'qid'", i)
         eid = qid or id2qid.get(str(raw_id), str(raw_id))
-        name = unquote(get_field(rec, "entity_name", str, path, eid))
+        name = unicodedata.normalize("NFC", unquote(get_field(rec, "entity_name", str, path, eid)))
         attr = get_field(rec, "attr", (str, type(None)), path, eid, default="") or ""
         image_list = get_field(rec, "image_list", (list, type(None)), path, eid, default=[]) or []
         images = []
@@ -134,7 +135,7 @@ def read_kb(source) -> Iterator[Entity]:
                 raise DatasetFormatError(path, f"entity id {eid!r} appears twice with different names "
                                                f"({entities[eid].name!r}, {name!r})", i)
             continue  # an exact repeat adds nothing
-        entities[eid] = Entity(id=eid, name=name, description=attr, images=images)
+        entities[eid] = make_entity(path, eid, id=eid, name=name, description=attr, images=images)
     return iter(entities.values())
 
 

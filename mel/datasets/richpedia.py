@@ -21,7 +21,7 @@ from typing import Iterator
 
 from ..types import Entity
 from .common import (DatasetSplit, ExampleBuilder, carve_dev, dataset_dir, image_index, load_json, load_str_map,
-                     mention_record, require_file, resolve_split)
+                     make_entity, mention_record, require_file, resolve_split)
 
 FORMAT = "richpedia"
 SPLIT_FILES = {"train": "train.json", "dev": "dev.json", "val": "val.json", "test": "test.json"}
@@ -86,8 +86,8 @@ def read_kb(source, *, long_descriptions: bool = False) -> Iterator[Entity]:
     entities = []
     for qid, name in names.items():
         image = [str(root / "entity_images" / f"{qid}.jpg")] if f"{qid}.jpg" in images else []
-        entities.append(Entity(id=qid, name=name, description=first.get(qid) or second.get(qid) or "",
-                               images=image))
+        entities.append(make_entity(names_path, qid, id=qid, name=name,
+                                    description=first.get(qid) or second.get(qid) or "", images=image))
     return iter(entities)
 
 

@@ -14,13 +14,14 @@ exists, else None; the `img-url` of every sample is kept in DatasetSplit.image_u
 from __future__ import annotations
 
 from collections import Counter
+import unicodedata
 from pathlib import Path
 from typing import Iterator
 
 from ..errors import DatasetFormatError
 from ..types import NIL, Entity
 from .common import (DatasetSplit, ExampleBuilder, dataset_dir, get_field, image_index, load_json, load_split_ids,
-                     mention_record, records_of_split, require_file, resolve_split)
+                     make_entity, mention_record, records_of_split, require_file, resolve_split)
 
 FORMAT = "wikidiverse"
 DATA_FILE = "WikiDiverse.json"
@@ -97,9 +98,9 @@ def read_kb(source) -> Iterator[Entity]:
         _, mentions = mention_record(rec, data_path, sid, mentions="mention", names="entity")
         for _, qid, name in mentions:
             if qid != NIL:
-                names.setdefault(qid, Counter())[name] += 1
+                names.setdefault(qid, Counter())[unicodedata.normalize("NFC", name)] += 1  # NFD = NFC spelling
     entities = []
     for qid, counts in names.items():
         ranked = [n for n, _ in counts.most_common() if n]  # most_common keeps first-seen order on ties
-        entities.append(Entity(id=qid, name=ranked[0] if ranked else qid, aliases=ranked[1:]))
+        entities.append(make_entity(data_path, qid, id=qid, name=ranked[0] if ranked else qid, aliases=ranked[1:]))
     return iter(entities)

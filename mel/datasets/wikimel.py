@@ -18,7 +18,7 @@ from typing import Iterator
 
 from ..types import Entity
 from .common import (DatasetSplit, ExampleBuilder, dataset_dir, image_index, load_json, load_split_ids, load_str_map,
-                     mention_record, records_of_split, require_file, resolve_split)
+                     make_entity, mention_record, records_of_split, require_file, resolve_split)
 
 FORMAT = "wikimel"
 DATA_FILE = "Wikidata-MEL.json"
@@ -54,7 +54,8 @@ def read(path, split: str = "dev", *, dev_fraction: float = 0.1, seed: int = 0) 
 
 def read_kb(source) -> Iterator[Entity]:
     root = dataset_dir(source, FORMAT, LAYOUT)
-    names = load_str_map(require_file(root, "qid2ne.json", FORMAT, LAYOUT), "entity name")
+    names_path = require_file(root, "qid2ne.json", FORMAT, LAYOUT)
+    names = load_str_map(names_path, "entity name")
     abs_path = root / "qid2abs.json"
     descriptions = load_str_map(abs_path, "description") if abs_path.is_file() else {}
     aliases: dict[str, list[str]] = {}
@@ -64,7 +65,7 @@ def read_kb(source) -> Iterator[Entity]:
                 aliases.setdefault(qid, []).append(name)
     entities = []
     for qid, name in names.items():
-        entities.append(Entity(id=qid, name=name, aliases=aliases.get(qid, []),
-                               description=descriptions.get(qid, "")))
+        entities.append(make_entity(names_path, qid, id=qid, name=name, aliases=aliases.get(qid, []),
+                                    description=descriptions.get(qid, "")))
     return iter(entities)
 
