@@ -17,6 +17,7 @@ import importlib
 import json
 import os
 import sys
+import unicodedata
 
 from .errors import InputError, MELError
 
@@ -114,7 +115,7 @@ def cmd_link(args):
     kb = KnowledgeBase(args.kb)
     if args.start is not None and args.end is not None:
         mention = Mention(args.caption, args.start, args.end, image=args.image)
-        if args.mention and mention.text != args.mention.strip():
+        if args.mention and mention.text != unicodedata.normalize("NFC", args.mention.strip()):
             raise MELError(f"--mention {args.mention!r} and --start/--end ({mention.text!r}) disagree; give one of them")
     else:
         if not args.mention:

@@ -284,3 +284,34 @@ def test_the_cli_process_refuses_a_lone_surrogate_in_one_line(bm25_kb, arg, patt
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
     assert re.search(pattern, lines[0]), lines[0]
+
+
+def test_pil_images_given_to_the_encoders_and_the_cue_get_the_same_conversion():
+    """A 16-bit or RGBA PIL image handed straight to an image encoder or the cue is converted by
+    load_image too (Pillow's own convert("RGB") clips 16-bit to white and drops alpha on black)."""
+    from mel.backends.cue import _CachedCueProvider
+    from mel.backends.image import _as_pil_list
+    grey16 = Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16))
+    transparent = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    converted = _as_pil_list([grey16, transparent])
+    assert converted[0].getpixel((0, 0)) == (128, 128, 128)
+    assert converted[1].getpixel((0, 0)) == (255, 255, 255)
+    seen = []
+
+    class Recording(_CachedCueProvider):
+        name, uses_question = "recording", False
+
+        def _compute(self, image, question):
+            seen.append(image.getpixel((0, 0)))
+            return None
+
+    Recording(use_disk_cache=False).cue(grey16)
+    assert seen == [(128, 128, 128)]
+
+
+def test_the_cli_takes_a_decomposed_mention_with_its_offsets(bm25_kb, capsys):
+    caption = "Zoe\u0308 Saldana at the premiere"  # decomposed, as some keyboards and files give it
+    code, out, err = run_cli(capsys, "link", "--kb", bm25_kb, "--linker", "bm25", "--caption", caption,
+                             "--start", "0", "--end", "12", "--mention", "Zoe\u0308 Saldana", "--json")
+    assert code == 0, err
+    assert json.loads(out)["mention"]["caption"].startswith("Zo\u00eb Saldana")

@@ -140,13 +140,13 @@ class _CachedCueProvider:
     def cue(self, image: Image.Image, question: str | None = None) -> Cue:
         q = (self.default_question if question is None else question) if self.uses_question else ""
         image_hash = image_sha256(image)  # a PIL image: its pixels; a path or bytes: the file
-        if not isinstance(image, Image.Image):
-            image = load_image(image)  # the usual checks and errors
+        if not isinstance(image, Image.Image) or image.mode != "RGB":
+            image = load_image(image)  # the usual checks and errors; any PIL mode converted faithfully
         key = CueCache.key(image_hash, self.name, q)
         cached = self.cache.get(key)
         if cached is not None:
             return cached
-        cue = self._compute(image.convert("RGB") if image.mode != "RGB" else image, q)
+        cue = self._compute(image, q)
         self.cache.put(key, cue)
         return cue
 

@@ -65,11 +65,8 @@ def _as_pil_list(images) -> list[Image.Image]:
         images = [images]
     out = []
     for im in images:
-        if not isinstance(im, Image.Image):
-            im = load_image(im)  # a path or bytes: same checks and errors as everywhere else
-        elif im.mode != "RGB":
-            im = im.convert("RGB")
-        out.append(im)
+        # a path, bytes or a PIL image of any mode (16-bit, alpha, CMYK): the one faithful RGB conversion
+        out.append(im if isinstance(im, Image.Image) and im.mode == "RGB" else load_image(im))
     return out
 
 
