@@ -120,18 +120,44 @@ class DenseIndex:
         return np.take_along_axis(top_scores, order, axis=1), self.ids[top]
 
     def save(self, path: str | Path, metadata: dict | None = None) -> None:
+        """Write the index to `path` (safetensors), atomically: `path` is the old file or the new one, whole."""
+        from .paths import atomic_write
+        with atomic_write(path) as tmp:
+            self.write(tmp, metadata)
+
+    def write(self, path: str | Path, metadata: dict | None = None) -> None:
+        """Write the index to `path` as it is (no temporary name; `save` publishes atomically)."""
         from safetensors.numpy import save_file
         meta = {"mel_dense_index": json.dumps(metadata or {})}
         save_file({"vectors": self.vectors, "ids": self.ids}, str(path), metadata=meta)
 
+    @staticmethod
+    def read_metadata(path: str | Path) -> dict:
+        """The metadata saved with an index (encoder, dim, the KB build it belongs to), read from the
+        file's header only."""
+        from safetensors import SafetensorError, safe_open
+        path = Path(path)
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                return json.loads((f.metadata() or {}).get("mel_dense_index", "{}"))
+        except FileNotFoundError:
+            raise
+        except (SafetensorError, OSError, ValueError) as exc:  # a truncated or foreign file
+            raise KBError(f"dense index {path} cannot be read ({exc}); rebuild the KB with "
+                          f"`python -m mel kb build`") from exc
+
     @classmethod
     def load(cls, path: str | Path, engine: str = "auto") -> tuple["DenseIndex", dict]:
-        from safetensors import safe_open
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
         path = Path(path)
         if not path.exists():
             raise KBError(f"dense index {path} is missing: rebuild the KB with `python -m mel kb build`")
-        with safe_open(str(path), framework="numpy") as f:
-            meta = json.loads((f.metadata() or {}).get("mel_dense_index", "{}"))
-        tensors = load_file(str(path))
-        return cls(tensors["vectors"], tensors["ids"], engine=engine), meta
+        meta = cls.read_metadata(path)
+        try:
+            tensors = load_file(str(path))
+            vectors, ids = tensors["vectors"], tensors["ids"]
+        except (SafetensorError, OSError, ValueError, KeyError) as exc:
+            raise KBError(f"dense index {path} cannot be read ({exc}); rebuild the KB with "
+                          f"`python -m mel kb build`") from exc
+        return cls(vectors, ids, engine=engine), meta

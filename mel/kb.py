@@ -6,6 +6,13 @@
     KB.image.safetensors     image embeddings of the entities that have an image (optional)
 
 Entities are addressed by `idx`, their row number, which is also the row in the dense indexes.
+
+The three files are one unit. Every build gets a build id, written into the KB's meta table and
+into each dense index; a build writes all its files under temporary names and renames the KB
+last, and `KnowledgeBase` refuses a dense index whose build id is not the KB's. So whatever
+instant a build is killed, a reader sees the old unit, the new unit, or a clear error saying
+which file is from which build and how to rebuild: never entities paired with another build's
+vectors. The temporary files of a killed build are deleted by the next build of the same KB.
 """
 from __future__ import annotations
 
@@ -13,11 +20,13 @@ import inspect
 import json
 import os
 import re
+import shlex
 import sqlite3
 import threading
 import time
 import unicodedata
 import urllib.parse
+import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -26,12 +35,14 @@ import sqlite_utils
 
 from .errors import InputError, KBError
 from .index import DenseIndex
+from .paths import fsync_path, remove_dead_temps, temp_path
 from .types import Entity
 
 SCHEMA_VERSION = 1
 BM25_WEIGHTS = (10.0, 5.0, 1.0)  # name, aliases, description: a name hit matters most
 ENTITY_TEXT_MAX_CHARS = 400      # keeps embedding fast; names and the first facts carry the signal
 LOCK_WAIT_S = 5.0                # how long a read waits for another process's write lock before KBError
+DENSE_KINDS = ("text", "image")
 
 
 def normalize_name(text: str) -> str:
@@ -48,13 +59,20 @@ def entity_text(entity: Entity) -> str:
 
 
 def fts_query(text: str) -> str:
-    """An FTS5 MATCH expression that ORs the words of `text`; safe for any user input."""
-    words = re.findall(r"\w+", text)
+    """An FTS5 MATCH expression that ORs the words of `text`; safe for any user input. The text is
+    NFC-normalised first, as the KB's names are, so a decomposed "Beyonce\u0301" stays one word."""
+    words = re.findall(r"\w+", unicodedata.normalize("NFC", text))
     return " OR ".join('"' + w.replace('"', '""') + '"' for w in words)
 
 
 def sidecar(path: Path, kind: str) -> Path:
     return path.with_name(f"{path.stem}.{kind}.safetensors")
+
+
+def _build_label(build_id, created) -> str:
+    if not build_id:
+        return "a build without a build id (an older mel)" + (f", created {created}" if created else "")
+    return f"build {build_id}" + (f" (created {created})" if created else "")
 
 
 class KnowledgeBase:
@@ -74,6 +92,13 @@ class KnowledgeBase:
         self.meta = self._read_meta()
         self.size = int(self.meta.get("n_entities", 0))
         self.source_format = self.meta.get("format", "")
+        self.build_id = self.meta.get("build_id")  # None: a KB built before build ids existed
+        for kind in DENSE_KINDS:  # a side file of another build is refused now, not at the first search
+            if self.has_dense(kind):
+                try:
+                    self._check_dense_build(kind, DenseIndex.read_metadata(sidecar(self.path, kind)))
+                except FileNotFoundError:
+                    pass  # removed since has_dense looked: dense() says so when it is needed
 
     # -- connection and metadata -------------------------------------------------------------
     @property
@@ -82,8 +107,21 @@ class KnowledgeBase:
         if db is None:
             uri = f"file:{urllib.parse.quote(str(self.path.resolve()))}?mode=ro"
             conn = sqlite3.connect(uri, uri=True, timeout=LOCK_WAIT_S, check_same_thread=False)
+            if hasattr(self, "meta"):  # another thread's connection: the file must still be the KB first opened
+                self._check_same_build(conn)
             db = self._local.db = sqlite_utils.Database(conn)
         return db
+
+    def _check_same_build(self, conn: sqlite3.Connection) -> None:
+        try:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'build_id'").fetchone()
+        except sqlite3.Error:
+            return  # the query that needs the connection reports what is wrong
+        theirs = json.loads(row[0]) if row else None
+        if theirs != self.build_id:
+            conn.close()
+            raise KBError(f"{self.path} was rebuilt ({_build_label(theirs, None)}) after it was opened "
+                          f"({_build_label(self.build_id, self.meta.get('created'))}); open it again")
 
     def _query(self, sql: str, params=()) -> list[tuple]:
         try:
@@ -114,7 +152,7 @@ class KnowledgeBase:
         info = {"path": str(self.path), "n_entities": self.size, **{k: v for k, v in self.meta.items() if k != "n_entities"}}
         info["n_aliases"] = self._query("SELECT count(*) FROM aliases")[0][0]
         info["n_with_description"] = self._query("SELECT count(*) FROM entities WHERE description != ''")[0][0]
-        info["dense_indexes"] = {kind: sidecar(self.path, kind).exists() for kind in ("text", "image")}
+        info["dense_indexes"] = {kind: self.has_dense(kind) for kind in DENSE_KINDS}
         info["file_mb"] = round(self.path.stat().st_size / 2**20, 2)
         return info
 
@@ -194,14 +232,46 @@ class KnowledgeBase:
         with self._dense_lock:
             if kind not in self._dense:
                 path = sidecar(self.path, kind)
-                if not path.exists():
+                if not self.has_dense(kind):
                     raise KBError(f"{self.path.name} has no {kind} embeddings ({path.name} is missing); rebuild it "
                                   f"with `python -m mel kb build ... --preset <preset>`")
-                self._dense[kind] = DenseIndex.load(path, engine=self.engine)
+                index, meta = DenseIndex.load(path, engine=self.engine)
+                self._check_dense_build(kind, meta)  # again: the file may have been replaced since opening
+                if len(index) and (int(index.ids.max()) >= self.size or int(index.ids.min()) < 0):
+                    raise KBError(f"{path.name} points at KB row {int(index.ids.max())} but {self.path.name} has "
+                                  f"{self.size} entities: the two files are not from the same build. Rebuild the "
+                                  f"KB with: {self.rebuild_command()}")
+                self._dense[kind] = index, meta
             return self._dense[kind]
 
     def has_dense(self, kind: str = "text") -> bool:
-        return sidecar(self.path, kind).exists()
+        """Whether this KB has a dense index of `kind`: its build made one, and the file is there (a file
+        left from an earlier build that made one, when this build did not, is ignored)."""
+        declared = self.meta.get("dense_indexes")  # None: a KB from before build ids, which did not say
+        return (declared is None or kind in declared) and sidecar(self.path, kind).exists()
+
+    def rebuild_command(self, index_meta: dict | None = None) -> str:
+        """The command that rebuilds this KB: the one recorded by the build (the dense index's first, as
+        that is the newer build when a build was interrupted), else its general form."""
+        command = (index_meta or {}).get("kb_build_command") or self.meta.get("build_command")
+        if command:
+            return command
+        dense = "--preset <preset>" if self.meta.get("text_encoder") else "--no-dense"
+        return (f"python -m mel kb build --format {self.source_format or '<format>'} --source <dataset dir> "
+                f"--out {shlex.quote(str(self.path))} {dense}")
+
+    def _check_dense_build(self, kind: str, index_meta: dict) -> None:
+        """Refuse a dense index that another build wrote: its rows would name the wrong entities."""
+        theirs = index_meta.get("kb_build_id")
+        if theirs == self.build_id:
+            return
+        path = sidecar(self.path, kind)
+        raise KBError(
+            f"{path.name} does not belong to {self.path.name}: {self.path.name} is from "
+            f"{_build_label(self.build_id, self.meta.get('created'))}, {path.name} is from "
+            f"{_build_label(theirs, index_meta.get('kb_created'))}. A `kb build` was stopped while it replaced the "
+            f"files, or files of two builds were put together; searching them would return wrong entities. "
+            f"Rebuild the KB with: {self.rebuild_command(index_meta)}")
 
     def search_dense(self, query_vectors: np.ndarray, k: int = 20, kind: str = "text"):
         index, _ = self.dense(kind)
@@ -211,11 +281,18 @@ class KnowledgeBase:
 # -- building ----------------------------------------------------------------------------------
 def build_kb(entities: Iterable[Entity], out: str | Path, *, text_encoder=None, image_encoder=None,
              source_format: str = "", batch_size: int = 128, progress: bool = True,
-             overwrite: bool = True) -> KnowledgeBase:
-    """Write a KB to `out` (atomically: a half-built KB never replaces a good one).
+             overwrite: bool = True, build_command: str | None = None,
+             image_index: tuple[DenseIndex, dict] | None = None, extra_meta: dict | None = None,
+             finish=None) -> KnowledgeBase:
+    """Write a KB to `out` (atomically: a half-built KB never replaces a good one, and the KB and its
+    dense indexes are published as one unit; see the module docstring).
 
     `text_encoder` / `image_encoder` are backends with `.encode()`, `.name` and `.dim`; None skips
-    that dense index (BM25 and exact matching still work).
+    that dense index (BM25 and exact matching still work). `image_index` (index, metadata) is an
+    image index already computed for these entities, in this order (`kb enrich` keeps the source's).
+    `extra_meta` adds keys to the KB's meta table; `finish(db)` may change the new database (a
+    sqlite_utils.Database) before it is published. `build_command` is recorded so that an error
+    can say how to rebuild.
     """
     from tqdm.auto import tqdm
 
@@ -225,9 +302,7 @@ def build_kb(entities: Iterable[Entity], out: str | Path, *, text_encoder=None, 
     if out.exists() and not overwrite:
         raise KBError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.building-{os.getpid()}")
-    for p in (tmp, Path(str(tmp) + "-wal"), Path(str(tmp) + "-shm")):
-        p.unlink(missing_ok=True)
+    _remove_build_leftovers(out)
     started = time.perf_counter()
 
     seen: set[str] = set()
@@ -253,49 +328,95 @@ def build_kb(entities: Iterable[Entity], out: str | Path, *, text_encoder=None, 
     if not entity_rows:
         raise KBError("no entities to build a knowledge base from: check the --source directory and --format")
 
-    db = sqlite_utils.Database(tmp)
-    db["meta"].create({"key": str, "value": str}, pk="key")
-    db["entities"].insert_all(entity_rows, pk="idx", batch_size=2000,
-                              columns={"idx": int, "id": str, "name": str, "description": str, "type": str,
-                                       "aliases": str, "aliases_text": str, "images": str})
-    db["entities"].create_index(["id"], unique=True)
-    db["aliases"].insert_all(alias_rows, batch_size=5000, columns={"entity_idx": int, "norm": str, "kind": str})
-    db["aliases"].create_index(["norm"])
-    db["entities"].enable_fts(["name", "aliases_text", "description"], tokenize="unicode61 remove_diacritics 2")
+    tmp = temp_path(out, "building")
+    parts: dict[str, Path] = {}
+    db = None
+    try:
+        db = sqlite_utils.Database(tmp)
+        db["meta"].create({"key": str, "value": str}, pk="key")
+        db["entities"].insert_all(entity_rows, pk="idx", batch_size=2000,
+                                  columns={"idx": int, "id": str, "name": str, "description": str, "type": str,
+                                           "aliases": str, "aliases_text": str, "images": str})
+        db["entities"].create_index(["id"], unique=True)
+        db["aliases"].insert_all(alias_rows, batch_size=5000, columns={"entity_idx": int, "norm": str, "kind": str})
+        db["aliases"].create_index(["norm"])
+        db["entities"].enable_fts(["name", "aliases_text", "description"], tokenize="unicode61 remove_diacritics 2")
 
-    meta = {"schema_version": SCHEMA_VERSION, "n_entities": len(entity_rows), "format": source_format,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "text_encoder": getattr(text_encoder, "name", None), "image_encoder": getattr(image_encoder, "name", None),
-            "n_entity_images": 0}
+        meta = {"schema_version": SCHEMA_VERSION, "n_entities": len(entity_rows), "format": source_format,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "build_id": uuid.uuid4().hex,
+                "text_encoder": getattr(text_encoder, "name", None),
+                "image_encoder": getattr(image_encoder, "name", None), "n_entity_images": 0}
+        if build_command:
+            meta["build_command"] = build_command
 
-    dense_files = {}
-    if text_encoder is not None:
-        kwargs = {"show_progress": progress} if "show_progress" in inspect.signature(text_encoder.encode).parameters else {}
-        vectors = text_encoder.encode(texts, batch_size=batch_size, **kwargs)
-        dense_files["text"] = (DenseIndex(vectors, engine="numpy"), {"encoder": text_encoder.name, "dim": int(vectors.shape[1])})
-    if image_encoder is not None and images:
-        vectors, ids = _encode_entity_images(image_encoder, images, progress)
-        if len(ids):
-            meta["n_entity_images"] = len(ids)
-            dense_files["image"] = (DenseIndex(vectors, ids, engine="numpy"), {"encoder": image_encoder.name,
-                                                                               "dim": int(vectors.shape[1])})
-    meta["build_seconds"] = round(time.perf_counter() - started, 2)
-    db["meta"].insert_all([{"key": k, "value": json.dumps(v)} for k, v in meta.items()])
-    db.conn.commit()
-    db.conn.execute("VACUUM")
-    db.close()
+        dense_files = {}
+        if text_encoder is not None:
+            kwargs = {"show_progress": progress} if "show_progress" in inspect.signature(text_encoder.encode).parameters else {}
+            vectors = text_encoder.encode(texts, batch_size=batch_size, **kwargs)
+            dense_files["text"] = (DenseIndex(vectors, engine="numpy"), {"encoder": text_encoder.name,
+                                                                         "dim": int(vectors.shape[1])})
+        if image_encoder is not None and images:
+            vectors, ids = _encode_entity_images(image_encoder, images, progress)
+            if len(ids):
+                meta["n_entity_images"] = len(ids)
+                dense_files["image"] = (DenseIndex(vectors, ids, engine="numpy"), {"encoder": image_encoder.name,
+                                                                                   "dim": int(vectors.shape[1])})
+        elif image_index is not None and len(image_index[0]):
+            meta["n_entity_images"], meta["image_encoder"] = len(image_index[0]), image_index[1].get("encoder")
+            dense_files["image"] = image_index
+        meta["dense_indexes"] = sorted(dense_files)
+        meta["build_seconds"] = round(time.perf_counter() - started, 2)
+        meta.update(extra_meta or {})
+        if finish is not None:
+            finish(db)
+        db["meta"].insert_all([{"key": k, "value": json.dumps(v)} for k, v in meta.items()])
+        db.conn.commit()
+        db.conn.execute("VACUUM")
+        db.close()
 
-    for kind in ("text", "image"):
-        target = sidecar(out, kind)
-        if kind in dense_files:
-            index, index_meta = dense_files[kind]
-            part = target.with_name(target.name + ".part")
-            index.save(part, index_meta)
-            os.replace(part, target)
-        else:
-            target.unlink(missing_ok=True)  # never leave a stale index from an earlier build
-    os.replace(tmp, out)
+        # every side file under a new name too, stamped with the KB's build id
+        stamp = {"kb_build_id": meta["build_id"], "kb_created": meta["created"]}
+        if build_command:
+            stamp["kb_build_command"] = build_command
+        for kind, (index, index_meta) in dense_files.items():
+            parts[kind] = temp_path(sidecar(out, kind), "building")
+            index.write(parts[kind], {**{k: v for k, v in index_meta.items() if not k.startswith("kb_")}, **stamp})
+            fsync_path(parts[kind])
+        fsync_path(tmp)
+        _publish_unit(out, tmp, parts)
+    finally:  # on success only the lock file is left; on an error, nothing of this build
+        if db is not None:
+            db.close()
+        for p in (tmp, *(Path(f"{tmp}{s}") for s in ("-wal", "-shm", "-journal")), *parts.values()):
+            p.unlink(missing_ok=True)
     return KnowledgeBase(out)
+
+
+def _publish_unit(out: Path, tmp: Path, parts: dict[str, Path]) -> None:
+    """Rename the side files, then the KB, into place. Readers open the KB first and check every side
+    file's build id against it, so each instant in between reads as the old unit (side files it does
+    not list are ignored), the new unit, or a mismatch they refuse. A lock keeps two builds of the
+    same KB from interleaving their renames."""
+    import filelock
+
+    with filelock.FileLock(out.with_name(f".{out.name}.lock")):
+        for kind, part in parts.items():
+            os.replace(part, sidecar(out, kind))
+        fsync_path(out.parent)  # the side files are in place on disk before the KB that names them
+        os.replace(tmp, out)
+        fsync_path(out.parent)
+        for kind in DENSE_KINDS:
+            if kind not in parts:
+                sidecar(out, kind).unlink(missing_ok=True)  # an earlier build's: the new KB already ignores it
+
+
+def _remove_build_leftovers(out: Path) -> None:
+    """Delete the temporary files that killed builds of `out` left (their process is gone); those of a
+    build that is running now, in this process or another, are left alone."""
+    names = [out.name] + [sidecar(out, kind).name for kind in DENSE_KINDS]
+    remove_dead_temps(out.parent, names)
+    for kind in DENSE_KINDS:  # what builds before build ids wrote (`kb.text.safetensors.part`), without a PID
+        sidecar(out, kind).with_name(sidecar(out, kind).name + ".part").unlink(missing_ok=True)
 
 
 def _encode_entity_images(image_encoder, images: list[tuple[int, str]], progress: bool):
@@ -327,5 +448,10 @@ def build_dataset_kb(format: str, source: str | Path, out: str | Path, *, preset
         entities = itertools.islice(entities, limit)
     text_encoder = preset.backend("text_encoder") if preset is not None else None
     image_encoder = preset.backend("image_encoder") if (preset is not None and images) else None
+    command = ["python -m mel kb build", "--format", shlex.quote(format), "--source", shlex.quote(str(source)),
+               "--out", shlex.quote(str(out))]
+    command += ["--no-dense"] if preset is None else ["--preset", shlex.quote(preset.name)]
+    command += ["--no-images"] if preset is not None and not images else []
+    command += ["--limit", str(limit)] if limit else []
     return build_kb(entities, out, text_encoder=text_encoder, image_encoder=image_encoder, source_format=format,
-                    batch_size=batch_size, progress=progress)
+                    batch_size=batch_size, progress=progress, build_command=" ".join(command))

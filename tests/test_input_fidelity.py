@@ -315,3 +315,8 @@ def test_the_cli_takes_a_decomposed_mention_with_its_offsets(bm25_kb, capsys):
                              "--start", "0", "--end", "12", "--mention", "Zoe\u0308 Saldana", "--json")
     assert code == 0, err
     assert json.loads(out)["mention"]["caption"].startswith("Zo\u00eb Saldana")
+
+
+def test_kb_queries_are_nfc_like_the_kb():
+    from mel.kb import fts_query
+    assert fts_query("Beyonce\u0301s tour") == fts_query("Beyonc\u00e9s tour") == '"Beyonc\u00e9s" OR "tour"'

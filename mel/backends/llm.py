@@ -24,9 +24,7 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +32,7 @@ import filelock
 import torch
 
 from ..errors import CheckpointError, InputError, ModelUnavailableError
-from ..paths import cache_dir
+from ..paths import cache_dir, fsync_path, fsync_tree, remove_dead_temps, temp_path
 from .text import check_device, configure_cpu_threads, load_pretrained, resolve_model_source
 
 __all__ = ["CausalLM", "load_causal_lm", "ensure_converted_smollm2", "smollm2_gguf_path", "LLM_SPECS"]
@@ -161,7 +159,7 @@ def _convert_smollm2(gguf: Path, target: Path) -> None:
 
 def _remove_tree(path: Path) -> None:
     """Move `path` aside (atomic) and delete it, so readers never see it half-deleted."""
-    trash = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+    trash = temp_path(path)  # names this process: a later conversion deletes it if we are killed mid-way
     try:
         os.rename(path, trash)
     except FileNotFoundError:
@@ -172,9 +170,10 @@ def _remove_tree(path: Path) -> None:
 def ensure_converted_smollm2() -> Path:
     """Directory of the converted SmolLM2-135M-Instruct (model + tokenizer), converting on first use.
 
-    The conversion is written to a temporary directory beside the cache and renamed into place
-    only when complete, so a crash or two processes converting at once never leave a half-written
-    cache. A directory that exists without the completion marker is replaced.
+    The conversion is written to a temporary directory beside the cache, flushed to disk, and renamed
+    into place only when complete, so a crash or two processes converting at once never leave a
+    half-written cache. A directory that exists without the completion marker is replaced, and the
+    temporary directories of conversions that were killed (their process is gone) are deleted.
     """
     parent = cache_dir("models")
     final = parent / SMOLLM2_CACHE_NAME
@@ -191,17 +190,21 @@ def ensure_converted_smollm2() -> Path:
     with filelock.FileLock(parent / f".{SMOLLM2_CACHE_NAME}.lock"):
         if _conversion_complete(final, gguf):  # another process finished while we waited
             return final
-        tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_CACHE_NAME}.tmp-", dir=parent))
+        remove_dead_temps(parent, [SMOLLM2_CACHE_NAME])  # half-written copies of killed conversions
+        tmp = temp_path(final)
+        tmp.mkdir()
         try:
             try:
                 _convert_smollm2(gguf, tmp)
             except (OSError, ValueError, RuntimeError, ImportError) as e:
                 raise ModelUnavailableError(f"could not convert the packaged SmolLM2 ({gguf}): "
                                             f"{type(e).__name__}: {e}") from e
+            fsync_tree(tmp)  # every file on disk before the rename publishes them
             if final.exists():
                 _remove_tree(final)  # incomplete or stale
             try:
                 os.rename(tmp, final)
+                fsync_path(parent)
             except OSError:
                 # someone without the lock published first: keep theirs if it is complete
                 if not _conversion_complete(final, gguf):

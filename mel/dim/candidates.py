@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..kb import BM25_WEIGHTS
+from ..paths import atomic_write
 
 # the FTS5 columns the name search may match (descriptions are left out on purpose: a surname
 # that occurs in someone else's "Spouse: ..." is not a name match)
@@ -194,7 +195,8 @@ def protocol_lists(kb, examples, preset, size: int = 100, seed: int = 0) -> tupl
 
 
 def save_candidate_lists(lists: dict[str, list[str]], path: str | Path) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+    """Write the lists as JSONL, atomically: `path` holds all of them or its earlier content, never a part."""
+    with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for mid, ids in lists.items():
             f.write(json.dumps({"id": mid, "candidates": ids}, ensure_ascii=False) + "\n")
 

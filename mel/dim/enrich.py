@@ -4,7 +4,9 @@ DIM had an LLM (ChatGPT) rewrite the KB's entity descriptions into fluent text (
 Diverse+). This writes a NEW knowledge base whose descriptions were rewritten by a configurable
 causal LM (`mel.backends.llm` spec: the offline preset's SmolLM2-135M, or `hf:<id or dir>`),
 keeping every original description in an `original_description` column and recording the LLM
-and prompt in the KB's meta. The source KB is never modified.
+and prompt in the KB's meta. The source KB is never modified, and the new KB (with its dense indexes,
+its original descriptions and its meta) is published as one unit by `build_kb`: it appears whole or
+not at all.
 
     python -m mel kb enrich wikimel.sqlite --out wikimel-enriched.sqlite --llm smollm2 --preset offline --limit 200
 
@@ -14,8 +16,6 @@ a sample first, and entities whose rewrite comes back empty keep their original 
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -77,13 +77,11 @@ def enrich_kb(kb_path: str | Path, out: str | Path, generate: Callable[[Sequence
     entities only, when given); originals go to `original_description`. Returns the new KB."""
     from tqdm.auto import tqdm
 
-    import sqlite_utils
-
-    from ..kb import KnowledgeBase, build_kb, sidecar
+    from ..kb import KnowledgeBase, build_kb
 
     if "{name}" not in prompt or "{description}" not in prompt:
         raise InputError("the enrichment prompt must contain {name} and {description}")
-    src = KnowledgeBase(kb_path)
+    src = KnowledgeBase(kb_path, engine="numpy")  # its image index is copied, never searched
     out = Path(out)
     if out.resolve() == src.path.resolve():
         raise KBError("kb enrich writes a new KB and keeps the source: give --out a different file")
@@ -100,22 +98,18 @@ def enrich_kb(kb_path: str | Path, out: str | Path, generate: Callable[[Sequence
             if text:
                 entity.description = text
                 rewritten += 1
-    build_kb(entities, out, text_encoder=text_encoder, source_format=src.source_format, progress=progress)
-    if src.has_dense("image"):  # images did not change: keep their embeddings
-        shutil.copyfile(sidecar(src.path, "image"), sidecar(out, "image"))
-    db = sqlite_utils.Database(out)
-    db["entities"].add_column("original_description", str)
-    with db.conn:
+    image_index = src.dense("image") if src.has_dense("image") else None  # images did not change: keep them
+
+    def keep_originals(db) -> None:  # runs on the new KB before it is published
+        db["entities"].add_column("original_description", str)
         db.conn.executemany("UPDATE entities SET original_description = ? WHERE id = ?",
                             [(text, eid) for eid, text in originals.items()])
-        db["meta"].upsert_all([
-            {"key": "enrichment", "value": json.dumps({"llm": llm_name or getattr(generate, "name", ""), "prompt": prompt,
-                                                      "n_rewritten": rewritten, "n_entities": len(entities),
-                                                      "source_kb": src.path.name})},
-            {"key": "n_entity_images", "value": json.dumps(src.meta.get("n_entity_images", 0))},
-            {"key": "image_encoder", "value": json.dumps(src.meta.get("image_encoder"))}], pk="key")
-    db.close()
-    return KnowledgeBase(out), rewritten
+
+    enrichment = {"llm": llm_name or getattr(generate, "name", ""), "prompt": prompt, "n_rewritten": rewritten,
+                  "n_entities": len(entities), "source_kb": src.path.name}
+    kb = build_kb(entities, out, text_encoder=text_encoder, source_format=src.source_format, progress=progress,
+                  image_index=image_index, extra_meta={"enrichment": enrichment}, finish=keep_originals)
+    return kb, rewritten
 
 
 def original_descriptions(kb) -> dict[str, str]:

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import KBError
-from ..paths import cache_dir
+from ..paths import atomic_write, cache_dir, remove_dead_temps
 from .prompt import encode_answer, eos_id
 
 TRIE_FORMAT_VERSION = 1
@@ -165,25 +165,33 @@ class TokenTrie:
 
     # -- persistence -------------------------------------------------------------------------
     def save(self, stem: str | Path) -> None:
-        """`stem.safetensors` (arrays) + `stem.json` (names, meta); each written atomically."""
+        """`stem.safetensors` (arrays) + `stem.json` (names, meta); each written atomically, and both
+        carry one save id, so that `load` refuses a pair from two different saves."""
         from safetensors.numpy import save_file
         stem = Path(stem)
         arrays = {"child_ptr": self.child_ptr, "child_tok": self.child_tok, "child_node": self.child_node,
                   "leaf_group": self.leaf_group, "group_ptr": self.group_ptr, "group_entities": self.group_entities}
-        tmp = stem.with_name(f".{stem.name}.{os.getpid()}")
-        save_file(arrays, f"{tmp}.safetensors")
-        Path(f"{tmp}.json").write_text(json.dumps({"version": TRIE_FORMAT_VERSION, "eos": self.eos, "meta": self.meta,
-                                                   "group_names": self.group_names}, ensure_ascii=False))
-        os.replace(f"{tmp}.json", f"{stem}.json")
-        os.replace(f"{tmp}.safetensors", f"{stem}.safetensors")  # last: its presence marks a complete cache
+        save_id = uuid.uuid4().hex
+        names = {"version": TRIE_FORMAT_VERSION, "eos": self.eos, "meta": self.meta, "group_names": self.group_names,
+                 "save_id": save_id}
+        remove_dead_temps(stem.parent, [f"{stem.name}.json", f"{stem.name}.safetensors"])  # killed writers' files
+        with atomic_write(f"{stem}.json") as tmp:
+            tmp.write_text(json.dumps(names, ensure_ascii=False))
+        with atomic_write(f"{stem}.safetensors") as tmp:  # last: its presence marks a complete cache
+            save_file(arrays, str(tmp), metadata={"save_id": save_id})
 
     @classmethod
     def load(cls, stem: str | Path) -> "TokenTrie":
+        from safetensors import safe_open
         from safetensors.numpy import load_file
         stem = Path(stem)
         info = json.loads(Path(f"{stem}.json").read_text())
         if info.get("version") != TRIE_FORMAT_VERSION:
             raise KBError(f"{stem}.json is a trie of format {info.get('version')}, expected {TRIE_FORMAT_VERSION}")
+        with safe_open(f"{stem}.safetensors", framework="numpy") as f:
+            if (f.metadata() or {}).get("save_id") != info.get("save_id"):
+                raise KBError(f"{stem}.json and {stem}.safetensors are from two different saves; delete them "
+                              f"and the trie is rebuilt")
         a = load_file(f"{stem}.safetensors")
         return cls(a["child_ptr"], a["child_tok"], a["child_node"], a["leaf_group"], a["group_ptr"],
                    a["group_entities"], info["group_names"], None, int(info["eos"]), info.get("meta"))
