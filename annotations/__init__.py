@@ -6,10 +6,11 @@
     ack = store.record_correction("alice", mention_id, "Q42", "accept_dim")   # committed when returned
     store.undo_last("alice")
     export_corrections(store, "exports/run1", format="jsonl", kb=kb)
+    store.restore("backups/annotations-2025-01-01.sqlite")   # safe while the app runs
 """
 from .export import FORMATS, ExportReport, export_corrections
 from .store import (ACTIONS, Ack, AnnotationStore, AnnotationStoreError, NotAllowedError, SCHEMA_VERSION,
-                    mention_key)
+                    mention_key, restore_database)
 
 __all__ = ["ACTIONS", "Ack", "AnnotationStore", "AnnotationStoreError", "NotAllowedError", "SCHEMA_VERSION",
-           "FORMATS", "ExportReport", "export_corrections", "mention_key"]
+           "FORMATS", "ExportReport", "export_corrections", "mention_key", "restore_database"]

@@ -4,8 +4,14 @@
     python -m mel annotations export --db DATA_DIR/annotations.sqlite --format jsonl --out exports/run1 \
         [--kb KB.sqlite] [--dev-fraction 0.1]
     python -m mel annotations backup --db DATA_DIR/annotations.sqlite --out backups/annotations-2025-01-01.sqlite
+    python -m mel annotations restore --db DATA_DIR/annotations.sqlite --from backups/annotations-2025-01-01.sqlite
 
 The database is opened read-only for stats and export, so they are safe while the app runs.
+restore is safe while the app runs too: it checks the backup, copies the live database to
+DATA_DIR/annotations-before-restore-<time>.sqlite, then copies the backup INTO the live file
+(SQLite's online backup API), so the running app sees the restored content at once. Never
+restore by copying a file over annotations.sqlite (or deleting it): the app notices, but
+refuses to save until the file is back, or keeps going on the new file.
 Having the database file is what the admin role means on the command line; the app's own
 export button is shown to admins only (MEL_ADMINS).
 """
@@ -14,7 +20,7 @@ from __future__ import annotations
 import json
 
 from .export import FORMATS, export_corrections
-from .store import AnnotationStore
+from .store import AnnotationStore, restore_database
 
 
 def add_parser(subparsers) -> None:
@@ -40,6 +46,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--db", required=True)
     p.add_argument("--out", required=True, help="the copy to write")
     p.set_defaults(func=cmd_backup)
+
+    p = sub.add_parser("restore", help="put a backup back into the live database, safe while the app runs "
+                                       "(the live one is copied first)")
+    p.add_argument("--db", required=True, help="annotations.sqlite (or the app's --data-dir); may be missing")
+    p.add_argument("--from", dest="source", required=True, metavar="BACKUP",
+                   help="the backup to restore (written by `annotations backup`, or a rescue copy)")
+    p.set_defaults(func=cmd_restore)
 
 
 def cmd_stats(args) -> None:
@@ -71,3 +84,17 @@ def cmd_backup(args) -> None:
     with AnnotationStore.from_db(args.db, read_only=True) as store:
         path = store.backup(args.out)
     print(f"backed up {args.db} to {path}")
+
+
+def cmd_restore(args) -> None:
+    report = restore_database(args.db, args.source)
+    counts = report["counts"]
+    print(f"restored {report['restored']} into {report['into']}: "
+          + ", ".join(f"{n} {table}" for table, n in counts.items()))
+    if report["safety_copy"]:
+        print(f"the database as it was before the restore is saved in {report['safety_copy']}")
+    else:
+        print(f"there was no database at {report['into']} (deleted?), so there was nothing to keep; "
+              f"it was written anew from the backup")
+    if report["rescued"]:
+        print(f"what the deleted database still held is saved in {report['rescued']}")

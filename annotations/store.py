@@ -5,8 +5,10 @@ One SQLite file (sqlite-utils on a plain sqlite3 connection) in a data directory
     DATA_DIR/annotations.sqlite   mentions, predictions, corrections, images, schema_version
     DATA_DIR/images/<sha256>.<ext> uploaded images, named by the SHA-256 of their bytes
     DATA_DIR/annotations.sqlite.open-lock  taken while a connection opens (processes starting at once)
+    DATA_DIR/annotations-before-restore-<time>.sqlite  the live database as it was before a restore
+    DATA_DIR/annotations-rescued-<time>.sqlite  what a file deleted or replaced while open still held
 
-Guarantees (each one has a test in tests/test_annotations.py):
+Guarantees (each one has a test in tests/test_annotations.py or tests/test_store_swap.py):
 
 - An acknowledgement (`Ack`) is returned only after the transaction that wrote the correction
   has committed. The journal is WAL with synchronous=FULL: WAL+NORMAL already survives a killed
@@ -24,12 +26,37 @@ Guarantees (each one has a test in tests/test_annotations.py):
   acknowledgement is given.
 - The schema is versioned (`schema_version` table); MIGRATIONS run in order, each in one
   transaction, and a database written by a newer version is refused rather than misread.
+- The file at the path is the file written to. Every connection records the (device, inode) of
+  the file it opened; each use, each write after it holds the write lock, and each write before
+  and after COMMIT compare it with the file now at the path. If the file was deleted or replaced
+  (`rm`, `mv`, a backup copied in with a rename), what the previous file held is first copied to
+  annotations-rescued-<time>.sqlite through a connection still open on it, every connection to it
+  is closed, and its -wal/-shm are taken away from the path (SQLite leaves them when the file has
+  moved, and would read that WAL as the new file's). Then a deleted file is refused (every save
+  raises AnnotationStoreError saying how to restore; no empty database is created in its place)
+  and a replaced one is used from then on (after the same schema checks as at start). A write
+  whose transaction saw the swap before COMMIT is rolled back and run in the new file; one that
+  committed while the file was swapped is refused, never acknowledged.
+  Not detectable, so not to be done: writing over the live file in place (`cp backup
+  annotations.sqlite` onto it, same inode) while anything has it open; replacing it while the app
+  is stopped without removing the -wal/-shm beside it. Another process that still has the previous
+  file open keeps writing to that file until it notices too.
+- `restore` (`python -m mel annotations restore`) checks the backup (an intact annotation database
+  of this schema or older) before touching anything, copies the live database to
+  annotations-before-restore-<time>.sqlite (never overwriting a file), then copies the backup INTO
+  the live file with SQLite's online backup API: same file, one write transaction, and every open
+  connection (threads, other processes) sees the restored content. A deleted live file is written
+  anew from the backup.
+- Images: a deleted images directory is made again before an image is stored.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import itertools
 import json
+import logging
 import os
 import sqlite3
 import tempfile
@@ -48,6 +75,8 @@ from mel.errors import InputError, MELError
 from mel.imageio import load_image
 from mel.types import NIL, LinkResult, Mention
 
+log = logging.getLogger(__name__)
+
 DB_NAME = "annotations.sqlite"
 IMAGES_DIR = "images"
 LOCK_NAME = "annotations.sqlite.open-lock"  # held only while a connection is opened (see _connect)
@@ -64,6 +93,10 @@ _EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP":
 
 class AnnotationStoreError(MELError):
     """The store cannot be read or written (read-only file, full disk, newer schema...)."""
+
+
+class _Replaced(Exception):
+    """Internal: the file at the path changed during a transaction, which is rolled back and run again."""
 
 
 class NotAllowedError(MELError, PermissionError):
@@ -123,6 +156,51 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         "CREATE INDEX corrections_annotator ON corrections(annotator, id)",
         "CREATE INDEX corrections_mention ON corrections(mention_id, id)",
     ]),
+    (2, [  # annotation projects: tasks, queue cursors, flags; decisions bound to tasks (annotations/queue.py)
+        """CREATE TABLE projects (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            name TEXT NOT NULL UNIQUE,
+            kb TEXT NOT NULL DEFAULT '',            -- path of the KB file the project links against
+            kb_stamp TEXT NOT NULL DEFAULT '',      -- KB file name and build time, as predictions.kb stores it
+            kb_build_id TEXT NOT NULL DEFAULT '',
+            settings TEXT NOT NULL DEFAULT '{}',    -- JSON: guidelines (Markdown), linkers, annotations_per_task...
+            created TEXT NOT NULL)""",
+        """CREATE TABLE tasks (
+            id TEXT PRIMARY KEY,                    -- stable: hash of the project name and the content hash
+            project_id INTEGER NOT NULL REFERENCES projects(id),
+            mention_id TEXT NOT NULL REFERENCES mentions(id),
+            content_hash TEXT NOT NULL,             -- caption, span and image (= the mention id)
+            gold_id TEXT,                           -- gold entity id from the imported file, 'NIL', or NULL
+            gold_name TEXT NOT NULL DEFAULT '',
+            source_file TEXT NOT NULL,
+            source_record TEXT NOT NULL,
+            position INTEGER NOT NULL,              -- queue order within the project
+            created TEXT NOT NULL,
+            UNIQUE (project_id, content_hash),
+            UNIQUE (project_id, position))""",
+        "CREATE INDEX tasks_mention ON tasks(mention_id)",
+        "ALTER TABLE corrections ADD COLUMN task_id TEXT REFERENCES tasks(id)",
+        "ALTER TABLE corrections ADD COLUMN shown_predictions TEXT",   # JSON list of the prediction ids on screen
+        "ALTER TABLE corrections ADD COLUMN client_token TEXT",        # one per key press: a repeat is idempotent
+        "ALTER TABLE corrections ADD COLUMN supersedes INTEGER REFERENCES corrections(id)",  # a changed decision
+        "CREATE UNIQUE INDEX corrections_client_token ON corrections(client_token) WHERE client_token IS NOT NULL",
+        "CREATE INDEX corrections_task ON corrections(task_id, annotator, id)",
+        """CREATE TABLE queue_cursors (
+            project_id INTEGER NOT NULL REFERENCES projects(id),
+            annotator TEXT NOT NULL,
+            task_id TEXT REFERENCES tasks(id),      -- the task on the annotator's screen; NULL between tasks
+            since TEXT NOT NULL,
+            PRIMARY KEY (project_id, annotator))""",
+        """CREATE TABLE flags (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            task_id TEXT NOT NULL REFERENCES tasks(id),
+            annotator TEXT NOT NULL,
+            comment TEXT NOT NULL,
+            created TEXT NOT NULL,
+            resolved_at TEXT,
+            resolved_by TEXT)""",
+        "CREATE INDEX flags_task ON flags(task_id)",
+    ]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -176,8 +254,13 @@ class AnnotationStore:
         self.path = self.data_dir / DB_NAME
         self.images_dir = self.data_dir / IMAGES_DIR
         self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
+        self._connections: dict[sqlite3.Connection, tuple[int, int]] = {}  # -> identity of the file it opened
         self._connections_lock = threading.Lock()
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the file this store uses
+        self._sidecars: dict[tuple[int, int], set[tuple[int, int]]] = {}  # its -wal/-shm files, by identity
+        self._rescued: dict[tuple[int, int], Path | str] = {}  # copies made of files deleted or replaced
+        self._checked: set[tuple[int, int]] = set()  # files whose schema was checked
+        self._swap_lock = threading.RLock()
         if read_only:
             if not self.path.exists():
                 raise AnnotationStoreError(f"no annotation database at {self.path}; check --db / --data-dir")
@@ -206,21 +289,59 @@ class AnnotationStore:
     # -- connections -----------------------------------------------------------------------------
     @property
     def db(self) -> sqlite_utils.Database:
-        """This thread's connection (sqlite-utils wrapper), opened on first use."""
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = self._local.db = sqlite_utils.Database(self._connect())
-        return db
+        """This thread's connection (sqlite-utils wrapper), opened on first use.
 
-    def _connect(self) -> sqlite3.Connection:
+        Every use first checks that the file at self.path is still the file the connection
+        opened (device and inode): a file replaced at the path is followed, a deleted one refused
+        (see _follow_path)."""
+        for _ in range(3):
+            db = getattr(self._local, "db", None)
+            current = self._path_identity()
+            if db is not None and self._local.identity == self._identity == current:
+                return db
+            if self._identity is not None and current != self._identity:
+                self._follow_path(db.conn if db is not None else None)
+            if db is not None:  # this thread's connection is to a file the store no longer uses
+                self._forget(db.conn)
+                self._local.db = None
+            opened = self._connect()
+            if opened is None:
+                continue  # the file changed while the connection opened: look again
+            conn, identity = opened
+            self._local.db, self._local.identity = sqlite_utils.Database(conn), identity
+            if identity not in self._checked:  # a file whose schema this store has not checked yet
+                self._checked.add(identity)
+                try:
+                    self._migrate()
+                except BaseException:
+                    self._checked.discard(identity)
+                    self._forget(conn)
+                    self._local.db = None
+                    raise
+            return self._local.db
+        raise self._changing_error("open it")
+
+    def _path_identity(self, suffix: str = "") -> tuple[int, int] | None:
+        """(device, inode) of the file now at self.path (+ suffix), None if there is none."""
+        try:
+            st = os.stat(f"{self.path}{suffix}")
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise AnnotationStoreError(f"cannot look at the annotation database {self.path} "
+                                       f"({exc.strerror or exc}); nothing was saved. Check the data directory") from exc
+        return st.st_dev, st.st_ino
+
+    def _connect(self) -> tuple[sqlite3.Connection, tuple[int, int]] | None:
+        """A new connection and the identity of the file it opened; None if that file changed meanwhile."""
         if self.read_only:
-            return self._register(self._open_connection())
+            return self._open_identified()
         # Two processes opening a new database at once both try to switch it to WAL; SQLite then
         # refuses one of them with SQLITE_BUSY at once (its busy handler would deadlock), so the
         # switch is serialised across processes by a lock file beside the database.
         try:
             with filelock.FileLock(self.data_dir / LOCK_NAME, timeout=BUSY_TIMEOUT_MS / 1000):
-                return self._register(self._open_connection())
+                return self._open_identified()
         except filelock.Timeout as exc:
             raise AnnotationStoreError(
                 f"the annotation database {self.path} is being opened by another process that held "
@@ -228,16 +349,32 @@ class AnnotationStore:
         except PermissionError as exc:
             raise self._error(sqlite3.OperationalError("attempt to write a readonly database"), "open") from exc
 
-    def _open_connection(self) -> sqlite3.Connection:
+    def _open_identified(self) -> tuple[sqlite3.Connection, tuple[int, int]] | None:
+        before = self._path_identity()
+        if self._identity is not None and before != self._identity:
+            return None
+        # Only the store's first connection may create the file: a later one must not put an empty
+        # database where the store's file was deleted.
+        conn = self._open_connection(create=self._identity is None)
+        after = self._path_identity()
+        if after is None or (before is not None and before != after) or after != (self._identity or after):
+            conn.close()
+            return None
+        if self._identity is None:
+            self._identity = after
+        if not self.read_only:
+            self._note_sidecars(after)
+        with self._connections_lock:
+            self._connections[conn] = after
+        return conn, after
+
+    def _open_connection(self, create: bool = False) -> sqlite3.Connection:
         try:
-            if self.read_only:
-                uri = f"file:{urllib.parse.quote(str(self.path.resolve()))}?mode=ro"
-                conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-                                       check_same_thread=False)
-            else:
-                # isolation_level=None: no implicit transactions; every write says BEGIN IMMEDIATE itself
-                conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-                                       check_same_thread=False)
+            # isolation_level=None: no implicit transactions; every write says BEGIN IMMEDIATE itself
+            mode = "ro" if self.read_only else "rwc" if create else "rw"
+            uri = f"file:{urllib.parse.quote(str(self.path.resolve()))}?mode={mode}"
+            conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                                   check_same_thread=False)
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             conn.execute("PRAGMA foreign_keys = ON")
             tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
@@ -256,10 +393,106 @@ class AnnotationStore:
             raise self._error(exc, "open") from exc
         return conn
 
-    def _register(self, conn: sqlite3.Connection) -> sqlite3.Connection:
+    def _forget(self, conn: sqlite3.Connection) -> None:
         with self._connections_lock:
-            self._connections.append(conn)
-        return conn
+            self._connections.pop(conn, None)
+        try:
+            conn.close()
+        except sqlite3.Error:
+            pass
+
+    def _follow_path(self, source: sqlite3.Connection | None) -> Path | None:
+        """The file at self.path is no longer the file this store opened: deleted, or replaced.
+
+        What the previous file holds is copied first, through a connection still open on it, to
+        DATA_DIR/annotations-rescued-<time>.sqlite (it may hold saves made since the last backup).
+        Then every connection to it is closed: SQLite checkpoints its WAL into it and removes its
+        -wal/-shm, so they cannot be read as if they belonged to the file now at the path.
+        Then a deleted file is refused (AnnotationStoreError, saying how to restore); a replaced
+        one is used from now on. Returns the rescue copy (None if none was made).
+        """
+        with self._swap_lock:
+            old, current = self._identity, self._path_identity()
+            if current == old:
+                return None  # another thread followed it already
+            with self._connections_lock:
+                stale = [c for c, identity in self._connections.items() if identity == old]
+            if self.read_only:
+                for conn in stale:
+                    self._forget(conn)
+                raise AnnotationStoreError(f"the annotation database {self.path} was deleted or replaced while it "
+                                           f"was being read; run the command again")
+            if old not in self._rescued:
+                conn = source if source in stale else (stale[0] if stale else None)
+                self._rescued[old] = self._rescue(conn)
+            rescued = self._rescued[old]
+            for conn in stale:
+                self._forget(conn)
+            if current is None:
+                self._drop_sidecars(old, rescued)
+                raise AnnotationStoreError(
+                    f"the annotation database {self.path} was deleted while it was open; nothing was saved. "
+                    f"{self._rescue_note(rescued)} Never delete or copy over the live file: restore backups with "
+                    f"`python -m mel annotations restore`")
+            self._drop_sidecars(old, rescued)
+            self._identity = current
+            log.warning("the annotation database %s was replaced by another file while it was open; using the file "
+                        "now at the path. %s", self.path, self._rescue_note(rescued))
+            return rescued if isinstance(rescued, Path) else None
+
+    def _note_sidecars(self, identity: tuple[int, int]) -> None:
+        """Remember which -wal/-shm files belong to the database file `identity` (SQLite makes them
+        when the database is first opened in WAL mode, or first written)."""
+        for suffix in ("-wal", "-shm"):
+            sidecar = self._path_identity(suffix)
+            if sidecar is not None:
+                self._sidecars.setdefault(identity, set()).add(sidecar)
+
+    def _drop_sidecars(self, old: tuple[int, int], rescued: Path | str) -> None:
+        """Take the previous file's -wal/-shm away from the path once its connections are closed.
+
+        SQLite does not checkpoint or remove them when the database file has moved, and a connection
+        to a new file at the path would read that old WAL as its own (a copy with stale pages applied).
+        Their content is in the rescue copy; without one they are kept, renamed."""
+        for suffix in ("-wal", "-shm"):
+            sidecar = Path(f"{self.path}{suffix}")
+            if self._path_identity(suffix) not in self._sidecars.get(old, ()):
+                continue  # none, or not the previous file's (it came with the new file)
+            try:
+                if isinstance(rescued, Path):
+                    sidecar.unlink()
+                else:
+                    aside = _free_name(self.data_dir, f"{sidecar.name}-orphaned", "")
+                    sidecar.rename(aside)
+                    log.warning("kept %s of the previous database file as %s", sidecar, aside)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise AnnotationStoreError(
+                    f"the annotation database {self.path} was deleted or replaced while it was open, and {sidecar} "
+                    f"of the previous file cannot be removed ({exc.strerror or exc}); nothing was saved. Stop the "
+                    f"app, move {sidecar} away, and start it again") from exc
+
+    def _rescue(self, conn: sqlite3.Connection | None) -> Path | str:
+        """Copy what `conn`'s file holds to a new file in the data directory; the path, or why not."""
+        if conn is None:
+            return "no connection to it was open"
+        try:
+            return self._copy(conn, _free_name(self.data_dir, "annotations-rescued", ".sqlite"))
+        except AnnotationStoreError as exc:
+            return str(exc)
+
+    def _rescue_note(self, rescued: Path | str | None) -> str:
+        if isinstance(rescued, Path):
+            return (f"What the previous file held (every save acknowledged until now) is copied to {rescued}; put it "
+                    f"back with `python -m mel annotations restore --db {self.path} --from {rescued}` (safe while "
+                    f"the app runs).")
+        return f"No copy of what the previous file held could be made ({rescued or 'no connection to it was open'})."
+
+    def _changing_error(self, doing: str) -> AnnotationStoreError:
+        return AnnotationStoreError(
+            f"the annotation database {self.path} kept being replaced while trying to {doing}; nothing was saved. "
+            f"Stop whatever replaces it (restore backups with `python -m mel annotations restore`) and try again")
 
     def close(self) -> None:
         """Close every thread's connection (the WAL is checkpointed by the last one)."""
@@ -299,29 +532,58 @@ class AnnotationStore:
         return AnnotationStoreError(why)
 
     def _write(self, doing: str, fn):
-        """Run fn(conn) in one IMMEDIATE transaction; commit, or roll back and raise a clear error."""
+        """Run fn(conn) in one IMMEDIATE transaction; commit, or roll back and raise a clear error.
+
+        The file at the path is checked after the write lock is taken, before COMMIT and after it.
+        Replaced before COMMIT: rolled back and run again in the file now at the path. Replaced
+        during COMMIT: the write landed in the previous file, so it is refused (AnnotationStoreError),
+        never acknowledged.
+        """
         if self.read_only:
             raise AnnotationStoreError(f"the annotation database {self.path} was opened read-only; "
                                        f"nothing was saved (cannot {doing})")
-        conn = self.db.conn
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise self._error(exc, doing) from exc
-        try:
-            result = fn(conn)
-            conn.execute("COMMIT")
-            return result
-        except BaseException as exc:
+        for _ in range(3):
+            conn, identity = self.db.conn, self._local.identity
             try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass  # a failed COMMIT may already have rolled back
-            if isinstance(exc, sqlite3.IntegrityError):
-                raise InputError(f"refused to {doing}: {exc}") from exc
-            if isinstance(exc, sqlite3.Error):
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                if self._path_identity() != identity:
+                    continue  # replaced meanwhile (and this connection closed): use the file now at the path
                 raise self._error(exc, doing) from exc
-            raise
+            try:
+                if self._path_identity() != identity:  # replaced while this waited for the write lock
+                    raise _Replaced
+                result = fn(conn)
+                if self._path_identity() != identity:
+                    raise _Replaced
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # a failed COMMIT may already have rolled back
+                if isinstance(exc, _Replaced) or (isinstance(exc, sqlite3.Error) and self._path_identity() != identity):
+                    continue
+                if isinstance(exc, sqlite3.IntegrityError):
+                    raise InputError(f"refused to {doing}: {exc}") from exc
+                if isinstance(exc, sqlite3.Error):
+                    raise self._error(exc, doing) from exc
+                raise
+            if self._path_identity() == identity:
+                self._note_sidecars(identity)
+                return result
+            # The commit went into a file that was deleted or replaced during COMMIT.
+            try:
+                self._follow_path(conn)
+            except AnnotationStoreError:
+                pass  # said below
+            now = "no file is at that path now" if self._path_identity() is None else "another file is there now"
+            raise AnnotationStoreError(
+                f"the annotation database {self.path} was deleted or replaced while saving ({now}); nothing was saved "
+                f"in the file at that path (cannot {doing}). {self._rescue_note(self._rescued.get(identity))} "
+                f"Check which database should be live (restore backups with `python -m mel annotations restore`), "
+                f"then save again")
+        raise self._changing_error(doing)
 
     # -- schema ----------------------------------------------------------------------------------
     def schema_version(self) -> int:
@@ -389,6 +651,10 @@ class AnnotationStore:
         ext = _EXTENSIONS[fmt]
         target = self.images_dir / f"{sha}.{ext}"
         if not target.exists():
+            try:
+                self.images_dir.mkdir(exist_ok=True)  # deleted while the app ran: put back (never its parent)
+            except OSError:
+                pass  # _atomic_write says what is wrong
             _atomic_write(target, data)
 
         def insert(conn):
@@ -586,8 +852,16 @@ class AnnotationStore:
 
     def backup(self, target: str | Path) -> Path:
         """A consistent copy of the database (SQLite online backup; safe while the app writes).
-        Never overwrites: the copy is written beside `target` and linked in only if nothing is there."""
-        target = Path(target)
+        Never overwrites: the copy is written beside `target` and linked in only if nothing is there.
+        It copies the file now at the path, never a file deleted or replaced since it was opened."""
+        conn, identity = self.db.conn, self._local.identity
+        path = self._copy(conn, Path(target))
+        if self._path_identity() != identity:
+            raise AnnotationStoreError(f"the annotation database {self.path} was deleted or replaced while it was "
+                                       f"copied, so {path} holds the previous file; make the backup again")
+        return path
+
+    def _copy(self, conn: sqlite3.Connection, target: Path) -> Path:
         if target.exists() or target.is_symlink():
             raise AnnotationStoreError(f"{target} already exists; a backup never overwrites a file: pick a new name")
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
@@ -595,7 +869,7 @@ class AnnotationStore:
             target.parent.mkdir(parents=True, exist_ok=True)
             dest = sqlite3.connect(tmp)
             try:
-                self.db.conn.backup(dest)
+                conn.backup(dest)
             finally:
                 dest.close()
             os.link(tmp, target)  # fails if the name was taken meanwhile: no overwrite, even in a race
@@ -606,7 +880,164 @@ class AnnotationStore:
             raise AnnotationStoreError(f"could not write the backup {target} ({exc}); pick a writable path") from exc
         finally:
             tmp.unlink(missing_ok=True)
+        _fsync_dir(target.parent)
         return target
+
+    def restore(self, backup: str | Path) -> dict:
+        """Put the content of `backup` into the live database; safe while the app runs.
+
+        The backup is checked first (an intact annotation database this code can read); if it is
+        not one, nothing is touched. Then the live database is copied to
+        DATA_DIR/annotations-before-restore-<time>.sqlite (a new file, nothing overwritten), and the
+        backup is copied INTO the live file with SQLite's online backup API: the file keeps its
+        identity, and every connection to it (other threads, other processes) sees the restored
+        content through SQLite's locking. A live file that was deleted is recreated from the backup
+        (linked in only if nothing is at the path).
+
+        Returns {"restored", "into", "safety_copy" (None when no live file was there), "rescued" (the
+        copy of a deleted file's content, if one was made), "counts" (rows of the restored database)}.
+        """
+        if self.read_only:
+            raise AnnotationStoreError(f"the annotation database {self.path} was opened read-only; "
+                                       f"cannot restore a backup into it")
+        backup = Path(backup)
+        safety, rescued = None, None
+        with _opened_backup(backup, self.path) as (src, counts):
+            if self._path_identity() is None:  # deleted while open: copy what the open file holds, then recreate
+                if self._identity is not None:
+                    try:
+                        self._follow_path(None)
+                    except AnnotationStoreError:
+                        pass  # "deleted": expected here
+                    rescued = self._rescued.get(self._identity)
+                _restore_new_file(src, self.path)
+            else:
+                conn, identity = self.db.conn, self._local.identity  # follows a file replaced by hand
+                sizes = (src.execute("PRAGMA page_size").fetchone()[0], conn.execute("PRAGMA page_size").fetchone()[0])
+                if sizes[0] != sizes[1]:
+                    raise AnnotationStoreError(
+                        f"{backup} uses {sizes[0]}-byte pages and {self.path} {sizes[1]}-byte pages; a live WAL "
+                        f"database cannot take a backup of another page size. Nothing was changed: stop the app, "
+                        f"move {self.path} aside and run the restore again (it then writes a new file)")
+                safety = self._copy(conn, _free_name(self.data_dir, "annotations-before-restore", ".sqlite"))
+                try:
+                    src.backup(conn)  # one step, in one write transaction: all of it or nothing
+                except sqlite3.Error as exc:
+                    raise AnnotationStoreError(
+                        f"{self._error(exc, 'restore the backup')}; the live database is unchanged (and also "
+                        f"copied to {safety})") from exc
+                if self._path_identity() != identity:
+                    raise AnnotationStoreError(
+                        f"the annotation database {self.path} was deleted or replaced while the backup was restored "
+                        f"into it; the file now at the path is not the restored one. Run the restore again")
+        self.db  # noqa: B018  (re)open the restored file and check its schema
+        return {"restored": str(backup), "into": str(self.path), "safety_copy": str(safety) if safety else None,
+                "rescued": str(rescued) if isinstance(rescued, Path) else None, "counts": counts}
+
+
+def restore_database(db: str | Path, backup: str | Path) -> dict:
+    """Restore `backup` into the annotation database `db` (the file or its data directory), as
+    `python -m mel annotations restore` does; AnnotationStore.restore says how. Works when the
+    file is missing too (deleted): the backup is then written as a new file at the path."""
+    db = Path(db)
+    path = db / DB_NAME if db.is_dir() else db
+    if path.name != DB_NAME:
+        raise AnnotationStoreError(f"{db} is not an annotation database: expected a file named {DB_NAME} "
+                                   f"(or the data directory that holds it)")
+    if path.exists():
+        with AnnotationStore(path.parent) as store:
+            return store.restore(backup)
+    if not path.parent.is_dir():
+        raise AnnotationStoreError(f"no data directory {path.parent}; check --db (nothing was changed)")
+    with _opened_backup(Path(backup), path) as (src, counts):
+        _restore_new_file(src, path)
+    return {"restored": str(backup), "into": str(path), "safety_copy": None, "rescued": None, "counts": counts}
+
+
+BACKUP_TABLES = ("mentions", "images", "predictions", "corrections")
+
+
+@contextlib.contextmanager
+def _opened_backup(backup: Path, live: Path):
+    """Open `backup` read-only, check that it is an intact annotation database this code can read,
+    and yield (connection, {table: rows}); AnnotationStoreError (nothing changed) otherwise."""
+    if not backup.is_file():
+        raise AnnotationStoreError(f"no backup file at {backup}; nothing was changed. Give a file written by "
+                                   f"`python -m mel annotations backup`")
+    if live.exists() and os.path.samefile(backup, live):
+        raise AnnotationStoreError(f"{backup} is the live database itself, not a backup; nothing was changed")
+    created = [Path(f"{backup}{suffix}") for suffix in ("-wal", "-shm") if not Path(f"{backup}{suffix}").exists()]
+    refuse = (f"{backup} is not an annotation database backup ({{}}); nothing was changed. Give a file written by "
+              f"`python -m mel annotations backup` (or a rescue copy the app wrote)")
+    conn = None
+    try:
+        try:
+            conn = sqlite3.connect(f"file:{urllib.parse.quote(str(backup.resolve()))}?mode=ro", uri=True,
+                                   timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if "schema_version" not in tables:
+                raise AnnotationStoreError(refuse.format(
+                    f"it holds {', '.join(sorted(tables)[:5])}" if tables else "it holds no tables"))
+            version = conn.execute("SELECT max(version) FROM schema_version").fetchone()[0] or 0
+            if version > SCHEMA_VERSION:
+                raise AnnotationStoreError(
+                    f"{backup} has annotation schema version {version}, newer than this code's {SCHEMA_VERSION}; "
+                    f"nothing was changed. Upgrade the project before restoring it")
+            missing = [t for t in BACKUP_TABLES if t not in tables]
+            if missing and version:
+                raise AnnotationStoreError(refuse.format(f"tables {', '.join(missing)} are missing"))
+            check = [r[0] for r in conn.execute("PRAGMA quick_check")]
+            if check != ["ok"]:
+                raise AnnotationStoreError(refuse.format(f"its integrity check failed: {'; '.join(check[:3])}"))
+            counts = {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in BACKUP_TABLES if t in tables}
+        except sqlite3.DatabaseError as exc:
+            raise AnnotationStoreError(refuse.format(f"not a readable SQLite database: {exc}")) from exc
+        except sqlite3.Error as exc:
+            raise AnnotationStoreError(f"cannot read the backup {backup} ({exc}); nothing was changed") from exc
+        yield conn, counts
+    finally:
+        if conn is not None:
+            conn.close()
+        for sidecar in created:  # an empty -wal/-shm that SQLite made to read the backup: not left behind
+            if sidecar.exists() and (sidecar.name.endswith("-shm") or sidecar.stat().st_size == 0):
+                sidecar.unlink(missing_ok=True)
+
+
+def _restore_new_file(src: sqlite3.Connection, path: Path) -> None:
+    """Write the database open as `src` to a new file at `path`; linked in only if nothing is there."""
+    for suffix in ("-wal", "-shm"):  # left by a deleted file: never to be read as the new file's
+        orphan = Path(f"{path}{suffix}")
+        if orphan.exists():
+            aside = _free_name(path.parent, f"{path.name}{suffix}-orphaned", "")
+            orphan.rename(aside)
+            log.warning("moved %s, left by a deleted database, to %s", orphan, aside)
+    tmp = path.with_name(f".{path.name}.restore-{os.getpid()}-{threading.get_ident()}")
+    try:
+        dest = sqlite3.connect(tmp)
+        try:
+            src.backup(dest)
+        finally:
+            dest.close()
+        os.link(tmp, path)
+    except FileExistsError as exc:
+        raise AnnotationStoreError(f"a file appeared at {path} while the backup was written; it is left as it "
+                                   f"is: run the restore again") from exc
+    except (OSError, sqlite3.Error) as exc:
+        raise AnnotationStoreError(f"could not write {path} ({exc}); nothing was restored") from exc
+    finally:
+        for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm"), Path(f"{tmp}-journal")):
+            leftover.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _free_name(directory: Path, stem: str, ext: str) -> Path:
+    """DIRECTORY/STEM-<UTC time>EXT, with -2, -3... added if that name is taken."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    for n in itertools.count(1):
+        path = directory / f"{stem}-{stamp}{'' if n == 1 else f'-{n}'}{ext}"
+        if not (path.exists() or path.is_symlink()):
+            return path
+    raise AssertionError("unreachable")
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -670,8 +1101,13 @@ def _atomic_write(path: Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise AnnotationStoreError(f"cannot write the image to {path.parent} ({exc.strerror or exc}); "
                                    f"nothing was saved. Check free space and permissions of the data directory") from exc
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a new name in `directory` durable."""
     try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+        dir_fd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
