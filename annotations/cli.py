@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 
 from .export import FORMATS, export_corrections
+from .projects_cli import add_project_commands
 from .store import AnnotationStore, restore_database
 
 
@@ -53,6 +54,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--from", dest="source", required=True, metavar="BACKUP",
                    help="the backup to restore (written by `annotations backup`, or a rescue copy)")
     p.set_defaults(func=cmd_restore)
+
+    add_project_commands(sub)  # import, preannotate, projects
 
 
 def cmd_stats(args) -> None:
