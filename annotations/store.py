@@ -73,6 +73,7 @@ from PIL import Image
 
 from mel.errors import InputError, MELError
 from mel.imageio import load_image
+from mel.paths import fsync_path
 from mel.types import NIL, LinkResult, Mention
 
 log = logging.getLogger(__name__)
@@ -201,8 +202,37 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             resolved_by TEXT)""",
         "CREATE INDEX flags_task ON flags(task_id)",
     ]),
+    (3, [  # annotation teams: reviews (final labels, send-backs) and when each decided task was on screen
+        """CREATE TABLE reviews (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            task_id TEXT NOT NULL REFERENCES tasks(id),
+            reviewer TEXT NOT NULL,
+            action TEXT NOT NULL CHECK (action IN ('final','send_back')),
+            entity_id TEXT,                         -- the final label: a KB id or 'NIL'; NULL for send_back
+            entity_name TEXT NOT NULL DEFAULT '',
+            comment TEXT NOT NULL DEFAULT '',
+            seen_decisions TEXT NOT NULL DEFAULT '[]',  -- JSON ids of the annotators' decisions on the reviewer's screen
+            supersedes INTEGER REFERENCES reviews(id),  -- the task's previous review
+            client_token TEXT,                      -- one per click: a repeat is idempotent
+            created TEXT NOT NULL,
+            CHECK ((action = 'send_back') = (entity_id IS NULL)))""",
+        "CREATE INDEX reviews_task ON reviews(task_id, id)",
+        "CREATE UNIQUE INDEX reviews_client_token ON reviews(client_token) WHERE client_token IS NOT NULL",
+        # set (never cleared) on the decisions a review sent back: they stay in the audit trail, no longer standing
+        "ALTER TABLE corrections ADD COLUMN returned_by INTEGER REFERENCES reviews(id)",
+        "ALTER TABLE corrections ADD COLUMN shown_at TEXT",  # when the task went on the annotator's screen
+    ]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+# A queue decision stands while it is neither undone by its annotator nor sent back by a review;
+# for each task and annotator the latest standing row is their decision.
+STANDING = "undone_at IS NULL AND returned_by IS NULL"
+
+
+def standing(alias: str = "") -> str:
+    """STANDING for a table alias: standing("c") -> "c.undone_at IS NULL AND c.returned_by IS NULL"."""
+    return STANDING if not alias else f"{alias}.undone_at IS NULL AND {alias}.returned_by IS NULL"
 
 
 @dataclass(frozen=True)
@@ -880,7 +910,7 @@ class AnnotationStore:
             raise AnnotationStoreError(f"could not write the backup {target} ({exc}); pick a writable path") from exc
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(target.parent)
+        fsync_path(target.parent)
         return target
 
     def restore(self, backup: str | Path) -> dict:
@@ -1027,7 +1057,7 @@ def _restore_new_file(src: sqlite3.Connection, path: Path) -> None:
     finally:
         for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm"), Path(f"{tmp}-journal")):
             leftover.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def _free_name(directory: Path, stem: str, ext: str) -> Path:
@@ -1101,16 +1131,4 @@ def _atomic_write(path: Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise AnnotationStoreError(f"cannot write the image to {path.parent} ({exc.strerror or exc}); "
                                    f"nothing was saved. Check free space and permissions of the data directory") from exc
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a new name in `directory` durable."""
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass  # some filesystems cannot fsync a directory; the file itself is synced
+    fsync_path(path.parent)

@@ -334,7 +334,9 @@ def test_train_cli_writes_a_head_and_resumes(tmp_path, hashing_encoder, monkeypa
     assert payload["selected_on"] == "heldout" and payload["weights_dtype"] == "float16"
     assert list((tmp_path / "cache").glob("train-*.safetensors"))  # features cached for the next run
     state = out.with_name("head.trainer_state")
-    assert json.loads((state / "optimizer" / "state.json").read_text())["epoch"] == 1
+    # one state directory: the last epoch's weights, the optimizer and state.json, published together
+    assert json.loads((state / "state.json").read_text())["epoch"] == 1
+    assert {"model.safetensors", "optimizer.safetensors", "config.json"} <= {p.name for p in state.iterdir()}
     two_epochs = args[:args.index("--epochs") + 1] + ["2"] + args[args.index("--epochs") + 2:]
     assert main(two_epochs + ["--resume", "--lr", "1e-3"]) == 2  # other settings: refused, state kept
     assert main(two_epochs + ["--resume"]) == 0

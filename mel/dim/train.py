@@ -3,9 +3,11 @@
     python -m mel train dim --format wikimel --data DIR --kb wikimel.sqlite --preset offline --out runs/dim
 
 Same conventions as the GEMEL trainer: AdamW, linear warm-up, gradient clipping, a fixed seed,
-a progress bar, `--resume` (state in the sibling OUT.trainer_state/, removed after a finished run
-unless --keep-state), and a checkpoint directory (config.json +
-model.safetensors) holding the best epoch. The best epoch is chosen on held-out TRAINING records
+a progress bar, `--resume` (state in the sibling OUT.trainer_state/: the last epoch's float32 weights,
+the optimizer and the run's facts, published together after every epoch and removed after a finished
+run unless --keep-state), and a checkpoint directory (config.json + model.safetensors) holding the best
+epoch, published after the state that records it (see mel/training/checkpoint.py: a run killed at any
+instant resumes to the same weights). The best epoch is chosen on held-out TRAINING records
 (`--holdout`, 5% by default), so the dev figures it reports were not tuned on. The encoders are
 frozen, so every feature (mention vectors, candidate pools, hard negatives, pair features) is
 computed once and cached on disk as safetensors under a key that hashes what it depends on;
@@ -26,6 +28,7 @@ import math
 import random
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,9 +38,10 @@ import torch
 from ..cli import count_arg
 from ..errors import CheckpointError, InputError
 from ..paths import cache_dir
-from ..training import (TrainConfig, check_checkpoint_target, check_number, check_whole, load_training_state,
-                        make_optimizer_and_scheduler, remove_written, save_pretrained_dir, save_training_state,
-                        seed_everything)
+from ..training import (TrainConfig, check_checkpoint_target, check_number, check_whole, load_config,
+                        load_training_state, make_optimizer_and_scheduler, read_training_state, recover_training_dirs,
+                        remove_written, save_pretrained_dir, save_training_state, seed_everything)
+from ..training.checkpoint import STATE_FILE
 from .candidates import CandidateConfig, CandidateGenerator, candidate_recall, hard_negatives
 from .features import FeatureExtractor, MentionFeatures
 from .loss import candidate_n_pair_loss, in_batch_n_pair_loss
@@ -332,19 +336,24 @@ def train(args) -> dict:
     recipe = {k: v for k, v in asdict(cfg).items() if k not in ("epochs", "max_steps")}  # those may grow
     fingerprint = hashlib.sha256(json.dumps([tr_path.name, asdict(fcfg), recipe, args.holdout],
                                             sort_keys=True, default=str).encode()).hexdigest()[:16]
+    for line in recover_training_dirs(out, state_dir):  # finish or undo a save that a kill cut short
+        print(f"[dim] {line}", file=sys.stderr)
     step, start_epoch, best, history = 0, 0, {"hits@1": -1.0}, []
+    run_id = uuid.uuid4().hex[:12]  # names this run's saves: OUT and the state must come from the same one
     if args.resume:
-        last = state_dir / "last"
-        if not (last / "config.json").exists():
-            raise CheckpointError(f"nothing to resume for {out}: {last} is missing (the run finished, or never "
-                                  f"saved an epoch); start without --resume")
-        from ..training import load_state
-        info = load_training_state(state_dir / "optimizer", optimizer, scheduler)
-        if info.get("fingerprint") != fingerprint:
+        if not (state_dir / STATE_FILE).exists():
+            old_layout = (state_dir / "optimizer" / STATE_FILE).exists()
+            raise CheckpointError(f"nothing to resume for {out}: " + (
+                f"{state_dir} was saved by an older version (last/ and optimizer/ apart), which cannot be resumed "
+                f"safely" if old_layout else f"{state_dir / STATE_FILE} is missing (the run finished, or never "
+                f"saved an epoch)") + "; start without --resume")
+        if read_training_state(state_dir).get("fingerprint") != fingerprint:
             raise CheckpointError(f"{state_dir} was saved by a run with other data or settings; resume with the "
                                   f"same arguments (except --epochs), or start without --resume")
-        model.load_state_dict(load_state(last))
+        info = load_training_state(state_dir, optimizer, scheduler, module=model)
         step, start_epoch, best, history = info["step"], info["epoch"], info.get("best", best), info.get("history", [])
+        run_id = info.get("run_id", run_id)
+        _republish_best(model, fcfg, out, state_dir, info, args.save_dtype)
         print(f"[dim] resumed at epoch {start_epoch}, step {step}", file=sys.stderr)
 
     # the epoch is chosen on held-out TRAINING mentions, so the dev figures stay untuned
@@ -398,26 +407,52 @@ def train(args) -> dict:
                  "dev_candidate_recall": recall, "epoch": epoch + 1,
                  "train": {**asdict(cfg), "n_train": len(tr), "dataset": args.format, "split": args.train_split},
                  "candidates": asdict(ccfg), "kb": {"path": kb.path.name, "size": kb.size},
-                 "preset": preset.name, "command": command}
-        if metric > best.get("hits@1", -1.0) or selected_on is None:
+                 "preset": preset.name, "command": command, "run_id": run_id}
+        improved = metric > best.get("hits@1", -1.0) or selected_on is None
+        if improved:
             best = {"hits@1": metric, "epoch": epoch + 1}
-            # float16 storage halves the file (DIM's 512/2048 head: 23 MB -> 12 MB); it loads back
-            # into float32 parameters, and the resumable copy below stays float32
-            shipped = copy.deepcopy(model).to(SAVE_DTYPES[args.save_dtype])
-            save_pretrained_dir(shipped, fcfg, out, extra={**extra, "weights_dtype": args.save_dtype})
-        save_pretrained_dir(model, fcfg, state_dir / "last", extra=extra)
-        save_training_state(state_dir / "optimizer", optimizer, scheduler,
+        # the state first (weights, optimizer, epoch and which epoch OUT holds, in one rename), then OUT:
+        # a kill in between leaves OUT behind the state, and a resume publishes it again from the state
+        save_training_state(state_dir, optimizer, scheduler,
                             {"step": step, "epoch": epoch + 1, "best": best, "history": history,
-                             "fingerprint": fingerprint})
+                             "fingerprint": fingerprint, "run_id": run_id}, module=model, config=fcfg, extra=extra)
+        if improved:
+            _publish_best(model, fcfg, out, extra, args.save_dtype)
         if cfg.max_steps is not None and step >= cfg.max_steps:
             break
     if not args.keep_state:  # a finished run needs no resumable state (it is 3x the head's size)
-        for part in ("last", "optimizer"):
-            remove_written(state_dir / part)
         remove_written(state_dir)
     print(f"[dim] best epoch {best.get('epoch')} ({selected_on} hits@1 {best.get('hits@1')}); head written to {out}",
           file=sys.stderr)
     return {"best": best, "history": history, "out": str(out), "dev_candidate_recall": recall}
+
+
+def _publish_best(model: DimFusion, fcfg: FusionConfig, out: Path, extra: dict, save_dtype: str) -> None:
+    # float16 storage halves the file (DIM's 512/2048 head: 23 MB -> 12 MB); it loads back
+    # into float32 parameters, and the resumable copy in the state stays float32
+    shipped = copy.deepcopy(model).to(SAVE_DTYPES[save_dtype])
+    save_pretrained_dir(shipped, fcfg, out, extra={**extra, "weights_dtype": save_dtype})
+
+
+def _republish_best(model: DimFusion, fcfg: FusionConfig, out: Path, state_dir: Path, info: dict,
+                    save_dtype: str) -> None:
+    """On resume: OUT must hold the best epoch the state records. A kill after the state was published
+    and before OUT was leaves it older (or missing); the state then holds that epoch's weights."""
+    want = info.get("best", {}).get("epoch")
+    try:
+        payload = load_config(out) if (out / "model.safetensors").exists() else {}
+    except CheckpointError:
+        payload = {}
+    if want is None or (payload.get("run_id"), payload.get("epoch")) == (info.get("run_id"), want):
+        return
+    if want != info["epoch"]:
+        held = f"epoch {payload['epoch']} of run {payload.get('run_id')}" if "epoch" in payload else "no checkpoint"
+        raise CheckpointError(f"{out} should hold epoch {want} of run {info.get('run_id')}, the best one, but holds "
+                              f"{held}, and {state_dir} keeps only epoch {info['epoch']}; start without --resume")
+    payload = load_config(state_dir)
+    extra = {k: v for k, v in payload.items() if k not in ("model_type", "config")}
+    _publish_best(model, fcfg, out, extra, save_dtype)
+    print(f"[dim] {out} published again from {state_dir} (epoch {want})", file=sys.stderr)
 
 
 def split_holdout(examples, fraction: float, seed: int):

@@ -16,8 +16,10 @@ itself excluded.
 
 Checkpoints: the mapper directory (config.json + model.safetensors) is written every
 `--save-every` optimizer steps and at the end, with the training facts in config.json; the
-optimizer/scheduler state goes to the sibling directory OUT.trainer_state, so `--resume` continues
-an interrupted run where it stopped (it is removed when the run finishes, unless --keep-state).
+resumable state (the mapper's weights, optimizer, scheduler and step, one directory published in one
+rename) goes to the sibling directory OUT.trainer_state just before, so `--resume` continues an
+interrupted run where it stopped, even one killed in the middle of a save (see
+mel/training/checkpoint.py); it is removed when the run finishes, unless --keep-state.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import math
 import random
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +38,9 @@ import torch
 
 from ..cli import count_arg
 from ..errors import CheckpointError, InputError
-from ..training import (TrainConfig, check_checkpoint_target, check_whole, load_training_state,
-                        make_optimizer_and_scheduler, remove_written, save_training_state, seed_everything)
+from ..training import (TrainConfig, check_checkpoint_target, check_whole, load_config, load_training_state,
+                        make_optimizer_and_scheduler, read_training_state, recover_training_dirs, remove_written,
+                        save_training_state, seed_everything, update_config)
 from ..training.checkpoint import STATE_FILE
 from ..types import NIL, Example
 from .demos import DemonstrationPool
@@ -234,20 +238,25 @@ class MapperTrainer:
         step = micro = 0
         losses: list[float] = []
         state_dir = self.state_dir
+        summary = trainable_summary(self.mapper, self.model, getattr(self.image_encoder, "model", None))
+        for line in recover_training_dirs(self.out, state_dir):  # finish or undo a save that a kill cut short
+            print(f"[gemel] {line}", file=sys.stderr)
+        self.run_id = uuid.uuid4().hex[:12]  # names this run's saves: OUT and the state must come from the same one
         if resume:
             if not (state_dir / STATE_FILE).exists():
-                raise CheckpointError(f"nothing to resume for {self.out}: {state_dir} is missing (the run finished, "
-                                      f"or never saved a checkpoint); start without --resume")
-            loaded, _ = FeatureMapper.from_pretrained(self.out, d_vision=self.mapper.config.d_vision,
-                                                      d_embed=self.mapper.config.d_embed)
-            self.mapper.load_state_dict(loaded.state_dict())
-            state = load_training_state(state_dir, optimizer, scheduler)
+                raise CheckpointError(f"nothing to resume for {self.out}: {state_dir / STATE_FILE} is missing (the "
+                                      f"run finished, or never saved a checkpoint); start without --resume")
+            state = read_training_state(state_dir)
             if state.get("n_items") != len(self.items) or state.get("config") != dataclasses.asdict(cfg):
                 raise CheckpointError(f"{state_dir} was saved by a run with other data or settings; resume with "
                                       f"the same command, or start a fresh --out")
+            load_training_state(state_dir, optimizer, scheduler, module=self.mapper)
             step, micro, losses = state["step"], state["micro"], state.get("losses", [])
+            self.run_id = state.get("run_id", self.run_id)
+            if self._saved(self.out) != (self.run_id, step):  # killed between the state and OUT: publish OUT again
+                self._save(step, losses, summary, command, final=False)
+                print(f"[gemel] {self.out} published again from {state_dir} (step {step})", file=sys.stderr)
         order = self.schedule()[: total * cfg.grad_accum]
-        summary = trainable_summary(self.mapper, self.model, getattr(self.image_encoder, "model", None))
         started = time.perf_counter()
         bar = tqdm(total=len(order), initial=micro, desc="train gemel mapper", unit=" ex", disable=not self.progress)
         running = []
@@ -273,37 +282,48 @@ class MapperTrainer:
                 running = []
                 bar.set_postfix(step=f"{step}/{total}", loss=f"{losses[-1]:.4f}")
                 if step % cfg.save_every == 0 and micro < len(order):
+                    # the state first (weights, optimizer and step in one rename), then OUT
+                    self._save_state(state_dir, optimizer, scheduler, step, micro, losses)
                     self._save(step, losses, summary, command, final=False)
-                    save_training_state(state_dir, optimizer, scheduler,
-                                        {"step": step, "micro": micro, "losses": losses, "n_items": len(self.items),
-                                         "config": dataclasses.asdict(cfg)})
         bar.close()
         self.epoch_losses = {e: round(v[0] / v[1], 4) for e, v in sorted(epoch_sums.items())}
         result = {"steps": step, "micro_steps": micro, "losses": losses, "epoch_mean_loss": self.epoch_losses,
                   "seconds": round(time.perf_counter() - started, 1),
                   **summary, "data": self.data_report}
+        if keep_state:
+            self._save_state(state_dir, optimizer, scheduler, step, micro, losses)
+        # without a final state, a kill from here on resumes from the last one and trains to the same end
         self._save(step, losses, summary, command, final=True)
         if not keep_state:
             remove_written(state_dir)
-        else:
-            save_training_state(state_dir, optimizer, scheduler,
-                                {"step": step, "micro": micro, "losses": losses, "n_items": len(self.items),
-                                 "config": dataclasses.asdict(cfg)})
         return result
+
+    def _save_state(self, state_dir: Path, optimizer, scheduler, step: int, micro: int, losses: list[float]) -> None:
+        save_training_state(state_dir, optimizer, scheduler,
+                            {"step": step, "micro": micro, "losses": losses, "n_items": len(self.items),
+                             "config": dataclasses.asdict(self.config), "run_id": self.run_id},
+                            module=self.mapper, config=self.mapper.config)
+
+    @staticmethod
+    def _saved(out: Path) -> tuple | None:
+        """(run id, optimizer step) of the mapper in `out`; None when there is no readable one."""
+        try:
+            training = load_config(out).get("training", {}) if (out / "model.safetensors").exists() else {}
+        except CheckpointError:
+            return None
+        return (training.get("run_id"), training.get("optimizer_steps")) if isinstance(training, dict) else None
 
     def _save(self, step: int, losses: list[float], summary: dict, command: str, final: bool) -> None:
         extra = {"training": {"command": command, "recipe": dataclasses.asdict(self.config), "optimizer_steps": step,
+                              "run_id": getattr(self, "run_id", None),
                               "finished": final, "loss_first_step": losses[0] if losses else None,
                               "loss_last_step": losses[-1] if losses else None,
                               "epoch_mean_loss": getattr(self, "epoch_losses", None), "data": self.data_report,
                               "trainable_parameters": summary["trainable"],
                               "trainable_fraction": round(summary["trainable_fraction"], 6)},
                  "preset": getattr(self.preset, "name", "")}
-        # save_pretrained_dir replaces the directory atomically: carry notes (README.md) over
-        notes = {f.name: f.read_text() for f in self.out.glob("*.md")} if self.out.is_dir() else {}
+        # save_pretrained_dir replaces the directory atomically and carries the user's files (README.md) over
         self.mapper.save_pretrained(self.out, extra=extra)
-        for name, text in notes.items():
-            (self.out / name).write_text(text)
 
 
 def evaluate_mapper(out: str | Path, kb, preset, examples: list[Example], pool_examples: list[Example],
@@ -316,14 +336,6 @@ def evaluate_mapper(out: str | Path, kb, preset, examples: list[Example], pool_e
     with_image = [ex for ex in examples if ex.mention.image]
     return {"accuracy": report["hits@1"], "hits@5": report["hits@5"], "n": report["n"], "kb_size": report["kb_size"],
             "n_with_image": len(with_image), "latency_ms_p50": report["latency_ms_p50"]}
-
-
-def _update_config(out, key: str, value: dict) -> None:
-    """Add a fact (dev accuracy, fit report) to the mapper's config.json."""
-    config_file = Path(out) / "config.json"
-    payload = json.loads(config_file.read_text())
-    payload[key] = value
-    config_file.write_text(json.dumps(payload, indent=2, ensure_ascii=False))
 
 
 # -- CLI -----------------------------------------------------------------------------------------
@@ -385,10 +397,10 @@ def run(args) -> None:
           f"{result['total']:,} parameters ({100 * result['trainable_fraction']:.2f}%)")
     if args.fit_report:
         fit = trainer.fit_report()
-        _update_config(args.out, "fit", fit)
+        update_config(args.out, "fit", fit)
         print("fit on the training items (mean answer loss): " + ", ".join(
             f"{k[len('mean_loss_'):]} {v}" for k, v in fit.items() if k.startswith("mean_loss_")))
     if args.eval_limit:  # the split was read before training: a wrong name fails at once
         scores = evaluate_mapper(args.out, kb, preset, dev, examples, config.n_demos, progress=not args.quiet)
-        _update_config(args.out, "dev", {"split": args.eval_split, "format": args.format, **scores})
+        update_config(args.out, "dev", {"split": args.eval_split, "format": args.format, **scores})
         print(f"dev ({args.eval_split}, n={scores['n']}, KB {scores['kb_size']:,}): accuracy {scores['accuracy']:.4f}")
