@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     out["quality"]["dim"], rows = quality(dim, examples, args.batch_size)
     print(f"dim: {out['quality']['dim']}", flush=True)
 
-    pools = [r["details"].get("pool", []) for r in rows]
+    pools = [r["details"]["pool"] or [] for r in rows]  # DimDetails.pool, as the predictions file writes it
     out["dim_candidate_recall"] = candidate_recall(pools, [ex.gold_id if ex.gold_id in kb else None for ex in examples],
                                                    ks=(1, 10, 20, 50, 100))
     print(f"dim candidate recall: {out['dim_candidate_recall']}", flush=True)

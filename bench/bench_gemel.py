@@ -52,7 +52,7 @@ def bench_latency(kb, preset, examples, pool_data, pool_format, n: int, n_demos:
         totals.append(r.timings["total"])
         for s in STAGES:
             stages[s] += r.timings.get(s, 0.0)
-        decode.append(r.details["decode"])
+        decode.append(r.details.decode)
     total_ms = sum(totals)
     prompt_tok = sum(d["prompt_tokens"] for d in decode)
     fwd_tok = sum(d["forwarded_tokens"] for d in decode)
@@ -102,8 +102,8 @@ def train_sample_scores(kb, preset, data: str, fmt: str, n: int, n_demos: int, s
     for ex in sample:
         r = linker.link(ex.mention, exclude_sample_id=ex.sample_id)
         llm = {c.entity.id: c.score for c in r.candidates}  # sequence log-prob (length_penalty 0)
-        rows.append((ex.gold_id, [(x["id"], llm[x["id"]], *(x.get(src) for src in sources))
-                                  for x in r.details.get("retriever", []) if x["id"] in llm]))
+        rows.append((ex.gold_id, [(x.id, llm[x.id], *(x.retrievers.get(src) for src in sources))
+                                  for x in r.details.retriever or [] if x.id in llm]))
     return rows
 
 

@@ -283,7 +283,7 @@ def physical_reference(kb, preset, examples, data_dir: Path, fmt: str, n_links: 
     # the LLM: GEMEL's prefill and decoding against plain forwards of the same model and shapes
     linker = build_linker("gemel", kb, preset, pool_data=str(data_dir), pool_format=fmt)
     results = [linker.link(ex.mention) for ex in examples[:n_links]]
-    stats = [r.details["decode"] for r in results]
+    stats = [r.details.decode for r in results]
     llm_share = sum(s["prefill_ms"] + s["decode_ms"] for s in stats) / sum(r.timings["total"] for r in results)
     model = linker.model
     prompt_len = int(np.mean([s["prompt_tokens"] for s in stats]))

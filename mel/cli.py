@@ -17,7 +17,6 @@ import importlib
 import json
 import os
 import sys
-import unicodedata
 
 from .errors import InputError, MELError
 
@@ -26,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "train": "mel.training.cli:add_parser",
     "annotations": "annotations.cli:add_parser",
     "bench": "mel.bench:add_parser",
+    "batch": "mel.batch.cli:add_parser",
 }
 
 
@@ -104,23 +104,16 @@ def cmd_link(args):
     from .imageio import load_image
     from .kb import KnowledgeBase
     from .linkers import build_linker
-    from .types import Mention, check_caption, check_typed_text
-    check_caption(args.caption)
-    check_typed_text(args.caption, "caption")
-    check_typed_text(args.mention or "", "mention")
+    from .spans import resolve_mention
     if (args.start is None) != (args.end is None):
         raise MELError("give both --start and --end (character offsets of the mention), or --mention TEXT")
+    if args.start is None and not args.mention:
+        raise MELError("give the mention: --mention TEXT, or --start/--end character offsets")
+    # the app's resolver; strict: offsets and a mention that disagree are an error here (both were typed)
+    mention = resolve_mention(args.caption, args.mention, args.start, args.end, image=args.image, strict=True)
     if args.image:
         load_image(args.image, name=f"the image {args.image}")  # refused here, whichever linker runs
     kb = KnowledgeBase(args.kb)
-    if args.start is not None and args.end is not None:
-        mention = Mention(args.caption, args.start, args.end, image=args.image)
-        if args.mention and mention.text != unicodedata.normalize("NFC", args.mention.strip()):
-            raise MELError(f"--mention {args.mention!r} and --start/--end ({mention.text!r}) disagree; give one of them")
-    else:
-        if not args.mention:
-            raise MELError("give the mention: --mention TEXT, or --start/--end character offsets")
-        mention = Mention.from_text(args.caption, args.mention, image=args.image)
     linker = build_linker(args.linker, kb, _preset(args), **_options(args))
     result = linker.link(mention, k=args.k)
     if args.json:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .types import NIL, Example, LinkResult
+from .types import NIL, Example, GemelDetails, LinkResult
 
 HITS_AT = (1, 5, 10, 20)
 # a linker's `protocol` attribute -> the label every report carries (whole-KB when it has none)
@@ -67,7 +67,8 @@ def evaluate(linker, examples: Sequence[Example], *, k: int = max(HITS_AT), batc
                     n_gold_missing += 1
                 rank = rank_of(result, example.gold_id)
             ranks.append(rank)
-            n_not_kb_name += bool(result.details.get("not_a_kb_name"))  # free generation wrote a non-KB text
+            # free generation wrote a text that is no KB name
+            n_not_kb_name += isinstance(result.details, GemelDetails) and result.details.not_a_kb_name
             latencies.append(result.timings.get("total", float("nan")))
             for stage, ms in result.timings.items():
                 stage_totals[stage] = stage_totals.get(stage, 0.0) + ms
@@ -76,7 +77,7 @@ def evaluate(linker, examples: Sequence[Example], *, k: int = max(HITS_AT), batc
                                       "gold_id": example.gold_id, "gold_name": example.gold_name, "rank": rank,
                                       "prediction": result.prediction.id if result.prediction else None,
                                       "top": [c.entity.id for c in result.candidates[:5]],
-                                      "details": _jsonable(result.details)}, ensure_ascii=False) + "\n")
+                                      "details": _jsonable(result.details.to_dict())}, ensure_ascii=False) + "\n")
     finally:
         if out:
             out.close()

@@ -2,8 +2,9 @@
 
 Mention    a span of a caption, with an optional image (path or URL).
 Entity     a knowledge-base entry.
-Candidate  an entity with a score and the name of what produced it.
-LinkResult what one linker says about one mention.
+Candidate  an entity (the KB's row) with a score and the name of what produced it.
+LinkResult what one linker says about one mention; `details` is the linker's own typed record:
+           LinkDetails (bm25, dense, any linker without its own), ExactDetails, GemelDetails, DimDetails.
 Example    a mention with its gold entity, as read from a dataset.
 
 Text fidelity, at construction (so also for JSON read with from_json / from_dict):
@@ -20,7 +21,7 @@ import dataclasses
 import json
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from .errors import InputError
 
@@ -135,6 +136,9 @@ class Entity(_JSONMixin):
 
 @dataclass
 class Candidate(_JSONMixin):
+    """`entity` is the KB's row as stored (name, aliases, description, type, images): a caller that
+    shows or saves a candidate has everything and need not query the KB again."""
+
     entity: Entity
     score: float
     source: str = ""
@@ -149,9 +153,242 @@ class Candidate(_JSONMixin):
         return _from_dict(cls, data)
 
 
+# -- what a linker says beyond its ranking ---------------------------------------------------------
+# Records nested in the details. Plain fields only, so that `dataclasses.asdict` is their JSON.
+
+@dataclass
+class PromptDemonstration(_JSONMixin):
+    """A labelled example GEMEL put in the prompt, with its retrieval similarity to the query."""
+
+    caption: str
+    mention: str
+    gold_id: str
+    gold_name: str  # the name the demonstration answers with (the KB's name of gold_id)
+    similarity: float
+    image: str | None = None
+    sample_id: str = ""  # its key in the pool (DemonstrationPool.remove)
+
+
+@dataclass
+class Beam(_JSONMixin):
+    """One name the LLM produced: a finished beam (rank="beam") or a scored candidate (rank="all")."""
+
+    name: str
+    logprob: float  # sequence log-probability of name + EOS
+    score: float  # the ranking score: logprob / length ** length_penalty
+    entity_ids: list[str] = field(default_factory=list)  # KB entities with that name, tie-break order
+    not_a_kb_name: bool = False  # free generation wrote a text that is no KB name or alias
+
+
+@dataclass
+class Ambiguity(_JSONMixin):
+    """One name, several KB entities: which one was chosen and by what rule."""
+
+    name: str
+    entity_ids: list[str]
+    chosen: str
+    rule: str
+
+
+@dataclass
+class CandidateScores(_JSONMixin):
+    """One candidate's scores side by side: each retriever's, then (after the LLM) its sequence
+    log-probability and the fused score. `llm_logprob`/`fused` are None before the LLM ran."""
+
+    id: str
+    name: str
+    retrievers: dict[str, float] = field(default_factory=dict)  # source ("bm25", "dense", "dim") -> score
+    llm_logprob: float | None = None
+    fused: float | None = None
+
+    @classmethod
+    def _build(cls, data: dict):
+        if "retrievers" in data:
+            return _from_dict(cls, data)
+        # written before the details were typed: the retriever scores sat next to id and name
+        own = {"id", "name", "llm_logprob", "fused"}
+        return cls(**{k: v for k, v in data.items() if k in own},
+                   retrievers={k: v for k, v in data.items() if k not in own})
+
+
+@dataclass
+class Fusion(_JSONMixin):
+    """The product of experts GEMEL ranked by (candidate mode)."""
+
+    llm_weight: float
+    temperatures: dict[str, float]  # retriever -> temperature of its softmax
+    formula: str
+
+
+@dataclass
+class FeatureMask(_JSONMixin):
+    """Which of DIM's inputs this mention had (a missing image also removes the cue)."""
+
+    context: bool = True
+    mention: bool = True
+    image: bool = False
+    cue: bool = False
+
+
+@dataclass
+class ExpertCue(_JSONMixin):
+    """The expert cue DIM used: a short text about the image and the provider that wrote it."""
+
+    text: str
+    provider: str = ""
+    question: str = ""
+
+
+@dataclass
+class LinkDetails(_JSONMixin):
+    """What a linker says beyond its ranking. Linkers with more to say extend it (ExactDetails,
+    GemelDetails, DimDetails); bm25, dense and linkers registered without their own use it as is.
+
+    JSON: one flat object, tagged with the class's `kind` (`to_dict`). `details_from_dict` reads it
+    back into the class of its kind; a record without a kind (written before the details were typed)
+    is read into the class of the linker that wrote it (`LinkResult.linker`). Keys the class has no
+    field for (another version's, a plugin linker's own) are kept in `extra` and written back flat,
+    so a round trip loses nothing.
+    """
+
+    kind: ClassVar[str] = "basic"
+    # old keys -> field (None: derived from other fields, dropped when read)
+    _renamed: ClassVar[dict[str, str | None]] = {}
+
+    note: str = ""  # a sentence for the user: why NIL, why the image was not used...
+    batch_size: int = 1  # mentions that shared the timings (batched linkers split a batch's cost evenly)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        return {"kind": self.kind, **{k: v for k, v in data.items() if k != "extra"}, **data["extra"]}
+
+    @classmethod
+    def _build(cls, data: dict):
+        data = {k: v for k, v in data.items() if k != "kind"}
+        for old, new in cls._renamed.items():
+            if old in data:
+                value = data.pop(old)
+                if new is not None:
+                    data.setdefault(new, value)
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in data.items() if k in names}
+        extra = {**data.get("extra", {}), **{k: v for k, v in data.items() if k not in names and k != "extra"}}
+        return cls(**cls._records(known), extra=extra)
+
+    @classmethod
+    def _records(cls, fields: dict) -> dict:
+        """`fields` with nested JSON objects turned into their record classes."""
+        return fields
+
+
+@dataclass
+class ExactDetails(LinkDetails):
+    kind: ClassVar[str] = "exact"
+
+    n_exact_matches: int = 0  # entities whose name or alias equals the mention
+
+
+@dataclass
+class GemelDetails(LinkDetails):
+    """What GEMEL did: its prompt's demonstrations, what the LLM generated, how that became entities."""
+
+    kind: ClassVar[str] = "gemel"
+    _renamed: ClassVar[dict[str, str | None]] = {"llm_ranking": "beams", "n_demos": None}
+
+    mode: str = ""  # "whole-KB trie", "free generation (no trie)" or "<source> top-<k>"
+    ranking: str = ""  # how the candidates were ranked, in words
+    pool: str = ""  # where the demonstrations come from
+    demonstrations: list[PromptDemonstration] = field(default_factory=list)  # least similar first
+    demonstrations_note: str = ""  # why there are none (zero-shot, empty pool)
+    visual_tokens: bool = False  # the query segment had visual tokens
+    n_visual_segments: int = 0  # prompt segments (demonstrations + query) with visual tokens
+    visual_note: str = ""
+    prompt: str | None = None  # the prompt text (show_prompt=True)
+    generated: str | None = None  # the LLM's first choice, as text (None: nothing finished)
+    logprob: float | None = None  # its sequence log-probability
+    beams: list[Beam] = field(default_factory=list)
+    ambiguity: Ambiguity | None = None  # the prediction's name fits several entities
+    not_a_kb_name: bool = False  # free generation: the first output is no KB name (a miss, NIL)
+    retriever: list[CandidateScores] | None = None  # candidate mode: what the retriever(s) proposed
+    fusion: Fusion | None = None  # candidate mode with fusion: the weights
+    scores: list[CandidateScores] | None = None  # ... and every candidate's scores, best first
+    decode: dict[str, Any] = field(default_factory=dict)  # decoder counters (DecodeStats.to_dict())
+
+    @property
+    def n_demos(self) -> int:
+        return len(self.demonstrations)
+
+    @classmethod
+    def _records(cls, fields: dict) -> dict:
+        rows = {"demonstrations": PromptDemonstration, "beams": Beam, "retriever": CandidateScores,
+                "scores": CandidateScores}
+        for key, record in rows.items():
+            if fields.get(key) is not None:
+                fields[key] = [record.from_dict(row) for row in fields[key]]
+        for key, record in (("ambiguity", Ambiguity), ("fusion", Fusion)):
+            if fields.get(key) is not None:
+                fields[key] = record.from_dict(fields[key])
+        return fields
+
+
+@dataclass
+class DimDetails(LinkDetails):
+    """What DIM's fusion head saw: the protocol, which inputs the mention had, its expert cue."""
+
+    kind: ClassVar[str] = "dim"
+
+    protocol: str = "whole-kb"  # or "candidate-list (gold usually included)"
+    n_candidates: int = 0  # candidates the head scored
+    feature_mask: FeatureMask = field(default_factory=FeatureMask)
+    cue: ExpertCue | None = None  # None: no image, or the cue is turned off
+    pool: list[str] | None = None  # every candidate's id (keep_pool=True: to measure candidate recall)
+
+    @classmethod
+    def _records(cls, fields: dict) -> dict:
+        if fields.get("feature_mask") is not None:
+            fields["feature_mask"] = FeatureMask.from_dict(fields["feature_mask"])
+        if fields.get("cue") is not None:
+            fields["cue"] = ExpertCue.from_dict(fields["cue"])
+        return fields
+
+
+DETAILS_KINDS: dict[str, type[LinkDetails]] = {cls.kind: cls for cls in (LinkDetails, ExactDetails, GemelDetails,
+                                                                            DimDetails)}
+
+
+def register_details(cls: type[LinkDetails]) -> type[LinkDetails]:
+    """Make a linker's own details class readable from JSON (by its `kind`); usable as a decorator."""
+    DETAILS_KINDS[cls.kind] = cls
+    return cls
+
+
+def details_kind_of_linker(linker: str) -> str:
+    """The details kind a built-in linker writes ("gemel+bm25" -> "gemel"): how a record written
+    before the details carried a kind is read."""
+    base = linker.split("+")[0].split("-")[0]  # gemel+dense, gemel-free
+    return base if base in DETAILS_KINDS else LinkDetails.kind
+
+
+def details_from_dict(data: dict, linker: str = "") -> LinkDetails:
+    """The details record of `data` (see LinkDetails for the rule); an unknown kind is read as
+    LinkDetails with every key, the kind too, kept in `extra`."""
+    if not isinstance(data, dict):
+        raise InputError(f"the details must be a JSON object, got {type(data).__name__}")
+    kind = data.get("kind") or details_kind_of_linker(linker)
+    cls = DETAILS_KINDS.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        return LinkDetails(extra=dict(data))
+    return cls.from_dict(data)
+
+
 @dataclass
 class LinkResult(_JSONMixin):
-    """What one linker returned for one mention. `prediction` is None for NIL."""
+    """What one linker returned for one mention. `prediction` is None for NIL.
+
+    `details` may be given as a plain dict (JSON written before the details were typed): it is read
+    with `details_from_dict(details, linker)`.
+    """
 
     linker: str
     mention: Mention
@@ -161,13 +398,24 @@ class LinkResult(_JSONMixin):
     timings: dict[str, float] = field(default_factory=dict)  # stage -> milliseconds
     preset: str = ""
     models: dict[str, str] = field(default_factory=dict)  # role -> model id / path
-    details: dict[str, Any] = field(default_factory=dict)  # linker-specific (generated text, demos, cue...)
+    details: LinkDetails = field(default_factory=LinkDetails)  # the linker's own record (GemelDetails...)
 
     def __post_init__(self):
         _require_text(self.linker, "linker name")
         _require_text(self.preset, "preset name")
         _check_tree(self.models, "models")
-        _check_tree(self.details, "details")
+        if self.details is None:
+            self.details = LinkDetails()
+        elif isinstance(self.details, dict):
+            self.details = details_from_dict(self.details, self.linker)
+        elif not isinstance(self.details, LinkDetails):
+            raise InputError(f"LinkResult.details must be a LinkDetails (or its JSON), got {type(self.details).__name__}")
+        _check_tree(self.details.to_dict(), "details")
+
+    def to_dict(self) -> dict:
+        data = super().to_dict()
+        data["details"] = self.details.to_dict()  # with its kind, and `extra` flat
+        return data
 
     @classmethod
     def _build(cls, data: dict):

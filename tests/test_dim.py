@@ -19,7 +19,7 @@ from mel.evaluate import evaluate
 from mel.kb import build_kb
 from mel.presets import Preset
 from mel.training import save_pretrained_dir
-from mel.types import Entity, Example, Mention
+from mel.types import Entity, Example, FeatureMask, Mention
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -260,9 +260,9 @@ def test_linker_ranks_on_a_small_kb(kb, tmp_path, hashing_encoder):
     assert [r.prediction.id for r in results] == ["Q4", "Q2", "Q7"]
     assert linker.link(mentions[0]).prediction.id == "Q4"  # link() == pipe() for one mention
     r = results[0]
-    assert r.linker == "dim" and r.details["protocol"] == "whole-kb"
-    assert r.details["feature_mask"] == {"context": True, "mention": True, "image": False, "cue": False}
-    assert r.details["cue"] is None and r.candidates[0].source.startswith("dim:")
+    assert r.linker == "dim" and r.details.protocol == "whole-kb"
+    assert r.details.feature_mask == FeatureMask(context=True, mention=True, image=False, cue=False)
+    assert r.details.cue is None and r.candidates[0].source.startswith("dim:")
     assert all(a.score >= b.score for a, b in zip(r.candidates, r.candidates[1:]))
     assert {"encode", "candidates", "pair_features", "fusion", "total"} <= set(r.timings)
 
@@ -274,7 +274,7 @@ def test_linker_ranks_on_a_small_kb(kb, tmp_path, hashing_encoder):
     listed = DimLinker(kb, hashing_preset(), checkpoint=head, text_encoder=hashing_encoder, protocol="candidate-list",
                        candidate_file=tmp_path / "lists.jsonl")
     r = listed.link(m)
-    assert {c.entity.id for c in r.candidates} == set(lists["m1"]) and "candidate-list" in r.details["protocol"]
+    assert {c.entity.id for c in r.candidates} == set(lists["m1"]) and "candidate-list" in r.details.protocol
     # and the evaluation report is labelled with it, not as whole-KB ranking
     assert evaluate(listed, [Example(m, "Q5", "x", "m1")], progress=False)["protocol"].startswith("candidate lists")
     assert evaluate(linker, [Example(m, "Q5", "x", "m1")], progress=False)["protocol"] == "whole-KB ranking"
@@ -297,10 +297,10 @@ def test_linker_uses_the_image_and_records_the_cue(kb, tmp_path, hashing_encoder
     head = name_match_head(tmp_path / "head", hashing_encoder.dim)
     linker = DimLinker(kb, hashing_preset(), checkpoint=head, text_encoder=hashing_encoder)
     r = linker.link(Mention.from_text("Watson with her cat", "Watson", image=str(path)))
-    assert r.details["feature_mask"]["image"] and r.details["feature_mask"]["cue"]
-    assert r.details["cue"]["provider"] == "imagenet-labels" and "cat" in r.details["cue"]["text"]
+    assert r.details.feature_mask.image and r.details.feature_mask.cue
+    assert r.details.cue.provider == "imagenet-labels" and "cat" in r.details.cue.text
     r = linker.link(Mention.from_text("Watson with her cat", "Watson", image=str(tmp_path / "missing.jpg")))
-    assert not r.details["feature_mask"]["image"] and "image not used" in r.details["note"]
+    assert not r.details.feature_mask.image and "image not used" in r.details.note
 
 
 # -- trainer ------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from mel.gemel.train import GemelTrainConfig, MapperTrainer, trainable_summary
 from mel.gemel.trie import TokenTrie, kb_trie
 from mel.kb import build_kb
 from mel.presets import Preset
-from mel.types import Entity, Example, Mention
+from mel.types import Entity, Example, LinkResult, Mention
 
 ENTITIES = [
     Entity("Q1", "Eileen Collins", [], "American astronaut, first woman to command a Space Shuttle"),
@@ -300,14 +300,14 @@ def test_free_generation_may_leave_the_kb_and_says_so(tiny, kb):
     linker = GemelLinker(kb, preset, mapper="none", constrained=False, trie_cache=False)
     assert linker.name == "gemel-free"
     r = linker.link(Mention.from_text("Collins waves to the crowd", "Collins"))
-    assert r.details["mode"] == "free generation (no trie)"
+    assert r.details.mode == "free generation (no trie)"
     names = {e.name for e in ENTITIES}
-    assert r.details["not_a_kb_name"] == (r.details.get("generated") not in names)
-    if r.details["not_a_kb_name"]:
+    assert r.details.not_a_kb_name == (r.details.generated not in names)
+    if r.details.not_a_kb_name:
         assert r.prediction is None and not r.candidates
     from mel.evaluate import evaluate
     report = evaluate(linker, [Example(r.mention, "Q2", "Phil Collins", "s1")], progress=False)
-    assert report.get("n_not_a_kb_name", 0) == int(r.details["not_a_kb_name"])  # counted in the report
+    assert report.get("n_not_a_kb_name", 0) == int(r.details.not_a_kb_name)  # counted in the report
     with pytest.raises(InputError, match="free generation"):
         GemelLinker(kb, preset, mapper="none", constrained=False, candidates="dense")
 
@@ -323,20 +323,20 @@ def test_linker_links_to_kb_entities_and_reports(tiny, kb, tmp_path, images):
         assert result.prediction is not None and result.prediction.id in ids
         assert all(c.entity.id in ids for c in result.candidates)
         d = result.details
-        assert d["n_demos"] == 3 and [x["similarity"] for x in d["demonstrations"]] == \
-            sorted(x["similarity"] for x in d["demonstrations"])
-        assert d["generated"].strip() == result.prediction.name
+        assert d.n_demos == 3 and [x.similarity for x in d.demonstrations] == \
+            sorted(x.similarity for x in d.demonstrations)
+        assert d.generated.strip() == result.prediction.name
         for stage in ("retrieve", "prompt", "prefill", "decode", "total"):
             assert stage in result.timings
-        assert d["prompt"].endswith("[Question]What does Collins mentioned in the text refer to?\n[Answer]")
-        json.dumps(result.to_dict())  # the whole result is JSON-serialisable
-    assert with_image.details["visual_tokens"] is True
-    assert with_image.details["prompt"].count("<image>") == 2 * with_image.details["n_visual_segments"]
-    assert without.details["visual_tokens"] is False and "no image" in without.details["visual_note"]
-    assert not without.details["prompt"].split("[Answer]")[-2].endswith("<image>")  # query segment: no tokens
+        assert d.prompt.endswith("[Question]What does Collins mentioned in the text refer to?\n[Answer]")
+        assert LinkResult.from_json(result.to_json()) == result  # JSON round trip, typed details included
+    assert with_image.details.visual_tokens is True
+    assert with_image.details.prompt.count("<image>") == 2 * with_image.details.n_visual_segments
+    assert without.details.visual_tokens is False and "no image" in without.details.visual_note
+    assert not without.details.prompt.split("[Answer]")[-2].endswith("<image>")  # query segment: no tokens
     # zero-shot without a pool still links, and says so
     zero = GemelLinker(kb, preset, mapper="none", trie_cache=False).link(Mention.from_text("Obama speaks", "Obama"))
-    assert zero.prediction.id in ids and zero.details["n_demos"] == 0 and "zero-shot" in zero.details["demonstrations_note"]
+    assert zero.prediction.id in ids and zero.details.n_demos == 0 and "zero-shot" in zero.details.demonstrations_note
 
 
 def test_ambiguous_name_is_reported_and_tie_broken(tiny, tmp_path, hashing_encoder):
@@ -345,16 +345,16 @@ def test_ambiguous_name_is_reported_and_tie_broken(tiny, tmp_path, hashing_encod
     kb = build_kb(both, tmp_path / "amb.sqlite", text_encoder=hashing_encoder, progress=False)
     linker = GemelLinker(kb, preset, mapper="none", trie_cache=False)
     r = linker.link(Mention.from_text("Collins pitched for the Chicago Cubs", "Collins"))
-    amb = r.details["ambiguity"]
-    assert amb["name"] == "Phil Collins" and sorted(amb["entity_ids"]) == ["Q2", "Q8"]
-    assert r.prediction.id == "Q8" and amb["chosen"] == "Q8"  # the description shares "Chicago Cubs"
+    amb = r.details.ambiguity
+    assert amb.name == "Phil Collins" and sorted(amb.entity_ids) == ["Q2", "Q8"]
+    assert r.prediction.id == "Q8" and amb.chosen == "Q8"  # the description shares "Chicago Cubs"
     assert [c.entity.id for c in r.candidates][:2] == ["Q8", "Q2"]
     assert r.candidates[0].score == r.candidates[1].score
     # the gold of a retrieved demonstration beats caption overlap
     pool = [Example(Mention.from_text("Collins pitched again", "Collins"), "Q2", "Phil Collins", "d0")]
     r = GemelLinker(kb, preset, mapper="none", pool=pool, n_demos=1, trie_cache=False).link(
         Mention.from_text("Collins pitched for the Chicago Cubs", "Collins"))
-    assert r.prediction.id == "Q2" and "demonstration" in r.details["ambiguity"]["rule"]
+    assert r.prediction.id == "Q2" and "demonstration" in r.details.ambiguity.rule
 
 
 def test_candidate_mode_ranks_every_candidate(tiny, kb):
@@ -362,7 +362,7 @@ def test_candidate_mode_ranks_every_candidate(tiny, kb):
     linker = GemelLinker(kb, preset, mapper="none", candidates="dense", top_k=4, pool=_examples(), n_demos=2)
     assert linker.name == "gemel+dense"
     r = linker.link(Mention.from_text("Collins on stage", "Collins"))
-    retrieved = {x["id"] for x in r.details["retriever"]}
+    retrieved = {x.id for x in r.details.retriever}
     assert {c.entity.id for c in r.candidates} == retrieved and len(retrieved) == 4
     assert [c.score for c in r.candidates] == sorted((c.score for c in r.candidates), reverse=True)
     with pytest.raises(InputError, match="unknown GEMEL option"):
@@ -371,9 +371,40 @@ def test_candidate_mode_ranks_every_candidate(tiny, kb):
     bm25 = build_linker("gemel+bm25", kb, preset, mapper="none", top_k=3, pool=_examples(), n_demos=2)
     assert bm25.name == "gemel+bm25" and list(bm25.retrievers) == ["bm25"]
     r = bm25.link(Mention.from_text("Collins on stage", "Collins"))
-    assert {c.entity.id for c in r.candidates} == {x["id"] for x in r.details["retriever"]} and r.details["scores"]
+    assert {c.entity.id for c in r.candidates} == {x.id for x in r.details.retriever} and r.details.scores
     with pytest.raises(MELError, match="gemel\\+bm25 takes its candidates from BM25"):
         build_linker("gemel+bm25", kb, preset, candidates="dense")
+
+
+def test_candidate_mode_reads_the_kb_once_per_link_not_once_per_candidate(tiny, kb, monkeypatch):
+    _, preset, _ = tiny
+    queries = []
+    real = kb._query
+    monkeypatch.setattr(kb, "_query", lambda sql, params=(): queries.append(sql) or real(sql, params))
+    mention = Mention.from_text("Collins on stage", "Collins")
+    counts = {}
+    for top_k in (2, 8):
+        linker = GemelLinker(kb, preset, mapper="none", candidates="dense", top_k=top_k, pool=_examples(), n_demos=2)
+        linker.link(mention)  # first link: the demonstrations' answers are read (once, then cached)
+        queries.clear()
+        r = linker.link(mention)
+        counts[top_k] = (len(queries), len(r.candidates))
+    # dense: the retriever's rows (1) + their KB idxs (1); the LLM's names map back without a query
+    assert counts[2][0] == counts[8][0] == 2 and counts[8][1] > counts[2][1] == 2, counts
+
+
+def test_live_demonstrations_are_added_and_removed_by_sample_id(tiny, kb):
+    _, preset, _ = tiny
+    linker = GemelLinker(kb, preset, mapper="none", trie_cache=False, n_demos=1)
+    assert linker.pool is None and linker.remove_demonstrations(["c1"]) == 0
+    new = Example(Mention.from_text("Saldana at the premiere", "Saldana"), "Q4", "Barack Obama", "c1")
+    assert linker.add_demonstrations([new]) == 1 and linker.pool.keys() == ["c1"]
+    r = linker.link(Mention.from_text("Saldana smiles", "Saldana"))
+    assert [d.sample_id for d in r.details.demonstrations] == ["c1"]
+    assert r.details.demonstrations[0].gold_name == "Barack Obama"  # the KB's name: what the trie can generate
+    assert linker.remove_demonstrations(["c1"]) == 1 and "c1" not in linker.pool
+    r = linker.link(Mention.from_text("Saldana smiles", "Saldana"))
+    assert r.details.demonstrations == [] and r.details.demonstrations_note == "the pool returned no demonstration"
 
 
 # -- demonstrations ----------------------------------------------------------------------------------
@@ -394,6 +425,44 @@ def test_demonstrations_least_similar_first_and_query_excluded(hashing_encoder):
     new = Example(Mention.from_text("Saldana at the premiere", "Saldana"), "Q9", "Zoe Saldana", "c1")
     assert pool.add([new]) == 1
     assert pool.retrieve(Mention.from_text("Saldana smiles", "Saldana"), k=1)[0].example.sample_id == "c1"
+    # ... and leaves by its sample_id; the other rows keep their vectors
+    assert "c1" in pool and pool.keys()[-1] == "c1" and len(pool.vectors) == len(pool)
+    before = pool.retrieve(query, k=3)
+    assert pool.remove("c1") == 1 and pool.remove("c1") == 0 and "c1" not in pool.keys()
+    assert len(pool) == len(examples) and pool.vectors.shape == (len(examples), pool.dim)
+    assert [(d.example.sample_id, d.similarity) for d in pool.retrieve(query, k=3)] == \
+        [(d.example.sample_id, d.similarity) for d in before]
+    with pytest.raises(InputError, match="sample_id"):
+        pool.remove("")
+
+
+def test_demonstration_pool_changes_while_others_retrieve(hashing_encoder):
+    """Retrieval sees the pool before or after a change, never examples and vectors out of step."""
+    import threading
+    pool = DemonstrationPool(_examples(), hashing_encoder, use_cache=False)
+    extra = [Example(Mention.from_text(f"Saldana number {i}", "Saldana"), "Q9", "Zoe Saldana", f"c{i}")
+             for i in range(40)]
+    errors = []
+
+    def churn():
+        for ex in extra:
+            pool.add([ex])
+            pool.remove(ex.sample_id)
+
+    def read():
+        try:
+            for _ in range(200):
+                for d in pool.retrieve(Mention.from_text("Saldana smiles", "Saldana"), k=2):
+                    assert d.example.gold_id in ("Q9",) or d.example.sample_id.startswith("s")
+        except Exception as exc:  # reported below: an exception in a thread does not fail the test by itself
+            errors.append(exc)
+
+    threads = [threading.Thread(target=churn), threading.Thread(target=read), threading.Thread(target=read)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and pool.keys() == [ex.sample_id for ex in _examples()]
 
 
 def test_demonstration_embeddings_are_cached(hashing_encoder, tmp_path, monkeypatch):
@@ -518,19 +587,19 @@ def test_smollm2_links_a_mention_sensibly(tmp_path, hashing_encoder):
     linker = GemelLinker(kb, preset, pool=pool, n_demos=3, mapper="none", trie_cache=False)
     # the demonstrations name other people; the answer has to come from the query's own text
     r = linker.link(Mention.from_text("Barack Obama signs the bill at the White House", "Barack Obama"))
-    assert r.prediction.id == "Q4", r.details["beams"]
-    assert r.details["generated"].strip() == "Barack Obama" and r.score < 0
-    assert r.score == pytest.approx(r.details["beams"][0]["logprob"], abs=1e-3)  # score = sequence log-prob
+    assert r.prediction.id == "Q4", r.details.beams
+    assert r.details.generated.strip() == "Barack Obama" and r.score < 0
+    assert r.score == pytest.approx(r.details.beams[0].logprob, abs=1e-3)  # score = sequence log-prob
     # a bare surname: the demonstration "Collins -> Phil Collins" carries the answer
     r = linker.link(Mention.from_text("Collins sings In the Air Tonight", "Collins"))
-    assert r.prediction.id in ("Q2", "Q8") and r.prediction.name == "Phil Collins", r.details["beams"]
-    assert r.details["ambiguity"]["name"] == "Phil Collins"  # Q2 and Q8 share the name
+    assert r.prediction.id in ("Q2", "Q8") and r.prediction.name == "Phil Collins", r.details.beams
+    assert r.details.ambiguity.name == "Phil Collins"  # Q2 and Q8 share the name
     assert r.prediction.id == "Q2"  # tie-break: the gold of the retrieved demonstration
     # without the trie the same model writes the name freely; exact name match maps it to the KB
     free = GemelLinker(kb, preset, pool=pool, n_demos=3, mapper="none", constrained=False)
     r = free.link(Mention.from_text("Barack Obama signs the bill at the White House", "Barack Obama"))
-    assert r.details["generated"] == "Barack Obama" and r.prediction.id == "Q4", r.details["beams"]
-    assert r.details["not_a_kb_name"] is False
+    assert r.details.generated == "Barack Obama" and r.prediction.id == "Q4", r.details.beams
+    assert r.details.not_a_kb_name is False
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@
 Whole-KB protocol (default): BM25 over names/aliases UNION dense top-k propose candidates, the
 fusion head re-ranks them. Candidate-list protocol (DIM's code): every mention brings its own
 candidate list (a JSONL file keyed by mention id), which usually contains the gold: its numbers
-are inflated and every result says which protocol produced it (`details["protocol"]`).
+are inflated and every result says which protocol produced it (`result.details.protocol`, a DimDetails).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from ..errors import CheckpointError, InputError, KBError
 from ..linkers.base import BatchLinker, Stopwatch
 from ..paths import REPO_ROOT, display_path
 from ..training import load_pretrained_dir
-from ..types import Candidate, LinkResult, Mention
+from ..types import Candidate, DimDetails, ExpertCue, FeatureMask, LinkResult, Mention
 from .candidates import CandidateConfig, CandidateGenerator, CandidatePool, load_candidate_lists
 from .features import FeatureExtractor
 from .model import DimFusion, FusionConfig
@@ -120,7 +120,8 @@ class DimLinker(BatchLinker):
             if ids is None:
                 raise InputError(f"mention {m.id!r} ({m.text!r}) has no candidate list in the candidate file; "
                                  f"the candidate-list protocol needs one per mention (or use protocol='whole-kb')")
-            idxs = [i for i in (self.kb.idx_of(e) for e in ids) if i is not None]
+            known = self.kb.idxs_of(ids)  # one query for the list, not one per id
+            idxs = [known[e] for e in ids if e in known]
             pools.append(CandidatePool(idxs=list(dict.fromkeys(idxs)),
                                        bm25={i: evidence.bm25[i] for i in idxs if i in evidence.bm25},
                                        dense={i: evidence.dense[i] for i in idxs if i in evidence.dense}))
@@ -156,18 +157,15 @@ class DimLinker(BatchLinker):
             n_valid = int(cb.valid[i].sum())
             ranked = [(int(cb.idxs[i, j]), float(scores[i, j])) for j in tops[i]]
             pool = pools[i]
-            details = {
-                "protocol": self.protocol if self.protocol == "whole-kb" else "candidate-list (gold usually included)",
-                "n_candidates": n_valid,
-                "feature_mask": {"context": True, "mention": True, "image": bool(feats.image_mask[i]),
-                                 "cue": bool(feats.cue_mask[i])},
-                "cue": feats.cues[i],
-                "batch_size": n,
-            }
+            cue = feats.cues[i]
+            details = DimDetails(
+                protocol=self.protocol if self.protocol == "whole-kb" else "candidate-list (gold usually included)",
+                n_candidates=n_valid,
+                feature_mask=FeatureMask(image=bool(feats.image_mask[i]), cue=bool(feats.cue_mask[i])),
+                cue=ExpertCue(cue["text"], cue["provider"], cue.get("question", "")) if cue is not None else None,
+                batch_size=n, note=feats.notes[i] or "")
             if self.protocol == "whole-kb" and self.keep_pool:  # lets a caller measure candidate recall
-                details["pool"] = [e.id for e in self.kb.entities_at(pool.idxs)]
-            if feats.notes[i]:
-                details["note"] = feats.notes[i]
+                details.pool = [e.id for e in self.kb.entities_at(pool.idxs)]
             # each candidate says which generator(s) found it
             candidates = [Candidate(entities[idx], value, "dim:" + ("+".join(pool.sources(idx)) or "list"))
                           for idx, value in ranked]

@@ -10,9 +10,11 @@ an image encoder is given, appends the image embedding: the vector is
 `[sqrt(1-w) * text, sqrt(w) * image]`, so the cosine of two examples that both have images is
 `(1-w) * text_cos + w * image_cos`, and an example without an image only matches on text.
 
-The pool is any list of Examples: a dataset's train split, or annotators' corrections; `add()`
-makes new corrections retrievable at once. Examples whose gold is NIL are left out (they have
-no entity name to demonstrate). Embeddings of a pool are cached on disk (safetensors) under a
+The pool is any list of Examples: a dataset's train split, or annotators' corrections. Live
+changes go through `add(examples)` (retrievable at once) and `remove(sample_id)`; an example is
+known by its `Example.sample_id` (`keys()`). Both are safe while other threads retrieve: a
+retrieval sees the pool as it was before or after a change, never half of one. Examples whose
+gold is NIL are left out (they have no entity name to demonstrate). Embeddings of a pool are cached on disk (safetensors) under a
 checksum of the encoder and the key texts, so a pool is embedded once per machine.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,8 +59,10 @@ class DemonstrationPool:
         self.image_weight = image_weight
         self.use_cache = use_cache
         self.progress = progress
-        self.examples: list[Example] = []
-        self.vectors = np.zeros((0, self.dim), np.float32)
+        # replaced together under the lock, never changed in place: a reader's snapshot stays whole
+        self._lock = threading.Lock()
+        self._examples: tuple[Example, ...] = ()
+        self._vectors = np.zeros((0, self.dim), np.float32)
         self._image_vectors: dict[str, np.ndarray | None] = {}
         self.n_skipped_nil = 0
         self.add(examples, cache=use_cache)
@@ -67,7 +72,27 @@ class DemonstrationPool:
         return self.encoder.dim + (self.image_encoder.dim if self.image_encoder is not None else 0)
 
     def __len__(self) -> int:
-        return len(self.examples)
+        return len(self._examples)
+
+    def __contains__(self, sample_id: str) -> bool:
+        return any(ex.sample_id == sample_id for ex in self._examples)
+
+    @property
+    def examples(self) -> tuple[Example, ...]:
+        return self._examples
+
+    @property
+    def vectors(self) -> np.ndarray:
+        """(len(self), dim) retrieval keys, one row per example (read-only: change the pool with add/remove)."""
+        return self._vectors
+
+    def keys(self) -> list[str]:
+        """The sample_id of every demonstration, in pool order."""
+        return [ex.sample_id for ex in self._examples]
+
+    def _snapshot(self) -> tuple[tuple[Example, ...], np.ndarray]:
+        with self._lock:
+            return self._examples, self._vectors
 
     def describe(self) -> dict:
         return {"size": len(self), "key": self.key, "encoder": getattr(self.encoder, "name", "?"),
@@ -111,7 +136,8 @@ class DemonstrationPool:
     def add(self, examples: list[Example], cache: bool = False) -> int:
         """Append examples (e.g. fresh corrections); they are retrievable immediately. Returns how many."""
         kept = [ex for ex in examples if ex.gold_id != NIL]
-        self.n_skipped_nil += len(examples) - len(kept)
+        with self._lock:
+            self.n_skipped_nil += len(examples) - len(kept)
         if not kept:
             return 0
         vectors = None
@@ -133,42 +159,58 @@ class DemonstrationPool:
                 tmp = path.with_name(f".{path.name}.{os.getpid()}")
                 save_file({"vectors": np.ascontiguousarray(vectors)}, str(tmp))
                 os.replace(tmp, path)
-        self.examples += kept
-        self.vectors = np.concatenate([self.vectors, vectors.astype(np.float32)], axis=0)
+        with self._lock:
+            self._examples = self._examples + tuple(kept)
+            self._vectors = np.concatenate([self._vectors, vectors.astype(np.float32)], axis=0)
         return len(kept)
+
+    def remove(self, sample_id: str) -> int:
+        """Take out every example with this `sample_id` (e.g. an undone correction); returns how many."""
+        if not isinstance(sample_id, str) or not sample_id:
+            raise InputError(f"a demonstration is removed by its sample_id (non-empty text), got {sample_id!r}")
+        with self._lock:
+            keep = [i for i, ex in enumerate(self._examples) if ex.sample_id != sample_id]
+            removed = len(self._examples) - len(keep)
+            if removed:
+                self._examples = tuple(self._examples[i] for i in keep)
+                self._vectors = self._vectors[keep]
+        return removed
 
     # -- retrieval ---------------------------------------------------------------------------
     def retrieve(self, mention: Mention, k: int, exclude_id: str | None = None,
                  query_vector: np.ndarray | None = None) -> list[Demonstration]:
         """The k most similar examples, ordered LEAST similar first (the most similar comes last,
         next to the query). `exclude_id`: a sample_id never returned (the query itself in training)."""
-        if k <= 0 or not len(self):
+        examples, vectors = self._snapshot()
+        if k <= 0 or not examples:
             return []
         q = self.embed([mention])[0] if query_vector is None else query_vector
-        sims = self.vectors @ q
-        return self._top(sims, k, {exclude_id} if exclude_id else set())
+        return _top(examples, vectors @ q, k, {exclude_id} if exclude_id else set())
 
     def retrieve_many(self, mentions: list[Mention], k: int, exclude_ids: list[str | None] | None = None,
                       ) -> list[list[Demonstration]]:
         """`retrieve` for many queries at once (training): one embedding pass, chunked matrix products."""
-        if k <= 0 or not len(self):
+        examples, vectors = self._snapshot()
+        if k <= 0 or not examples:
             return [[] for _ in mentions]
         queries = self.embed(mentions)
         exclude_ids = exclude_ids or [None] * len(mentions)
         out = []
         for start in range(0, len(mentions), SEARCH_CHUNK):
-            sims = queries[start:start + SEARCH_CHUNK] @ self.vectors.T
+            sims = queries[start:start + SEARCH_CHUNK] @ vectors.T
             for row, ex_id in zip(sims, exclude_ids[start:start + SEARCH_CHUNK]):
-                out.append(self._top(row, k, {ex_id} if ex_id else set()))
+                out.append(_top(examples, row, k, {ex_id} if ex_id else set()))
         return out
 
-    def _top(self, sims: np.ndarray, k: int, exclude: set[str]) -> list[Demonstration]:
-        take = min(len(sims), k + len(exclude))
-        top = np.argpartition(-sims, take - 1)[:take] if take < len(sims) else np.arange(len(sims))
-        top = top[np.argsort(-sims[top], kind="stable")]
-        chosen = [int(i) for i in top if self.examples[int(i)].sample_id not in exclude][:k]
-        # ascending similarity: the most similar demonstration ends up next to the query
-        return [Demonstration(self.examples[i], float(sims[i])) for i in reversed(chosen)]
+
+def _top(examples: tuple[Example, ...], sims: np.ndarray, k: int, exclude: set[str]) -> list[Demonstration]:
+    """The k examples with the highest `sims` (one per example) not in `exclude`, least similar first."""
+    take = min(len(sims), k + len(exclude))
+    top = np.argpartition(-sims, take - 1)[:take] if take < len(sims) else np.arange(len(sims))
+    top = top[np.argsort(-sims[top], kind="stable")]
+    chosen = [int(i) for i in top if examples[int(i)].sample_id not in exclude][:k]
+    # ascending similarity: the most similar demonstration ends up next to the query
+    return [Demonstration(examples[i], float(sims[i])) for i in reversed(chosen)]
 
 
 def _accepts_progress(encoder) -> bool:

@@ -2,7 +2,7 @@
 
     linker = GemelLinker(kb, preset, pool_data="../shared/data/wikimel")   # pool_format = the KB's format
     result = linker.link(Mention.from_text(caption, "Ryan", image="ryan.jpg"))
-    result.prediction, result.score, result.details["demonstrations"], result.timings
+    result.prediction, result.score, result.details.demonstrations, result.timings   # details: GemelDetails
 
 From the command line (options go through `--opt key=value`):
 
@@ -15,7 +15,8 @@ Options (all keyword arguments of GemelLinker):
   pool            a JSONL file of Examples (e.g. exported annotation corrections), a list of Examples,
                   or a DemonstrationPool; `pool_data=DIR` (+ `pool_format`, default the format the KB was
                   built from, + `pool_split`, default train) reads a dataset split instead. No pool:
-                  zero-shot (0 demonstrations, said in `details`). `add_demonstrations()` adds corrections live.
+                  zero-shot (0 demonstrations, said in `details`). `add_demonstrations()` / `remove_demonstrations()`
+                  change the pool live (an annotator's corrections, and their undo).
   n_demos         demonstrations per prompt (default 4; the paper used 16 on a GPU).
   retrieval       "mention" (paper: embedding of the mention string) or "multimodal" (mention + caption
                   + image).
@@ -32,13 +33,13 @@ Options (all keyword arguments of GemelLinker):
                       fused(e) = llm_weight * log p_LLM(e) + sum_s log softmax(score_s(e) / temperature_s)
                   where p_LLM is the sequence probability of the name + EOS renormalised over the
                   candidates, and a candidate missing from a retriever's top_k gets that retriever's
-                  lowest score. Both scores are shown side by side in `details["scores"]`. Defaults
+                  lowest score. Both scores are shown side by side in `details.scores`. Defaults
                   (llm_weight, temperature_bm25, temperature_dense) were chosen on the WikiMEL *train*
                   split, never on dev; temperature_dim is 1 because DIM's scores are softmax logits.
   constrained     whole-KB mode only (default True, the paper). False: the ablation without the trie,
                   free beam search over the whole vocabulary until EOS or a newline; the text is
                   mapped to entities by exact (normalised) name or alias match, and an output that is
-                  no KB name is a miss (NIL, `details["not_a_kb_name"]`).
+                  no KB name is a miss (NIL, `details.not_a_kb_name`).
   num_beams, max_new_tokens, length_penalty   decoding (paper: 5 beams, 32 tokens). length_penalty
                   defaults to 0.0: names are ranked by their sequence log-probability. Hugging Face's
                   generate() (the paper's code) divides by length (1.0), which favours long names whose
@@ -50,7 +51,7 @@ Candidates in the result: full-KB mode returns the finished beams (at most `num_
 Hits@k for k > num_beams counts only those); a name shared by several entities contributes all of
 them, ordered by the tie-break rule below, with the same score.
 
-Ambiguous names (one generated name, several KB entities) are reported in `details["ambiguity"]`
+Ambiguous names (one generated name, several KB entities) are reported in `details.ambiguity`
 and broken by this rule, which uses no popularity: (1) the entity that is the gold answer of the
 most similar retrieved demonstration, (2) the entity whose description shares the most words
 with the caption, (3) a fixed hash of the entity id.
@@ -58,8 +59,8 @@ with the caption, (3) a fixed hash of the entity id.
 Scores: with beam search (and candidate mode without fusion) `Candidate.score` (and
 `LinkResult.score`) is the ranking score, the sequence log-probability of name + EOS divided by its
 length ** length_penalty (the plain sequence log-probability with the default 0.0); the raw sequence
-log-probability of every beam is in `details["beams"]` (`details["llm_ranking"]` when every
-candidate is scored).
+log-probability of every beam is in `details.beams` (one per candidate when every candidate is
+scored).
 With fusion it is the fused log-probability over the candidates (log_softmax of `fused`).
 """
 from __future__ import annotations
@@ -67,6 +68,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import OrderedDict
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -74,7 +76,8 @@ import torch
 from ..errors import CheckpointError, InputError, KBError, MELError, require_finite, require_whole
 from ..linkers.base import Linker, Stopwatch, check_k, check_mention
 from ..paths import REPO_ROOT, display_path
-from ..types import Candidate, Example, LinkResult, Mention
+from ..types import (Ambiguity, Beam, Candidate, CandidateScores, Entity, Example, Fusion, GemelDetails, LinkResult,
+                     Mention, PromptDemonstration)
 from .decode import DecodeConfig, FreeVocabulary, Hypothesis, beam_search, score_groups
 from .demos import Demonstration, DemonstrationPool, load_pool_examples
 from .mapper import FeatureMapper
@@ -159,6 +162,14 @@ def resolve_mapper(spec, preset, d_embed: int) -> tuple[FeatureMapper | None, st
                                   f"{preset.name!r} uses {used!r}; use its preset, pass mapper=none, or train a "
                                   f"mapper for this preset")
     return mapper, str(spec), ""
+
+
+@dataclass
+class RetrievedCandidate:
+    """A candidate from GEMEL's retriever(s): its KB row and each retriever's score."""
+
+    entity: Entity
+    scores: dict[str, float] = field(default_factory=dict)  # source ("bm25", "dense", "dim") -> score
 
 
 class GemelLinker(Linker):
@@ -276,11 +287,16 @@ class GemelLinker(Linker):
         return built, what
 
     def add_demonstrations(self, examples: list[Example]) -> int:
-        """Make new labelled examples (e.g. an annotator's corrections) retrievable from the next link on."""
+        """Make new labelled examples (e.g. an annotator's corrections) retrievable from the next link on;
+        each is known by its `sample_id` (see `remove_demonstrations`). Returns how many joined (not NIL)."""
         if self.pool is None:
             self.pool = DemonstrationPool([], self.preset.backend("mention_encoder"))
             self.pool_description = "live corrections"
         return self.pool.add(examples)
+
+    def remove_demonstrations(self, sample_ids: list[str]) -> int:
+        """Take examples out of the pool by `sample_id` (an undone correction); returns how many were removed."""
+        return sum(self.pool.remove(sample_id) for sample_id in sample_ids) if self.pool is not None else 0
 
     def models(self) -> dict[str, str]:
         out = {"llm": self.preset.llm, "mention_encoder": self.preset.mention_encoder}
@@ -294,14 +310,22 @@ class GemelLinker(Linker):
     def answer_of(self, example: Example) -> str:
         """The name a demonstration answers with: the KB's name of its gold entity (what the trie can
         generate), else the dataset's gold name."""
-        name = self._answers.get(example.gold_id)
-        if name is None:
-            idx = self.kb.idx_of(example.gold_id)
-            name = self.kb.entity_at(idx).name if idx is not None else (example.gold_name or example.gold_id)
-            self._answers[example.gold_id] = name
-        return name
+        self._learn_answers([example])
+        return self._answers[example.gold_id]
+
+    def _learn_answers(self, examples: list[Example]) -> None:
+        """Fill the answer cache for these examples' gold entities: two queries, not two per example."""
+        missing = list(dict.fromkeys(ex.gold_id for ex in examples if ex.gold_id not in self._answers))
+        if not missing:
+            return
+        idxs = self.kb.idxs_of(missing)
+        names = {e.id: e.name for e in self.kb.entities_at(list(idxs.values()))}
+        for ex in examples:
+            if ex.gold_id not in self._answers:
+                self._answers[ex.gold_id] = names[ex.gold_id] if ex.gold_id in names else (ex.gold_name or ex.gold_id)
 
     def segments(self, mention: Mention, demos: list[Demonstration], query_features=None) -> list[Segment]:
+        self._learn_answers([d.example for d in demos])
         segs = []
         for demo in demos:
             m = demo.example.mention
@@ -320,11 +344,10 @@ class GemelLinker(Linker):
         sw = Stopwatch()
         mode = ("whole-KB trie" if self.constrained else "free generation (no trie)") if self.candidates is None \
             else f"{self.candidates} top-{self.top_k}"
-        details: dict = {"mode": mode,
-                         "ranking": (f"constrained beam search ({self.decode_config.num_beams} beams)"
-                                     if self.rank == "beam" else "every candidate by LLM log-likelihood")
-                         + (", fused with the retriever scores" if self.fuse else ""),
-                         "pool": self.pool_description}
+        details = GemelDetails(
+            mode=mode, pool=self.pool_description,
+            ranking=(f"constrained beam search ({self.decode_config.num_beams} beams)" if self.rank == "beam"
+                     else "every candidate by LLM log-likelihood") + (", fused with the retriever scores" if self.fuse else ""))
         with sw("retrieve"):
             demos = (self.pool.retrieve(mention, self.n_demos, exclude_id=exclude_sample_id)
                      if (self.pool is not None and self.n_demos > 0) else [])
@@ -332,13 +355,13 @@ class GemelLinker(Linker):
         if self.retrievers:
             with sw("candidates"):
                 retrieved = self.retrieve_candidates(mention)
-                details["retriever"] = [{"id": c["entity"].id, "name": c["entity"].name,
-                                         **{src: round(v, 4) for src, v in c["scores"].items()}}
-                                        for c in retrieved.values()]
-                pairs = [(idx, c["entity"].name) for idx, c in retrieved.items()]
+                details.retriever = [CandidateScores(c.entity.id, c.entity.name,
+                                                     {src: round(v, 4) for src, v in c.scores.items()})
+                                     for c in retrieved.values()]
+                pairs = [(idx, c.entity.name) for idx, c in retrieved.items()]
                 trie = TokenTrie.build(pairs, self.tokenizer) if pairs else None
             if trie is None:
-                details["note"] = f"the {self.candidates} retriever found no candidate: nothing to generate (NIL)"
+                details.note = f"the {self.candidates} retriever found no candidate: nothing to generate (NIL)"
                 return self._finish(mention, [], demos, details, sw, k)
         with sw("image"):
             query_features = None
@@ -354,81 +377,83 @@ class GemelLinker(Linker):
         else:
             hyps, stats = score_groups(self.model, trie, embeds, length_penalty=self.decode_config.length_penalty)
         if self.fuse:
-            details["fusion"] = {"llm_weight": self.llm_weight,
-                                 "temperatures": {s: self.temperatures[s] for s in self.retrievers},
-                                 "formula": "llm_weight * log p_LLM(name | prompt, candidates) + "
-                                            "sum_s log softmax(score_s / temperature_s)"}
+            details.fusion = Fusion(llm_weight=self.llm_weight,
+                                    temperatures={s: self.temperatures[s] for s in self.retrievers},
+                                    formula="llm_weight * log p_LLM(name | prompt, candidates) + "
+                                            "sum_s log softmax(score_s / temperature_s)")
         sw.timings["prefill"] = stats.prefill_ms
         sw.timings["decode"] = stats.decode_ms
-        details["decode"] = stats.to_dict()
-        details["visual_tokens"] = bool(prompt.image_slots) and query_features is not None
-        details["n_visual_segments"] = len(prompt.image_slots)
-        details["visual_note"] = self._visual_note(mention, query_features)
+        details.decode = stats.to_dict()
+        details.visual_tokens = bool(prompt.image_slots) and query_features is not None
+        details.n_visual_segments = len(prompt.image_slots)
+        details.visual_note = self._visual_note(mention, query_features)
         if self.show_prompt:
-            details["prompt"] = prompt.text
+            details.prompt = prompt.text
         with sw("map"):
-            ranked, beams, ambiguity = self._map(hyps, trie, mention, demos)
+            # candidate mode: the retrievers already hold every candidate's KB row
+            known = {idx: c.entity for idx, c in retrieved.items()} if retrieved else {}
+            ranked, details.beams, details.ambiguity = self._map(hyps, trie, mention, demos, known)
             if self.fuse and ranked:
-                ranked, details["scores"] = self._fuse(ranked, hyps, trie, retrieved, mention, demos)
-                ambiguity = self._fused_ambiguity(ranked)
-        details["beams" if self.rank == "beam" else "llm_ranking"] = beams
-        details["ambiguity"] = ambiguity
+                ranked, details.scores = self._fuse(ranked, hyps, trie, retrieved, mention, demos)
+                details.ambiguity = self._fused_ambiguity(ranked)
         free = isinstance(trie, FreeVocabulary)
         if free:  # the first output decides: a non-KB text is a miss, not skipped
-            details["not_a_kb_name"] = not hyps or beams[0].get("not_a_kb_name", False)
-            if details["not_a_kb_name"]:
+            details.not_a_kb_name = not hyps or details.beams[0].not_a_kb_name
+            if details.not_a_kb_name:
                 ranked = []
         if hyps:  # the LLM's own first choice (with fusion, the prediction may differ)
-            details["generated"] = self._free_text(hyps[0]) if free else self.tokenizer.decode(hyps[0].tokens[:-1])
-            details["logprob"] = round(hyps[0].logprob, 4)
+            details.generated = self._free_text(hyps[0]) if free else self.tokenizer.decode(hyps[0].tokens[:-1])
+            details.logprob = round(hyps[0].logprob, 4)
         else:
-            details["note"] = f"no name finished within {self.decode_config.max_new_tokens} tokens: NIL"
+            details.note = f"no name finished within {self.decode_config.max_new_tokens} tokens: NIL"
         return self._finish(mention, ranked, demos, details, sw, k)
 
-    def retrieve_candidates(self, mention: Mention) -> dict[int, dict]:
-        """KB idx -> {"entity", "scores": {source: score}} from the top_k of each retriever (union)."""
-        out: dict[int, dict] = {}
-        for src, linker in self.retrievers.items():
-            for c in linker.link(mention, k=self.top_k).candidates:
-                idx = self.kb.idx_of(c.entity.id)
-                if idx is not None:
-                    out.setdefault(idx, {"entity": c.entity, "scores": {}})["scores"][src] = float(c.score)
+    def retrieve_candidates(self, mention: Mention) -> dict[int, RetrievedCandidate]:
+        """KB idx -> the entity and each retriever's score, from the top_k of each retriever (union)."""
+        found = [(src, c) for src, linker in self.retrievers.items()
+                 for c in linker.link(mention, k=self.top_k).candidates]
+        idxs = self.kb.idxs_of(c.entity.id for _, c in found)  # one query for every candidate
+        out: dict[int, RetrievedCandidate] = {}
+        for src, c in found:
+            idx = idxs.get(c.entity.id)
+            if idx is not None:
+                out.setdefault(idx, RetrievedCandidate(c.entity)).scores[src] = float(c.score)
         return out
 
-    def _fuse(self, ranked, hyps, trie, retrieved, mention, demos):
+    def _fuse(self, ranked, hyps, trie, retrieved: dict[int, RetrievedCandidate], mention, demos):
         """Re-rank entities by the product of experts; returns (ranked, side-by-side score table)."""
         logprob = {}
         for h in hyps:
             for idx in trie.entities(h.group):
-                logprob[self.kb.entity_at(idx).id] = h.logprob
-        by_id = {c["entity"].id: c for c in retrieved.values()}
+                logprob[retrieved[idx].entity.id] = h.logprob
+        by_id = {c.entity.id: c for c in retrieved.values()}
         ids = [e.id for e, _ in ranked]
         llm = np.array([logprob[i] for i in ids])
         fused = self.llm_weight * _log_softmax(llm)
         columns = {}
         for src in self.retrievers:
-            present = [by_id[i]["scores"][src] for i in ids if src in by_id[i]["scores"]]
+            present = [by_id[i].scores[src] for i in ids if src in by_id[i].scores]
             floor = min(present) if present else 0.0  # absent from this retriever's top_k: at most its lowest score
-            col = np.array([by_id[i]["scores"].get(src, floor) for i in ids])
+            col = np.array([by_id[i].scores.get(src, floor) for i in ids])
             columns[src] = col
             fused = fused + _log_softmax(col / self.temperatures[src])
         fused = _log_softmax(fused)
         entities = {e.id: e for e, _ in ranked}
         tie = {e.id: n for n, e in enumerate(self.tie_break([e for e, _ in ranked], mention, demos))}
         order = sorted(range(len(ids)), key=lambda j: (-round(float(fused[j]), 9), tie[ids[j]]))
-        table = [{"id": ids[j], "name": entities[ids[j]].name, "llm_logprob": round(float(llm[j]), 4),
-                  **{src: round(float(columns[src][j]), 4) for src in columns}, "fused": round(float(fused[j]), 4)}
+        table = [CandidateScores(ids[j], entities[ids[j]].name, {src: round(float(columns[src][j]), 4) for src in columns},
+                                 llm_logprob=round(float(llm[j]), 4), fused=round(float(fused[j]), 4))
                  for j in order]
         return [(entities[ids[j]], float(fused[j])) for j in order], table
 
     @staticmethod
-    def _fused_ambiguity(ranked) -> dict | None:
+    def _fused_ambiguity(ranked) -> Ambiguity | None:
         name = ranked[0][0].name
         same = [e.id for e, _ in ranked if e.name == name]
         if len(same) < 2:
             return None
-        return {"name": name, "entity_ids": same, "chosen": ranked[0][0].id,
-                "rule": "fused score (the retrievers score same-name entities differently), then " + TIE_BREAK_RULE}
+        return Ambiguity(name, same, ranked[0][0].id,
+                         "fused score (the retrievers score same-name entities differently), then " + TIE_BREAK_RULE)
 
     def _visual_note(self, mention: Mention, query_features) -> str:
         if self.mapper is None:
@@ -442,25 +467,33 @@ class GemelLinker(Linker):
     def _free_text(self, h: Hypothesis) -> str:
         return self.tokenizer.decode(h.tokens, skip_special_tokens=True).split("\n")[0].strip()
 
-    def _map(self, hyps: list[Hypothesis], trie, mention: Mention, demos: list[Demonstration]):
-        ranked, beams, ambiguity = [], [], None
+    def _map(self, hyps: list[Hypothesis], trie, mention: Mention, demos: list[Demonstration],
+             known: dict[int, Entity]) -> tuple[list[tuple[Entity, float]], list[Beam], Ambiguity | None]:
+        """(entities with their beam's score, best first; the beams; the prediction's ambiguity).
+        `known`: KB rows already in hand (idx -> Entity); the others are read in one query."""
         free = isinstance(trie, FreeVocabulary)
+        outputs = []
         for h in hyps:
             name = self._free_text(h) if free else trie.name(h.group)
             # free generation: the text names an entity only if it equals a KB name or alias
             idxs = list(dict.fromkeys(idx for idx, _ in self.kb.lookup_name(name))) if free else trie.entities(h.group)
-            beam = {"name": name, "logprob": round(h.logprob, 4), "score": round(h.score, 4), "entity_ids": []}
+            outputs.append((h, name, idxs))
+        rows = dict(known)
+        wanted = list(dict.fromkeys(idx for _, _, idxs in outputs for idx in idxs if idx not in rows))
+        rows.update(zip(wanted, self.kb.entities_at(wanted)))
+        ranked, beams, ambiguity = [], [], None
+        for h, name, idxs in outputs:
+            beam = Beam(name, logprob=round(h.logprob, 4), score=round(h.score, 4))
             beams.append(beam)
             if not idxs:
-                beam["not_a_kb_name"] = True
+                beam.not_a_kb_name = True
                 continue
-            entities = self.kb.entities_at(idxs)
+            entities = [rows[idx] for idx in idxs]
             if len(entities) > 1:
                 entities = self.tie_break(entities, mention, demos)
                 if ambiguity is None and not ranked:  # the prediction's name is ambiguous
-                    ambiguity = {"name": name, "entity_ids": [e.id for e in entities],
-                                 "chosen": entities[0].id, "rule": TIE_BREAK_RULE}
-            beam["entity_ids"] = [e.id for e in entities]
+                    ambiguity = Ambiguity(name, [e.id for e in entities], entities[0].id, TIE_BREAK_RULE)
+            beam.entity_ids = [e.id for e in entities]
             ranked += [(e, h.score) for e in entities]
         return ranked, beams, ambiguity
 
@@ -472,15 +505,15 @@ class GemelLinker(Linker):
         return sorted(entities, key=lambda e: (-demo_sim.get(e.id, -2.0), -len(context & _words(e.description)),
                                                _stable_hash(e.id)))
 
-    def _finish(self, mention, ranked, demos, details, sw, k) -> LinkResult:
-        details["n_demos"] = len(demos)
-        details["demonstrations"] = [{"caption": d.example.mention.caption, "mention": d.example.mention.text,
-                                      "gold_id": d.example.gold_id, "gold_name": self.answer_of(d.example),
-                                      "similarity": round(d.similarity, 4), "image": d.example.mention.image,
-                                      "sample_id": d.example.sample_id} for d in demos]
+    def _finish(self, mention, ranked, demos, details: GemelDetails, sw, k) -> LinkResult:
+        self._learn_answers([d.example for d in demos])
+        details.demonstrations = [PromptDemonstration(
+            sample_id=d.example.sample_id, caption=d.example.mention.caption, mention=d.example.mention.text,
+            gold_id=d.example.gold_id, gold_name=self.answer_of(d.example), similarity=round(d.similarity, 4),
+            image=d.example.mention.image) for d in demos]
         if not demos:
-            details["demonstrations_note"] = ("zero-shot: no demonstration pool (give pool=..., or pool_data=DIR)"
-                                              if self.pool is None else "the pool returned no demonstration")
+            details.demonstrations_note = ("zero-shot: no demonstration pool (give pool=..., or pool_data=DIR)"
+                                           if self.pool is None else "the pool returned no demonstration")
         source = self.name
         candidates = [Candidate(entity, float(score), source) for entity, score in ranked[:max(k, 1)]]
         return LinkResult(linker=self.name, mention=mention,

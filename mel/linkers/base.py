@@ -5,7 +5,7 @@ import time
 from collections.abc import Iterable, Iterator
 
 from ..errors import InputError, require_whole
-from ..types import Candidate, LinkResult, Mention
+from ..types import Candidate, LinkDetails, LinkResult, Mention
 
 
 def check_k(k) -> int:
@@ -42,7 +42,7 @@ class Linker:
             yield self.link(mention, k=k)
 
     def result(self, mention: Mention, ranked: list[tuple[int, float]], *, source: str, timings: dict,
-               details: dict | None = None) -> LinkResult:
+               details: LinkDetails | None = None) -> LinkResult:
         """A LinkResult from (kb idx, score) pairs, best first; the top one is the prediction."""
         entities = self.kb.entities_at([idx for idx, _ in ranked])
         candidates = [Candidate(entity, float(score), source) for entity, (_, score) in zip(entities, ranked)]
@@ -51,7 +51,7 @@ class Linker:
             prediction=candidates[0].entity if candidates else None,
             score=candidates[0].score if candidates else None,
             candidates=candidates, timings=timings,
-            preset=getattr(self.preset, "name", ""), models=self.models(), details=details or {})
+            preset=getattr(self.preset, "name", ""), models=self.models(), details=details or LinkDetails())
 
 
 class BatchLinker(Linker):

@@ -13,7 +13,7 @@ import hashlib
 import re
 import time
 
-from ..types import Mention
+from ..types import ExactDetails, LinkDetails, Mention
 from .base import BatchLinker, Linker, Stopwatch, check_k, check_mention
 
 
@@ -44,7 +44,7 @@ class ExactLinker(Linker):
             # score: 1 for a name match, 0.5 for an alias, plus a small context bonus
             ranked = [(idx, (1.0 if kind == "name" else 0.5) + 0.01 * overlap) for _, idx, overlap, kind in keyed[:k]]
         return self.result(mention, ranked, source="exact", timings=sw.total(),
-                           details={"n_exact_matches": len(matches)})
+                           details=ExactDetails(n_exact_matches=len(matches)))
 
 
 class BM25Linker(Linker):
@@ -95,4 +95,4 @@ class DenseLinker(BatchLinker):
         for mention, row_scores, row_ids in zip(mentions, scores, ids):
             found = [(i, s) for i, s in zip(row_ids.tolist(), row_scores.tolist()) if i >= 0]  # -1: padding
             yield self.result(mention, found, source="dense",
-                              timings=dict(timings), details={"batch_size": n})
+                              timings=dict(timings), details=LinkDetails(batch_size=n))
