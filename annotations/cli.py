@@ -2,7 +2,8 @@
 
     python -m mel annotations stats  --db DATA_DIR/annotations.sqlite
     python -m mel annotations export --db DATA_DIR/annotations.sqlite --format jsonl --out exports/run1 \
-        [--kb KB.sqlite] [--dev-fraction 0.1]
+        [--kb KB.sqlite] [--dev-fraction 0.1] [--project P [--min-agreement 0.5] [--reviewed-only]]
+    python -m mel annotations agreement --db DATA_DIR --project P [--json agreement.json]
     python -m mel annotations backup --db DATA_DIR/annotations.sqlite --out backups/annotations-2025-01-01.sqlite
     python -m mel annotations restore --db DATA_DIR/annotations.sqlite --from backups/annotations-2025-01-01.sqlite
 
@@ -18,6 +19,7 @@ export button is shown to admins only (MEL_ADMINS).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from .export import FORMATS, export_corrections
 from .projects_cli import add_project_commands
@@ -33,10 +35,19 @@ def add_parser(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_stats)
 
-    p = sub.add_parser("export", help="write the corrections as training files (latest correction per mention wins)")
+    p = sub.add_parser("export", help="write final labels as training files: a project's tasks (--project), or "
+                                      "the app's free-form corrections (latest correction per mention wins)")
     p.add_argument("--db", required=True, help="annotations.sqlite (or the app's --data-dir)")
     p.add_argument("--format", required=True, choices=FORMATS,
-                   help="jsonl (the library's format), wikimel (WikiMEL layout) or gemel (GEMEL records)")
+                   help="jsonl (the library's format), wikimel (WikiMEL layout), gemel (GEMEL records) or parquet "
+                        "(one table with annotators, times, agreement and review status; Hugging Face datasets)")
+    p.add_argument("--project", default=None,
+                   help="export this project's final labels (reviewed, or agreed by all its k annotators; NIL "
+                        "included); without it: the app's free-form corrections")
+    p.add_argument("--min-agreement", type=float, default=None, metavar="X",
+                   help="with --project: only tasks where at least this share (0-1) of the annotators chose the "
+                        "final label")
+    p.add_argument("--reviewed-only", action="store_true", help="with --project: only tasks a reviewer labelled")
     p.add_argument("--out", required=True, help="directory to write (created if missing)")
     p.add_argument("--kb", help="the KB the corrections link to; adds entity descriptions and aliases")
     p.add_argument("--dev-fraction", type=float, default=0.0,
@@ -55,7 +66,14 @@ def add_parser(subparsers) -> None:
                    help="the backup to restore (written by `annotations backup`, or a rescue copy)")
     p.set_defaults(func=cmd_restore)
 
-    add_project_commands(sub)  # import, preannotate, projects
+    p = sub.add_parser("agreement", help="inter-annotator agreement of a project: Cohen's kappa per pair, "
+                                         "Krippendorff's alpha, each annotator against the final labels")
+    p.add_argument("--db", required=True, help="annotations.sqlite (or the app's --data-dir)")
+    p.add_argument("--project", required=True)
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON to OUT")
+    p.set_defaults(func=cmd_agreement)
+
+    add_project_commands(sub)  # import, preannotate, projects, settings
 
 
 def cmd_stats(args) -> None:
@@ -78,9 +96,24 @@ def cmd_export(args) -> None:
         from mel.kb import KnowledgeBase
         kb = KnowledgeBase(args.kb)
     with AnnotationStore.from_db(args.db, read_only=True) as store:
-        report = export_corrections(store, args.out, args.format, kb=kb, dev_fraction=args.dev_fraction)
+        report = export_corrections(store, args.out, args.format, kb=kb, dev_fraction=args.dev_fraction,
+                                    project=args.project, min_agreement=args.min_agreement,
+                                    reviewed_only=args.reviewed_only)
     print(report.summary())
     print(f"files: {', '.join(report.files)}")
+
+
+def cmd_agreement(args) -> None:
+    from mel.paths import atomic_write
+    from .agreement import compute_agreement
+    with AnnotationStore.from_db(args.db, read_only=True) as store:
+        report = compute_agreement(store, args.project)
+    print(report.table())
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(args.json) as tmp:
+            tmp.write_text(report.to_json() + "\n", encoding="utf-8")
+        print(f"written to {args.json}")
 
 
 def cmd_backup(args) -> None:

@@ -35,6 +35,7 @@ import csv
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +44,7 @@ from typing import Any, Iterator
 from mel.errors import DatasetFormatError, InputError, require_whole
 from mel.types import NIL, Mention, check_typed_text
 
-from .store import AnnotationStore, AnnotationStoreError, mention_key, utc_now
+from .store import STANDING, AnnotationStore, AnnotationStoreError, mention_key, utc_now
 
 PROJECTS_SCHEMA_VERSION = 2  # the store schema version that added projects and tasks
 TASK_FORMATS = ("csv", "tasks-jsonl")
@@ -62,13 +63,26 @@ class ProjectSettings:
 
     guidelines: str = ""                       # Markdown, shown to annotators on `h`
     linkers: list[str] = field(default_factory=lambda: list(DEFAULT_LINKERS))  # pre-annotate with these
-    annotations_per_task: int = 1              # distinct annotators who decide each task
+    annotations_per_task: int = 1              # distinct annotators who decide each task (k)
     lease_minutes: int = 30                    # a task on someone's screen is not given to another for this long
+    # The team, when fixed: each task then goes to k of them in turn (task at position p to
+    # annotators[(p*k + j) % N], j < k), so everyone gets the same share (k*tasks/N, give or take
+    # one) and nobody else gets tasks. Empty: whoever asks first, at most k per task.
+    annotators: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         require_whole("annotations_per_task", self.annotations_per_task, 1)
         require_whole("lease_minutes", self.lease_minutes, 1)
+        if not isinstance(self.annotators, list) or not all(isinstance(x, str) and x.strip() for x in self.annotators):
+            raise InputError(f"settings.annotators must be a list of annotator names, got {self.annotators!r}")
+        self.annotators = [x.strip() for x in self.annotators]
+        if len(set(self.annotators)) != len(self.annotators):
+            raise InputError(f"settings.annotators names someone twice: {self.annotators}")
+        if self.annotators and len(self.annotators) < self.annotations_per_task:
+            raise InputError(f"each task needs {self.annotations_per_task} distinct annotators but the team has only "
+                             f"{len(self.annotators)} ({', '.join(self.annotators)}); add annotators or lower "
+                             f"annotations_per_task")
         if not isinstance(self.guidelines, str):
             raise InputError("the guidelines must be Markdown text")
         if not isinstance(self.linkers, list) or not all(isinstance(x, str) and x for x in self.linkers):
@@ -123,9 +137,11 @@ class Progress:
     annotator: str | None = None
     annotator_done: int = 0  # tasks this annotator decided (changes of a decision count once)
     annotator_skipped: int = 0  # tasks this annotator skipped and has not decided yet
+    annotator_share: int | None = None  # tasks assigned to this annotator (a project with a fixed team)
 
     def __str__(self) -> str:
-        mine = f"{self.annotator} {self.annotator_done} / {self.total}, " if self.annotator else ""
+        share = self.total if self.annotator_share is None else self.annotator_share
+        mine = f"{self.annotator} {self.annotator_done} / {share}, " if self.annotator else ""
         return f"{mine}project {self.project_done} / {self.total}"
 
 
@@ -303,7 +319,7 @@ def progress(store: AnnotationStore, project: Project | str, annotator: str | No
     # each annotator's standing (latest, not undone) row per task; a skip is not a decision
     standing = ("SELECT c.task_id, c.annotator, c.action FROM corrections c JOIN tasks t ON t.id = c.task_id "
                 "WHERE t.project_id = :p AND c.id IN (SELECT max(id) FROM corrections "
-                "WHERE task_id IS NOT NULL AND undone_at IS NULL GROUP BY task_id, annotator)")
+                f"WHERE task_id IS NOT NULL AND {STANDING} GROUP BY task_id, annotator)")
     done = store.db.execute(
         f"SELECT count(*) FROM (SELECT task_id FROM ({standing}) WHERE action != 'skip' GROUP BY task_id "
         f"HAVING count(DISTINCT annotator) >= :n)", {"p": project.id, "n": project.settings.annotations_per_task}
@@ -313,7 +329,21 @@ def progress(store: AnnotationStore, project: Project | str, annotator: str | No
         mine, skipped = store.db.execute(
             f"SELECT coalesce(sum(action != 'skip'), 0), coalesce(sum(action = 'skip'), 0) FROM ({standing}) "
             f"WHERE annotator = :a", {"p": project.id, "a": annotator}).fetchone()
-    return Progress(total, done, annotator, mine, skipped)
+    return Progress(total, done, annotator, mine, skipped, assigned_share(project, total, annotator))
+
+
+def assigned_share(project: Project, total: int, annotator: str | None) -> int | None:
+    """How many of the project's `total` tasks go to `annotator` when the project has a fixed team
+    (ProjectSettings.annotators), else None. Positions run 0..total-1 within a project."""
+    team, k = project.settings.annotators, project.settings.annotations_per_task
+    if annotator is None or not team:
+        return None
+    if annotator not in team:
+        return 0
+    i, n = team.index(annotator), len(team)
+    period = n // math.gcd(n, k)  # the assignment repeats every `period` positions, k/gcd of them this annotator's
+    whole, rest = divmod(total, period)
+    return whole * (k // math.gcd(n, k)) + sum(1 for p in range(rest) if (i - p * k) % n < k)
 
 
 # -- import ---------------------------------------------------------------------------------------
@@ -531,7 +561,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict | str]]:
 
 def _task_record(store: AnnotationStore, path: Path, record: str, row: dict, folder: Path,
                  cache: dict[str, str]) -> _Record:
-    from demo.spans import resolve_span  # the app's resolver: offsets checked against the mention, else located
+    from mel.spans import resolve_span  # offsets checked against the mention, else located (as in the app)
     from mel.datasets.common import parse_gold_id
     for key in ("caption", "mention", "image", "gold_id", "gold_name", "id"):
         if key in row and not isinstance(row[key], str):
@@ -569,4 +599,4 @@ def _image_file(name: str | None, folder: Path) -> str | None:
 __all__ = ["PROJECTS_SCHEMA_VERSION", "TASK_FORMATS", "TASK_FIELDS", "ProjectSettings", "Project", "Task",
            "Progress", "MalformedRecord", "ImportReport", "list_projects", "get_project", "create_project",
            "open_or_create_project", "attach_kb", "update_settings", "kb_stamp", "get_task", "list_tasks",
-           "task_id_for", "progress", "import_tasks", "require_projects_schema"]
+           "task_id_for", "progress", "assigned_share", "import_tasks", "require_projects_schema"]

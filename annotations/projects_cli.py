@@ -5,6 +5,8 @@
     python -m mel annotations import --db DATA_DIR --project team --format csv --data tasks.csv --images pics/
     python -m mel annotations preannotate --db DATA_DIR --project wikimel-dev --linkers dim,gemel --preset offline
     python -m mel annotations projects --db DATA_DIR
+    python -m mel annotations settings --db DATA_DIR --project team --annotations-per-task 2 \
+        --annotators alice,bob,carol
 
 --db is the app's data directory or its annotations.sqlite; it is created by `import` when missing.
 """
@@ -55,6 +57,20 @@ def add_project_commands(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_preset_args(p)
     p.set_defaults(func=cmd_preannotate)
+
+    p = sub.add_parser("settings", help="show or change a project's overlap (annotations per task) and team",
+                       description="Each task is decided by --annotations-per-task distinct annotators. With "
+                                   "--annotators (a fixed team) every task goes to that many of them in turn, so "
+                                   "each gets the same share; without it, whoever asks first.")
+    p.add_argument("--db", required=True)
+    p.add_argument("--project", required=True)
+    p.add_argument("--annotations-per-task", type=int, default=None, metavar="K",
+                   help="distinct annotators who decide each task (1: no overlap)")
+    p.add_argument("--annotators", default=None,
+                   help="the team, comma-separated (tasks are shared out among them); '' for an open team")
+    p.add_argument("--lease-minutes", type=int, default=None,
+                   help="how long a task on someone's screen is kept from the others")
+    p.set_defaults(func=cmd_settings)
 
     p = sub.add_parser("projects", help="list the projects with their progress")
     p.add_argument("--db", required=True)
@@ -129,6 +145,25 @@ def cmd_preannotate(args) -> None:
     print(report.summary())
 
 
+def cmd_settings(args) -> None:
+    import dataclasses
+    with _open_store(args.db) as store:
+        project = get_project(store, args.project)
+        changes = {}
+        if args.annotations_per_task is not None:
+            changes["annotations_per_task"] = args.annotations_per_task
+        if args.annotators is not None:
+            changes["annotators"] = [a.strip() for a in args.annotators.split(",") if a.strip()]
+        if args.lease_minutes is not None:
+            changes["lease_minutes"] = args.lease_minutes
+        if changes:  # checked as a whole (ProjectSettings refuses a team smaller than k)
+            project = update_settings(store, project, dataclasses.replace(project.settings, **changes))
+        s = project.settings
+    team = ", ".join(s.annotators) if s.annotators else "open (whoever asks first)"
+    print(f"{project.name}: {s.annotations_per_task} annotator(s) per task; team {team}; "
+          f"lease {s.lease_minutes} min" + ("" if changes else " (unchanged)"))
+
+
 def cmd_projects(args) -> None:
     from .preannotate import preannotation_status
     with _open_store(args.db, read_only=True) as store:
@@ -146,6 +181,8 @@ def cmd_projects(args) -> None:
         print(f"no projects in {store.path}; create one with `python -m mel annotations import`", file=sys.stderr)
         return
     for project, prog, status in rows:
-        print(f"{project.name}: {prog}; KB {project.kb_stamp or 'none'}; created {project.created}")
+        team = f", team {', '.join(project.settings.annotators)}" if project.settings.annotators else ""
+        print(f"{project.name}: {prog}; KB {project.kb_stamp or 'none'}; created {project.created}; "
+              f"{project.settings.annotations_per_task} annotator(s) per task{team}")
         if status:
             print("  pre-annotated: " + ", ".join(str(s) for s in status.values()))

@@ -24,9 +24,21 @@ goes to the end of that annotator's queue (skipped tasks come back in the order 
 and stays open to the others.
 
 Assignment: a task is given to an annotator who has not decided it, while fewer than the project's
-`annotations_per_task` annotators have decided it or hold it on screen (a hold lapses after
-`lease_minutes`). So a team working at once gets different tasks; with annotations_per_task = 2
-every task is decided twice, by two people.
+`annotations_per_task` (k) annotators have decided it or hold it on screen (a hold lapses after
+`lease_minutes`). So a team working at once gets different tasks; with k = 2 every task is decided
+twice, by two people. A project with a fixed team (ProjectSettings.annotators, N people) gives the
+task at position p to annotators[(p*k + j) % N] for j < k: everyone gets the same share (k*tasks/N,
+give or take one) and someone off the team gets none (NotAllowedError).
+
+Blind until review: what the queue shows an annotator (TaskView, history, flags on the task, acks)
+holds only their own decisions and flags, never another annotator's; reviewers see them all
+through annotations.review. Every method that acts for an annotator takes `by`, the logged-in user
+making the call: when it is given and is someone else, the call is refused (NotAllowedError), so
+nobody (a reviewer included) reads or saves as another annotator. The app passes its session user.
+
+A review that sends a task back marks its decisions `returned_by` (they stay in the audit trail):
+they no longer stand, and the task is again open to the annotators, first in the queue of those
+whose decision went back, with the reviewer's comment (TaskView.review_note).
 """
 from __future__ import annotations
 
@@ -38,7 +50,7 @@ from mel.errors import InputError
 from mel.types import NIL, check_typed_text
 
 from .projects import Progress, Project, Task, get_project, get_task, progress
-from .store import ACTIONS, Ack, AnnotationStore, NotAllowedError, _check_annotator, utc_now
+from .store import ACTIONS, STANDING, Ack, AnnotationStore, NotAllowedError, _check_annotator, standing, utc_now
 
 MAX_COMMENT_CHARS = 2000
 MAX_TOKEN_CHARS = 200
@@ -102,7 +114,8 @@ class TaskView:
     decision: Decision | None = None
     history_index: int | None = None
     history_length: int = 0
-    flags: list[Flag] = field(default_factory=list)
+    flags: list[Flag] = field(default_factory=list)   # this annotator's own flags on the task
+    review_note: str | None = None  # the reviewer's comment when the task came back to this annotator
 
     @property
     def prediction_ids(self) -> list[int]:
@@ -156,12 +169,17 @@ class AnnotationQueue:
         self.k = k
 
     # -- showing tasks -------------------------------------------------------------------------
-    def next_task(self, annotator: str) -> TaskView | None:
+    def next_task(self, annotator: str, *, by: str | None = None) -> TaskView | None:
         """The task on the annotator's screen if it is still open to them, else the next one assigned
         to them (None when they have nothing left). It becomes the task their saves are bound to."""
-        annotator = _check_annotator(annotator)
+        annotator = _acting(annotator, by)
         project = self.project = get_project(self.store, self.project)
         fresh_since = _iso(time.time() - project.settings.lease_minutes * 60)
+        team = project.settings.annotators
+        if team and annotator not in team:
+            raise NotAllowedError(f"{annotator} is not on the team of project {project.name!r} "
+                                  f"({', '.join(team)}), so no task is assigned to them; an admin adds annotators "
+                                  f"with `python -m mel annotations settings --annotators ...`")
 
         def assign(conn):
             row = conn.execute("SELECT task_id FROM queue_cursors WHERE project_id = ? AND annotator = ?",
@@ -169,7 +187,8 @@ class AnnotationQueue:
             if row and row[0] is not None and _standing_action(conn, row[0], annotator) in (None, "skip"):
                 return row[0]  # still open to them (a reload shows the same task)
             found = conn.execute(_NEXT_SQL, {"p": project.id, "a": annotator, "fresh": fresh_since,
-                                             "n": project.settings.annotations_per_task}).fetchone()
+                                             "n": project.settings.annotations_per_task, "team": len(team),
+                                             "i": team.index(annotator) if team else -1}).fetchone()
             task_id = found[0] if found else None
             _set_cursor(conn, project.id, annotator, task_id)
             return task_id
@@ -177,24 +196,24 @@ class AnnotationQueue:
         task_id = self.store._write("assign the next task", assign)
         return None if task_id is None else self._view(annotator, task_id)
 
-    def current(self, annotator: str) -> TaskView | None:
+    def current(self, annotator: str, *, by: str | None = None) -> TaskView | None:
         """The task on the annotator's screen (None between tasks); assigns nothing."""
-        annotator = _check_annotator(annotator)
+        annotator = _acting(annotator, by)
         row = self.store.db.execute("SELECT task_id FROM queue_cursors WHERE project_id = ? AND annotator = ?",
                                     (self.project.id, annotator)).fetchone()
         return self._view(annotator, row[0]) if row and row[0] else None
 
-    def history(self, annotator: str) -> list[Decision]:
+    def history(self, annotator: str, *, by: str | None = None) -> list[Decision]:
         """The annotator's standing decisions in this project, one per task, in the order the tasks
         were first decided (changing a decision keeps its place). Skips are not listed."""
-        annotator = _check_annotator(annotator)
+        annotator = _acting(annotator, by)
         rows = self.store.db.execute(_HISTORY_SQL, {"p": self.project.id, "a": annotator}).fetchall()
         return [self._decision(r[0]) for r in rows]
 
-    def back(self, annotator: str) -> TaskView | None:
+    def back(self, annotator: str, *, by: str | None = None) -> TaskView | None:
         """The previous task of the annotator's history (from a new task: their latest decision).
         None when there is no history; at the first entry it stays there."""
-        annotator = _check_annotator(annotator)
+        annotator = _acting(annotator, by)
         history = [d.task_id for d in self.history(annotator)]
         if not history:
             return None
@@ -202,9 +221,9 @@ class AnnotationQueue:
         i = history.index(current) - 1 if current in history else len(history) - 1
         return self.reopen(annotator, history[max(i, 0)])
 
-    def forward(self, annotator: str) -> TaskView | None:
+    def forward(self, annotator: str, *, by: str | None = None) -> TaskView | None:
         """The next task of the annotator's history; past its end, the next task of the queue."""
-        annotator = _check_annotator(annotator)
+        annotator = _acting(annotator, by)
         history = [d.task_id for d in self.history(annotator)]
         current = self._cursor(annotator)
         if current in history and history.index(current) + 1 < len(history):
@@ -213,9 +232,9 @@ class AnnotationQueue:
             self.store._write("leave the history", lambda conn: _set_cursor(conn, self.project.id, annotator, None))
         return self.next_task(annotator)
 
-    def reopen(self, annotator: str, task_id: str) -> TaskView:
+    def reopen(self, annotator: str, task_id: str, *, by: str | None = None) -> TaskView:
         """Put a task the annotator decided back on their screen, to look at or change the decision."""
-        annotator = _check_annotator(annotator)
+        annotator = _acting(annotator, by)
 
         def move(conn):
             self._task_in_project(conn, task_id)
@@ -229,16 +248,17 @@ class AnnotationQueue:
     # -- saving --------------------------------------------------------------------------------
     def decide(self, annotator: str, task_id: str, action: str, entity_id: str | None = None, *, token: str,
                shown_prediction_ids: list[int] | tuple[int, ...] = (), prediction_id: int | None = None,
-               entity_name: str | None = None) -> DecisionAck:
+               entity_name: str | None = None, by: str | None = None) -> DecisionAck:
         """Save a decision for the task on the annotator's screen; returns once it is committed.
 
         action: accept_gemel | accept_dim | search (entity_id = a KB id), nil, skip.
         token: unique per key press; a repeat returns the first ack and writes nothing.
         shown_prediction_ids: the predictions on screen (TaskView.prediction_ids);
         prediction_id: the one accepted (must be among them).
-        Refused (StaleTaskError, nothing written) when task_id is not the task on screen.
+        Refused (StaleTaskError, nothing written) when task_id is not the task on screen, and
+        (NotAllowedError) when `by`, the logged-in user, is not `annotator`.
         """
-        annotator = _check_annotator(annotator)
+        annotator = _acting(annotator, by)
         token = _check_token(token)
         shown = _check_ids(shown_prediction_ids, prediction_id)
         action, entity_id, entity_name = self._check_decision(action, entity_id, entity_name, shown)
@@ -253,7 +273,7 @@ class AnnotationQueue:
                                      f"saved. Give every key press its own token")
                 return replay[0], True
             mention_id = self._task_in_project(conn, task_id)
-            cursor = conn.execute("SELECT task_id FROM queue_cursors WHERE project_id = ? AND annotator = ?",
+            cursor = conn.execute("SELECT task_id, since FROM queue_cursors WHERE project_id = ? AND annotator = ?",
                                   (project.id, annotator)).fetchone()
             on_screen = cursor[0] if cursor else None
             if on_screen != task_id:
@@ -269,13 +289,14 @@ class AnnotationQueue:
                     raise InputError(f"prediction(s) {sorted(set(shown) - known)} do not belong to task {task_id}; "
                                      f"nothing was saved")
             previous = conn.execute(
-                "SELECT id FROM corrections WHERE task_id = ? AND annotator = ? AND undone_at IS NULL "
+                f"SELECT id FROM corrections WHERE task_id = ? AND annotator = ? AND {STANDING} "
                 "AND action != 'skip' ORDER BY id DESC LIMIT 1", (task_id, annotator)).fetchone()
             cur = conn.execute(
                 "INSERT INTO corrections (mention_id, annotator, action, entity_id, entity_name, prediction_id, kb, "
-                "created, task_id, shown_predictions, client_token, supersedes) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                "created, task_id, shown_predictions, client_token, supersedes, shown_at) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (mention_id, annotator, action, entity_id, entity_name, prediction_id, project.kb_stamp, utc_now(),
-                 task_id, json.dumps(shown), token, previous[0] if previous else None))
+                 task_id, json.dumps(shown), token, previous[0] if previous else None, cursor[1]))
             _set_cursor(conn, project.id, annotator, None)
             return cur.lastrowid, False
 
@@ -283,27 +304,28 @@ class AnnotationQueue:
         return self._ack(correction_id, replayed)
 
     def skip(self, annotator: str, task_id: str, *, token: str,
-             shown_prediction_ids: list[int] | tuple[int, ...] = ()) -> DecisionAck:
+             shown_prediction_ids: list[int] | tuple[int, ...] = (), by: str | None = None) -> DecisionAck:
         """Put the task on screen at the end of the annotator's queue (recorded as a 'skip' decision)."""
-        return self.decide(annotator, task_id, "skip", token=token, shown_prediction_ids=shown_prediction_ids)
+        return self.decide(annotator, task_id, "skip", token=token, shown_prediction_ids=shown_prediction_ids, by=by)
 
-    def undo(self, annotator: str, decision_id: int | None = None) -> UndoResult | None:
+    def undo(self, annotator: str, decision_id: int | None = None, *, by: str | None = None) -> UndoResult | None:
         """Undo one of the annotator's decisions in this project: `decision_id` (what the UI's last ack
         said; undoing it again changes nothing, so a doubled key press undoes once), else their latest.
-        The task goes back on their screen. None when there is nothing to undo."""
-        annotator = _check_annotator(annotator)
+        The task goes back on their screen. None when there is nothing to undo. A decision a review
+        sent back cannot be undone (it no longer stands; the task is open again)."""
+        annotator = _acting(annotator, by)
         project = self.project
 
         def undo(conn):
             if decision_id is None:
                 row = conn.execute(
                     "SELECT c.id, c.task_id FROM corrections c JOIN tasks t ON t.id = c.task_id "
-                    "WHERE t.project_id = ? AND c.annotator = ? AND c.undone_at IS NULL ORDER BY c.id DESC LIMIT 1",
+                    f"WHERE t.project_id = ? AND c.annotator = ? AND {standing('c')} ORDER BY c.id DESC LIMIT 1",
                     (project.id, annotator)).fetchone()
                 if row is None:
                     return None
             else:
-                row = conn.execute("SELECT c.id, c.task_id, c.annotator FROM corrections c JOIN tasks t "
+                row = conn.execute("SELECT c.id, c.task_id, c.annotator, c.returned_by FROM corrections c JOIN tasks t "
                                    "ON t.id = c.task_id WHERE c.id = ? AND t.project_id = ?",
                                    (decision_id, project.id)).fetchone()
                 if row is None:
@@ -311,6 +333,9 @@ class AnnotationQueue:
                 if row[2] != annotator:
                     raise NotAllowedError(f"decision {decision_id} belongs to another annotator; only its author "
                                           f"can undo it")
+                if row[3] is not None:
+                    raise NotAllowedError(f"decision {decision_id} was sent back by a review; it no longer stands, "
+                                          f"so there is nothing to undo: decide task {row[1]} again from the queue")
             conn.execute("UPDATE corrections SET undone_at = ? WHERE id = ? AND undone_at IS NULL",
                          (utc_now(), row[0]))
             _set_cursor(conn, project.id, annotator, row[1])
@@ -321,9 +346,9 @@ class AnnotationQueue:
             return None
         return UndoResult(self._decision(undone[0]), self._view(annotator, undone[1]))
 
-    def flag(self, annotator: str, task_id: str, comment: str) -> Flag:
+    def flag(self, annotator: str, task_id: str, comment: str, *, by: str | None = None) -> Flag:
         """Flag a task for review. The task must be on the annotator's screen or in their history."""
-        annotator = _check_annotator(annotator)
+        annotator = _acting(annotator, by)
         if not isinstance(comment, str) or not comment.strip():
             raise InputError("a flag needs a comment: say what a reviewer should look at")
         if len(comment) > MAX_COMMENT_CHARS:
@@ -345,7 +370,8 @@ class AnnotationQueue:
         return self._flags("f.id = ?", [flag_id])[0]
 
     def flags(self, *, unresolved_only: bool = True) -> list[Flag]:
-        """The project's flags, oldest first (for a reviewer)."""
+        """The project's flags of every annotator, oldest first: for reviewers only (the app checks the
+        role); an annotator's own flags come with their TaskView."""
         return self._flags("t.project_id = ?" + (" AND f.resolved_at IS NULL" if unresolved_only else ""),
                            [self.project.id])
 
@@ -360,7 +386,7 @@ class AnnotationQueue:
         return found[0]
 
     def progress(self, annotator: str | None = None) -> Progress:
-        return progress(self.store, self.project, annotator)
+        return progress(self.store, get_project(self.store, self.project), annotator)
 
     # -- helpers -------------------------------------------------------------------------------
     def _check_decision(self, action: str, entity_id: str | None, entity_name: str | None,
@@ -401,15 +427,21 @@ class AnnotationQueue:
             from .preannotate import ensure_predictions
             ensure_predictions(self.store, self.project, task, self.linkers, k=self.k)
         history = [d.task_id for d in self.history(annotator)]
-        standing = self.store.db.execute(
-            "SELECT id FROM corrections WHERE task_id = ? AND annotator = ? AND undone_at IS NULL "
+        row = self.store.db.execute(
+            f"SELECT id FROM corrections WHERE task_id = ? AND annotator = ? AND {STANDING} "
             "ORDER BY id DESC LIMIT 1", (task_id, annotator)).fetchone()
-        decision = self._decision(standing[0]) if standing else None
+        decision = self._decision(row[0]) if row else None
         if decision is not None and decision.action == "skip":
             decision = None
+        note = None
+        if decision is None:  # came back from a review that returned this annotator's decision: say why
+            back = self.store.db.execute(
+                "SELECT r.comment FROM reviews r JOIN corrections c ON c.returned_by = r.id "
+                "WHERE c.task_id = ? AND c.annotator = ? ORDER BY r.id DESC LIMIT 1", (task_id, annotator)).fetchone()
+            note = back[0] if back else None
         return TaskView(task, self.latest_predictions(task), self.progress(annotator), decision,
                         history.index(task_id) if task_id in history else None, len(history),
-                        self._flags("f.task_id = ?", [task_id]))
+                        self._flags("f.task_id = ? AND f.annotator = ?", [task_id, annotator]), note)
 
     def latest_predictions(self, task: Task) -> dict[str, PredictionView]:
         """The latest prediction of each linker for the task's mention, made against the project's KB
@@ -436,7 +468,7 @@ class AnnotationQueue:
 
     def _ack(self, correction_id: int, replayed: bool) -> DecisionAck:
         r = self.store.correction(correction_id)
-        total = self.store.db.execute("SELECT count(*) FROM corrections WHERE annotator = ? AND undone_at IS NULL",
+        total = self.store.db.execute(f"SELECT count(*) FROM corrections WHERE annotator = ? AND {STANDING}",
                                       (r["annotator"],)).fetchone()[0]
         return DecisionAck(r["id"], r["mention_id"], r["annotator"], r["action"], r["entity_id"], r["entity_name"],
                            r["created"], total, task_id=r["task_id"], project=self.project.name,
@@ -453,41 +485,56 @@ class AnnotationQueue:
 
 # -- SQL and small helpers --------------------------------------------------------------------------
 # The next task for :a in project :p: not decided by :a (their standing row is absent or a skip),
-# fewer than :n others decided it or hold it (a fresh cursor); never-skipped tasks first in queue
-# order, then :a's skipped ones in the order they were skipped.
-_NEXT_SQL = """
+# fewer than :n others decided it or hold it (a fresh cursor), and, with a fixed team of :team people
+# (:a being number :i), one of the :n assigned to :a by position. Tasks a review sent back to :a
+# first, then never-skipped tasks in queue order, then :a's skipped ones in the order they were skipped.
+_NEXT_SQL = f"""
 WITH standing AS (
     SELECT c.task_id, c.annotator, c.action, c.id FROM corrections c JOIN tasks t ON t.id = c.task_id
     WHERE t.project_id = :p AND c.id IN (
-        SELECT max(id) FROM corrections WHERE task_id IS NOT NULL AND undone_at IS NULL GROUP BY task_id, annotator)),
+        SELECT max(id) FROM corrections WHERE task_id IS NOT NULL AND {STANDING} GROUP BY task_id, annotator)),
 mine AS (SELECT task_id, action, id FROM standing WHERE annotator = :a),
 others AS (SELECT task_id, count(*) AS n FROM standing WHERE annotator != :a AND action != 'skip' GROUP BY task_id),
 held AS (SELECT task_id, count(*) AS n FROM queue_cursors
-         WHERE project_id = :p AND annotator != :a AND task_id IS NOT NULL AND since > :fresh GROUP BY task_id)
+         WHERE project_id = :p AND annotator != :a AND task_id IS NOT NULL AND since > :fresh GROUP BY task_id),
+returned AS (SELECT DISTINCT c.task_id FROM corrections c JOIN tasks t ON t.id = c.task_id
+             WHERE t.project_id = :p AND c.annotator = :a AND c.returned_by IS NOT NULL)
 SELECT t.id FROM tasks t
 LEFT JOIN mine m ON m.task_id = t.id
 LEFT JOIN others o ON o.task_id = t.id
 LEFT JOIN held h ON h.task_id = t.id
+LEFT JOIN returned r ON r.task_id = t.id
 WHERE t.project_id = :p AND (m.action IS NULL OR m.action = 'skip')
   AND coalesce(o.n, 0) + coalesce(h.n, 0) < :n
-ORDER BY m.id IS NOT NULL, m.id, t.position
+  AND (:team = 0 OR (:i >= 0 AND ((:i - (t.position * :n) % :team) % :team + :team) % :team < :n))
+ORDER BY r.task_id IS NULL, m.id IS NOT NULL, m.id, t.position
 LIMIT 1
 """
 
 # One row per task the annotator decided (standing, not a skip), ordered by their first decision on it.
-_HISTORY_SQL = """
+_HISTORY_SQL = f"""
 SELECT s.id FROM corrections s JOIN tasks t ON t.id = s.task_id
 WHERE t.project_id = :p AND s.annotator = :a AND s.action != 'skip' AND s.id IN (
-    SELECT max(id) FROM corrections WHERE annotator = :a AND task_id IS NOT NULL AND undone_at IS NULL GROUP BY task_id)
+    SELECT max(id) FROM corrections WHERE annotator = :a AND task_id IS NOT NULL AND {STANDING} GROUP BY task_id)
 ORDER BY (SELECT min(f.id) FROM corrections f WHERE f.task_id = s.task_id AND f.annotator = :a
-          AND f.action != 'skip' AND f.undone_at IS NULL)
+          AND f.action != 'skip' AND {standing('f')})
 """
 
 
 def _standing_action(conn, task_id: str, annotator: str) -> str | None:
-    row = conn.execute("SELECT action FROM corrections WHERE task_id = ? AND annotator = ? AND undone_at IS NULL "
+    row = conn.execute(f"SELECT action FROM corrections WHERE task_id = ? AND annotator = ? AND {STANDING} "
                        "ORDER BY id DESC LIMIT 1", (task_id, annotator)).fetchone()
     return row[0] if row else None
+
+
+def _acting(annotator: str, by: str | None) -> str:
+    """`annotator`, checked; NotAllowedError when `by` (the logged-in user) is someone else."""
+    annotator = _check_annotator(annotator)
+    if by is not None and _check_annotator(by) != annotator:
+        raise NotAllowedError(f"{by.strip()} cannot act as {annotator}: each annotator sees and decides only their "
+                              f"own tasks (reviewers set final labels in the review, annotations.review); "
+                              f"nothing was read or saved")
+    return annotator
 
 
 def _set_cursor(conn, project_id: int, annotator: str, task_id: str | None) -> None:

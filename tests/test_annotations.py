@@ -343,10 +343,19 @@ def corrected(tmp_path):
 def test_export_is_readable_by_the_dataset_readers(corrected, tmp_path, fmt):
     out = tmp_path / f"export-{fmt}"
     report = export_corrections(corrected, out, fmt)
-    assert (report.n_examples, report.n_nil, report.n_skip, report.n_undone, report.n_superseded) == (2, 1, 1, 1, 1)
+    # free-form corrections: the latest standing one per mention wins; NIL is exported, a skip is not
+    assert (report.n_examples, report.n_nil, report.n_skip, report.n_undone, report.n_superseded) == (3, 1, 1, 1, 1)
     examples = load_dataset(fmt, out, "train").examples
-    got = {ex.mention.text: (ex.gold_name, ex.mention.image is not None) for ex in examples}
-    assert got == {"Collins": ("Eileen Collins", True), "Hopper": ("Grace Hopper", False)}
+    got = {ex.mention.text: (ex.gold_id if ex.gold_id == NIL else ex.gold_name, ex.mention.image is not None)
+           for ex in examples}
+    assert got == {"Collins": ("Eileen Collins", True), "Hopper": ("Grace Hopper", False), "Chelsea": (NIL, False)}
+    provenance = json.loads((out / "provenance.json").read_text())
+    chelsea = next(ex for ex in examples if ex.mention.text == "Chelsea")
+    sid = chelsea.sample_id.split("#")[0]  # WikiMEL and GEMEL sample ids carry "#<mention>"
+    (decision,) = provenance[sid]["annotations"]
+    assert (decision["annotator"], decision["entity_id"], provenance[sid]["label_source"]) == ("alice", NIL,
+                                                                                            "correction")
+    assert decision["decided_at"].endswith("Z")
     collins = next(ex for ex in examples if ex.mention.text == "Collins")
     assert collins.mention.caption == "Collins waves from the hatch 🚀."
     assert Image.open(collins.mention.image).size == (32, 24)
@@ -359,7 +368,7 @@ def test_export_is_readable_by_the_dataset_readers(corrected, tmp_path, fmt):
 def test_export_with_a_dev_split_is_deterministic(corrected, tmp_path):
     a = export_corrections(corrected, tmp_path / "a", "jsonl", dev_fraction=0.5)
     b = export_corrections(corrected, tmp_path / "b", "jsonl", dev_fraction=0.5)
-    assert (a.n_train, a.n_dev) == (b.n_train, b.n_dev) and a.n_train + a.n_dev == 2
+    assert (a.n_train, a.n_dev) == (b.n_train, b.n_dev) and a.n_train + a.n_dev == 3
     assert split_of("abc", 0.0) == "train"
 
 
@@ -382,7 +391,7 @@ def test_cli_stats_and_export(corrected, tmp_path, capsys):
     assert "alice: 3 (2 linked, 1 NIL" in text and "bob: 2 (1 linked, 0 NIL, 1 skipped, 1 undone)" in text
     out = tmp_path / "cli-export"
     assert main(["annotations", "export", "--db", str(corrected.path), "--format", "wikimel", "--out", str(out)]) == 0
-    assert "2 examples" in capsys.readouterr().out
+    assert "3 examples" in capsys.readouterr().out
     assert json.loads((out / "splits.json").read_text())["train"]
     assert main(["annotations", "export", "--db", str(tmp_path / "nope.sqlite"), "--format", "jsonl",
                  "--out", str(out)]) == 2
@@ -391,9 +400,17 @@ def test_cli_stats_and_export(corrected, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_exported_corrections_train_one_step_of_each_model(tmp_path):
-    """Corrections -> `annotations export` -> one optimizer step of `mel train dim` and `mel train gemel`."""
+    """Labels -> `annotations export` -> one optimizer step of `mel train dim` and `mel train gemel`.
+
+    The free-form corrections of the app, and a project where each task is decided by k = 2
+    annotators, one disagreement is settled by a reviewer and some labels are NIL: its export
+    (--project) feeds both trainers directly (they skip the NIL examples)."""
+    from annotations.projects import ProjectSettings, create_project, import_tasks
+    from annotations.queue import AnnotationQueue
+    from annotations.review import ReviewQueue
     from demo.bundled import bundled_examples, ensure_demo_kb
     from mel.cli import main
+    from mel.kb import KnowledgeBase
     from mel.presets import get_preset
 
     pytest.importorskip("mel.dim.train")
@@ -401,8 +418,9 @@ def test_exported_corrections_train_one_step_of_each_model(tmp_path):
     kb_path = ensure_demo_kb(get_preset("offline"))
     gold = {"Collins": "demo:eileen-collins", "Hopper": "demo:grace-hopper", "Falcon": "demo:falcon-9",
             "Java": "demo:java-coffee"}
+    examples = bundled_examples()
     with AnnotationStore(tmp_path / "data") as s:
-        for ex in bundled_examples():
+        for ex in examples:
             mid = s.record_mention(Mention(ex.caption, ex.start, ex.end, image=ex.image))
             if ex.mention in gold:
                 s.record_correction("alice", mid, gold[ex.mention], "search")
@@ -411,7 +429,48 @@ def test_exported_corrections_train_one_step_of_each_model(tmp_path):
     out = tmp_path / "export"
     assert main(["annotations", "export", "--db", str(tmp_path / "data"), "--format", "jsonl", "--out", str(out),
                  "--kb", str(kb_path)]) == 0
-    assert len(load_dataset("jsonl", out, "train")) == 4
+    free = load_dataset("jsonl", out, "train").examples
+    assert sum(ex.gold_id != NIL for ex in free) == 4 and sum(ex.gold_id == NIL for ex in free) == len(examples) - 4
+
+    # the same examples as a project with k = 2: alice and bob decide every task; bob takes Hopper for
+    # Eileen Collins, the reviewer settles it; the mentions outside `gold` are NIL for both
+    pictures = tmp_path / "pictures"  # the team's image folder
+    pictures.mkdir()
+    for ex in examples:
+        if ex.image:
+            (pictures / Path(ex.image).name).write_bytes(Path(ex.image).read_bytes())
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps({"caption": ex.caption, "start": ex.start, "end": ex.end,
+                                         **({"image": Path(ex.image).name} if ex.image else {})}) + "\n"
+                             for ex in examples), encoding="utf-8")
+    kb = KnowledgeBase(kb_path)
+    with AnnotationStore(tmp_path / "team") as s:
+        create_project(s, "demo", kb=kb_path, settings=ProjectSettings(annotations_per_task=2))
+        assert import_tasks(s, "demo", "tasks-jsonl", tasks, images=pictures).n_imported == len(examples)
+        queue = AnnotationQueue(s, "demo", kb=kb)
+        for who in ("alice", "bob"):
+            while (view := queue.next_task(who)) is not None:
+                text, token = view.task.mention.text, f"{who}-{view.task.id}"
+                entity = "demo:eileen-collins" if (who, text) == ("bob", "Hopper") else gold.get(text)
+                if entity is None:
+                    queue.decide(who, view.task.id, "nil", token=token)
+                else:
+                    queue.decide(who, view.task.id, "search", entity, token=token)
+        review = ReviewQueue(s, "demo", reviewer="rita", is_reviewer=True, kb=kb)
+        (item,) = review.items()
+        assert item.task.mention.text == "Hopper" and set(item.label.labels.values()) == {
+            "demo:grace-hopper", "demo:eileen-collins"}
+        review.finalize(item.task.id, "demo:grace-hopper", token="r1", seen_decision_ids=item.decision_ids,
+                        seen_review_id=item.review_id)
+    out = tmp_path / "team-export"
+    assert main(["annotations", "export", "--db", str(tmp_path / "team"), "--format", "jsonl", "--out", str(out),
+                 "--kb", str(kb_path), "--project", "demo"]) == 0
+    exported = load_dataset("jsonl", out, "train").examples
+    assert {ex.mention.text: ex.gold_id for ex in exported if ex.gold_id != NIL} == gold
+    assert sum(ex.gold_id == NIL for ex in exported) == len(examples) - 4 > 0
+    provenance = json.loads((out / "provenance.json").read_text())
+    hopper = next(ex for ex in exported if ex.mention.text == "Hopper")
+    assert provenance[hopper.sample_id]["reviewer"] == "rita" and provenance[hopper.sample_id]["agreement"] == 0.5
 
     assert main(["train", "dim", "--format", "jsonl", "--data", str(out), "--kb", str(kb_path), "--preset", "offline",
                  "--out", str(tmp_path / "dim"), "--dev-split", "", "--max-steps", "1", "--batch-size", "4",

@@ -418,9 +418,11 @@ def test_a_version_1_database_is_upgraded_keeping_its_corrections(tmp_path, monk
         old.record_correction("alice", mention_id, "Q7259", "search", entity_name="Ada Lovelace")
     monkeypatch.undo()
     with AnnotationStore(tmp_path) as new:
-        assert new.schema_version() == 2 and list_projects(new) == []
+        assert new.schema_version() == store_module.SCHEMA_VERSION == 3 and list_projects(new) == []
         (row,) = new.corrections()
-        assert (row["entity_id"], row["task_id"], row["client_token"]) == ("Q7259", None, None)
+        assert (row["entity_id"], row["task_id"], row["client_token"], row["returned_by"], row["shown_at"]) == (
+            "Q7259", None, None, None, None)
+        assert new.db.execute("SELECT count(*) FROM reviews").fetchone()[0] == 0
         new.record_correction("bob", mention_id, None, "nil")  # the app's single-caption path still saves
 
 
@@ -429,5 +431,9 @@ def test_queue_decisions_are_exported_as_training_data(store, tmp_path):
     queue = AnnotationQueue(store, _project_with_tasks(store, tmp_path, 2))
     queue.decide("alice", queue.next_task("alice").task.id, "search", "Q1", token="1", entity_name="One")
     queue.decide("alice", queue.next_task("alice").task.id, "nil", token="2")
-    report = export_corrections(store, tmp_path / "out", "jsonl")
-    assert (report.n_examples, report.n_nil) == (1, 1)
+    report = export_corrections(store, tmp_path / "out", "jsonl", project="q")
+    # k = 1: each decision is its task's final label; NIL is exported too
+    assert (report.n_examples, report.n_nil, report.n_undecided) == (2, 1, 0)
+    assert {e.gold_id for e in load_dataset("jsonl", tmp_path / "out", "train").examples} == {"Q1", NIL}
+    free_form = export_corrections(store, tmp_path / "free", "jsonl")  # project decisions are not mixed in
+    assert free_form.n_examples == 0 and free_form.projects_not_exported == ["q"]
