@@ -9,6 +9,8 @@ Who annotates:
   OAuth       on a Space with `hf_oauth: true` in README front matter (and no MEL_AUTH): HF login
   neither     locally: everyone is "local" (also admin); on a Space: linking only, no saving
   MEL_ADMINS  comma-separated users who may export training data from the app
+Logins are rate-limited: after 5 failed logins to an account (or 20 from one address) within
+5 minutes, that account (address) is refused for 30 s, twice as long at each repeat, up to 1 h.
 Where data goes: --data-dir, else $MEL_DATA_DIR, else /data/mel on a Space with persistent
 storage, else ./data/app.
 """
@@ -17,7 +19,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 
 STARTED = time.perf_counter()
@@ -89,7 +93,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
 
     from demo.service import LinkService, ServiceConfig
-    from demo.ui import Access, build_demo, launch_options
+    from demo.ui import Access, build_demo, launch_options, serve_options
     from mel.errors import MELError
 
     if auth:
@@ -114,9 +118,21 @@ def main(argv=None) -> None:
     demo = build_demo(service=service, access=access)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=args.max_queue)
     print(f"[app] ready after {time.perf_counter() - STARTED:.1f} s; data in {service.data_dir}", file=sys.stderr)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth or None,
-                auth_message="Log in with the annotator account you were given." if auth else None,
-                show_error=True, **launch_options())
+    # SIGTERM (a Space restarting, `kill`) shuts down as Ctrl+C does: the server closes and the admins'
+    # waiting downloads are deleted (SIGKILL leaves them in the system's temporary folder, private to this user).
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share,
+                    auth_message="Log in with the annotator account you were given." if auth else None,
+                    show_error=True, **serve_options(demo, auth or None), **launch_options())
+    finally:
+        demo.mel_vault.close()
+        service.store.close()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -14,7 +14,12 @@ baseline and says so, instead of the app refusing to start.
 
 Every mention linked, every prediction shown and every correction goes to the annotation
 store (annotations.AnnotationStore). With `live_pool` on, a correction joins GEMEL's
-demonstration pool at once, so the next link can already retrieve it.
+demonstration pool before the next link retrieves demonstrations, and an undone one leaves it:
+saving and undoing only queue the change (they never wait for a running link), and the next
+link applies the queue under the link lock, checked against the corrections the store holds.
+
+Every input has a bound (MAX_QUERY_CHARS, MAX_SEARCH_K, MAX_ID_CHARS, the caption limit of
+mel.types): one request cannot keep the others waiting by sending a huge value.
 """
 from __future__ import annotations
 
@@ -28,14 +33,49 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from annotations import AnnotationStore, NotAllowedError, export_corrections
-from annotations.store import LINK_ACTIONS
+from annotations import FORMATS, AnnotationStore, NotAllowedError, export_corrections
+from annotations.store import ACTIONS, LINK_ACTIONS
 from mel.errors import InputError, MELError
 from mel.types import NIL, Entity, Example, LinkResult, Mention, check_typed_text
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[float, str], None]
+
+MAX_QUERY_CHARS = 200   # a KB search is for a name or a few words
+MAX_SEARCH_K = 50       # search results returned at most
+MAX_ID_CHARS = 200      # mention ids are 32 hex digits; KB ids are short
+
+
+def check_id(value, field: str, hint: str) -> str:
+    """`value` as an id: text of at most MAX_ID_CHARS characters, no control characters, no
+    unpaired surrogates (which SQLite and UTF-8 cannot store); else InputError naming `field`."""
+    if not isinstance(value, str):
+        raise InputError(f"{field} must be text, got {type(value).__name__}; {hint}")
+    if len(value) > MAX_ID_CHARS:
+        raise InputError(f"{field} has {len(value):,} characters, more than the limit of {MAX_ID_CHARS}; {hint}")
+    for i, ch in enumerate(value):
+        if 0xD800 <= ord(ch) <= 0xDFFF:
+            raise InputError(f"{field} contains the unpaired surrogate U+{ord(ch):04X} at position {i} (half of an "
+                             f"emoji or symbol), which is not text; {hint}")
+        if ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F:
+            raise InputError(f"{field} contains the control character U+{ord(ch):04X} at position {i}; {hint}")
+    return value
+
+
+def check_search_k(k) -> int:
+    """How many search results: a whole number from 1 to MAX_SEARCH_K."""
+    whole = None
+    if not isinstance(k, bool):
+        try:
+            whole = int(k) if float(k) == int(k) else None
+        except (TypeError, ValueError, OverflowError):
+            whole = None
+    if whole is None or not 1 <= whole <= MAX_SEARCH_K:
+        shown = repr(k) if len(repr(k)) <= 40 else repr(k)[:40] + "..."
+        raise InputError(f"k (how many search results) must be a whole number from 1 to {MAX_SEARCH_K}, "
+                         f"got {shown}")
+    return whole
 
 
 def default_data_dir() -> Path:
@@ -105,7 +145,7 @@ class LinkView:
         if g is None or g.result is None:
             return None
         r = g.result
-        text = _first(r.details, ("generated", "generated_text", "generation", "text", "output"))
+        text = _first(details_dict(r), ("generated", "generated_text", "generation", "text", "output"))
         return {"generated": text if isinstance(text, str) else (r.prediction.name if r.prediction else ""),
                 "id": r.prediction.id if r.prediction else NIL, "name": r.prediction.name if r.prediction else "NIL",
                 "description": r.prediction.description if r.prediction else "", "score": r.score}
@@ -139,8 +179,10 @@ class LinkService:
         self.pool_description = ""
         self.load_seconds: dict[str, float] = {}
         self._pooled: dict[int, str] = {}       # correction id -> sample_id added to the live pool
+        self._pool_ops: list[tuple] = []        # ("add", id, mention_id, entity) / ("remove", id), not yet applied
+        self._pool_ops_lock = threading.Lock()  # guards _pool_ops only: never held while a model runs
         self._load_lock = threading.Lock()
-        self._link_lock = threading.Lock()      # linkers hold models that are not re-entrant
+        self._link_lock = threading.Lock()      # linkers hold models that are not re-entrant; guards the pool
         self._loaded = False
 
     # -- loading -----------------------------------------------------------------------------
@@ -326,6 +368,8 @@ class LinkService:
     def _run(self, role: str, name: str, linker, mention: Mention) -> PanelResult:
         try:
             with self._link_lock:
+                if role == "generator":
+                    self._apply_pool_ops()  # corrections saved or undone since the last link
                 return PanelResult(role, name, result=linker.link(mention, k=self.config.k))
         except MELError as exc:
             return PanelResult(role, name, error=str(exc))
@@ -335,7 +379,7 @@ class LinkService:
 
     def _cue(self, ranker: PanelResult, mention: Mention) -> dict | None:
         """DIM's expert cue; when DIM is not running, asked of the preset's cue provider directly."""
-        cue = ranker.result.details.get("cue") if ranker.result is not None else None
+        cue = details_dict(ranker.result).get("cue") if ranker.result is not None else None
         if cue is None and mention.image and self.ranker_name != self.config.ranker:
             try:
                 from mel.imageio import load_image
@@ -355,7 +399,7 @@ class LinkService:
     def _demonstrations(generator: PanelResult | None) -> list[dict]:
         if generator is None or generator.result is None:
             return []
-        demos = _first(generator.result.details, ("demonstrations", "demos")) or []
+        demos = _first(details_dict(generator.result), ("demonstrations", "demos")) or []
         out = []
         for d in demos:
             if not isinstance(d, dict):
@@ -373,8 +417,20 @@ class LinkService:
 
     # -- annotation --------------------------------------------------------------------------
     def search(self, query: str, k: int = 10) -> list[Entity]:
-        """KB entities for a query: exact name/alias matches first, then BM25 (FTS5)."""
-        query = (query or "").strip()
+        """KB entities for a query: exact name/alias matches first, then BM25 (FTS5).
+
+        The query has at most MAX_QUERY_CHARS characters and k is 1..MAX_SEARCH_K (else InputError).
+        """
+        k = check_search_k(k)
+        if query is None:
+            query = ""
+        if not isinstance(query, str):
+            raise InputError(f"the search query must be text, got {type(query).__name__}")
+        if len(query) > MAX_QUERY_CHARS:
+            raise InputError(f"the search query has {len(query):,} characters, more than the limit of "
+                             f"{MAX_QUERY_CHARS}; search for a name or a few words")
+        check_typed_text(query, "search query")
+        query = query.strip()
         if not query:
             return []
         idxs: list[int] = []
@@ -391,6 +447,14 @@ class LinkService:
         """Save a correction; returns the store's Ack (given only after the commit)."""
         if not annotator:
             raise NotAllowedError("log in to save corrections: this app records who made each correction")
+        check_id(mention_id, "mention_id", "use the mention_id that linking the mention returned")
+        if not isinstance(action, str) or action not in ACTIONS:
+            shown = repr(action) if len(repr(action)) <= 40 else repr(action)[:40] + "..."
+            raise InputError(f"unknown action {shown}; expected one of {', '.join(ACTIONS)}")
+        if entity_id is not None:
+            check_id(entity_id, "entity_id", "use the id of a candidate or of a search result")
+        if prediction_id is not None and (isinstance(prediction_id, bool) or not isinstance(prediction_id, int)):
+            raise InputError(f"prediction_id must be a whole number, got {type(prediction_id).__name__}")
         entity = None
         if action in LINK_ACTIONS:
             if not entity_id:
@@ -403,8 +467,8 @@ class LinkService:
                                            entity_name=entity.name if entity else "", prediction_id=prediction_id,
                                            kb=self.kb_label)
         use_pool = self.config.live_pool if live_pool is None else live_pool
-        if entity is not None and use_pool:
-            self._add_to_pool(ack.correction_id, mention_id, entity)
+        if entity is not None and use_pool and self.generator is not None:
+            self._queue_pool_op(("add", ack.correction_id, mention_id, entity))  # never waits for a link
         return ack
 
     def _latest_prediction(self, mention_id: str, linker: str) -> int | None:
@@ -417,7 +481,7 @@ class LinkService:
             raise NotAllowedError("log in to undo: only your own corrections can be undone")
         undone = self.store.undo_last(annotator)
         if undone is not None:
-            self._remove_from_pool(undone["id"])
+            self._queue_pool_op(("remove", undone["id"]))
         return undone
 
     def counts(self, annotator: str | None = None) -> dict:
@@ -433,30 +497,62 @@ class LinkService:
         return Example(mention, gold_id=entity.id, gold_name=entity.name, sample_id=f"correction-{correction_id}",
                        dataset="annotations", split="train")
 
-    def _add_to_pool(self, correction_id: int, mention_id: str, entity: Entity) -> None:
-        if self.generator is None:
+    def _queue_pool_op(self, op: tuple) -> None:
+        """Record a pool change; the next link applies it (a running link keeps the pool it started with)."""
+        with self._pool_ops_lock:
+            self._pool_ops.append(op)
+
+    def _apply_pool_ops(self) -> None:
+        """Bring the pool in line with the store for the queued corrections. Caller holds _link_lock.
+
+        The store decides: a queued correction joins only if it still stands when this runs (an
+        undo committed meanwhile wins, whatever order the two threads queued in); an undone one
+        leaves. An undo committed after the check below queues its own removal for the next link.
+        """
+        with self._pool_ops_lock:
+            ops, self._pool_ops = self._pool_ops, []
+        if not ops or self.generator is None:
             return
-        example = self._example(correction_id, mention_id, entity)
-        with self._link_lock:  # never grow the pool while a link reads it
-            add = getattr(self.generator, "add_demonstrations", None)
-            pool = self.pool()
-            added = add([example]) if add is not None else (pool.add([example]) if pool is not None else 0)
-            if added:
-                self._pooled[correction_id] = example.sample_id
+        adds = {op[1]: op for op in ops if op[0] == "add"}
+        removes = {op[1] for op in ops if op[0] == "remove"}
+        try:
+            standing = self._standing(list(adds))
+            joining = {cid: self._example(cid, mention_id, entity) for cid, (_, _, mention_id, entity) in adds.items()
+                       if cid in standing and cid not in removes and cid not in self._pooled}
+            if joining:
+                examples = list(joining.values())
+                add = getattr(self.generator, "add_demonstrations", None)
+                pool = self.pool()
+                added = add(examples) if add is not None else (pool.add(examples) if pool is not None else 0)
+                if added:  # the pool keeps every non-NIL example it is given
+                    self._pooled.update({cid: ex.sample_id for cid, ex in joining.items() if ex.gold_id != NIL})
+            for cid in removes:
+                self._remove_from_pool(cid)
+        except Exception:  # the pool is a convenience: a failure here must not fail the user's link
+            log.exception("updating the live demonstration pool failed")
+
+    def _standing(self, correction_ids: list[int]) -> set[int]:
+        """Those of `correction_ids` that are in the store and not undone."""
+        if not correction_ids:
+            return set()
+        marks = ",".join("?" * len(correction_ids))
+        rows = self.store.db.execute(f"SELECT id FROM corrections WHERE id IN ({marks}) AND undone_at IS NULL",
+                                     list(correction_ids)).fetchall()
+        return {int(r[0]) for r in rows}
 
     def _remove_from_pool(self, correction_id: int) -> None:
+        """Caller holds _link_lock."""
         sample_id = self._pooled.pop(correction_id, None)
         pool = self.pool()
         if sample_id is None or pool is None:
             return
-        with self._link_lock:
-            if hasattr(pool, "remove"):
-                pool.remove(sample_id)
-                return
-            # DemonstrationPool keeps `examples` and the matching rows of `vectors`: drop both
-            keep = [i for i, ex in enumerate(pool.examples) if ex.sample_id != sample_id]
-            pool.examples = [pool.examples[i] for i in keep]
-            pool.vectors = pool.vectors[keep]
+        if hasattr(pool, "remove"):
+            pool.remove(sample_id)
+            return
+        # DemonstrationPool keeps `examples` and the matching rows of `vectors`: drop both
+        keep = [i for i, ex in enumerate(pool.examples) if ex.sample_id != sample_id]
+        pool.examples = [pool.examples[i] for i in keep]
+        pool.vectors = pool.vectors[keep]
 
     def _pool_existing_corrections(self, pool) -> None:
         """After a restart, the standing corrections join the pool again (same as when they were made)."""
@@ -471,31 +567,46 @@ class LinkService:
             self.pool_description = f"{len(pool)} demonstrations ({len(examples)} from corrections)"
 
     # -- export (admin) ----------------------------------------------------------------------
-    def export(self, annotator: str | None, fmt: str, *, is_admin: bool) -> tuple[Path, str]:
-        """Export to DATA_DIR/exports/<time>-<fmt>/ and zip it; returns (zip path, summary). Admins only."""
+    def export(self, annotator: str | None, fmt: str, *, is_admin: bool,
+               out_dir: str | Path | None = None) -> tuple[Path, str]:
+        """Export to DATA_DIR/exports/<time>-<fmt>/ and zip it into `out_dir` (default: a new private
+        temporary folder); returns (zip path, summary). Admins only."""
         if not is_admin:
             raise NotAllowedError("exporting training data needs the admin role (MEL_ADMINS)")
+        if not isinstance(fmt, str) or fmt not in FORMATS:
+            raise InputError(f"unknown export format {str(fmt)[:40]!r}; choose one of {', '.join(FORMATS)}")
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
         out = self.data_dir / "exports" / f"{stamp}-{fmt}"
         report = export_corrections(self.store, out, fmt, kb=self.kb)
-        zip_dir = Path(tempfile.mkdtemp(prefix="mel-export-"))  # Gradio serves files from the temp dir
+        zip_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="mel-export-"))
         archive = shutil.make_archive(str(zip_dir / f"mel-annotations-{stamp}-{fmt}"), "zip", root_dir=out)
         log.info("%s exported %s", annotator, report.summary())
         return Path(archive), report.summary()
 
-
-    def backup(self, annotator: str | None, *, is_admin: bool) -> Path:
-        """A consistent copy of the annotation database (safe while others write), for download. Admins only."""
+    def backup(self, annotator: str | None, *, is_admin: bool, out_dir: str | Path | None = None) -> Path:
+        """A consistent copy of the annotation database (safe while others write), for download, in
+        `out_dir` (default: a new private temporary folder). Admins only."""
         if not is_admin:
             raise NotAllowedError("downloading the annotation database needs the admin role (MEL_ADMINS)")
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-        target = Path(tempfile.mkdtemp(prefix="mel-backup-")) / f"annotations-{stamp}.sqlite"
+        folder = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="mel-backup-"))
+        target = folder / f"annotations-{stamp}.sqlite"
         self.store.backup(target)
         log.info("%s downloaded a backup of %s", annotator, self.store.path)
         return target
 
 
 # -- helpers ---------------------------------------------------------------------------------------
+def details_dict(result) -> dict:
+    """A LinkResult's details as a plain dict, whether the linker gave a dict or a typed record."""
+    details = getattr(result, "details", None)
+    if details is None:
+        return {}
+    if isinstance(details, dict):
+        return details
+    return details.to_dict() if hasattr(details, "to_dict") else asdict(details)
+
+
 def _ms(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1000, 1)
 

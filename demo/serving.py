@@ -1,7 +1,7 @@
 """Start the real app on 127.0.0.1 for tests and benchmarks, in this process or as `python app.py`.
 
     app = launch_in_process(data_dir, users={"alice": "pw"}, admins={"alice"})   # gradio_client tests
-    app.url, app.service, app.close()
+    app.url, app.service, app.login_guard, app.vault, app.close()
 
     proc = AppProcess.start(data_dir, users={"ann1": "pw"}, args=["--threads", "1"])  # a separate process
     proc.url, proc.db_path, proc.kill()      # SIGKILL: no clean shutdown (fault tests)
@@ -9,7 +9,8 @@
 
 Both bind to the loopback interface and a free port only. Passwords reach the child process in
 MEL_AUTH, its environment, exactly as `python app.py` reads them in production; they are never
-written to a file.
+written to a file. Both serve the app as `python app.py` does (demo.ui.serve_options): the
+login rate limit and the admins' one-time download links included.
 """
 from __future__ import annotations
 
@@ -67,8 +68,19 @@ class RunningApp:
     url: str
     data_dir: Path
 
+    @property
+    def login_guard(self):
+        """The LoginGuard checking passwords (None without login)."""
+        return getattr(self.demo, "mel_login_guard", None)
+
+    @property
+    def vault(self):
+        """The DownloadVault holding the admins' exports and backups until downloaded."""
+        return self.demo.mel_vault
+
     def close(self) -> None:
         self.demo.close()
+        self.vault.close()
         self.service.store.close()
 
 
@@ -79,7 +91,7 @@ def launch_in_process(data_dir: str | Path, *, users: dict[str, str] | None = No
     `users`: password login with these accounts; None: no login (everyone is 'local').
     """
     from .service import LinkService, ServiceConfig
-    from .ui import Access, build_demo, launch_options
+    from .ui import Access, build_demo, launch_options, serve_options
 
     service = LinkService(ServiceConfig(preset=preset, data_dir=str(data_dir)))
     access = Access("password", admins=frozenset(admins)) if users else Access("open")
@@ -87,7 +99,7 @@ def launch_in_process(data_dir: str | Path, *, users: dict[str, str] | None = No
     demo.queue(default_concurrency_limit=concurrency, max_size=max_queue)
     port = free_port()
     demo.launch(server_name=HOST, server_port=port, prevent_thread_lock=True, quiet=True,
-                auth=list(users.items()) if users else None, **launch_options())
+                **serve_options(demo, users), **launch_options())
     return RunningApp(demo, service, f"http://{HOST}:{port}/", Path(data_dir))
 
 

@@ -11,23 +11,49 @@ Face Space with OAuth the HF username; with neither, locally, everyone is `open_
 ("local"), who is also the admin. Without any login on a Space, annotation is refused.
 
 API (gradio_client): /link (the Link button), and /correct, /undo, /search, /counts.
+
+Serving (`serve_options`, for Blocks.launch): a LoginGuard checks passwords in constant time and
+refuses, at once and with HTTP 429, an account or a client address after too many failed logins
+(the refusal lasts longer each time). Exports and backups are never handed to Gradio (whose file
+route serves its cache to every logged-in user): DownloadVault keeps them in a private temporary
+folder behind a one-time link that only the admin who made them can open; the file is deleted
+once downloaded, when the link expires, and at shutdown.
+
+Fairness: linking runs one at a time (concurrency id "link"); corrections and undo have their own
+slots ("correct") and never wait behind links or searches ("search"), and every input is bounded
+(demo/service.py), so no request can hold the others up for long.
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
+import contextvars
 import functools
+import hmac
 import html
 import logging
+import math
+import re
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import gradio as gr
 from PIL import Image, ImageDraw
 
 from annotations import FORMATS
+from mel.errors import InputError as MELInputError
 from mel.errors import MELError
 from mel.paths import cache_dir
+from mel.types import MAX_CAPTION_CHARS
 
 from .bundled import bundled_examples
-from .service import LinkService, LinkView, ServiceConfig
+from .service import MAX_QUERY_CHARS, LinkService, LinkView, ServiceConfig, details_dict
 from .spans import highlight_html, resolve_span, span_from_selection
 
 log = logging.getLogger(__name__)
@@ -35,6 +61,8 @@ log = logging.getLogger(__name__)
 ACTION_LABELS = {"accept_gemel": "accepted GEMEL's entity", "accept_dim": "accepted a DIM candidate",
                  "search": "picked from the KB search", "nil": "marked NIL (not in the KB)", "skip": "skipped"}
 THUMBNAIL = 256
+SEARCH_SLOTS = 2     # searches (and counts) run at most this many at once; corrections have their own slots
+MAX_OFFSET = 10**9  # start / end offsets beyond any caption
 MAX_UPLOAD = "20mb"  # Gradio refuses larger uploads before they reach the app; mel.imageio caps pixels
 
 
@@ -57,6 +85,278 @@ class Access:
         if self.mode == "open":
             return annotator == self.open_annotator  # the person at the machine owns the data
         return annotator in self.admins
+
+    def annotator_of_scope(self, scope) -> str | None:
+        """Who sent a plain HTTP request (outside Gradio's events): the same rules as `annotator`."""
+        if self.mode == "password":
+            from starlette.requests import Request
+            app = scope.get("app")
+            cookie_id, tokens = getattr(app, "cookie_id", None), getattr(app, "tokens", None)
+            if cookie_id is None or not isinstance(tokens, dict):
+                return None
+            cookies = Request(scope).cookies
+            token = cookies.get(f"access-token-{cookie_id}") or cookies.get(f"access-token-unsecure-{cookie_id}")
+            return tokens.get(token) if token else None
+        if self.mode == "oauth":
+            session = scope.get("session") or {}
+            info = (session.get("oauth_info") or {}).get("userinfo") or {}
+            return info.get("preferred_username") or None
+        return self.open_annotator
+
+
+def esc_message(text) -> str:
+    """An error or notice for Gradio's modal, which renders HTML: the text shows as typed."""
+    return html.escape("" if text is None else str(text), quote=False)
+
+
+def user_error(exc: BaseException) -> gr.Error:
+    """A gr.Error for a refused input or action, its message escaped (it may quote the user's text)."""
+    return gr.Error(esc_message(exc), print_exception=False)
+
+
+def guarded(fn):
+    """Wrap an event handler: refusals (MELError, PermissionError) become escaped gr.Errors; anything
+    else is logged and reported without its text (which may hold user input or paths)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except (MELError, PermissionError) as exc:
+            raise user_error(exc) from None
+        except Exception as exc:
+            log.exception("%s failed", getattr(fn, "__name__", "a handler"))
+            raise gr.Error(f"the server failed ({type(exc).__name__}); it is logged there. Try again, and tell "
+                           f"the admin if it happens again") from None
+    return wrapper
+
+
+# -- login: constant-time check, per-account and per-address rate limits -----------------------------
+CLIENT_ADDRESS: contextvars.ContextVar[str | None] = contextvars.ContextVar("mel_client_address", default=None)
+
+
+class LoginGuard:
+    """Gradio's `auth=` callable: checks a password in constant time and rate-limits failures.
+
+    After `account_failures` failed logins to one account, or `address_failures` from one client
+    address, within `window` seconds, further attempts there are refused at once (HTTP 429, not
+    a sleep in a shared worker) for `first_block` seconds, twice as long at each repeat, at most
+    `max_block`. While refused, even the right password is refused (so guessing gains nothing).
+    A successful login clears its account's record; an address's failures only expire.
+    """
+
+    def __init__(self, accounts, *, account_failures: int = 5, address_failures: int = 20, window: float = 300.0,
+                 first_block: float = 30.0, max_block: float = 3600.0, max_tracked: int = 10_000,
+                 clock=time.monotonic):
+        self._accounts = dict(accounts)
+        self.limits = {"account": account_failures, "address": address_failures}
+        self.window, self.first_block, self.max_block = window, first_block, max_block
+        self.max_tracked = max_tracked
+        self.clock = clock
+        self._records: dict[tuple[str, str], dict] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, username: str, password: str) -> bool:
+        return self.check(username, password, CLIENT_ADDRESS.get())
+
+    def reset(self) -> None:
+        with self._lock:
+            self._records.clear()
+
+    def blocked_for(self, kind: str, key: str) -> float:
+        """Seconds `kind` ("account" | "address") `key` is still refused (0: not refused)."""
+        with self._lock:
+            rec = self._records.get((kind, key))
+            return max(0.0, rec["until"] - self.clock()) if rec else 0.0
+
+    def check(self, username: str, password: str, address: str | None = None) -> bool:
+        """True for the right password; False for a wrong one; raises HTTPException 429 while refused."""
+        from fastapi import HTTPException
+        now = self.clock()
+        known = isinstance(username, str) and username in self._accounts
+        keys = ([("address", address)] if address else []) + ([("account", username)] if known else [])
+        with self._lock:
+            for kind, key in keys:
+                rec = self._records.get((kind, key))
+                wait = rec["until"] - now if rec else 0.0
+                if wait > 0:
+                    who = "this account" if kind == "account" else "your address"
+                    raise HTTPException(status_code=429, headers={"Retry-After": str(math.ceil(wait))},
+                                        detail=f"Too many failed logins for {who}: wait {math.ceil(wait)} s and try "
+                                               f"again (ask the admin if the password is lost).")
+        expected = self._accounts.get(username, "\x00 no such account") if known else "\x00 no such account"
+        ok = hmac.compare_digest(_utf8(password), _utf8(expected)) and known
+        with self._lock:
+            if ok:
+                self._records.pop(("account", username), None)
+                return True
+            for kind, key in keys:
+                self._fail(kind, key, now)
+            if len(self._records) > self.max_tracked:
+                self._prune(now)
+        return False
+
+    def _fail(self, kind: str, key: str, now: float) -> None:
+        rec = self._records.setdefault((kind, key), {"fails": deque(), "level": 0, "until": 0.0, "last": now})
+        if now - rec["last"] > self.max_block:
+            rec["level"] = 0  # quiet for long: start over at the shortest refusal
+        rec["last"] = now
+        fails = rec["fails"]
+        while fails and now - fails[0] > self.window:
+            fails.popleft()
+        fails.append(now)
+        if len(fails) >= self.limits[kind]:
+            rec["level"] += 1
+            rec["until"] = now + min(self.max_block, self.first_block * 2 ** (rec["level"] - 1))
+            fails.clear()
+            log.warning("login refused for %s %s for %.0f s after repeated failures", kind, key, rec["until"] - now)
+
+    def _prune(self, now: float) -> None:
+        """Forget the oldest quiet records, so that random names or addresses cannot fill memory."""
+        quiet = sorted((rec["last"], k) for k, rec in self._records.items()
+                       if rec["until"] <= now and now - rec["last"] > self.window)
+        for _, k in quiet:
+            del self._records[k]
+        excess = len(self._records) - self.max_tracked
+        if excess > 0:
+            for _, k in sorted((rec["last"], k) for k, rec in self._records.items())[:excess]:
+                del self._records[k]
+
+
+def _utf8(text) -> bytes:
+    return ("" if text is None else str(text)).encode("utf-8", "surrogatepass")
+
+
+# -- admin downloads: one-time links, never Gradio's shared cache ------------------------------------
+DOWNLOAD_PATH = re.compile(r"(?:^|/)mel/download/([A-Za-z0-9_-]{20,100})/?$")
+
+
+class DownloadVault:
+    """Exports and backups waiting for their admin, each behind a one-time link.
+
+    Each file lives alone in a private (0700) folder under one temporary root; it is deleted when
+    it is downloaded, when its link expires (`ttl` seconds) and when the app shuts down.
+    """
+
+    def __init__(self, ttl: float = 900.0, clock=time.monotonic):
+        self.ttl, self.clock = ttl, clock
+        self._root: Path | None = None
+        self._items: dict[str, tuple[Path, str, float]] = {}
+        self._lock = threading.Lock()
+        atexit.register(self.close)
+
+    def folder(self) -> Path:
+        """A new private folder to write one download into."""
+        with self._lock:
+            if self._root is None or not self._root.exists():
+                self._root = Path(tempfile.mkdtemp(prefix="mel-downloads-"))
+            return Path(tempfile.mkdtemp(dir=self._root))
+
+    def offer(self, path: str | Path, owner: str) -> str:
+        """A one-time token for `path` (in a folder from folder()), for `owner` only."""
+        self.sweep()
+        token = secrets.token_urlsafe(32)
+        with self._lock:
+            self._items[token] = (Path(path), owner, self.clock() + self.ttl)
+        return token
+
+    def take(self, token: str, owner: str | None) -> Path | None:
+        """The file behind `token` if `owner` made it and it has not expired; the link is used up."""
+        self.sweep()
+        with self._lock:
+            item = self._items.get(token)
+            if item is None or item[1] != owner:
+                return None
+            del self._items[token]
+        return item[0]
+
+    def pending(self) -> list[Path]:
+        with self._lock:
+            return [item[0] for item in self._items.values()]
+
+    def discard(self, path: Path) -> None:
+        """Delete a download and its folder."""
+        folder = Path(path).parent
+        if self._root is not None and folder.parent == self._root:
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            Path(path).unlink(missing_ok=True)
+
+    def sweep(self) -> None:
+        now = self.clock()
+        with self._lock:
+            expired = [t for t, item in self._items.items() if item[2] <= now]
+            paths = [self._items.pop(t)[0] for t in expired]
+        for path in paths:
+            self.discard(path)
+
+    def close(self) -> None:
+        """Delete every waiting download (at shutdown)."""
+        with self._lock:
+            self._items.clear()
+            root, self._root = self._root, None
+        if root is not None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+class AppGuard:
+    """ASGI middleware: tells LoginGuard the client's address, and serves DownloadVault's links."""
+
+    def __init__(self, app, vault: DownloadVault, access: Access):
+        self.app, self.vault, self.access = app, vault, access
+
+    async def __call__(self, scope, receive, send):
+        if scope.get("type") != "http":
+            return await self.app(scope, receive, send)
+        client = scope.get("client")
+        mark = CLIENT_ADDRESS.set(client[0] if client else None)
+        try:
+            match = DOWNLOAD_PATH.search(scope.get("path", ""))
+            if match and scope.get("method") in ("GET", "HEAD"):
+                return await self._download(match.group(1), scope, receive, send)
+            return await self.app(scope, receive, send)
+        finally:
+            CLIENT_ADDRESS.reset(mark)
+
+    async def _download(self, token: str, scope, receive, send):
+        from starlette.background import BackgroundTask
+        from starlette.responses import FileResponse, PlainTextResponse
+        user = self.access.annotator_of_scope(scope)
+        if not self.access.is_admin(user):
+            response = PlainTextResponse("Exports and backups are for admins: log in with an admin account "
+                                         "(MEL_ADMINS) and export again.", status_code=403)
+        else:
+            path = self.vault.take(token, user)
+            if path is None or not path.exists():
+                response = PlainTextResponse("This download link was used already or has expired: export (or "
+                                             "back up) again.", status_code=404)
+            else:
+                response = FileResponse(path, filename=path.name, headers={"Cache-Control": "no-store"},
+                                        background=BackgroundTask(self.vault.discard, path))
+        await response(scope, receive, send)
+
+
+def serve_options(demo: gr.Blocks, users: dict[str, str] | list[tuple[str, str]] | None = None,
+                  guard: LoginGuard | None = None) -> dict:
+    """Keyword arguments for Blocks.launch() that secure the app built by build_demo:
+    `auth` (a LoginGuard over `users`, or None: no password login) and `app_kwargs` (AppGuard,
+    and a lifespan that deletes waiting downloads at shutdown). demo.mel_login_guard is the guard."""
+    if guard is None and users:
+        guard = LoginGuard(users)
+    vault, access = demo.mel_vault, demo.mel_access
+    demo.mel_login_guard = guard
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        try:
+            yield
+        finally:
+            vault.close()
+
+    from starlette.middleware import Middleware
+    return {"auth": guard, "app_kwargs": {"middleware": [Middleware(AppGuard, vault=vault, access=access)],
+                                          "lifespan": lifespan}}
 
 
 def hand_over_unopened(image: gr.Image) -> gr.Image:
@@ -81,11 +381,27 @@ def hand_over_unopened(image: gr.Image) -> gr.Image:
         try:  # an inline data: URL (not what the browser sends for an upload, but possible from the API)
             return opened(payload)
         except Exception as exc:
-            raise gr.Error(f"the image could not be read ({type(exc).__name__}: {exc}); upload a JPEG or PNG "
-                           f"file") from None
+            raise gr.Error(esc_message(f"the image could not be read ({type(exc).__name__}: {exc}); upload a "
+                                       f"JPEG or PNG file")) from None
 
     image.preprocess = preprocess
     return image
+
+
+def checked_offset(number: gr.Number, name: str) -> gr.Number:
+    """Make `number` (a start / end offset) refuse what gr.Number cannot round (Infinity, NaN, 1e400)
+    with a clear error, instead of Gradio's OverflowError. (An instance attribute, as above.)"""
+    rounded = number.preprocess
+
+    def preprocess(payload):
+        try:
+            check_offsets(payload, None)
+        except MELError as exc:
+            raise user_error(MELInputError(str(exc).replace("start", name, 1))) from None
+        return rounded(payload)
+
+    number.preprocess = preprocess
+    return number
 
 
 CSS = """
@@ -152,6 +468,21 @@ def launch_options() -> dict:
             "max_file_size": MAX_UPLOAD}
 
 
+def check_offsets(start, end) -> None:
+    """start / end from the UI or the API: empty, or finite numbers of a sane size (else InputError)."""
+    for name, value in (("start", start), ("end", end)):
+        if value is None or value == "":
+            continue
+        try:
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
+            number = math.nan
+        if isinstance(value, bool) or not math.isfinite(number) or abs(number) > MAX_OFFSET:
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
+            raise MELInputError(f"{name} must be a character offset in the caption (a whole number), got {shown}; "
+                                f"select the mention or leave start and end empty")
+
+
 # -- rendering ---------------------------------------------------------------------------------------
 def _esc(value) -> str:
     return html.escape("" if value is None else str(value))
@@ -169,7 +500,7 @@ def render_generator(view: LinkView) -> str:
         return (f'<div class="mel-panel"><h4>GEMEL ({_esc(panel.linker)})</h4>'
                 f'<span class="mel-error">unavailable: {_esc(panel.error)}</span></div>')
     g = view.generated
-    details = panel.result.details
+    details = details_dict(panel.result)
     notes = [details.get(k) for k in ("visual_note", "note", "demonstrations_note") if details.get(k)]
     amb = details.get("ambiguity")
     if amb:
@@ -200,8 +531,9 @@ def render_ranker_note(view: LinkView) -> str:
         parts.append(f'<span class="mel-note">{_esc(panel.note)}</span>')
     if panel.error:
         parts.append(f'<span class="mel-error">{_esc(panel.linker)} failed: {_esc(panel.error)}</span>')
-    if panel.result is not None and panel.result.details.get("protocol"):
-        parts.append(f'<span class="mel-note">protocol: {_esc(panel.result.details["protocol"])}</span>')
+    protocol = details_dict(panel.result).get("protocol") if panel.result is not None else None
+    if protocol:
+        parts.append(f'<span class="mel-note">protocol: {_esc(protocol)}</span>')
     return "<div>" + " · ".join(parts) + "</div>" if parts else ""
 
 
@@ -281,6 +613,8 @@ def build_demo(kb_path: str | None = None, pool: str | None = None, preset: str 
 
     with gr.Blocks(title="MEL: multimodal entity linking and annotation") as demo:
         demo.mel_service = service  # for tests and benchmarks
+        demo.mel_access = access
+        demo.mel_vault = vault = DownloadVault()  # exports and backups, behind one-time links (serve_options)
         current = gr.State(None)     # the last link of this browser session (mention id, predictions)
         with gr.Row():
             gr.HTML("<h2 style='margin:0'>Multimodal entity linking: GEMEL + DIM</h2>")
@@ -297,8 +631,10 @@ def build_demo(kb_path: str | None = None, pool: str | None = None, preset: str 
                                      info="Select the mention with the mouse (or type it below)")
                 with gr.Row():
                     mention = gr.Textbox(label="Mention", scale=3, elem_id="mel-mention")
-                    start = gr.Number(label="start", precision=0, minimum=0, scale=1, elem_id="mel-start")
-                    end = gr.Number(label="end", precision=0, minimum=0, scale=1, elem_id="mel-end")
+                    start = checked_offset(gr.Number(label="start", precision=0, minimum=0, scale=1,
+                                                     elem_id="mel-start"), "start")
+                    end = checked_offset(gr.Number(label="end", precision=0, minimum=0, scale=1, elem_id="mel-end"),
+                                         "end")
                 link_btn = gr.Button("Link  (Ctrl+Enter)", variant="primary", elem_id="mel-link")
                 gr.Examples([[e.image, e.caption, e.mention, e.start, e.end] for e in examples],
                             inputs=[image, caption, mention, start, end], label="Examples: the image decides",
@@ -330,7 +666,8 @@ def build_demo(kb_path: str | None = None, pool: str | None = None, preset: str 
                 undo_btn = gr.Button("Undo my last  [u]", elem_id="mel-undo")
             dim_choice = gr.Radio(label="DIM candidate to accept (keys 1-9)", choices=[], elem_id="mel-dim-choice")
             with gr.Row():
-                search_box = gr.Textbox(label="Search the KB  [/]", scale=4, elem_id="mel-search")
+                search_box = gr.Textbox(label="Search the KB  [/]", scale=4, elem_id="mel-search",
+                                        max_length=MAX_QUERY_CHARS)
                 search_btn = gr.Button("Search", scale=1, elem_id="mel-search-btn")
             search_results = gr.Radio(label="Search results", choices=[], elem_id="mel-search-results")
             pick_btn = gr.Button("Link to the selected search result", elem_id="mel-pick")
@@ -341,12 +678,13 @@ def build_demo(kb_path: str | None = None, pool: str | None = None, preset: str 
         with gr.Accordion("Admin: export corrections as training data", open=False, visible=False) as admin_box:
             export_format = gr.Dropdown(list(FORMATS), value="jsonl", label="format", elem_id="mel-export-format")
             export_btn = gr.Button("Export", elem_id="mel-export")
-            export_file = gr.File(label="export (zip)", elem_id="mel-export-file")
+            export_file = gr.HTML(elem_id="mel-export-file")   # a one-time download link (DownloadVault)
             export_note = gr.HTML()
             backup_btn = gr.Button("Download a backup of the annotation database", elem_id="mel-backup")
-            backup_file = gr.File(label="annotations.sqlite backup", elem_id="mel-backup-file")
+            backup_file = gr.HTML(elem_id="mel-backup-file")
 
         # -- handlers ----------------------------------------------------------------------------
+        @guarded
         def on_load(request: gr.Request, profile: gr.OAuthProfile | None = None):
             annotator = access.annotator(request, profile)
             admin = access.is_admin(annotator)
@@ -358,8 +696,9 @@ def build_demo(kb_path: str | None = None, pool: str | None = None, preset: str 
 
         def on_select(text: str, s16, e16, selected: str):
             # s16/e16: the browser's selection in UTF-16 units (see SELECTION_JS)
-            if not selected or s16 is None or e16 is None:
-                return gr.skip(), gr.skip(), gr.skip()
+            if (not selected or s16 is None or e16 is None or not isinstance(text, str)
+                    or not isinstance(selected, str) or len(text) > MAX_CAPTION_CHARS):
+                return gr.skip(), gr.skip(), gr.skip()  # the Link button says what is wrong with the caption
             try:
                 s, e = span_from_selection(text, int(s16), int(e16), selected)
             except MELError:
@@ -372,16 +711,14 @@ def build_demo(kb_path: str | None = None, pool: str | None = None, preset: str 
         caption.select(on_select, [caption, start, end, mention], [mention, start, end], js=SELECTION_JS,
                        api_visibility="private", show_progress="hidden", trigger_mode="always_last")
 
+        @guarded
         def on_link(image_path, caption_text, mention_text, start_char, end_char, request: gr.Request,
                     profile: gr.OAuthProfile | None = None, progress=gr.Progress()):
             annotator = access.annotator(request, profile) or ""
             text = caption_text
-            try:
-                s, e = resolve_span(text, mention_text, start_char, end_char)
-                view = service.link(text, s, e, image_path, annotator=annotator,
-                                    progress=lambda f, d: progress(f, desc=d))
-            except MELError as exc:
-                raise gr.Error(str(exc)) from None
+            check_offsets(start_char, end_char)
+            s, e = resolve_span(text, mention_text, start_char, end_char)
+            view = service.link(text, s, e, image_path, annotator=annotator, progress=lambda f, d: progress(f, desc=d))
             choices = [(f"{c['rank']}. {c['name']} ({c['id']})", c["id"]) for c in view.ranked]
             state = {"mention_id": view.mention_id, "text": view.mention.text,
                      "generator": view.generated, "ranked": [(c["id"], c["name"]) for c in view.ranked]}
@@ -408,49 +745,50 @@ def build_demo(kb_path: str | None = None, pool: str | None = None, preset: str 
             annotator = access.annotator(request, profile)
             if not state:
                 raise gr.Error("link a mention first, then correct it")
-            try:
-                ack_ = service.correct(annotator, state["mention_id"], action, entity_id, live_pool=bool(live))
-            except (MELError, PermissionError) as exc:
-                raise gr.Error(str(exc)) from None
+            ack_ = service.correct(annotator, state["mention_id"], action, entity_id, live_pool=bool(live))
             what = (f"→ <b>{_esc(ack_.entity_name)}</b> <code>{_esc(ack_.entity_id)}</code>"
                     if action not in ("nil", "skip") else "")
             message = (f'<div id="mel-ack-ok">Saved #{ack_.correction_id}: “{_esc(state["text"])}” {what} '
                        f'({_esc(ACTION_LABELS[action])}) at {_esc(ack_.created)}</div>')
             return message, counter_html(annotator, service.counts(annotator), access.is_admin(annotator))
 
+        @guarded
         def on_accept_gemel(state, live, request: gr.Request, profile: gr.OAuthProfile | None = None):
             gen = (state or {}).get("generator")
             if state and (not gen or gen["id"] in (None, "NIL")):
                 raise gr.Error("GEMEL gave no entity for this mention: pick a DIM candidate, search, or mark NIL")
             return save("accept_gemel", state, gen["id"] if gen else None, live, request, profile)
 
+        @guarded
         def on_accept_dim(state, choice, live, request: gr.Request, profile: gr.OAuthProfile | None = None):
             return save("accept_dim", state, choice, live, request, profile)
 
+        @guarded
         def on_pick(state, choice, live, request: gr.Request, profile: gr.OAuthProfile | None = None):
             if not choice:
                 raise gr.Error("search the KB and select a result first")
             return save("search", state, choice, live, request, profile)
 
+        @guarded
         def on_nil(state, live, request: gr.Request, profile: gr.OAuthProfile | None = None):
             return save("nil", state, None, live, request, profile)
 
+        @guarded
         def on_skip(state, live, request: gr.Request, profile: gr.OAuthProfile | None = None):
             return save("skip", state, None, live, request, profile)
 
+        @guarded
         def on_undo(request: gr.Request, profile: gr.OAuthProfile | None = None):
             annotator = access.annotator(request, profile)
-            try:
-                undone = service.undo(annotator)
-            except (MELError, PermissionError) as exc:
-                raise gr.Error(str(exc)) from None
+            undone = service.undo(annotator)
             message = ("Nothing of yours to undo." if undone is None else
                        f'<div id="mel-undo-ok">Undone #{undone["id"]}: {_esc(ACTION_LABELS[undone["action"]])}'
                        + (f' → {_esc(undone["entity_name"])}' if undone["entity_name"] else "") + "</div>")
             return message, counter_html(annotator, service.counts(annotator), access.is_admin(annotator))
 
+        # Corrections have slots of their own: they never wait behind links ("link") or searches ("search").
         saved = [ack, who]
-        common = dict(api_visibility="undocumented", concurrency_limit=8, concurrency_id="store")
+        common = dict(api_visibility="undocumented", concurrency_limit=8, concurrency_id="correct")
         accept_gemel.click(on_accept_gemel, [current, live_pool], saved, **common)
         accept_dim.click(on_accept_dim, [current, dim_choice, live_pool], saved, **common)
         pick_btn.click(on_pick, [current, search_results, live_pool], saved, **common)
@@ -458,67 +796,82 @@ def build_demo(kb_path: str | None = None, pool: str | None = None, preset: str 
         skip_btn.click(on_skip, [current, live_pool], saved, **common)
         undo_btn.click(on_undo, None, saved, **common)
 
+        @guarded
         def on_search(query):
-            try:
-                found = service.search(query, k=10)
-            except MELError as exc:
-                raise gr.Error(str(exc)) from None
+            found = service.search(query, k=10)
             choices = [(f"{e.name} ({e.id}): {_clip(e.description, 90)}", e.id) for e in found]
             return gr.update(choices=choices, value=choices[0][1] if choices else None,
                              label=f"Search results ({len(choices)})" if choices else "Search results: none found")
 
         for trigger in (search_btn.click, search_box.submit):
             trigger(on_search, [search_box], [search_results], api_visibility="undocumented",
-                    concurrency_limit=8, concurrency_id="store")
+                    concurrency_limit=SEARCH_SLOTS, concurrency_id="search")
 
+        def download_link(path, annotator: str, what: str) -> str:
+            token = vault.offer(path, annotator)
+            minutes = max(1, round(vault.ttl / 60))
+            return (f'<div class="mel-note"><a href="mel/download/{token}" download="{_esc(Path(path).name)}">'
+                    f'Download {_esc(what)}</a>: the link works once, for you only, for {minutes} minutes '
+                    f'(the file is then deleted from the server\'s temporary folder)</div>')
+
+        @guarded
         def on_export(fmt, request: gr.Request, profile: gr.OAuthProfile | None = None):
             annotator = access.annotator(request, profile)
+            admin = access.is_admin(annotator)
+            folder = vault.folder() if admin else None
             try:
-                path, summary = service.export(annotator, fmt, is_admin=access.is_admin(annotator))
-            except (MELError, PermissionError) as exc:
-                raise gr.Error(str(exc)) from None
-            return str(path), f'<div class="mel-note">{_esc(summary)}</div>'
+                path, summary = service.export(annotator, fmt, is_admin=admin, out_dir=folder)
+            except BaseException:
+                if folder is not None:
+                    shutil.rmtree(folder, ignore_errors=True)
+                raise
+            return download_link(path, annotator, path.name), f'<div class="mel-note">{_esc(summary)}</div>'
 
         export_btn.click(on_export, [export_format], [export_file, export_note], api_visibility="private",
                          concurrency_limit=1)
 
+        @guarded
         def on_backup(request: gr.Request, profile: gr.OAuthProfile | None = None):
             annotator = access.annotator(request, profile)
+            admin = access.is_admin(annotator)
+            folder = vault.folder() if admin else None
             try:
-                return str(service.backup(annotator, is_admin=access.is_admin(annotator)))
-            except (MELError, PermissionError) as exc:
-                raise gr.Error(str(exc)) from None
+                path = service.backup(annotator, is_admin=admin, out_dir=folder)
+            except BaseException:
+                if folder is not None:
+                    shutil.rmtree(folder, ignore_errors=True)
+                raise
+            return download_link(path, annotator, path.name)
 
         backup_btn.click(on_backup, None, [backup_file], api_visibility="private", concurrency_limit=1)
 
         # -- a small, typed API for scripts (gradio_client) ----------------------------------
+        @guarded
         def correct(mention_id: str, action: str, entity_id: str = "", request: gr.Request = None,
                     profile: gr.OAuthProfile | None = None) -> dict:
             """Save a correction for a linked mention; action: accept_gemel | accept_dim | search | nil | skip."""
             annotator = access.annotator(request, profile)
-            try:
-                return service.correct(annotator, mention_id, action, entity_id or None).to_dict()
-            except (MELError, PermissionError) as exc:
-                raise gr.Error(str(exc)) from None
+            return service.correct(annotator, mention_id, action, entity_id or None).to_dict()
 
+        @guarded
         def undo(request: gr.Request = None, profile: gr.OAuthProfile | None = None) -> dict:
             """Undo your own most recent correction; returns it (empty when there was none)."""
-            try:
-                return service.undo(access.annotator(request, profile)) or {}
-            except (MELError, PermissionError) as exc:
-                raise gr.Error(str(exc)) from None
+            return service.undo(access.annotator(request, profile)) or {}
 
+        @guarded
         def search(query: str, k: int = 10) -> list:
-            """Search the KB by name, alias or description (exact matches first, then BM25)."""
-            return [e.to_dict() for e in service.search(query, k=int(k))]
+            """Search the KB by name, alias or description (exact matches first, then BM25); at most
+            200 characters, k from 1 to 50."""
+            return [e.to_dict() for e in service.search(query, k=k)]
 
+        @guarded
         def counts(request: gr.Request = None, profile: gr.OAuthProfile | None = None) -> dict:
             """Your correction counts in this database."""
             annotator = access.annotator(request, profile)
             return {"annotator": annotator, **(service.counts(annotator) if annotator else {})}
 
-        gr.api(correct, api_name="correct", concurrency_limit=8, concurrency_id="store")
-        gr.api(undo, api_name="undo", concurrency_limit=8, concurrency_id="store")
-        gr.api(search, api_name="search", concurrency_limit=8, concurrency_id="store")
-        gr.api(counts, api_name="counts", concurrency_limit=8, concurrency_id="store")
+        gr.api(correct, api_name="correct", concurrency_limit=8, concurrency_id="correct")
+        gr.api(undo, api_name="undo", concurrency_limit=8, concurrency_id="correct")
+        gr.api(search, api_name="search", concurrency_limit=SEARCH_SLOTS, concurrency_id="search")
+        gr.api(counts, api_name="counts", concurrency_limit=SEARCH_SLOTS, concurrency_id="search")
     return demo
