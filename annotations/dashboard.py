@@ -33,6 +33,7 @@ from datetime import datetime, timedelta, timezone
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from mel.types import NIL
@@ -245,31 +246,41 @@ def progress_figure(data: DashboardData):
             n = data.status_counts.get(status, 0)
             if n:
                 left.barh([0], [n], left=[x], color=_STATUS_COLOURS[status])
-                if n / total >= 0.08:  # the segment says what it is when there is room
-                    left.text(x + n / 2, 0, f"{status.replace('_', ' ')}\n{n}", ha="center", va="center",
+                if n / total >= 0.05:  # the segment says what it is when there is room, else just how many
+                    text = f"{status.replace('_', ' ')}\n{n}" if n / total >= 0.25 else str(n)
+                    left.text(x + n / 2, 0, text, ha="center", va="center",
                               fontsize=9, color="white" if status in ("agreed", "disagreed", "reviewed") else "black")
                 x += n
         left.set_xlim(0, total)
         left.set_yticks([])
         left.set_xlabel("tasks")
         left.xaxis.set_major_locator(MaxNLocator(integer=True))
-        left.set_title("Tasks by status (" + ", ".join(f"{s.replace('_', ' ')} {n}" for s, n in
-                                                       data.status_counts.items() if n) + ")", fontsize=10)
+        left.set_title("Tasks by status", fontsize=10)
+        left.legend(handles=[Patch(color=_STATUS_COLOURS[s], label=f"{s.replace('_', ' ')} {n}")
+                             for s, n in data.status_counts.items() if n],
+                    frameon=False, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.28),
+                    ncol=min(3, sum(1 for n in data.status_counts.values() if n)))
     people = [a for a in data.annotators if a.decided or a.share]
     if not people:
         _empty(right, "nobody has decided a task yet")
     else:
         names = [a.annotator for a in people]
         y = range(len(names))
-        if any(a.share is not None for a in people):
-            right.barh(list(y), [a.share or 0 for a in people], color="#dddddd", label="their share")
-        right.barh(list(y), [a.decided for a in people], color="#1f77b4", label="decided")
+        shares = any(a.share is not None for a in people)
+        if shares:
+            right.barh(list(y), [a.share or 0 for a in people], height=0.6, color="#dddddd", label="their share")
+        bars = right.barh(list(y), [a.decided for a in people], height=0.6, color="#1f77b4", label="decided")
+        # each bar says how far: "9 of 14" (a fixed team's share) or "9"
+        right.bar_label(bars, [f"{a.decided}" + (f" of {a.share}" if a.share is not None else "") for a in people],
+                        padding=3, fontsize=9)
         right.set_yticks(list(y), names)
         right.invert_yaxis()
         right.set_xlabel("tasks")
         right.xaxis.set_major_locator(MaxNLocator(integer=True))
+        right.margins(x=0.18)  # room for the labels
         right.set_title("Tasks decided per annotator")
-        right.legend(frameon=False, fontsize=9)
+        if shares:  # beside the bars, never over them
+            right.legend(frameon=False, fontsize=9, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig
 
 

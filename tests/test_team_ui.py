@@ -1,0 +1,387 @@
+"""The team tabs of the app (issue #12, demo/team_ui.py) through the HTTP API of a real app on
+127.0.0.1 with password login: roles checked on the server for every endpoint, no endpoint shows an
+annotator's decisions to a non-reviewer, a reviewer's final label reaches the export, send-back
+returns the task to its annotators, admins' settings and one-time export links.
+
+Annotators' decisions are made through the library (annotations.queue, with `by=` the annotator),
+as the app's Annotate tab does; the team app here has only the team tabs (build_team_app).
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+import uuid
+import zipfile
+from pathlib import Path
+
+import httpx
+import pytest
+
+from annotations.projects import ProjectSettings, create_project, get_project, import_tasks, list_tasks
+from annotations.queue import AnnotationQueue
+from annotations.store import AnnotationStore
+from mel.types import NIL
+
+REPO = Path(__file__).resolve().parents[1]
+USERS = {"ann1": "ann1-pw-1", "ann2": "ann2-pw-2", "rita": "rita-pw-3", "alice": "alice-pw-4", "bob": "bob-pw-5"}
+ADMINS = frozenset({"alice"})
+REVIEWERS = frozenset({"rita"})
+PROJECT = "collins"
+
+# (caption, mention, GEMEL's answer, DIM's ranking, ann1's label, ann2's label, ann1's flag)
+TASKS = [
+    ("Eileen Collins piloted the Space Shuttle in 1995.", "Collins", "demo:eileen-collins",
+     ["demo:phil-collins", "demo:eileen-collins", "demo:joan-collins"], "demo:eileen-collins", "demo:phil-collins", ""),
+    ("Phil Collins played the drums for Genesis.", "Phil Collins", "demo:phil-collins",
+     ["demo:phil-collins", "demo:joan-collins"], "demo:phil-collins", "demo:phil-collins", ""),
+    ("Grace Hopper wrote the first COBOL compiler.", "Hopper", "demo:hopper-gpu",
+     ["demo:edward-hopper", "demo:grace-hopper"], "demo:grace-hopper", "demo:edward-hopper", ""),
+    ("A Falcon 9 lifted off at dawn.", "Falcon 9", "demo:falcon-9", ["demo:falcon-9", "demo:falcon-heavy"],
+     "demo:falcon-9", "demo:falcon-9", "is this the booster or the whole rocket?"),
+    ("Java was busy this morning.", "Java", "demo:java-language", ["demo:java-island", "demo:java-coffee"],
+     NIL, NIL, ""),
+]
+
+
+def build_small_kb(path: Path) -> Path:
+    """The bundled demo KB (30 entities), without dense indexes (BM25 and names only): seconds."""
+    from mel.datasets import read_kb_entities
+    from mel.kb import build_kb
+    if not path.exists():
+        build_kb(read_kb_entities("jsonl", REPO / "demo" / "assets" / "kb.jsonl"), path, progress=False)
+    return path
+
+
+def _result(linker: str, kb, entity_id: str | None, ranked: list[str], mention):
+    from mel.types import Candidate, LinkResult
+    entity = kb.get(entity_id) if entity_id else None
+    candidates = [Candidate(kb.get(e), round(0.9 - 0.1 * i, 2)) for i, e in enumerate(ranked)]
+    return LinkResult(linker, mention, entity, candidates, candidates[0].score if candidates else None)
+
+
+def make_team_project(data_dir: Path, kb_path: Path, tasks=TASKS, name: str = PROJECT,
+                      team: tuple[str, str] = ("ann1", "ann2")) -> list[str]:
+    """A k = 2 project with `tasks`, both models' predictions, and both annotators' decisions (and
+    flags) made through the library as the Annotate tab makes them. Returns the task ids in order."""
+    from mel.kb import KnowledgeBase
+    kb = KnowledgeBase(kb_path)
+    source = data_dir.parent / f"{name}-tasks.jsonl"
+    source.write_text("".join(json.dumps({"caption": c, "mention": m}) + "\n" for c, m, *_ in tasks))
+    with AnnotationStore(data_dir) as store:
+        create_project(store, name, settings=ProjectSettings(annotations_per_task=2, annotators=list(team)))
+        import_tasks(store, name, "tasks-jsonl", source)
+        ids = [t.id for t in list_tasks(store, name)]
+        for task, (_, _, gemel, dim, *_rest) in zip(list_tasks(store, name), tasks):
+            store.record_predictions(task.mention_id, [_result("gemel", kb, gemel, [gemel] if gemel else [],
+                                                               task.mention),
+                                                       _result("dim", kb, dim[0], dim, task.mention)])
+        queue = AnnotationQueue(store, name, kb=kb)
+        for who, column in ((team[0], 4), (team[1], 5)):
+            for _ in tasks:
+                view = queue.next_task(who, by=who)
+                spec = tasks[ids.index(view.task.id)]
+                label, preds = spec[column], view.predictions
+                if label == NIL:
+                    action, entity = "nil", None
+                elif preds["gemel"].entity_id == label:
+                    action, entity = "accept_gemel", label
+                elif preds["dim"].entity_id == label:
+                    action, entity = "accept_dim", label
+                else:
+                    action, entity = "search", label
+                queue.decide(who, view.task.id, action, entity, token=uuid.uuid4().hex,
+                             shown_prediction_ids=view.prediction_ids, by=who)
+                if who == team[0] and spec[6]:
+                    queue.flag(who, view.task.id, spec[6], by=who)
+    return ids
+
+
+# -- the app -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    from demo.team_ui import launch_team_app
+    root = tmp_path_factory.mktemp("team-ui")
+    kb_path = build_small_kb(root / "kb.sqlite")
+    data = root / "data"
+    ids = make_team_project(data, kb_path)
+    running = launch_team_app(data, users=USERS, admins=ADMINS, reviewers=REVIEWERS, kb_path=kb_path)
+    running.task_ids = ids
+    yield running
+    running.close()
+
+
+def _client(app, user: str):
+    from gradio_client import Client
+    return Client(app.url, auth=(user, USERS[user]), verbose=False)
+
+
+def _session(url: str, user: str) -> httpx.Client:
+    http = httpx.Client(base_url=url, timeout=60)
+    r = http.post("login", data={"username": user, "password": USERS[user]})
+    assert r.status_code == 200, r.text
+    return http
+
+
+def _refused(client, api_name: str, *args, match: str):
+    with pytest.raises(Exception) as info:
+        client.predict(*args, api_name=api_name)
+    assert re.search(match, str(info.value)), f"{api_name}: {info.value}"
+
+
+def _events(http: httpx.Client) -> list[dict]:
+    config = http.get("config").json()
+    return config, [d for d in config["dependencies"] if d.get("backend_fn")]
+
+
+def _run_event(http: httpx.Client, dep: dict, data: list, session: str) -> tuple[str, str]:
+    """Run one event as the browser does (queue/join, then the SSE stream) in browser session
+    `session`: ("ok"|"error", the raw answer)."""
+    r = http.post("gradio_api/queue/join", json={"data": data, "fn_index": dep["id"], "session_hash": session,
+                                                 "event_data": {"index": [0, 0], "value": "Review"},
+                                                 "trigger_id": (dep["targets"] or [[None]])[0][0]})
+    assert r.status_code == 200, r.text
+    with http.stream("GET", f"gradio_api/queue/data?session_hash={session}", timeout=60) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data:"):
+                message = json.loads(line[5:])
+                if message.get("msg") == "process_completed":
+                    return ("ok" if message.get("success") else "error"), line
+    raise AssertionError(f"no result from event {dep['id']}")
+
+
+def _probe_data(config: dict, dep: dict, task_id: str) -> list:
+    """Plausible inputs for an event: the project where a project goes, a task id in free text."""
+    kinds = {c["id"]: c.get("type") for c in config["components"]}
+    data = []
+    for i in dep["inputs"]:
+        kind = kinds.get(i)
+        if kind == "dropdown":
+            data.append(PROJECT)
+        elif kind == "checkbox":
+            data.append(True)
+        elif kind == "number":
+            data.append(1)
+        elif kind in ("textbox", "radio"):
+            data.append("demo:eileen-collins")
+        elif kind == "api":  # gr.api parameters: project first, then a task id
+            data.append(PROJECT if not data else task_id)
+        else:
+            data.append(None)
+    return data
+
+
+# -- roles ---------------------------------------------------------------------------------------------
+def test_parse_reviewers():
+    from demo.team_ui import parse_reviewers
+    assert parse_reviewers({"MEL_REVIEWERS": " rita, sam ,,"}) == frozenset({"rita", "sam"})
+    assert parse_reviewers({}) == frozenset()
+    with pytest.raises(SystemExit, match="comma-separated"):
+        parse_reviewers({"MEL_REVIEWERS": "rita:pw"})
+
+
+@pytest.mark.slow
+def test_non_reviewers_are_refused_on_every_team_endpoint(app):
+    t = app.task_ids[0]
+    for user in ("ann1", "bob", "alice"):  # an annotator of the project, another one, an admin (not a reviewer)
+        client = _client(app, user)
+        _refused(client, "/review_items", PROJECT, False, match="not a reviewer")
+        _refused(client, "/review_task", PROJECT, t, match="not a reviewer")
+        _refused(client, "/review_finalize", PROJECT, t, "demo:phil-collins", "tok-" + user, None, None, "",
+                 match="not a reviewer")
+        _refused(client, "/review_send_back", PROJECT, t, "look again", "tok2-" + user, None, None,
+                 match="not a reviewer")
+        if user != "alice":
+            _refused(client, "/team_dashboard", PROJECT, match="admins .*and reviewers")
+            _refused(client, "/team_export", PROJECT, "jsonl", None, False, match="not an admin")
+            _refused(client, "/project_settings", PROJECT, match="not an admin")
+            _refused(client, "/set_project_settings", PROJECT, 1, [], match="not an admin")
+    rita = _client(app, "rita")  # a reviewer is no admin
+    _refused(rita, "/team_export", PROJECT, "jsonl", None, False, match="not an admin")
+    _refused(rita, "/set_project_settings", PROJECT, 1, [], match="not an admin")
+    with AnnotationStore(app.data_dir, read_only=True) as store:  # nothing was saved by any of it
+        assert store.db.execute("SELECT count(*) FROM reviews").fetchone()[0] == 0
+        assert get_project(store, PROJECT).settings.annotations_per_task == 2
+
+
+SECRETS = ("ann1", "Eileen Collins", "Grace Hopper", "booster or the whole rocket")
+WRITES = ("review_finalize", "review_send_back", "set_project_settings")       # API names
+WRITE_BUTTONS = ("mel-review-final", "mel-review-nil", "mel-review-pick", "mel-review-send-back",
+                 "mel-settings-save", "mel-export-project")                           # the same in the UI
+
+
+@pytest.mark.slow
+def test_no_event_shows_decisions_to_a_non_reviewer(app):
+    """Every event of the app (UI events too, as the browser runs them: page load first, then each
+    event in the same browser session) as annotator ann2 and as bob: none answers with ann1's
+    decisions, flags or the annotators' names. The same probes as the reviewer reach them (so the
+    probe can fail)."""
+    t = app.task_ids[0]
+    leaked_to_reviewer = set()
+    for user in ("rita", "ann2", "bob"):
+        http = _session(app.url, user)
+        config, deps = _events(http)
+        assert not any(s in json.dumps(config) for s in SECRETS)  # nothing in the page's config either
+        elem_ids = {c["id"]: c.get("props", {}).get("elem_id") for c in config["components"]}
+        session = uuid.uuid4().hex
+        loads = [d for d in deps if any(e == "load" for _, e in d["targets"])]
+        for dep in loads + [d for d in deps if d not in loads]:
+            if dep.get("api_name") in WRITES or any(elem_ids.get(c) in WRITE_BUTTONS for c, _ in dep["targets"]):
+                continue  # writes: refused in the test above; the reviewer's are tested below
+            outcome, text = _run_event(http, dep, _probe_data(config, dep, t), session)
+            found = [s for s in SECRETS if s in text]
+            if user == "rita":
+                leaked_to_reviewer.update(found)
+            else:
+                assert not found, f"event {dep['id']} ({dep.get('api_name')}) showed {found} to {user}: {text[:300]}"
+        http.close()
+    assert {"ann1", "Eileen Collins", "booster or the whole rocket"} <= leaked_to_reviewer
+    with AnnotationStore(app.data_dir, read_only=True) as store:  # the probes wrote nothing
+        assert store.db.execute("SELECT count(*) FROM reviews").fetchone()[0] == 0
+
+
+@pytest.mark.slow
+def test_every_handler_checks_the_role_itself(app):
+    """The handlers behind the tabs, called directly as a logged-in annotator (as if the browser had
+    sent anything at all, past Gradio's own checks of the inputs): each refuses, or answers with
+    nothing of the project (the page-load handler hides the tabs, the settings loader skips)."""
+    import inspect
+
+    import gradio as gr
+    refusals = 0
+    for block_fn in app.demo.fns.values():
+        fn = block_fn.fn
+        params = inspect.signature(fn).parameters if fn is not None else {}
+        if "request" not in params:
+            continue  # JS-only events, clearing the comment box, the tab switch turning the timer off
+        args = []
+        for name, p in params.items():
+            if name in ("request", "profile"):
+                continue
+            if name == "evt":
+                args.append(gr.SelectData(None, {"index": [0, 0], "value": "x"}))
+            elif name in ("st", "last"):
+                args.append({"project": PROJECT, "task": app.task_ids[0], "order": app.task_ids})
+            elif name in ("name", "project"):
+                args.append(PROJECT)
+            elif name == "task_id":
+                args.append(app.task_ids[0])
+            elif p.default is not inspect.Parameter.empty:
+                break
+            else:
+                args.append("demo:eileen-collins")
+        try:
+            out = fn(*args, request=gr.Request(username="bob"))
+        except gr.Error as exc:
+            assert re.search("not a reviewer|may not see the dashboard|not an admin", str(exc)), (fn.__name__, exc)
+            refusals += 1
+            continue
+        text = json.dumps(out, default=repr)
+        assert not any(s in text for s in SECRETS + ("collins",)), (fn.__name__, text[:300])
+    assert refusals >= 15
+
+
+# -- review -------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_reviewer_finalises_a_disagreement_and_the_export_holds_it(app):
+    rita = _client(app, "rita")
+    items = rita.predict(PROJECT, False, api_name="/review_items")
+    by_id = {it["task_id"]: it for it in items}
+    t1, t4 = app.task_ids[0], app.task_ids[3]
+    assert set(by_id) >= {t1, t4} and app.task_ids[1] not in by_id     # disagreement, flagged; not the agreed one
+    item = by_id[t1]
+    assert item["reasons"] == ["disagreement"] and item["mention"] == "Collins"
+    assert {d["annotator"]: d["label"] for d in item["decisions"]} == {"ann1": "demo:eileen-collins",
+                                                                       "ann2": "demo:phil-collins"}
+    assert item["predictions"]["gemel"]["entity_id"] == "demo:eileen-collins"
+    assert item["predictions"]["dim"]["entity_id"] == "demo:phil-collins"
+    assert by_id[t4]["reasons"] == ["flagged"] and "booster" in by_id[t4]["flags"][0]["comment"]
+
+    # a stale screen is refused: the decision ids on screen are not the ones that stand
+    with pytest.raises(Exception, match="changed since the review screen was drawn"):
+        rita.predict(PROJECT, t1, "demo:eileen-collins", "stale-1", [1], None, "", api_name="/review_finalize")
+    ack = rita.predict(PROJECT, t1, "demo:eileen-collins", "click-1", item["decision_ids"], item["review_id"],
+                       "the astronaut: shuttle pilot", api_name="/review_finalize")
+    assert ack["reviewer"] == "rita" and ack["final_label"] == "demo:eileen-collins" and ack["status"] == "reviewed"
+    assert ack["message"] == f"saved: task {t1} -> final label Eileen Collins (demo:eileen-collins)"
+    again = rita.predict(PROJECT, t1, "demo:eileen-collins", "click-1", item["decision_ids"], item["review_id"],
+                         "the astronaut: shuttle pilot", api_name="/review_finalize")
+    assert again["replayed"] and again["review_id"] == ack["review_id"]   # a repeated click saves once
+    with pytest.raises(Exception, match="is not in the knowledge base"):
+        rita.predict(PROJECT, t4, "demo:no-such-entity", "click-2", None, None, "", api_name="/review_finalize")
+    rita.predict(PROJECT, t4, "demo:falcon-9", "click-3", by_id[t4]["decision_ids"], None, "the rocket",
+                 api_name="/review_finalize")
+    assert t1 not in {it["task_id"] for it in rita.predict(PROJECT, False, api_name="/review_items")}
+
+    # the admin exports the project (jsonl); the link opens once, for that admin only
+    alice = _client(app, "alice")
+    out = alice.predict(PROJECT, "jsonl", None, False, api_name="/team_export")
+    assert "1 reviewed" not in out["summary"] and "2 reviewed" in out["summary"]
+    bob_http, alice_http = _session(app.url, "bob"), _session(app.url, "alice")
+    assert bob_http.get(out["download"]).status_code == 403
+    r = alice_http.get(out["download"])
+    assert r.status_code == 200 and alice_http.get(out["download"]).status_code == 404
+    with zipfile.ZipFile(io.BytesIO(r.content)) as z:
+        train = [json.loads(line) for line in z.read("train.jsonl").decode().splitlines()]
+        provenance = json.loads(z.read("provenance.json"))
+    gold = {e["sample_id"]: e["gold_id"] for e in train}
+    # t1 reviewed, t2 agreed, t4 reviewed, t5 agreed NIL; t3 (disagreement, not reviewed) left out
+    assert gold == {t1: "demo:eileen-collins", app.task_ids[1]: "demo:phil-collins", t4: "demo:falcon-9",
+                    app.task_ids[4]: NIL}
+    assert provenance[t1]["reviewer"] == "rita" and provenance[t1]["agreement"] == 0.5
+    reviewed = alice.predict(PROJECT, "parquet", 0.0, True, api_name="/team_export")
+    assert "2 left out by the filter" in reviewed["summary"]
+    dash = rita.predict(PROJECT, api_name="/team_dashboard")
+    assert dash["status_counts"]["reviewed"] == 2 and dash["agreement"]["pairs"][0]["n_shared"] == 5
+
+
+@pytest.mark.slow
+def test_send_back_returns_the_task_to_its_annotators(app):
+    rita = _client(app, "rita")
+    t3 = app.task_ids[2]
+    item = rita.predict(PROJECT, t3, api_name="/review_task")
+    with pytest.raises(Exception, match="needs a comment"):
+        rita.predict(PROJECT, t3, "  ", "sb-0", item["decision_ids"], item["review_id"], api_name="/review_send_back")
+    ack = rita.predict(PROJECT, t3, "Grace Hopper the computer scientist, or the painter? Read the caption.", "sb-1",
+                       item["decision_ids"], item["review_id"], api_name="/review_send_back")
+    assert ack["action"] == "send_back" and ack["returned_decisions"] == 2 and ack["status"] == "sent_back"
+    with AnnotationStore(app.data_dir) as store:
+        queue = AnnotationQueue(store, PROJECT)
+        for who in ("ann1", "ann2"):
+            view = queue.next_task(who, by=who)
+            assert view.task.id == t3 and "painter" in view.review_note
+        with pytest.raises(Exception, match="cannot act as ann1"):   # a reviewer cannot act as an annotator
+            queue.next_task("ann1", by="rita")
+    after = rita.predict(PROJECT, t3, api_name="/review_task")
+    assert after["decisions"] == [] and after["reviews"][-1]["reviewer"] == "rita"
+
+
+@pytest.mark.slow
+def test_admin_sets_k_and_the_team(app):
+    alice = _client(app, "alice")
+    assert alice.predict(PROJECT, api_name="/project_settings")["annotators"] == ["ann1", "ann2"]
+    with pytest.raises(Exception, match="needs 3 distinct annotators but the team has only 2"):
+        alice.predict(PROJECT, 3, ["ann1", "ann2"], api_name="/set_project_settings")
+    saved = alice.predict(PROJECT, 3, ["ann1", "ann2", "bob"], api_name="/set_project_settings")
+    assert (saved["annotations_per_task"], saved["annotators"]) == (3, ["ann1", "ann2", "bob"])
+    with AnnotationStore(app.data_dir, read_only=True) as store:
+        assert get_project(store, PROJECT).settings.annotators == ["ann1", "ann2", "bob"]
+    alice.predict(PROJECT, 2, ["ann1", "ann2"], api_name="/set_project_settings")
+
+
+def test_review_screen_rendering_escapes_and_offers_every_choice(tmp_path):
+    """task_html / choices_of on a task whose caption and flag hold HTML."""
+    from annotations.review import ReviewQueue
+    from demo.team_ui import choices_of, task_html
+    kb_path = build_small_kb(tmp_path / "kb.sqlite")
+    tasks = [('<b>Collins</b> <script>alert(1)</script> piloted it.', "Collins", "demo:eileen-collins",
+              ["demo:phil-collins", "demo:joan-collins"], "demo:eileen-collins", NIL, "<img src=x onerror=alert(2)>")]
+    make_team_project(tmp_path / "data", kb_path, tasks, name="p")
+    with AnnotationStore(tmp_path / "data") as store:
+        (item,) = ReviewQueue(store, "p", reviewer="rita", is_reviewer=True).items()
+        page = task_html(item, 0, 1)
+        assert "<script>" not in page and "&lt;script&gt;" in page and "<img src=x" not in page
+        assert "annotators disagree" in page and "flagged" in page
+        opts = choices_of(item)
+        assert [v for _, v in opts] == ["demo:eileen-collins", NIL, "demo:phil-collins", "demo:joan-collins"]
+        assert "ann1" in opts[0][0] and "GEMEL" in opts[0][0] and "DIM" in opts[2][0]
