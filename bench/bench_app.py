@@ -19,16 +19,12 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from demo.serving import AppProcess  # noqa: E402 (after the path set-up)
-from mel.bench import save_json  # noqa: E402
+from demo.serving import AppProcess
+from mel.bench import save_json
+from mel.cli_kit import add_preset_args, check_output_file, load_average, script_command
 
 
 def link_once(client, example) -> tuple[float, dict]:
@@ -50,18 +46,20 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--starts", type=int, default=3, help="fresh app processes to time")
     p.add_argument("--warm-links", type=int, default=2, help="rounds over the bundled examples after the first link")
-    p.add_argument("--preset", default="offline")
+    add_preset_args(p, device=False)  # the app's --preset
     p.add_argument("--timeout", type=float, default=300)
     p.add_argument("--json", help="write the figures here")
     p.add_argument("--app-arg", action="append", default=[], help="extra argument for app.py (repeatable)")
     args = p.parse_args(argv)
+    if args.json:
+        check_output_file(args.json)
 
     from gradio_client import Client
 
     from demo.bundled import bundled_examples
     examples = bundled_examples()
-    report = {"preset": args.preset, "machine": platform.platform(), "cpus": os.cpu_count(),
-              "load_avg_before": os.getloadavg(), "starts": []}
+    report = {"command": script_command(__file__, argv), "preset": args.preset, "machine": platform.platform(),
+              "cpus": os.cpu_count(), "load_avg_before": load_average(), "starts": []}
     client = proc = None
     try:
         for n in range(args.starts):
@@ -103,7 +101,7 @@ def main(argv=None) -> int:
         "warm_link_s_p95": pct([w["s"] for w in warm], 0.95) if warm else None,
         "targets": {"ready_s": 30, "first_link_s_p50": 3},
     }
-    report["load_avg_after"] = os.getloadavg()
+    report["load_avg_after"] = load_average()
     print(json.dumps(report["summary"], indent=2))
     print(f"load average before {report['load_avg_before']}, after {report['load_avg_after']} "
           f"on {report['cpus']} CPUs")

@@ -16,30 +16,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-# --threads must cap the BLAS pools before numpy loads them (on a shared CPU, idle-spinning BLAS
-# and OpenMP threads cost more than they bring)
-if "--threads" in sys.argv[:-1]:
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(var, sys.argv[sys.argv.index("--threads") + 1])
+from mel.cli_kit import (add_preset_args, add_threads_arg, apply_threads, cap_native_threads_from_argv,
+                         check_output_file, resolve_preset, script_command)
+
+cap_native_threads_from_argv(sys.argv)  # --threads caps the BLAS pools too: before numpy loads them
 
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from mel.bench import save_json  # noqa: E402
 from mel.datasets import load_dataset  # noqa: E402
-from mel.paths import display_path  # noqa: E402
 from mel.dim.candidates import candidate_recall, protocol_lists, save_candidate_lists  # noqa: E402
 from mel.evaluate import evaluate  # noqa: E402
 from mel.kb import KnowledgeBase  # noqa: E402
 from mel.linkers import build_linker  # noqa: E402
-from mel.presets import get_preset  # noqa: E402
+from mel.paths import display_path  # noqa: E402
 
 BASELINES = ("exact", "bm25", "dense")
 
@@ -78,7 +73,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data", required=True)
     ap.add_argument("--split", default="dev")
     ap.add_argument("--kb", required=True)
-    ap.add_argument("--preset", default="offline")
+    add_preset_args(ap)
     ap.add_argument("--checkpoint", default=None, help="DIM head (default: the shipped one for the preset)")
     ap.add_argument("--limit", type=int, default=None, help="only the first N examples for the quality part")
     ap.add_argument("--latency-n", type=int, default=200, help="mentions timed one by one (0 = skip)")
@@ -86,14 +81,14 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--baselines", default=",".join(BASELINES))
     ap.add_argument("--list-size", type=int, default=100, help="candidate-list protocol: list size (0 = skip)")
-    ap.add_argument("--threads", type=int, default=None, help="torch and BLAS threads (default: the libraries' choice)")
+    add_threads_arg(ap)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
-    if args.threads:
-        import torch
-        torch.set_num_threads(args.threads)
-    preset = get_preset(args.preset)
+    if args.json:
+        check_output_file(args.json)
+    apply_threads(args.threads)
+    preset = resolve_preset(args)
     kb = KnowledgeBase(args.kb)
     split = load_dataset(args.format, args.data, args.split)
     examples = split.examples[: args.limit] if args.limit else split.examples
@@ -101,7 +96,7 @@ def main(argv=None) -> int:
     opts = {"checkpoint": args.checkpoint} if args.checkpoint else {}
     dim = build_linker("dim", kb, preset, keep_pool=True, **opts)
     out = {"dataset": args.format, "split": args.split, "kb": kb.path.name, "kb_size": kb.size, "n": len(examples),
-           "preset": preset.name, "checkpoint": display_path(dim.checkpoint), "command": "python " + " ".join(sys.argv)}
+           "preset": preset.name, "checkpoint": display_path(dim.checkpoint), "command": script_command(__file__, argv)}
 
     for m in text_only[:5]:  # warm-up: load the encoders, fill caches
         dim.link(m)
@@ -127,7 +122,7 @@ def main(argv=None) -> int:
     out["dim_above_every_baseline"] = out["quality"]["dim"]["hits@1"] > best_baseline[0]
 
     if args.list_size:
-        lists, _ = protocol_lists(kb, examples, preset, size=args.list_size)  # as `python -m mel.dim.candidates`
+        lists, _ = protocol_lists(kb, examples, preset, size=args.list_size)  # as `python -m mel dim candidates`
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "lists.jsonl"
             save_candidate_lists(lists, path)
@@ -148,4 +143,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -16,25 +16,24 @@ Prints
     candidate source; prints the accuracy of every setting and of the defaults.
 `--format/--data/--kb` select another dataset (RichpediaMEL, WikiDiverse); the demonstration pool
 is that dataset's train split. The machine's load average is printed with the figures: on a shared
-CPU, latency depends on it. `--threads` sets torch's intra-op threads (default 1: on a CPU shared
-with other jobs, 2 threads wait on each other at every op and decoding gets many times slower).
+CPU, latency depends on it. `--threads` sets torch's intra-op threads (default: the library's choice, see mel.cli_kit; on a CPU
+shared with other jobs pass 1: 2 threads wait on each other at every op and decoding gets many
+times slower).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import platform
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from mel.bench import parse_linker, save_json  # noqa: E402
+from mel.bench import parse_linker, save_json
+from mel.cli_kit import (add_preset_args, add_threads_arg, apply_threads, check_output_file, load_average,
+                         resolve_preset, script_command)
+from mel.paths import REPO_ROOT
 
 STAGES = ("retrieve", "candidates", "image", "prompt", "prefill", "decode", "map")
 DEFAULT_LINKERS = "gemel gemel+dense gemel:candidates=bm25 bm25 dense"
@@ -185,36 +184,37 @@ def tune_dim_fusion(kb, preset, data: str, fmt: str, n: int, n_demos: int, seed:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--format", default="wikimel")
-    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "wikimel"))
-    p.add_argument("--kb", default=str(REPO / "data" / "wikimel.sqlite"))
+    p.add_argument("--data", default=str(REPO_ROOT.parent / "shared" / "data" / "wikimel"))
+    p.add_argument("--kb", default=str(REPO_ROOT / "data" / "wikimel.sqlite"))
     p.add_argument("--split", default="dev")
-    p.add_argument("--preset", default="offline")
+    add_preset_args(p)
     p.add_argument("--limit", type=int, default=300, help="dev mentions for the quality comparison (0: all)")
     p.add_argument("--latency-n", type=int, default=30, help="links timed for the latency figures (0: skip)")
     p.add_argument("--n-demos", type=int, default=4)
     p.add_argument("--linkers", default=DEFAULT_LINKERS, help="space-separated linkers to compare, each "
                    "name[:key=value,...] ('' to skip)")
-    p.add_argument("--threads", type=int, default=1)
+    add_threads_arg(p)
     p.add_argument("--tune", type=int, default=0, help="tune the fusion weights on N random train mentions (0: skip)")
     p.add_argument("--tune-dim", type=int, default=0, help="tune gemel+dim's fusion on N random train mentions (0: skip)")
     p.add_argument("--json", help="write the figures to this file")
     args = p.parse_args(argv)
 
+    if args.json:
+        check_output_file(args.json)
+    apply_threads(args.threads)
     import torch
-    torch.set_num_threads(args.threads)
+
     from mel.datasets import load_dataset
     from mel.kb import KnowledgeBase
-    from mel.presets import get_preset
 
     kb = KnowledgeBase(args.kb)
-    preset = get_preset(args.preset)
+    preset = resolve_preset(args)
     examples = load_dataset(args.format, args.data, args.split).examples
     examples = examples[: args.limit] if args.limit else examples
     out = {"dataset": args.format, "split": args.split, "kb": Path(args.kb).name, "kb_size": kb.size,
-           "preset": preset.name, "threads": args.threads, "cpus": os.cpu_count(), "python": platform.python_version(),
-           "load_avg_before": [round(x, 2) for x in os.getloadavg()],
-           "command": "python bench/bench_gemel.py " + shlex.join(argv if argv is not None else sys.argv[1:])}
-    print(f"{args.format} {args.split}: KB {kb.size:,} entities, preset {preset.name}, {args.threads} thread(s), "
+           "preset": preset.name, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+           "python": platform.python_version(), "load_avg_before": load_average(), "command": script_command(__file__, argv)}
+    print(f"{args.format} {args.split}: KB {kb.size:,} entities, preset {preset.name}, {out['threads']} thread(s), "
           f"load average {out['load_avg_before']}", flush=True)
     if args.latency_n:
         t0 = time.perf_counter()
@@ -238,11 +238,11 @@ def main(argv=None) -> int:
     if linkers:
         print(f"quality on the first {len(examples)} {args.split} mentions (whole-KB protocol, KB {kb.size:,}):", flush=True)
         out["quality"] = bench_quality(kb, preset, examples, linkers, args.data, args.format, args.n_demos)
-    out["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
+    out["load_avg_after"] = load_average()
     if args.json:
         save_json(args.json, out)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -12,23 +12,18 @@ from __future__ import annotations
 
 import argparse
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mel.bench import save_json  # noqa: E402
+from mel.bench import save_json, search_engines, synthetic_queries, synthetic_vectors
+from mel.cli_kit import add_preset_args, check_output_file, resolve_preset, script_command
 
 
-def bench_build(source: str, preset_name: str) -> dict:
+def bench_build(source: str, preset) -> dict:
     from mel.datasets import read_kb_entities
     from mel.kb import build_kb
-    from mel.presets import get_preset
 
-    preset = get_preset(preset_name)
     t0 = time.perf_counter()
     encoder = preset.backend("text_encoder")
     load_s = time.perf_counter() - t0
@@ -45,7 +40,6 @@ def bench_build(source: str, preset_name: str) -> dict:
 
 def bench_search(rows: int, dim: int, engines: list[str], n_queries: int, k: int = 20) -> list[dict]:
     """The search part of `python -m mel bench scale` at one size, with the < 50 ms target."""
-    from mel.bench import search_engines, synthetic_queries, synthetic_vectors
     vectors = synthetic_vectors(rows, dim)
     out = search_engines(vectors, synthetic_queries(vectors, n_queries), engines, k)
     for r in out:
@@ -56,16 +50,18 @@ def bench_search(rows: int, dim: int, engines: list[str], n_queries: int, k: int
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--wikimel", help="WikiMEL directory (skip the build benchmark when absent)")
-    p.add_argument("--preset", default="offline")
+    add_preset_args(p)
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=384)
     p.add_argument("--queries", type=int, default=50)
     p.add_argument("--engines", default="numpy,faiss-flat,faiss-ivf")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
-    results = {"command": "python bench/bench_kb.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    if args.json:
+        check_output_file(args.json)
+    results = {"command": script_command(__file__, argv)}
     if args.wikimel:
-        results["build"] = bench_build(args.wikimel, args.preset)
+        results["build"] = bench_build(args.wikimel, resolve_preset(args))
         b = results["build"]
         print(f"KB build: {b['n_entities']:,} WikiMEL entities in {b['build_s']} s ({b['entities_per_s']} ent/s, "
               f"encoder load {b['encoder_load_s']} s); target < 120 s: {'met' if b['meets_target'] else 'MISSED'}")
@@ -83,4 +79,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

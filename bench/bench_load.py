@@ -48,11 +48,9 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from demo.serving import AppProcess  # noqa: E402 (after the path set-up)
-from mel.bench import save_json  # noqa: E402
+from demo.serving import AppProcess
+from mel.bench import save_json
+from mel.cli_kit import load_average, script_command
 
 ACTION_CYCLE = ("accept_dim", "search", "nil", "skip")
 _STARTED: list[AppProcess] = []  # apps this process started, for the watchdog
@@ -358,8 +356,8 @@ def run(args, app_args: list[str] | None = None) -> dict:
     """Start the app, link, load, stop (or kill), verify. The report as a dict."""
     accounts = make_accounts(min(args.accounts, args.clients))
     data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="mel-bench-load-"))
-    report: dict = {"command": "python bench/bench_load.py " + " ".join(args.argv), "machine": platform.platform(),
-                    "cpus": os.cpu_count(), "load_avg_before": os.getloadavg(), "clients": args.clients,
+    report: dict = {"command": script_command(__file__, args.argv), "machine": platform.platform(),
+                    "cpus": os.cpu_count(), "load_avg_before": load_average(), "clients": args.clients,
                     "accounts": len(accounts), "seconds": args.seconds, "mentions": args.mentions,
                     "undo_every": args.undo_every, "kill_after": args.kill_after, "app_args": app_args or []}
     app = AppProcess.start(data_dir, users=accounts, args=app_args or [], timeout=args.start_timeout)
@@ -375,7 +373,7 @@ def run(args, app_args: list[str] | None = None) -> dict:
     report.update({"clients_connect_s": round(load["connect_s"], 2), "link_setup_s": round(load["link_s"], 2)})
     checks = verify(data_dir, load["requests"], load["accounts"])
     report["summary"] = summarize(load, checks)
-    report["load_avg_after"] = os.getloadavg()
+    report["load_avg_after"] = load_average()
     report["data_dir_kept"] = str(data_dir) if args.keep else None
     if args.requests_json:
         Path(args.requests_json).write_text(json.dumps([asdict(r) for r in load["requests"]]))

@@ -8,38 +8,31 @@
     python -m mel link --kb wikimel.sqlite --linker dense --caption "..." --mention "..." [--image IMG]
     python -m mel eval --format wikimel --data DIR --split dev --kb wikimel.sqlite --linker dense --json out.json
 
-Other modules add subcommands (train, annotations, bench) through `COMMANDS`.
+Other modules add subcommands (train, annotations, bench, batch, dim) through `COMMANDS`; what
+every command shares (--preset, --threads, --limit, output checks, provenance) is in mel.cli_kit.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import json
-import os
 import sys
 
+from .cli_kit import (add_preset_args, add_threads_arg, check_output_file, command_line, count_arg, resolve_preset,
+                      run_command)
 from .errors import InputError, MELError
 
 # subcommand -> "module:function(subparsers)" that adds it; kept lazy so --help stays fast
 COMMANDS: dict[str, str] = {
     "train": "mel.training.cli:add_parser",
     "annotations": "annotations.cli:add_parser",
-    "bench": "mel.bench:add_parser",
+    "bench": "mel.bench.cli:add_parser",
     "batch": "mel.batch.cli:add_parser",
+    "dim": "mel.dim.candidates:add_parser",
 }
 
-
-def _preset(args):
-    from .presets import get_preset
-    preset = get_preset(args.preset, device=getattr(args, "device", None))
-    if preset.reason:
-        print(f"[mel] {preset.reason}", file=sys.stderr)
-    return preset
-
-
-def _add_preset_args(p):
-    p.add_argument("--preset", default="auto", help="paper | small | offline | auto (default: auto)")
-    p.add_argument("--device", default=None, help="override the preset's device (cpu, cuda, cuda:1...)")
+# the names annotations/projects_cli.py and mel/batch/cli.py still import from here (now in mel.cli_kit)
+_preset, _add_preset_args = resolve_preset, add_preset_args
 
 
 # -- models / data ------------------------------------------------------------------------------
@@ -47,7 +40,7 @@ def cmd_models(args):
     from .presets import PRESETS, describe
     names = [args.preset] if args.preset != "all" else list(PRESETS)
     for name in names:
-        print(describe(_preset(argparse.Namespace(preset=name, device=args.device))))
+        print(describe(resolve_preset(argparse.Namespace(preset=name, device=args.device))))
 
 
 def cmd_data_info(args):
@@ -62,7 +55,7 @@ def cmd_data_info(args):
 # -- kb -----------------------------------------------------------------------------------------
 def cmd_kb_build(args):
     from .kb import build_dataset_kb
-    kb = build_dataset_kb(args.format, args.source, args.out, preset=None if args.no_dense else _preset(args),
+    kb = build_dataset_kb(args.format, args.source, args.out, preset=None if args.no_dense else resolve_preset(args),
                           images=not args.no_images, limit=args.limit, batch_size=args.batch_size,
                           progress=not args.quiet)
     info = kb.info()
@@ -90,7 +83,7 @@ def cmd_kb_search(args):
         ranked = [(idx, 1.0 if kind == "name" else 0.5) for idx, kind in kb.lookup_name(args.query)][: args.k]
     else:
         from .linkers import build_linker
-        linker = build_linker("dense", kb, _preset(args))
+        linker = build_linker("dense", kb, resolve_preset(args))
         result = linker.link(Mention(args.query, 0, len(args.query)), k=args.k)
         ranked = [(kb.idx_of(c.entity.id), c.score) for c in result.candidates]
     print(f"{kb.path.name}: {kb.size:,} entities; {args.mode} results for {args.query!r}")
@@ -114,7 +107,7 @@ def cmd_link(args):
     if args.image:
         load_image(args.image, name=f"the image {args.image}")  # refused here, whichever linker runs
     kb = KnowledgeBase(args.kb)
-    linker = build_linker(args.linker, kb, _preset(args), **_options(args))
+    linker = build_linker(args.linker, kb, resolve_preset(args), **_options(args))
     result = linker.link(mention, k=args.k)
     if args.json:
         print(result.to_json())
@@ -139,58 +132,32 @@ def cmd_eval(args):
     from .linkers import build_linker
     for path in (args.json, args.predictions):  # fail now, not after the whole evaluation
         if path:
-            _check_output_file(path)
+            check_output_file(path)
     data = load_dataset(args.format, args.data, args.split)
     examples = data.examples[: args.limit] if args.limit else data.examples
     kb = KnowledgeBase(args.kb, engine=args.engine)
     print(f"[mel] {args.format} {args.split}: {len(examples)} mentions; KB {kb.path.name}: {kb.size:,} entities",
           file=sys.stderr)
-    linker = build_linker(args.linker, kb, _preset(args), **_options(args))
+    linker = build_linker(args.linker, kb, resolve_preset(args), **_options(args))
     report = evaluate(linker, examples, batch_size=args.batch_size, progress=not args.quiet,
                       predictions_path=args.predictions)
     report.update({"dataset": args.format, "split": args.split, "limit": args.limit,
                    "reader": data.report.to_dict() if hasattr(data.report, "to_dict") else {}})
+    report["command"] = args.command_line
     print(format_report(report))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2, ensure_ascii=False)
 
 
-def _check_output_file(path: str) -> None:
-    """A file this command will write: not a directory, and its folder exists (created) and is writable."""
-    from pathlib import Path
-    path = Path(path)
-    if path.is_dir():
-        raise InputError(f"{path} is a directory; name the file to write, e.g. {path / 'report.json'}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"cannot create the folder for {path} ({exc.strerror or exc}); pick a writable path") from exc
-    if not os.access(path.parent, os.W_OK):
-        raise InputError(f"cannot write into {path.parent}; pick a writable path")
-
-
 # -- parser -------------------------------------------------------------------------------------
-def count_arg(text: str) -> int:
-    """argparse type of a `--limit N`: a whole number >= 0 (-1 once meant "all but the last")."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mel", description="Multimodal entity linking: GEMEL and DIM.")
-    parser.add_argument("--threads", dest="torch_threads", type=int, default=None, metavar="N",
-                        help="torch CPU threads for every model (sets MEL_THREADS; default: the CPUs this process "
-                             "may use). On a CPU shared with other jobs 1 is often much faster")
+    add_threads_arg(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("models", help="show the models of a preset (or 'all')")
-    _add_preset_args(p)
+    add_preset_args(p)
     p.set_defaults(func=cmd_models)
 
     data = sub.add_parser("data", help="inspect a dataset").add_subparsers(dest="data_command", required=True)
@@ -212,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--limit", type=count_arg, default=None, help="only the first N entities (for a quick try)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_preset_args(p)
+    add_preset_args(p)
     p.set_defaults(func=cmd_kb_build)
 
     p = kb.add_parser("info", help="size, encoders and build facts of a KB")
@@ -224,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("query")
     p.add_argument("--mode", choices=("bm25", "dense", "exact"), default="bm25")
     p.add_argument("-k", type=int, default=10)
-    _add_preset_args(p)
+    add_preset_args(p)
     p.set_defaults(func=cmd_kb_search)
 
     from .dim import enrich as dim_enrich  # import-light: the LLM loads only when the command runs
@@ -243,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=20)
     p.add_argument("--opt", action="append", help="linker option key=value (repeatable)")
     p.add_argument("--json", action="store_true", help="print the LinkResult as JSON")
-    _add_preset_args(p)
+    add_preset_args(p)
     p.set_defaults(func=cmd_link)
 
     p = sub.add_parser("eval", help="Hits@k / MRR of a linker on a dataset split, whole-KB protocol")
@@ -259,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the report to this JSON file")
     p.add_argument("--predictions", help="write one JSON line per mention to this file")
     p.add_argument("--quiet", action="store_true")
-    _add_preset_args(p)
+    add_preset_args(p)
     p.set_defaults(func=cmd_eval)
 
     for name, target in COMMANDS.items():
@@ -275,19 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    try:
-        if args.torch_threads is not None:
-            if args.torch_threads < 1:
-                raise InputError(f"--threads must be >= 1, got {args.torch_threads}")
-            os.environ["MEL_THREADS"] = str(args.torch_threads)  # read by configure_cpu_threads
-            import torch
-            torch.set_num_threads(args.torch_threads)  # also when a backend configured threads earlier
-        args.func(args)
-    except MELError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    args.command_line = command_line("python -m mel", argv)  # what result files and checkpoints record
+    return run_command(args)

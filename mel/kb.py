@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import sqlite_utils
 
-from .errors import InputError, KBError
-from .index import DenseIndex
+from .errors import InputError, KBError, require_whole
+from .index import DenseIndex, write_vectors_file
 from .paths import fsync_path, remove_dead_temps, temp_path
 from .types import Entity
 
@@ -43,6 +43,8 @@ BM25_WEIGHTS = (10.0, 5.0, 1.0)  # name, aliases, description: a name hit matter
 ENTITY_TEXT_MAX_CHARS = 400      # keeps embedding fast; names and the first facts carry the signal
 LOCK_WAIT_S = 5.0                # how long a read waits for another process's write lock before KBError
 DENSE_KINDS = ("text", "image")
+BUILD_CHUNK = 4096               # entities a build holds in memory at a time (rows, texts, vectors)
+SQL_PARAMS_PER_QUERY = 500      # SQLite caps the number of bound parameters (999 in old builds)
 
 
 def normalize_name(text: str) -> str:
@@ -170,8 +172,8 @@ class KnowledgeBase:
         if not idxs:
             return []
         rows = {}
-        for start in range(0, len(idxs), 500):  # SQLite caps the number of bound parameters
-            chunk = idxs[start:start + 500]
+        for start in range(0, len(idxs), SQL_PARAMS_PER_QUERY):
+            chunk = idxs[start:start + SQL_PARAMS_PER_QUERY]
             sql = f"SELECT {self._COLUMNS} FROM entities WHERE idx IN ({','.join('?' * len(chunk))})"
             rows.update({r[0]: r for r in self._query(sql, chunk)})
         return [self._row_to_entity(rows[i]) for i in idxs]
@@ -180,8 +182,17 @@ class KnowledgeBase:
         return self.entities_at([idx])[0]
 
     def idx_of(self, entity_id: str) -> int | None:
-        rows = self._query("SELECT idx FROM entities WHERE id = ?", (entity_id,))
-        return rows[0][0] if rows else None
+        return self.idxs_of([entity_id]).get(entity_id)
+
+    def idxs_of(self, entity_ids: Iterable[str]) -> dict[str, int]:
+        """{entity id: KB idx} for those of `entity_ids` the KB holds: one query (per 500 ids), not one per id."""
+        ids = list(dict.fromkeys(entity_ids))
+        found: dict[str, int] = {}
+        for start in range(0, len(ids), SQL_PARAMS_PER_QUERY):
+            chunk = ids[start:start + SQL_PARAMS_PER_QUERY]
+            sql = f"SELECT id, idx FROM entities WHERE id IN ({','.join('?' * len(chunk))})"
+            found.update(self._query(sql, chunk))
+        return found
 
     def get(self, entity_id: str) -> Entity:
         idx = self.idx_of(entity_id)
@@ -217,8 +228,7 @@ class KnowledgeBase:
     # -- search ------------------------------------------------------------------------------
     def search_bm25(self, query: str, k: int = 20) -> list[tuple[int, float]]:
         """BM25 (FTS5) over names, aliases and descriptions: [(idx, score)], higher is better."""
-        from .linkers.base import check_k
-        check_k(k)  # SQLite reads LIMIT -1 as "no limit"
+        require_whole("k (how many candidates to return)", k, 1)  # SQLite reads LIMIT -1 as "no limit"
         match = fts_query(query)
         if not match:
             return []
@@ -305,44 +315,70 @@ def build_kb(entities: Iterable[Entity], out: str | Path, *, text_encoder=None, 
     _remove_build_leftovers(out)
     started = time.perf_counter()
 
-    seen: set[str] = set()
-    entity_rows, alias_rows, texts, images = [], [], [], []
-    for entity in tqdm(entities, desc="reading entities", disable=not progress, unit=" ent"):
-        if not entity.id or not str(entity.id).strip():
-            raise KBError(f"an entity without an id (name {entity.name!r}): every KB entity needs an id")
-        if entity.id in seen:
-            continue  # the first definition wins; datasets repeat entities across files
-        if not (entity.name or "").strip():
-            raise KBError(f"entity {entity.id} has no name: every KB entity needs a name to be linked to")
-        seen.add(entity.id)
-        idx = len(entity_rows)
-        entity_rows.append({"idx": idx, "id": entity.id, "name": entity.name, "description": entity.description or "",
-                            "type": entity.type or "", "aliases": json.dumps(entity.aliases, ensure_ascii=False),
-                            "aliases_text": " ; ".join(entity.aliases), "images": json.dumps(entity.images)})
-        keys = {(normalize_name(entity.name), "name")}
-        keys |= {(normalize_name(a), "alias") for a in entity.aliases if normalize_name(a) != normalize_name(entity.name)}
-        alias_rows += [{"entity_idx": idx, "norm": key, "kind": kind} for key, kind in keys if key]
-        texts.append(entity_text(entity))
-        if entity.images:
-            images.append((idx, entity.images[0]))
-    if not entity_rows:
-        raise KBError("no entities to build a knowledge base from: check the --source directory and --format")
-
     tmp = temp_path(out, "building")
+    vectors_tmp = temp_path(sidecar(out, "text"), "building")  # raw float32 rows, appended chunk by chunk
     parts: dict[str, Path] = {}
     db = None
     try:
         db = sqlite_utils.Database(tmp)
         db["meta"].create({"key": str, "value": str}, pk="key")
-        db["entities"].insert_all(entity_rows, pk="idx", batch_size=2000,
-                                  columns={"idx": int, "id": str, "name": str, "description": str, "type": str,
-                                           "aliases": str, "aliases_text": str, "images": str})
+        db["entities"].create({"idx": int, "id": str, "name": str, "description": str, "type": str, "aliases": str,
+                               "aliases_text": str, "images": str}, pk="idx")
         db["entities"].create_index(["id"], unique=True)
-        db["aliases"].insert_all(alias_rows, batch_size=5000, columns={"entity_idx": int, "norm": str, "kind": str})
+        db["aliases"].create({"entity_idx": int, "norm": str, "kind": str})
+        # entities stream through in chunks of BUILD_CHUNK: rows go to SQLite and vectors to a file as
+        # each chunk fills, so memory stays constant in the number of entities (only the entities
+        # that have an image are listed, for the image index)
+        n_entities, n_dim, images = 0, None, []
+        chunk: list[tuple[int, Entity]] = []
+        chunk_ids: set[str] = set()
+        encode_kwargs = {}
+        if text_encoder is not None and "show_progress" in inspect.signature(text_encoder.encode).parameters:
+            encode_kwargs = {"show_progress": False}
+
+        def flush():
+            nonlocal n_dim
+            if not chunk:
+                return
+            db.conn.executemany("INSERT INTO entities (idx, id, name, description, type, aliases, aliases_text, "
+                                "images) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [_entity_row(i, e) for i, e in chunk])
+            db.conn.executemany("INSERT INTO aliases (entity_idx, norm, kind) VALUES (?, ?, ?)",
+                                [row for i, e in chunk for row in _alias_rows(i, e)])
+            if text_encoder is not None:
+                vectors = np.ascontiguousarray(text_encoder.encode([entity_text(e) for _, e in chunk],
+                                                                   batch_size=batch_size, **encode_kwargs),
+                                               dtype=np.float32)
+                n_dim = int(vectors.shape[1])
+                with open(vectors_tmp, "ab") as f:
+                    f.write(vectors.tobytes())
+            chunk.clear()
+            chunk_ids.clear()
+
+        for entity in tqdm(entities, desc="reading entities", disable=not progress, unit=" ent"):
+            if not entity.id or not str(entity.id).strip():
+                raise KBError(f"an entity without an id (name {entity.name!r}): every KB entity needs an id")
+            if entity.id in chunk_ids or db.conn.execute("SELECT 1 FROM entities WHERE id = ?",
+                                                         (entity.id,)).fetchone():
+                duplicate_error = getattr(entities, "duplicate_error", None)
+                if duplicate_error is not None:  # a source that refuses duplicates (jsonl) says where
+                    raise duplicate_error(entity.id)
+                continue  # the first definition wins; datasets repeat entities across files
+            if not (entity.name or "").strip():
+                raise KBError(f"entity {entity.id} has no name: every KB entity needs a name to be linked to")
+            chunk.append((n_entities, entity))
+            chunk_ids.add(entity.id)
+            if entity.images:
+                images.append((n_entities, entity.images[0]))
+            n_entities += 1
+            if len(chunk) >= BUILD_CHUNK:
+                flush()
+        flush()
+        if not n_entities:
+            raise KBError("no entities to build a knowledge base from: check the --source directory and --format")
         db["aliases"].create_index(["norm"])
         db["entities"].enable_fts(["name", "aliases_text", "description"], tokenize="unicode61 remove_diacritics 2")
 
-        meta = {"schema_version": SCHEMA_VERSION, "n_entities": len(entity_rows), "format": source_format,
+        meta = {"schema_version": SCHEMA_VERSION, "n_entities": n_entities, "format": source_format,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "build_id": uuid.uuid4().hex,
                 "text_encoder": getattr(text_encoder, "name", None),
                 "image_encoder": getattr(image_encoder, "name", None), "n_entity_images": 0}
@@ -351,10 +387,7 @@ def build_kb(entities: Iterable[Entity], out: str | Path, *, text_encoder=None, 
 
         dense_files = {}
         if text_encoder is not None:
-            kwargs = {"show_progress": progress} if "show_progress" in inspect.signature(text_encoder.encode).parameters else {}
-            vectors = text_encoder.encode(texts, batch_size=batch_size, **kwargs)
-            dense_files["text"] = (DenseIndex(vectors, engine="numpy"), {"encoder": text_encoder.name,
-                                                                         "dim": int(vectors.shape[1])})
+            dense_files["text"] = (None, {"encoder": text_encoder.name, "dim": n_dim})  # written from vectors_tmp
         if image_encoder is not None and images:
             vectors, ids = _encode_entity_images(image_encoder, images, progress)
             if len(ids):
@@ -380,16 +413,32 @@ def build_kb(entities: Iterable[Entity], out: str | Path, *, text_encoder=None, 
             stamp["kb_build_command"] = build_command
         for kind, (index, index_meta) in dense_files.items():
             parts[kind] = temp_path(sidecar(out, kind), "building")
-            index.write(parts[kind], {**{k: v for k, v in index_meta.items() if not k.startswith("kb_")}, **stamp})
+            file_meta = {**{k: v for k, v in index_meta.items() if not k.startswith("kb_")}, **stamp}
+            if index is None:  # the text vectors, streamed to vectors_tmp while reading
+                write_vectors_file(parts[kind], vectors_tmp, n_entities, n_dim, file_meta)
+            else:
+                index.write(parts[kind], file_meta)
             fsync_path(parts[kind])
         fsync_path(tmp)
         _publish_unit(out, tmp, parts)
     finally:  # on success only the lock file is left; on an error, nothing of this build
         if db is not None:
             db.close()
-        for p in (tmp, *(Path(f"{tmp}{s}") for s in ("-wal", "-shm", "-journal")), *parts.values()):
+        for p in (tmp, vectors_tmp, *(Path(f"{tmp}{s}") for s in ("-wal", "-shm", "-journal")),
+                  *parts.values()):
             p.unlink(missing_ok=True)
     return KnowledgeBase(out)
+
+
+def _entity_row(idx: int, entity: Entity) -> tuple:
+    return (idx, entity.id, entity.name, entity.description or "", entity.type or "",
+            json.dumps(entity.aliases, ensure_ascii=False), " ; ".join(entity.aliases), json.dumps(entity.images))
+
+
+def _alias_rows(idx: int, entity: Entity) -> list[tuple]:
+    name = normalize_name(entity.name)
+    keys = {(name, "name")} | {(normalize_name(a), "alias") for a in entity.aliases if normalize_name(a) != name}
+    return [(idx, key, kind) for key, kind in sorted(keys) if key]
 
 
 def _publish_unit(out: Path, tmp: Path, parts: dict[str, Path]) -> None:
@@ -443,7 +492,10 @@ def build_dataset_kb(format: str, source: str | Path, out: str | Path, *, preset
     import itertools
 
     from .datasets import read_kb_entities
-    entities = read_kb_entities(format, source)
+    # jsonl: duplicates are found in the database being written, not in a set of every id (constant memory)
+    # (with --limit the reader checks, as islice hides its duplicate_error)
+    entities = read_kb_entities(format, source,
+                                **({"check_duplicates": False} if format == "jsonl" and not limit else {}))
     if limit:
         entities = itertools.islice(entities, limit)
     text_encoder = preset.backend("text_encoder") if preset is not None else None

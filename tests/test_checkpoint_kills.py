@@ -148,6 +148,7 @@ def one_thread():
 
 
 # -- DIM ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_dim_training_killed_at_every_save_step_resumes_to_the_same_head(tmp_path, one_thread, capsys):
     from test_dim import ENTITIES, StubImageEncoder
 
@@ -202,6 +203,7 @@ def test_dim_training_killed_at_every_save_step_resumes_to_the_same_head(tmp_pat
 
 # -- GEMEL ----------------------------------------------------------------------------------------------
 @forks
+@pytest.mark.slow
 def test_gemel_training_killed_at_every_save_step_resumes_to_the_same_mapper(tmp_path, one_thread, monkeypatch):
     from test_gemel import ENTITIES, _examples, _preset, _save_tiny_lm
 

@@ -141,6 +141,7 @@ def test_n_pair_loss_hand_checked():
         n_pair_loss(torch.zeros(2), torch.zeros(3, 4))
 
 
+@pytest.mark.slow
 def test_n_pair_loss_decreases_on_a_toy_problem():
     torch.manual_seed(0)
     model = DimFusion(FusionConfig(text_dim=16, image_dim=8, cue_dim=16, **{**TINY, "dropout": 0.1}))
@@ -304,6 +305,7 @@ def test_linker_uses_the_image_and_records_the_cue(kb, tmp_path, hashing_encoder
 
 
 # -- trainer ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_train_cli_writes_a_head_and_resumes(tmp_path, hashing_encoder, monkeypatch):
     from mel.cli import main
     from mel.datasets import write_jsonl_examples, write_jsonl_kb
@@ -372,7 +374,56 @@ def test_enrich_keeps_originals_and_reindexes(kb, tmp_path, hashing_encoder):
     assert KnowledgeBase(kb.path).get("Q1").description == ENTITIES[0].description  # source untouched
 
 
+def test_train_flags_come_from_the_config_and_keep_their_names():
+    from mel.cli import build_parser
+    from mel.cli_kit import config_from_args
+    from mel.dim.train import DimTrainConfig
+    base = ["train", "dim", "--format", "jsonl", "--data", "D", "--kb", "K", "--out", "O"]
+    args = build_parser().parse_args(base)
+    assert config_from_args(DimTrainConfig, args) == DimTrainConfig()  # the flags' defaults are the config's
+    assert args.preset == "offline"
+    args = build_parser().parse_args(base + ["--n-hard", "2", "--batch_size", "4", "--no-pair-features", "--no-image",
+                                             "--save-dtype", "float32", "--max-steps", "3", "--threads", "1"])
+    config = config_from_args(DimTrainConfig, args)
+    assert (config.n_hard, config.batch_size, config.max_steps) == (2, 4, 3)
+    assert not config.pair_features
+    assert not config.image
+    assert config.cue
+    assert config.save_dtype == "float32"
+    assert args.threads == 1
+
+
+def test_head_save_pretrained_round_trip(tmp_path):
+    head = DimFusion(FusionConfig(text_dim=8, image_dim=6, cue_dim=8, d_model=16, n_heads=2, ffn_dim=16, out_dim=8))
+    head.save_pretrained(tmp_path / "head", extra={"epoch": 3})
+    back, payload = DimFusion.from_pretrained(tmp_path / "head")
+    assert payload["epoch"] == 3
+    assert (back.config.d_model, back.config.out_dim, back.config.image_dim) == (16, 8, 6)
+    assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), back.state_dict().values()))
+
+
+def test_candidate_lists_command_and_its_old_name(tmp_path, hashing_encoder, monkeypatch, capsys):
+    from mel.cli import main
+    from mel.datasets import write_jsonl_examples
+    from mel.dim import candidates
+    build_kb(ENTITIES, tmp_path / "kb.sqlite", text_encoder=hashing_encoder, progress=False)
+    data = tmp_path / "data"
+    data.mkdir()
+    examples = [Example(Mention.from_text("Collins on the Shuttle", "Collins", id=f"s{i}#0"), "Q1", sample_id=f"s{i}#0")
+                for i in range(2)]
+    write_jsonl_examples(examples, data / "dev.jsonl")
+    monkeypatch.setattr(Preset, "backend", lambda self, role: hashing_encoder)
+    args = ["--format", "jsonl", "--data", str(data), "--kb", str(tmp_path / "kb.sqlite"), "--size", "3"]
+    assert main(["dim", "candidates", *args, "--out", str(tmp_path / "a.jsonl")]) == 0
+    new = capsys.readouterr()
+    assert candidates.main([*args, "--out", str(tmp_path / "b.jsonl")]) == 0
+    old = capsys.readouterr()
+    assert old.out.replace("b.jsonl", "a.jsonl") == new.out  # the alias prints nothing extra
+    assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
+
+
 # -- the shipped head on real WikiMEL data ----------------------------------------------------------------
+@pytest.mark.slow
 def test_shipped_head_links_real_wikimel_dev_mentions(shared_data, tmp_path):
     """The shipped offline head against a small KB cut from the real WikiMEL KB: the golds of 12
     dev mentions plus every entity sharing a name word with them (the hard part: other Norrises)."""

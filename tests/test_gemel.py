@@ -18,7 +18,7 @@ from PIL import Image
 from mel.errors import CheckpointError, InputError, KBError, MELError
 from mel.gemel.decode import DecodeConfig, FreeVocabulary, beam_search, score_groups
 from mel.gemel.demos import DemonstrationPool
-from mel.gemel.linker import GemelLinker
+from mel.gemel.linker import GemelConfig, GemelLinker
 from mel.gemel.mapper import FeatureMapper, MapperConfig
 from mel.gemel.prompt import IGNORE_INDEX, PromptBuilder, Segment, embed_prompt, encode_answer, render_prompt
 from mel.gemel.train import GemelTrainConfig, MapperTrainer, trainable_summary
@@ -626,3 +626,18 @@ def test_offline_preset_trains_only_the_mapper(tmp_path, hashing_encoder):
     assert summary["trainable"] == 1280 * 576 * 4 + 576 * 4 and summary["trainable_fraction"] < 0.03
     print(f"\noffline preset: trainable {summary['trainable']:,} of {summary['total']:,} parameters "
           f"({100 * summary['trainable_fraction']:.2f}%): the feature mapper only")
+
+
+def test_gemel_config_takes_the_keyword_options():
+    config = GemelConfig.from_options(candidates="dense", top_k=5, dense_query="mention")
+    assert config.candidate_options == {"dense_query": "mention"}
+    assert config.ranking == "all"  # every candidate scored, and fused, in candidate mode
+    assert config.fused
+    assert config.replace(fuse=False).candidate_options == {"dense_query": "mention"}
+    assert not config.replace(fuse=False).fused
+    assert GemelConfig().ranking == "beam"
+    with pytest.raises(InputError, match="unknown GEMEL option"):
+        GemelConfig.from_options(n_demo=3)
+    with pytest.raises(InputError, match="num_beams"):
+        GemelConfig(num_beams=0)
+

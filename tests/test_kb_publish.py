@@ -162,6 +162,7 @@ SCENARIOS = {
 
 
 @needs_fork
+@pytest.mark.slow
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_build_killed_at_every_step_leaves_old_unit_new_unit_or_clear_refusal(scenario, tmp_path, hashing_encoder):
     old_image, new_image, legacy = SCENARIOS[scenario]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ast
 import copy
-import importlib.util
 import json
 import os
 import re
@@ -26,6 +25,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bench import bench_load  # the test runs the benchmark's own load and checks
 from mel import cli
 from mel.datasets import load_dataset, read_kb_entities
 from mel.errors import CheckpointError, DatasetFormatError, InputError
@@ -35,17 +35,6 @@ from mel.types import Entity, Example, Mention
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-def _bench_load():
-    """bench/bench_load.py as a module: the test runs the benchmark's own load and checks."""
-    spec = importlib.util.spec_from_file_location("bench_load", REPO / "bench" / "bench_load.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_load", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench_load = _bench_load()
 
 
 # -- images that must be refused -------------------------------------------------------------------
@@ -169,7 +158,8 @@ def test_bad_input_through_the_apps_api_gives_clear_errors(live, bad_images):
         outputs = client.predict(None, "🚀 Falcon lifts off, 👩‍🚀 Collins waves.", "👩‍🚀 Collins", None, None,
                                  api_name="/link")
         raw = next(o for o in outputs if isinstance(o, dict) and "mention_id" in o)
-        assert raw["text"] == "👩‍🚀 Collins" and raw["mention"]["start"] == 20
+        assert raw["text"] == "👩‍🚀 Collins"
+        assert raw["mention"]["start"] == 20
         assert app.alive, "bad input must never bring the server down"
         assert not list((REPO / "demo").glob("*.pyi")), "no Gradio stub written into the source tree"
         # none of the refused inputs left a row or an image behind: only the emoji mention was recorded
@@ -188,9 +178,12 @@ def test_twenty_clients_saving_at_once_lose_and_duplicate_nothing(live):
     checks = bench_load.verify(app.data_dir, load["requests"], load["accounts"])
     summary = bench_load.summarize(load, checks)
     assert summary["passed"], json.dumps(summary, indent=2)
-    assert checks["integrity_check"] == "ok" and checks["lost"] == 0 and checks["duplicated"] == 0
+    assert checks["integrity_check"] == "ok"
+    assert checks["lost"] == 0
+    assert checks["duplicated"] == 0
     assert checks["acknowledged"] == checks["stored"] >= 40, checks       # ≥ 5 per second with 20 clients
-    assert summary["undo"]["acknowledged"] > 0 and checks["undo_violations"] == 0
+    assert summary["undo"]["acknowledged"] > 0
+    assert checks["undo_violations"] == 0
     assert {r.annotator for r in load["requests"]} == set(accounts)       # every account took part
 
 
@@ -200,13 +193,16 @@ def test_server_sigkilled_mid_write_keeps_every_acknowledged_correction(live):
     accounts = live.group(4, 4)
     load = bench_load.run_load(app.url, accounts, clients=10, seconds=6, mentions=1, undo_every=5,
                                request_timeout=20, kill=app.kill, kill_after=2.5)
-    assert not app.alive and load["killed_at_s"] is not None
+    assert not app.alive
+    assert load["killed_at_s"] is not None
     requests = load["requests"]
-    assert any(r.ack is not None for r in requests) and any(r.error for r in requests), \
-        "the kill should fall between acknowledged writes and failed ones"
+    assert any(r.ack is not None for r in requests), "the kill should fall between acknowledged writes and failed ones"
+    assert any(r.error for r in requests), "the kill should fall between acknowledged writes and failed ones"
     checks = bench_load.verify(app.data_dir, requests, load["accounts"])  # opens it as the app does, after a kill
     assert checks["integrity_check"] == "ok", checks
-    assert checks["lost"] == 0 and checks["duplicated"] == 0 and checks["undo_violations"] == 0, checks
+    assert checks["lost"] == 0, checks
+    assert checks["duplicated"] == 0, checks
+    assert checks["undo_violations"] == 0, checks
     # a request cut off by the kill is either committed once (answer lost) or not at all
     assert checks["stored"] == checks["acknowledged"] + checks["unacked_stored"]
 
@@ -231,7 +227,8 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
 
 def assert_clear_error(code: int, err: str, pattern: str) -> None:
     assert code == 2, err
-    assert err.startswith("error: ") and "Traceback" not in err, err
+    assert err.startswith("error: "), err
+    assert "Traceback" not in err, err
     assert re.search(pattern, err, re.S), err
 
 
@@ -255,7 +252,8 @@ def test_emoji_are_text_in_the_cli(bm25_kb, capsys):
                              "🚀 Falcon lifts off 👩‍🚀", "--mention", "falcon", "--json")
     assert code == 0, err
     result = json.loads(out)
-    assert result["mention"]["start"] == 2 and result["prediction"]["id"] == "Q1"
+    assert result["mention"]["start"] == 2
+    assert result["prediction"]["id"] == "Q1"
 
 
 def test_missing_foreign_and_locked_kb_through_the_cli(bm25_kb, tmp_path, capsys, monkeypatch):
@@ -292,7 +290,8 @@ def test_missing_foreign_and_locked_kb_through_the_cli(bm25_kb, tmp_path, capsys
         holder.kill()
         holder.wait()
     code, out, _ = run_cli(capsys, "kb", "info", bm25_kb)
-    assert code == 0 and '"n_entities": 2' in out  # untouched by all of the above
+    assert code == 0
+    assert '"n_entities": 2' in out  # untouched by all of the above
 
 
 def test_malformed_dataset_files_through_the_cli(tmp_path, capsys):
@@ -314,17 +313,21 @@ def test_malformed_dataset_files_through_the_cli(tmp_path, capsys):
     assert not (tmp_path / "kb.sqlite").exists()
 
 
+@pytest.mark.slow
 def test_the_cli_process_prints_one_line_and_no_traceback(bm25_kb, bad_images):
     proc = subprocess.run([sys.executable, "-m", "mel", "link", "--kb", str(bm25_kb), "--linker", "bm25",
                            "--caption", "Falcon lifts off.", "--mention", "Falcon", "--image",
                            str(bad_images["bomb"])], cwd=REPO, capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: the image "), lines
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: the image "), lines
     assert "bomb.png looks like a decompression bomb" in lines[0]
 
 
+@pytest.mark.slow
 def test_the_app_refuses_to_start_on_a_bad_kb_with_a_message(tmp_path, bm25_kb, monkeypatch):
     import app
     monkeypatch.delenv("MEL_AUTH", raising=False)
@@ -423,7 +426,8 @@ def _read_or_name_the_file(fmt: str, root: Path, names: set[str], split: str = "
         try:
             result = read()
         except DatasetFormatError as e:
-            assert Path(e.path).name in names and Path(e.path).name in str(e), (str(e), names)
+            assert Path(e.path).name in names, (str(e), names)
+            assert Path(e.path).name in str(e), (str(e), names)
             continue
         except InputError as e:  # the only other answer: the split asked for is not in the (damaged) split list
             assert "has no split 'dev'" in str(e), str(e)
@@ -432,9 +436,11 @@ def _read_or_name_the_file(fmt: str, root: Path, names: set[str], split: str = "
             assert all(isinstance(x, Entity) for x in result)
         else:
             r = result.report
-            assert len(result) == r.n_examples and r.n_mentions >= r.n_examples
+            assert len(result) == r.n_examples
+            assert r.n_mentions >= r.n_examples
             for ex in result:
-                assert isinstance(ex, Example) and ex.mention.caption[ex.mention.start:ex.mention.end] == ex.mention.text
+                assert isinstance(ex, Example)
+                assert ex.mention.caption[ex.mention.start:ex.mention.end] == ex.mention.text
 
 
 JSONL_SPLIT = [Example(Mention("Ann met Bo in Rome.", 0, 3), "Q1", "Ann", "s1").to_dict(),
@@ -499,7 +505,8 @@ def test_reader_edge_cases_found_by_hand(tmp_path):
     record = Example(Mention("Ann met Bo.", 0, 3, image="~no-such-user-here/ann.jpg"), "Q1").to_dict()
     (tmp_path / "dev.jsonl").write_text(json.dumps(record) + "\n")
     split = load_dataset("jsonl", tmp_path, "dev")
-    assert split[0].mention.image is None and split.report.n_missing_image == 1
+    assert split[0].mention.image is None
+    assert split.report.n_missing_image == 1
     wikimel = tmp_path / "w"
     wikimel.mkdir()
     (wikimel / "splits.json").write_text(json.dumps({"dev": ["1"]}))
@@ -551,6 +558,7 @@ def test_checkpoint_loaders_never_unpickle(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_packaged_and_hugging_face_weights_load_weights_only(tmp_path, monkeypatch):
     from transformers import AutoModel, BertConfig
 
@@ -576,6 +584,7 @@ LOADERS_OF_PICKLES = {("torch", "load"), ("pickle", "load"), ("pickle", "loads")
                       ("joblib", "load"), ("cloudpickle", "load"), ("np", "load"), ("numpy", "load")}
 
 
+@pytest.mark.slow
 def test_no_code_path_unpickles():
     """Every torch.load passes weights_only=True; no pickle/joblib/dill load; np.load never with allow_pickle."""
     found = []
@@ -636,7 +645,8 @@ def test_checkpoints_never_delete_what_the_user_keeps_at_out(tmp_path):
     (out / "sub" / "data.csv").write_text("1,2")
     save_pretrained_dir(head, head.config, out)
     save_pretrained_dir(head, head.config, out)  # written again (as every --save-every): still kept
-    assert (out / "notes.txt").read_text() == "keep" and (out / "sub" / "data.csv").read_text() == "1,2"
+    assert (out / "notes.txt").read_text() == "keep"
+    assert (out / "sub" / "data.csv").read_text() == "1,2"
     assert load_pretrained_dir(DimFusion, FusionConfig, out)[0] is not None
     # a finished run removes its training state, and only that
     opt = torch.optim.AdamW(head.parameters())
@@ -651,7 +661,8 @@ def test_checkpoints_never_delete_what_the_user_keeps_at_out(tmp_path):
     precious.write_text("keep")
     with pytest.raises(CheckpointError, match="is an existing file"):
         save_pretrained_dir(head, head.config, precious)
-    assert precious.read_text() == "keep" and not list(tmp_path.glob(".precious.txt.*"))
+    assert precious.read_text() == "keep"
+    assert not list(tmp_path.glob(".precious.txt.*"))
 
 
 def test_training_refuses_a_file_as_out_before_it_starts(tmp_path, capsys):
@@ -659,7 +670,9 @@ def test_training_refuses_a_file_as_out_before_it_starts(tmp_path, capsys):
     precious.write_text("keep")
     code = cli.main(["train", "dim", "--format", "wikimel", "--data", str(tmp_path), "--kb", str(tmp_path / "kb.sqlite"),
                  "--preset", "offline", "--out", str(precious)])
-    assert code == 2 and "is an existing file" in capsys.readouterr().err and precious.read_text() == "keep"
+    assert code == 2
+    assert "is an existing file" in capsys.readouterr().err
+    assert precious.read_text() == "keep"
 
 
 # -- options, k, limits and output paths (found by probing the CLI) -------------------------------------
@@ -695,7 +708,8 @@ def test_limits_empty_evaluations_and_output_paths(bm25_kb, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:  # argparse: exit 2 with its usage line
         cli.main(["eval", "--format", "wikimel", "--data", str(tmp_path), "--kb", str(bm25_kb), "--linker", "bm25",
                   "--limit", "-1"])
-    assert exc.value.code == 2 and "expected a whole number >= 0, got '-1'" in capsys.readouterr().err
+    assert exc.value.code == 2
+    assert "expected a whole number >= 0, got '-1'" in capsys.readouterr().err
     with pytest.raises(InputError, match="nothing to evaluate"):
         evaluate(build_linker("bm25", KnowledgeBase(bm25_kb), None), [], progress=False)
     assert_clear_error(*run_cli(capsys, "eval", "--format", "wikimel", "--data", tmp_path, "--kb", bm25_kb,

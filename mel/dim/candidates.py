@@ -206,7 +206,7 @@ def load_candidate_lists(path: str | Path) -> dict[str, list[str]]:
     path = Path(path)
     if not path.exists():
         raise InputError(f"candidate-list file {path} does not exist; write one with "
-                         f"`python -m mel.dim.candidates --format ... --out {path.name}`")
+                         f"`python -m mel dim candidates --format ... --out {path.name}`")
     out = {}
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
@@ -221,39 +221,52 @@ def load_candidate_lists(path: str | Path) -> dict[str, list[str]]:
     return out
 
 
-# -- `python -m mel.dim.candidates`: write DIM-protocol candidate lists for a dataset split ---------
-def main(argv=None) -> int:
-    import argparse
-    import sys
+# -- `python -m mel dim candidates`: write DIM-protocol candidate lists for a dataset split ---------
+def add_parser(subparsers) -> None:
+    """`python -m mel dim ...` (registered in mel.cli.COMMANDS)."""
+    dim = subparsers.add_parser("dim", help="DIM's tools: candidate lists for its candidate-list protocol")
+    commands = dim.add_subparsers(dest="dim_command", required=True)
+    add_arguments(commands.add_parser("candidates", help=CANDIDATES_HELP, description=CANDIDATES_HELP))
 
+
+CANDIDATES_HELP = ("write DIM's candidate-list protocol file (gold + the generator's best non-gold entities per "
+                   "mention) and print the generator's recall")
+
+
+def add_arguments(p) -> None:
+    from ..cli_kit import add_preset_args
+    p.add_argument("--format", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="dev")
+    p.add_argument("--kb", required=True)
+    add_preset_args(p)
+    p.add_argument("--size", type=int, default=100, help="candidates per list (DIM: 100)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="JSONL file to write")
+    p.set_defaults(func=run)
+
+
+def run(args) -> None:
+    from ..cli_kit import check_output_file, resolve_preset
     from ..datasets import load_dataset
-    from ..errors import MELError
     from ..kb import KnowledgeBase
-    from ..presets import get_preset
-
-    ap = argparse.ArgumentParser(prog="python -m mel.dim.candidates",
-                                 description="Write DIM's candidate-list protocol file (gold + the generator's best "
-                                             "non-gold entities per mention) and print the generator's recall.")
-    ap.add_argument("--format", required=True)
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--split", default="dev")
-    ap.add_argument("--kb", required=True)
-    ap.add_argument("--preset", default="offline")
-    ap.add_argument("--size", type=int, default=100, help="candidates per list (DIM: 100)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", required=True, help="JSONL file to write")
-    args = ap.parse_args(argv)
-    try:
-        kb = KnowledgeBase(args.kb)
-        examples = load_dataset(args.format, args.data, args.split).examples
-        lists, pools = protocol_lists(kb, examples, get_preset(args.preset), size=args.size, seed=args.seed)
-        save_candidate_lists(lists, args.out)
-    except MELError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    check_output_file(args.out)
+    kb = KnowledgeBase(args.kb)
+    examples = load_dataset(args.format, args.data, args.split).examples
+    lists, pools = protocol_lists(kb, examples, resolve_preset(args), size=args.size, seed=args.seed)
+    save_candidate_lists(lists, args.out)
     recall = candidate_recall(pools, [kb.idx_of(ex.gold_id) for ex in examples])
     print(f"wrote {len(lists)} candidate lists of {args.size} to {args.out}; generator recall: {recall}")
-    return 0
+
+
+def main(argv=None) -> int:
+    """`python -m mel.dim.candidates ...`, the older name of `python -m mel dim candidates ...`."""
+    import argparse
+
+    from ..cli_kit import run_command
+    parser = argparse.ArgumentParser(prog="python -m mel.dim.candidates", description=CANDIDATES_HELP)
+    add_arguments(parser)
+    return run_command(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -16,11 +16,10 @@ a sample first, and entities whose rewrite comes back empty keep their original 
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..cli import count_arg
+from ..cli_kit import add_preset_args, count_arg, resolve_preset
 from ..errors import InputError, KBError
 
 DEFAULT_PROMPT = ("Rewrite these facts about {name} as one or two fluent sentences. Use only the facts given.\n"
@@ -130,15 +129,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--quiet", action="store_true")
-    p.add_argument("--preset", default="auto", help="preset whose text encoder re-embeds the KB (and whose llm is the default)")
-    p.add_argument("--device", default=None)
+    add_preset_args(p)  # its text encoder re-embeds the KB, and its llm is the default --llm
 
 
 def run(args) -> None:
-    from ..presets import get_preset
-    preset = get_preset(args.preset, device=args.device)
-    if preset.reason:
-        print(f"[mel] {preset.reason}", file=sys.stderr)
+    preset = resolve_preset(args)
     spec = args.llm or preset.llm
     generate = llm_generator(spec, device=preset.device, max_new_tokens=args.max_new_tokens)
     kb, rewritten = enrich_kb(args.kb, args.out, generate, text_encoder=preset.backend("text_encoder"),

@@ -15,6 +15,15 @@ Entity side: `name [SEP] description` vector (+ the entity image when the KB has
 projected the same way, masked mean, Linear(d, out_dim)  ->  entity embedding.
 
     score = exp(logit_scale) * cos(mention, entity)  +  pair_mlp(pair features)
+            + sum over visual groups g present for the pair:  w_g . x_g + b_g
+
+The visual terms (beyond the paper; `mel.dim.pairs.VISUAL_GROUPS`) score what the photo says
+about a candidate: the ConSE image vector against the entity text, the faces' apparent gender
+against `Sex:`, apparent age against birth year and caption year, and the faces against the
+entity image's faces. Each group is a linear term multiplied by its mask, so a masked group adds
+exactly 0: a head with visual features and every visual mask off scores exactly as the same head
+without them (tested). A head lists the groups it expects in `visual_feature_names`; older heads
+(an empty list) have no visual terms and load unchanged.
 
 The published code computes the attention and then sums the raw features; here the attention
 output is what reaches the embedding. The pair-feature term goes beyond the paper: a small MLP
@@ -33,6 +42,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..training.common import check_number, check_whole
+from .pairs import VISUAL_GROUPS, visual_columns
 
 # the order of the mention-side feature tokens (index = feature-type embedding row)
 MENTION_FEATURES = ("context", "mention", "image", "cue")
@@ -56,6 +66,7 @@ class FusionConfig:
     image_encoder: str = ""
     cue_provider: str = ""
     pair_feature_names: tuple[str, ...] | list[str] = ()
+    visual_feature_names: tuple[str, ...] | list[str] = ()  # visual groups the head expects (() = none)
 
     def __post_init__(self):
         check_whole(self, text_dim=1, image_dim=1, cue_dim=1, d_model=1, n_heads=1, ffn_dim=1, out_dim=1,
@@ -64,6 +75,10 @@ class FusionConfig:
         if self.d_model % self.n_heads:
             raise InputError(f"d-model ({self.d_model}) must be divisible by n-heads ({self.n_heads}): "
                              f"each attention head gets d_model / n_heads dimensions")
+        self.visual_feature_names = tuple(self.visual_feature_names)
+        unknown = [g for g in self.visual_feature_names if g not in VISUAL_GROUPS]
+        if unknown:
+            raise InputError(f"unknown visual feature group(s) {unknown}; this version knows {list(VISUAL_GROUPS)}")
 
 
 class FeatureProjection(nn.Sequential):
@@ -130,6 +145,11 @@ class DimFusion(nn.Module):
                                           nn.Linear(c.pair_hidden, 1))
         else:
             self.pair_mlp = None
+        # one linear term per visual group, zero at initialisation (a new head starts as the old one)
+        self.visual = nn.ModuleDict({g: nn.Linear(len(VISUAL_GROUPS[g]), 1) for g in c.visual_feature_names})
+        for layer in self.visual.values():
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
     # -- the two towers ------------------------------------------------------------------------
     def encode_mentions(self, context: torch.Tensor, mention: torch.Tensor, image: torch.Tensor,
@@ -174,12 +194,40 @@ class DimFusion(nn.Module):
             return 0.0
         return self.pair_mlp(pair_features).squeeze(-1)
 
+    def visual_scores(self, visual: torch.Tensor | None, visual_mask: torch.Tensor | None) -> torch.Tensor | float:
+        """visual (b, c, N_VISUAL_FEATURES), visual_mask (b, c, len(VISUAL_GROUPS)) bool -> (b, c) or 0.
+
+        A group whose mask is False adds exactly 0 (masked_fill, so even a NaN value cannot leak)."""
+        if not len(self.visual) or visual is None or visual_mask is None:
+            return 0.0
+        group_index = {g: i for i, g in enumerate(VISUAL_GROUPS)}
+        total = torch.zeros(visual.shape[:2], dtype=visual.dtype, device=visual.device)
+        for g, layer in self.visual.items():
+            present = visual_mask[..., group_index[g]].bool()
+            x = visual[..., visual_columns(g)].masked_fill(~present[..., None], 0.0)
+            total = total + layer(x).squeeze(-1).masked_fill(~present, 0.0)
+        return total
+
     def score_candidates(self, mention_emb: torch.Tensor, entity_emb: torch.Tensor,
-                         pair_features: torch.Tensor | None = None) -> torch.Tensor:
-        """mention_emb (b, o), entity_emb (b, c, o), pair_features (b, c, f) -> scores (b, c)."""
+                         pair_features: torch.Tensor | None = None, visual: torch.Tensor | None = None,
+                         visual_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """mention_emb (b, o), entity_emb (b, c, o), pair_features (b, c, f), optional visual
+        features (b, c, v) with group masks (b, c, g) -> scores (b, c)."""
         cos = torch.einsum("bo,bco->bc", mention_emb, entity_emb)
-        return self.scale() * cos + self.pair_scores(pair_features)
+        return self.scale() * cos + self.pair_scores(pair_features) + self.visual_scores(visual, visual_mask)
 
     def in_batch_scores(self, mention_emb: torch.Tensor, entity_emb: torch.Tensor) -> torch.Tensor:
         """Every mention against every gold entity of the batch (b, b): the embedding part only."""
         return self.scale() * mention_emb @ entity_emb.T
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save_pretrained(self, path: str, extra: dict | None = None):
+        """config.json (this FusionConfig + `extra` facts) and model.safetensors, published as one unit."""
+        from ..training.checkpoint import save_pretrained_dir
+        return save_pretrained_dir(self, self.config, path, extra=extra)
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> tuple["DimFusion", dict]:
+        """The head saved in `path` and its config.json payload (dev scores, training facts)."""
+        from ..training.checkpoint import load_pretrained_dir
+        return load_pretrained_dir(cls, FusionConfig, path)

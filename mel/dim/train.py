@@ -2,6 +2,9 @@
 
     python -m mel train dim --format wikimel --data DIR --kb wikimel.sqlite --preset offline --out runs/dim
 
+    trainer = DimTrainer(DimTrainConfig(epochs=4), kb, preset, "runs/dim", train=examples, dev=dev_examples)
+    result = trainer.run(resume=False)      # the CLI is a thin shell over this; flags = DimTrainConfig's fields
+
 Same conventions as the GEMEL trainer: AdamW, linear warm-up, gradient clipping, a fixed seed,
 a progress bar, `--resume` (state in the sibling OUT.trainer_state/: the last epoch's float32 weights,
 the optimizer and the run's facts, published together after every epoch and removed after a finished
@@ -29,19 +32,20 @@ import random
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
-from ..cli import count_arg
 from ..errors import CheckpointError, InputError
-from ..paths import cache_dir
+from ..paths import cache_dir as default_cache_dir
 from ..training import (TrainConfig, check_checkpoint_target, check_number, check_whole, load_config,
                         load_training_state, make_optimizer_and_scheduler, read_training_state, recover_training_dirs,
-                        remove_written, save_pretrained_dir, save_training_state, seed_everything)
+                        remove_written, save_training_state, seed_everything)
 from ..training.checkpoint import STATE_FILE
+from ..types import Example
 from .candidates import CandidateConfig, CandidateGenerator, candidate_recall, hard_negatives
 from .features import FeatureExtractor, MentionFeatures
 from .loss import candidate_n_pair_loss, in_batch_n_pair_loss
@@ -51,26 +55,56 @@ from .pipeline import EntityFactsCache, candidate_batch, score
 
 log = logging.getLogger(__name__)
 FEATURE_CACHE_VERSION = 1  # bump when feature extraction or pair features change meaning
-SAVE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+SAVE_DTYPES = {"float16": torch.float16, "float32": torch.float32}  # DimTrainConfig.save_dtype
 STATE_SUFFIX = ".trainer_state"  # OUT.trainer_state/: resumable state, never shipped (git-ignored under models/)
 
 
 @dataclass
 class DimTrainConfig(TrainConfig):
-    """DIM's head is small and trained from scratch: a larger lr and batch than GEMEL's mapper."""
+    """DIM's head is small and trained from scratch: a larger lr and batch than GEMEL's mapper. Every
+    field is a flag of `python -m mel train dim` (`n_hard` -> `--n-hard`; `image` -> `--no-image`)."""
 
     lr: float = 5e-4
     epochs: int = 8
     batch_size: int = 64
     grad_accum: int = 1
-    n_hard: int = 16              # FTS neighbours of the gold kept as hard negatives
-    train_width: int = 48         # candidates scored per training mention: gold + hard + sampled pool
-    in_batch_weight: float = 0.5  # weight of the in-batch N-pair term (embedding part only)
+    n_hard: int = field(default=16, metadata={"help": "FTS neighbours of the gold used as hard negatives"})
+    train_width: int = field(default=48, metadata={"help": "candidates scored per training mention: gold + hard "
+                                                           "+ sampled pool"})
+    train_pool: int = field(default=96, metadata={"help": "candidates cached per training mention"})
+    in_batch_weight: float = field(default=0.5, metadata={"help": "weight of the in-batch N-pair term "
+                                                                  "(embedding part only)"})
+    holdout: float = field(default=0.05, metadata={"help": "share of training records held out to pick the best "
+                                                           "epoch (0: pick on dev)"})
+    # the candidate generator (mel.dim.candidates.CandidateConfig)
+    n_bm25: int = CandidateConfig.n_bm25
+    n_dense: int = CandidateConfig.n_dense
+    n_dense_mention: int = CandidateConfig.n_dense_mention
+    # the head (mel.dim.model.FusionConfig)
+    d_model: int = FusionConfig.d_model
+    n_heads: int = FusionConfig.n_heads
+    ffn_dim: int = FusionConfig.ffn_dim
+    out_dim: int = FusionConfig.out_dim
+    dropout: float = FusionConfig.dropout
+    pair_features: bool = field(default=True, metadata={"help": "pair features beside the cosine "
+                                                                "(--no-pair-features: the paper's head)"})
+    image: bool = field(default=True, metadata={"help": "use images (--no-image: never, masked)"})
+    cue: bool = field(default=True, metadata={"help": "use expert cues (--no-cue: never, masked)"})
+    cue_question: str | None = field(default=None, metadata={"help": "question for question-answering cue "
+                                                                     "providers"})
+    save_dtype: Literal["float16", "float32"] = field(
+        default="float16", metadata={"help": "dtype of the weights written to OUT (the resumable state stays float32)"})
 
     def __post_init__(self):
         super().__post_init__()
         check_whole(self, n_hard=0, train_width=2)
         check_number(self, in_batch_weight=(0.0, None))
+
+
+# what a resumed run must keep (with the features file, the head config and holdout); epochs and
+# max_steps may grow
+RESUMABLE_RECIPE = tuple(f.name for f in fields(TrainConfig) if f.name not in ("epochs", "max_steps")) + (
+    "n_hard", "train_width", "in_batch_weight")
 
 
 # -- cached features --------------------------------------------------------------------------------
@@ -260,182 +294,181 @@ def evaluate_split(model: DimFusion, s: SplitFeatures, table: EntityTable, batch
     return out
 
 
-def train(args) -> dict:
-    from tqdm.auto import tqdm
+class DimTrainer:
+    """DIM's head training: `DimTrainer(config, kb, preset, out, train=examples, dev=examples).run(resume=...)`.
 
-    from ..datasets import load_dataset
-    from ..kb import KnowledgeBase
-    from ..presets import get_preset
+    The training mentions whose gold is not in the KB are skipped, `config.holdout` of the training
+    records is held out to choose the epoch, and every feature is cached under `cache_dir`; `run()`
+    trains, publishes the best epoch's head to `out` and returns the history."""
 
-    check_checkpoint_target(args.out)
-    if args.state_dir:
-        check_checkpoint_target(args.state_dir)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cfg = DimTrainConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                         weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
-                         max_grad_norm=args.max_grad_norm, seed=args.seed, max_steps=args.max_steps,
-                         n_hard=args.n_hard, train_width=args.train_width, in_batch_weight=args.in_batch_weight)
-    seed_everything(cfg.seed)
-    preset = get_preset(args.preset)
-    kb = KnowledgeBase(args.kb)
-    train_ex = load_dataset(args.format, args.data, args.train_split).examples
-    dev_ex = load_dataset(args.format, args.data, args.dev_split).examples if args.dev_split else []
-    if args.limit:
-        train_ex = train_ex[: args.limit]
-    if args.dev_limit:
-        dev_ex = dev_ex[: args.dev_limit]
-    in_kb = [ex for ex in train_ex if ex.gold_id in kb]
-    if not in_kb:
-        raise InputError(f"none of the {len(train_ex)} training mentions has its gold entity in {kb.path.name}: "
-                         f"is it the KB of this dataset?")
-    if len(in_kb) < len(train_ex):
-        print(f"[dim] {len(train_ex) - len(in_kb)} training mentions have no gold in the KB and are skipped", file=sys.stderr)
-    train_ex, holdout_ex = split_holdout(in_kb, args.holdout, cfg.seed)
+    def __init__(self, config: DimTrainConfig, kb, preset, out: str | Path, *, train: list[Example],
+                 dev: list[Example] = (), state_dir: str | Path | None = None, cache_dir: str | Path | None = None,
+                 data: dict | None = None, progress: bool = True):
+        self.config, self.kb, self.preset = config, kb, preset
+        self.out = check_checkpoint_target(out)
+        self.state_dir = check_checkpoint_target(state_dir) if state_dir else self.out.with_name(self.out.name + STATE_SUFFIX)
+        self.cache = Path(cache_dir) if cache_dir else default_cache_dir("dim-features")
+        self.data = data or {}  # what the examples are (dataset, split), recorded in config.json
+        self.progress = progress
+        seed_everything(config.seed)
+        in_kb = [ex for ex in train if ex.gold_id in kb]
+        if not in_kb:
+            raise InputError(f"none of the {len(train)} training mentions has its gold entity in {kb.path.name}: "
+                             f"is it the KB of this dataset?")
+        if len(in_kb) < len(train):
+            print(f"[dim] {len(train) - len(in_kb)} training mentions have no gold in the KB and are skipped",
+                  file=sys.stderr)
+        self.train_examples, self.holdout_examples = split_holdout(in_kb, config.holdout, config.seed)
+        self.dev_examples = list(dev)
 
-    extractor = FeatureExtractor(kb, preset, use_image=not args.no_image, use_cue=not args.no_cue,
-                                 cue_question=args.cue_question)
-    ccfg = CandidateConfig(n_bm25=args.n_bm25, n_dense=args.n_dense, n_dense_mention=args.n_dense_mention)
-    generator = CandidateGenerator(kb, ccfg)
-    cache = Path(args.cache_dir) if args.cache_dir else cache_dir("dim-features")
-    progress = not args.quiet
-    t0 = time.perf_counter()
-    tr, tr_path = cached_split_features(train_ex, kb, preset, extractor, generator, training=True, n_hard=cfg.n_hard,
-                                        width=args.train_pool, cache=cache, progress=progress)
-    dv = ho = None
-    if dev_ex:
-        dv, _ = cached_split_features(dev_ex, kb, preset, extractor, generator, training=False, n_hard=0, width=None,
-                                      cache=cache, progress=progress)
-    if holdout_ex:
-        ho, _ = cached_split_features(holdout_ex, kb, preset, extractor, generator, training=False, n_hard=0,
-                                      width=None, cache=cache, progress=progress)
-    print(f"[dim] features: train {len(tr)} x {tr.cand.shape[1]} candidates, held-out {len(ho) if ho else 0}, "
-          f"dev {len(dv) if dv else 0} "
-          f"({time.perf_counter() - t0:.0f} s; cache {tr_path.parent})", file=sys.stderr)
-    if dv is not None:
-        dev_pool = [s[v].tolist() for s, v in zip(dv.cand, dv.valid)]
-        recall = candidate_recall(dev_pool, [g if g >= 0 else None for g in dv.gold])
-        print(f"[dim] dev candidate recall: {recall}", file=sys.stderr)
-    else:
-        recall = {}
+    def head_config(self, extractor: FeatureExtractor) -> FusionConfig:
+        c, pair = self.config, self.config.pair_features
+        return FusionConfig(text_dim=extractor.text_dim, image_dim=extractor.image_dim, cue_dim=extractor.text_dim,
+                            d_model=c.d_model, n_heads=c.n_heads, ffn_dim=c.ffn_dim, out_dim=c.out_dim,
+                            dropout=c.dropout, n_pair_features=N_PAIR_FEATURES if pair else 0,
+                            text_encoder=self.preset.text_encoder, image_encoder=self.preset.image_encoder,
+                            cue_provider=self.preset.cue, pair_feature_names=PAIR_FEATURES if pair else ())
 
-    fcfg = FusionConfig(text_dim=extractor.text_dim, image_dim=extractor.image_dim, cue_dim=extractor.text_dim,
-                        d_model=args.d_model, n_heads=args.n_heads, ffn_dim=args.ffn_dim, out_dim=args.out_dim,
-                        dropout=args.dropout, n_pair_features=0 if args.no_pair_features else N_PAIR_FEATURES,
-                        text_encoder=preset.text_encoder, image_encoder=preset.image_encoder, cue_provider=preset.cue,
-                        pair_feature_names=() if args.no_pair_features else PAIR_FEATURES)
-    model = DimFusion(fcfg)
-    table = EntityTable(extractor, kb.size)
-    steps_per_epoch = math.ceil(len(tr) / cfg.batch_size / cfg.grad_accum)
-    total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
-    optimizer, scheduler = make_optimizer_and_scheduler(model.parameters(), cfg, total)
+    def fingerprint(self, features_file: str, fcfg: FusionConfig) -> str:
+        """What a resumed run must share with the one that saved the state (epochs and max_steps may grow)."""
+        recipe = {k: v for k, v in asdict(self.config).items() if k in RESUMABLE_RECIPE}
+        return hashlib.sha256(json.dumps([features_file, asdict(fcfg), recipe, self.config.holdout],
+                                         sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-    out = Path(args.out)
-    state_dir = Path(args.state_dir) if args.state_dir else out.with_name(out.name + STATE_SUFFIX)
-    # what a resumed run must share with the one that saved the state
-    recipe = {k: v for k, v in asdict(cfg).items() if k not in ("epochs", "max_steps")}  # those may grow
-    fingerprint = hashlib.sha256(json.dumps([tr_path.name, asdict(fcfg), recipe, args.holdout],
-                                            sort_keys=True, default=str).encode()).hexdigest()[:16]
-    for line in recover_training_dirs(out, state_dir):  # finish or undo a save that a kill cut short
-        print(f"[dim] {line}", file=sys.stderr)
-    step, start_epoch, best, history = 0, 0, {"hits@1": -1.0}, []
-    run_id = uuid.uuid4().hex[:12]  # names this run's saves: OUT and the state must come from the same one
-    if args.resume:
-        if not (state_dir / STATE_FILE).exists():
-            old_layout = (state_dir / "optimizer" / STATE_FILE).exists()
-            raise CheckpointError(f"nothing to resume for {out}: " + (
-                f"{state_dir} was saved by an older version (last/ and optimizer/ apart), which cannot be resumed "
-                f"safely" if old_layout else f"{state_dir / STATE_FILE} is missing (the run finished, or never "
-                f"saved an epoch)") + "; start without --resume")
-        if read_training_state(state_dir).get("fingerprint") != fingerprint:
-            raise CheckpointError(f"{state_dir} was saved by a run with other data or settings; resume with the "
-                                  f"same arguments (except --epochs), or start without --resume")
-        info = load_training_state(state_dir, optimizer, scheduler, module=model)
-        step, start_epoch, best, history = info["step"], info["epoch"], info.get("best", best), info.get("history", [])
-        run_id = info.get("run_id", run_id)
-        _republish_best(model, fcfg, out, state_dir, info, args.save_dtype)
-        print(f"[dim] resumed at epoch {start_epoch}, step {step}", file=sys.stderr)
+    def run(self, resume: bool = False, keep_state: bool = False, command: str = "") -> dict:
+        from tqdm.auto import tqdm
 
-    # the epoch is chosen on held-out TRAINING mentions, so the dev figures stay untuned
-    selected_on = "heldout" if ho is not None else "dev" if dv is not None else None
-    command = "python -m mel " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith(("mel", "__main__.py")) else ""
-    for epoch in range(start_epoch, cfg.epochs):
-        # per-epoch seeds: a resumed run samples exactly what an uninterrupted one would have
-        rng = np.random.default_rng([cfg.seed, epoch])
-        torch.manual_seed(cfg.seed * 1000 + epoch)
-        model.train()
-        order = rng.permutation(len(tr))
-        losses = []
-        bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress)
-        for i, start in enumerate(bar):
-            rows = order[start:start + cfg.batch_size]
-            cols = sample_training_columns(tr, rows, cfg.train_width, rng)
-            idxs = torch.from_numpy(np.take_along_axis(tr.cand[rows], cols, 1))
-            valid = torch.from_numpy(np.take_along_axis(tr.valid[rows], cols, 1))
-            # a padding column may repeat; keep each real column once
-            valid &= torch.from_numpy(_first_occurrence(cols))
-            pair = torch.from_numpy(np.take_along_axis(tr.pair[rows], cols[..., None], 1))
-            gold_pos = torch.zeros(len(rows), dtype=torch.long)  # column 0 is the gold by construction
-            gold_pos[torch.from_numpy(tr.gold_pos[rows] < 0)] = -1
-            text, image, mask = table.gather(idxs)
-            scores, m, e = score(model, _mention_tensors(tr.feats, rows), text, image, mask, pair, valid)
-            loss = candidate_n_pair_loss(scores, gold_pos, valid)
-            if cfg.in_batch_weight > 0 and len(rows) > 1:
-                loss = loss + cfg.in_batch_weight * in_batch_n_pair_loss(model.in_batch_scores(m, e[:, 0]),
-                                                                         torch.from_numpy(tr.gold[rows]))
-            (loss / cfg.grad_accum).backward()
-            if (i + 1) % cfg.grad_accum == 0 or start + cfg.batch_size >= len(order):
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-                step += 1
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        cfg, kb, preset, progress = self.config, self.kb, self.preset, self.progress
+        out, state_dir = self.out, self.state_dir
+        extractor = FeatureExtractor(kb, preset, use_image=cfg.image, use_cue=cfg.cue, cue_question=cfg.cue_question)
+        ccfg = CandidateConfig(n_bm25=cfg.n_bm25, n_dense=cfg.n_dense, n_dense_mention=cfg.n_dense_mention)
+        generator = CandidateGenerator(kb, ccfg)
+        t0 = time.perf_counter()
+
+        def features(examples, training: bool):
+            return cached_split_features(examples, kb, preset, extractor, generator, training=training,
+                                         n_hard=cfg.n_hard if training else 0, width=cfg.train_pool if training else None,
+                                         cache=self.cache, progress=progress)
+
+        tr, tr_path = features(self.train_examples, training=True)
+        dv = features(self.dev_examples, training=False)[0] if self.dev_examples else None
+        ho = features(self.holdout_examples, training=False)[0] if self.holdout_examples else None
+        print(f"[dim] features: train {len(tr)} x {tr.cand.shape[1]} candidates, held-out {len(ho) if ho else 0}, "
+              f"dev {len(dv) if dv else 0} "
+              f"({time.perf_counter() - t0:.0f} s; cache {tr_path.parent})", file=sys.stderr)
+        if dv is not None:
+            dev_pool = [s[v].tolist() for s, v in zip(dv.cand, dv.valid)]
+            recall = candidate_recall(dev_pool, [g if g >= 0 else None for g in dv.gold])
+            print(f"[dim] dev candidate recall: {recall}", file=sys.stderr)
+        else:
+            recall = {}
+
+        fcfg = self.head_config(extractor)
+        model = DimFusion(fcfg)
+        table = EntityTable(extractor, kb.size)
+        steps_per_epoch = math.ceil(len(tr) / cfg.batch_size / cfg.grad_accum)
+        total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+        optimizer, scheduler = make_optimizer_and_scheduler(model.parameters(), cfg, total)
+
+        fingerprint = self.fingerprint(tr_path.name, fcfg)
+        for line in recover_training_dirs(out, state_dir):  # finish or undo a save that a kill cut short
+            print(f"[dim] {line}", file=sys.stderr)
+        step, start_epoch, best, history = 0, 0, {"hits@1": -1.0}, []
+        run_id = uuid.uuid4().hex[:12]  # names this run's saves: OUT and the state must come from the same one
+        if resume:
+            if not (state_dir / STATE_FILE).exists():
+                old_layout = (state_dir / "optimizer" / STATE_FILE).exists()
+                raise CheckpointError(f"nothing to resume for {out}: " + (
+                    f"{state_dir} was saved by an older version (last/ and optimizer/ apart), which cannot be resumed "
+                    f"safely" if old_layout else f"{state_dir / STATE_FILE} is missing (the run finished, or never "
+                    f"saved an epoch)") + "; start without --resume")
+            if read_training_state(state_dir).get("fingerprint") != fingerprint:
+                raise CheckpointError(f"{state_dir} was saved by a run with other data or settings; resume with the "
+                                      f"same arguments (except --epochs), or start without --resume")
+            info = load_training_state(state_dir, optimizer, scheduler, module=model)
+            step, start_epoch, best, history = info["step"], info["epoch"], info.get("best", best), info.get("history", [])
+            run_id = info.get("run_id", run_id)
+            _republish_best(model, out, state_dir, info, cfg.save_dtype)
+            print(f"[dim] resumed at epoch {start_epoch}, step {step}", file=sys.stderr)
+
+        # the epoch is chosen on held-out TRAINING mentions, so the dev figures stay untuned
+        selected_on = "heldout" if ho is not None else "dev" if dv is not None else None
+        for epoch in range(start_epoch, cfg.epochs):
+            # per-epoch seeds: a resumed run samples exactly what an uninterrupted one would have
+            rng = np.random.default_rng([cfg.seed, epoch])
+            torch.manual_seed(cfg.seed * 1000 + epoch)
+            model.train()
+            order = rng.permutation(len(tr))
+            losses = []
+            bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress)
+            for i, start in enumerate(bar):
+                rows = order[start:start + cfg.batch_size]
+                cols = sample_training_columns(tr, rows, cfg.train_width, rng)
+                idxs = torch.from_numpy(np.take_along_axis(tr.cand[rows], cols, 1))
+                valid = torch.from_numpy(np.take_along_axis(tr.valid[rows], cols, 1))
+                # a padding column may repeat; keep each real column once
+                valid &= torch.from_numpy(_first_occurrence(cols))
+                pair = torch.from_numpy(np.take_along_axis(tr.pair[rows], cols[..., None], 1))
+                gold_pos = torch.zeros(len(rows), dtype=torch.long)  # column 0 is the gold by construction
+                gold_pos[torch.from_numpy(tr.gold_pos[rows] < 0)] = -1
+                text, image, mask = table.gather(idxs)
+                scores, m, e = score(model, _mention_tensors(tr.feats, rows), text, image, mask, pair, valid)
+                loss = candidate_n_pair_loss(scores, gold_pos, valid)
+                if cfg.in_batch_weight > 0 and len(rows) > 1:
+                    loss = loss + cfg.in_batch_weight * in_batch_n_pair_loss(model.in_batch_scores(m, e[:, 0]),
+                                                                             torch.from_numpy(tr.gold[rows]))
+                (loss / cfg.grad_accum).backward()
+                if (i + 1) % cfg.grad_accum == 0 or start + cfg.batch_size >= len(order):
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                    step += 1
+                losses.append(loss.item())
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+                if cfg.max_steps is not None and step >= cfg.max_steps:
+                    break
+            bar.close()
+            entry = {"epoch": epoch + 1, "step": step, "loss": round(float(np.mean(losses)), 4)}
+            if ho is not None:
+                entry["heldout"] = evaluate_split(model, ho, table)
+            if dv is not None:
+                entry["dev"] = evaluate_split(model, dv, table)
+            history.append(entry)
+            print(f"[dim] {json.dumps(entry)}", file=sys.stderr)
+            metric = entry[selected_on]["hits@1"] if selected_on else -entry["loss"]
+            extra = {"dev": entry.get("dev", {}), "heldout": entry.get("heldout", {}), "selected_on": selected_on,
+                     "dev_candidate_recall": recall, "epoch": epoch + 1,
+                     "train": {**asdict(cfg), "n_train": len(tr), **self.data},
+                     "candidates": asdict(ccfg), "kb": {"path": kb.path.name, "size": kb.size},
+                     "preset": preset.name, "command": command, "run_id": run_id}
+            improved = metric > best.get("hits@1", -1.0) or selected_on is None
+            if improved:
+                best = {"hits@1": metric, "epoch": epoch + 1}
+            # the state first (weights, optimizer, epoch and which epoch OUT holds, in one rename), then OUT:
+            # a kill in between leaves OUT behind the state, and a resume publishes it again from the state
+            save_training_state(state_dir, optimizer, scheduler,
+                                {"step": step, "epoch": epoch + 1, "best": best, "history": history,
+                                 "fingerprint": fingerprint, "run_id": run_id}, module=model, config=fcfg, extra=extra)
+            if improved:
+                _publish_best(model, out, extra, cfg.save_dtype)
             if cfg.max_steps is not None and step >= cfg.max_steps:
                 break
-        bar.close()
-        entry = {"epoch": epoch + 1, "step": step, "loss": round(float(np.mean(losses)), 4)}
-        if ho is not None:
-            entry["heldout"] = evaluate_split(model, ho, table)
-        if dv is not None:
-            entry["dev"] = evaluate_split(model, dv, table)
-        history.append(entry)
-        print(f"[dim] {json.dumps(entry)}", file=sys.stderr)
-        metric = entry[selected_on]["hits@1"] if selected_on else -entry["loss"]
-        extra = {"dev": entry.get("dev", {}), "heldout": entry.get("heldout", {}), "selected_on": selected_on,
-                 "dev_candidate_recall": recall, "epoch": epoch + 1,
-                 "train": {**asdict(cfg), "n_train": len(tr), "dataset": args.format, "split": args.train_split},
-                 "candidates": asdict(ccfg), "kb": {"path": kb.path.name, "size": kb.size},
-                 "preset": preset.name, "command": command, "run_id": run_id}
-        improved = metric > best.get("hits@1", -1.0) or selected_on is None
-        if improved:
-            best = {"hits@1": metric, "epoch": epoch + 1}
-        # the state first (weights, optimizer, epoch and which epoch OUT holds, in one rename), then OUT:
-        # a kill in between leaves OUT behind the state, and a resume publishes it again from the state
-        save_training_state(state_dir, optimizer, scheduler,
-                            {"step": step, "epoch": epoch + 1, "best": best, "history": history,
-                             "fingerprint": fingerprint, "run_id": run_id}, module=model, config=fcfg, extra=extra)
-        if improved:
-            _publish_best(model, fcfg, out, extra, args.save_dtype)
-        if cfg.max_steps is not None and step >= cfg.max_steps:
-            break
-    if not args.keep_state:  # a finished run needs no resumable state (it is 3x the head's size)
-        remove_written(state_dir)
-    print(f"[dim] best epoch {best.get('epoch')} ({selected_on} hits@1 {best.get('hits@1')}); head written to {out}",
-          file=sys.stderr)
-    return {"best": best, "history": history, "out": str(out), "dev_candidate_recall": recall}
+        if not keep_state:  # a finished run needs no resumable state (it is 3x the head's size)
+            remove_written(state_dir)
+        print(f"[dim] best epoch {best.get('epoch')} ({selected_on} hits@1 {best.get('hits@1')}); head written to {out}",
+              file=sys.stderr)
+        return {"best": best, "history": history, "out": str(out), "dev_candidate_recall": recall}
 
 
-def _publish_best(model: DimFusion, fcfg: FusionConfig, out: Path, extra: dict, save_dtype: str) -> None:
+def _publish_best(model: DimFusion, out: Path, extra: dict, save_dtype: str) -> None:
     # float16 storage halves the file (DIM's 512/2048 head: 23 MB -> 12 MB); it loads back
     # into float32 parameters, and the resumable copy in the state stays float32
     shipped = copy.deepcopy(model).to(SAVE_DTYPES[save_dtype])
-    save_pretrained_dir(shipped, fcfg, out, extra={**extra, "weights_dtype": save_dtype})
+    shipped.save_pretrained(out, extra={**extra, "weights_dtype": save_dtype})
 
 
-def _republish_best(model: DimFusion, fcfg: FusionConfig, out: Path, state_dir: Path, info: dict,
-                    save_dtype: str) -> None:
+def _republish_best(model: DimFusion, out: Path, state_dir: Path, info: dict, save_dtype: str) -> None:
     """On resume: OUT must hold the best epoch the state records. A kill after the state was published
     and before OUT was leaves it older (or missing); the state then holds that epoch's weights."""
     want = info.get("best", {}).get("epoch")
@@ -451,7 +484,7 @@ def _republish_best(model: DimFusion, fcfg: FusionConfig, out: Path, state_dir: 
                               f"{held}, and {state_dir} keeps only epoch {info['epoch']}; start without --resume")
     payload = load_config(state_dir)
     extra = {k: v for k, v in payload.items() if k not in ("model_type", "config")}
-    _publish_best(model, fcfg, out, extra, save_dtype)
+    _publish_best(model, out, extra, save_dtype)
     print(f"[dim] {out} published again from {state_dir} (epoch {want})", file=sys.stderr)
 
 
@@ -476,55 +509,43 @@ def _first_occurrence(cols: np.ndarray) -> np.ndarray:
     return keep
 
 
-# -- CLI ------------------------------------------------------------------------------------------------
+# -- CLI: `python -m mel train dim`; the training flags come from DimTrainConfig (mel.training.cli) ----
+CONFIG = DimTrainConfig
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    d, c, f = DimTrainConfig(), CandidateConfig(), FusionConfig()
+    from ..cli_kit import add_preset_args, add_threads_arg, count_arg
     p.add_argument("--format", required=True, help="dataset format (wikimel, richpedia, wikidiverse, mimic, gemel, jsonl)")
     p.add_argument("--data", required=True, help="dataset directory")
     p.add_argument("--kb", required=True, help="the KB built from the dataset (python -m mel kb build)")
-    p.add_argument("--preset", default="offline", help="encoders to train on (default offline)")
+    add_preset_args(p)
     p.add_argument("--out", required=True, help="checkpoint directory to write (best dev epoch)")
     p.add_argument("--state-dir", default=None, help="where resumable state goes (default: OUT.trainer_state)")
     p.add_argument("--train-split", default="train")
     p.add_argument("--dev-split", default="dev", help="'' to train without a dev split")
     p.add_argument("--limit", type=count_arg, default=None, help="only the first N training mentions")
     p.add_argument("--dev-limit", type=count_arg, default=None)
-    p.add_argument("--holdout", type=float, default=0.05,
-                   help="share of training records held out to pick the best epoch (0: pick on dev)")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
-    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--n-hard", type=int, default=d.n_hard, help="FTS neighbours of the gold used as hard negatives")
-    p.add_argument("--train-width", type=int, default=d.train_width, help="candidates scored per training mention")
-    p.add_argument("--train-pool", type=int, default=96, help="candidates cached per training mention")
-    p.add_argument("--in-batch-weight", type=float, default=d.in_batch_weight)
-    p.add_argument("--n-bm25", type=int, default=c.n_bm25)
-    p.add_argument("--n-dense", type=int, default=c.n_dense)
-    p.add_argument("--n-dense-mention", type=int, default=c.n_dense_mention)
-    p.add_argument("--d-model", type=int, default=f.d_model)
-    p.add_argument("--n-heads", type=int, default=f.n_heads)
-    p.add_argument("--ffn-dim", type=int, default=f.ffn_dim)
-    p.add_argument("--out-dim", type=int, default=f.out_dim)
-    p.add_argument("--dropout", type=float, default=f.dropout)
-    p.add_argument("--no-pair-features", action="store_true", help="the paper's head: cosine only")
-    p.add_argument("--no-image", action="store_true", help="never use images (masked)")
-    p.add_argument("--no-cue", action="store_true", help="never use expert cues (masked)")
-    p.add_argument("--cue-question", default=None, help="question for question-answering cue providers")
-    p.add_argument("--save-dtype", choices=sorted(SAVE_DTYPES), default="float16",
-                   help="dtype of the weights written to OUT (the resumable state stays float32)")
     p.add_argument("--cache-dir", default=None, help="feature cache directory (default: $MEL_CACHE/dim-features)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_threads_arg(p, subcommand=True)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.trainer_state/")
     p.add_argument("--keep-state", action="store_true", help="keep OUT.trainer_state/ after the run")
 
 
 def run(args) -> None:
-    result = train(args)
+    from ..cli_kit import config_from_args, resolve_preset
+    from ..datasets import load_dataset
+    from ..kb import KnowledgeBase
+    for target in (args.out, args.state_dir):  # before anything is read: a file named as OUT is never touched
+        if target:
+            check_checkpoint_target(target)
+    config = config_from_args(DimTrainConfig, args)
+    preset = resolve_preset(args)
+    kb = KnowledgeBase(args.kb)
+    train_examples = load_dataset(args.format, args.data, args.train_split).examples
+    dev_examples = load_dataset(args.format, args.data, args.dev_split).examples if args.dev_split else []
+    trainer = DimTrainer(config, kb, preset, args.out, train=train_examples[: args.limit or None],
+                         dev=dev_examples[: args.dev_limit or None], state_dir=args.state_dir, cache_dir=args.cache_dir,
+                         data={"dataset": args.format, "split": args.train_split}, progress=not args.quiet)
+    result = trainer.run(resume=args.resume, keep_state=args.keep_state, command=getattr(args, "command_line", ""))
     print(json.dumps({"best": result["best"], "out": result["out"]}, indent=2))

@@ -11,7 +11,7 @@ From the command line (options go through `--opt key=value`):
     python -m mel eval ... --linker gemel+dense --opt pool_data=DIR --opt top_k=20
     python -m mel link --kb wikimel.sqlite --linker gemel --opt pool=corrections.jsonl --caption ... --mention ...
 
-Options (all keyword arguments of GemelLinker):
+Options (the fields of GemelConfig, also taken as keyword arguments of GemelLinker and build_linker):
   pool            a JSONL file of Examples (e.g. exported annotation corrections), a list of Examples,
                   or a DemonstrationPool; `pool_data=DIR` (+ `pool_format`, default the format the KB was
                   built from, + `pool_split`, default train) reads a dataset split instead. No pool:
@@ -68,7 +68,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -172,65 +172,124 @@ class RetrievedCandidate:
     scores: dict[str, float] = field(default_factory=dict)  # source ("bm25", "dense", "dim") -> score
 
 
-class GemelLinker(Linker):
-    name = "gemel"
+@dataclass
+class GemelConfig:
+    """GEMEL's options (the module docstring says what each does). Given as a config,
+    `GemelLinker(kb, preset, GemelConfig(n_demos=16))`, or as keyword options, as `build_linker("gemel", kb,
+    preset, n_demos=16)` and `--opt n_demos=16` give them. `rank` and `fuse` left at None follow the
+    mode: every candidate scored and fused in candidate mode, beam search over the whole KB otherwise."""
 
-    def __init__(self, kb, preset, *, mapper=None, pool=None, pool_format: str | None = None,
-                 pool_data: str | None = None, pool_split: str = "train", n_demos: int = 4,
-                 retrieval: str = "mention", candidates: str | None = None, top_k: int = 20, rank: str | None = None,
-                 num_beams: int = 5, max_new_tokens: int = 32, length_penalty: float = 0.0, constrained: bool = True,
-                 max_caption_chars: int | None = 500, use_images: bool = True, trie_cache: bool = True,
-                 fuse: bool | None = None, llm_weight: float = FUSION_DEFAULTS["llm_weight"],
-                 temperature_bm25: float = FUSION_DEFAULTS["temperature_bm25"],
-                 temperature_dense: float = FUSION_DEFAULTS["temperature_dense"],
-                 temperature_dim: float = FUSION_DEFAULTS["temperature_dim"],
-                 show_prompt: bool = False, progress: bool = False, **candidate_options):
-        super().__init__(kb, preset)
-        _check_options(n_demos=n_demos, top_k=top_k, num_beams=num_beams, max_new_tokens=max_new_tokens,
-                       max_caption_chars=max_caption_chars, llm_weight=llm_weight, length_penalty=length_penalty,
-                       temperature_bm25=temperature_bm25, temperature_dense=temperature_dense,
-                       temperature_dim=temperature_dim, constrained=constrained, use_images=use_images,
-                       trie_cache=trie_cache, show_prompt=show_prompt, progress=progress, fuse=fuse)
-        if kb.size == 0:
-            raise KBError(f"knowledge base {kb.path} is empty: GEMEL can only generate names of KB entities; build "
-                          f"it from a dataset with `python -m mel kb build`")
-        if candidates is not None and candidates not in CANDIDATE_SOURCES:
-            raise InputError(f"candidates must be None (whole-KB trie) or one of {CANDIDATE_SOURCES}, got {candidates!r}")
-        rank = rank or ("all" if candidates else "beam")
-        if rank not in ("beam", "all"):
-            raise InputError(f"rank must be 'beam' or 'all', got {rank!r}")
-        if rank == "all" and candidates is None:
+    pool_format: str | None = None
+    pool_data: str | None = None
+    pool_split: str = "train"
+    n_demos: int = 4
+    retrieval: str = "mention"
+    candidates: str | None = None
+    top_k: int = 20
+    rank: str | None = None
+    num_beams: int = 5
+    max_new_tokens: int = 32
+    length_penalty: float = 0.0
+    constrained: bool = True
+    max_caption_chars: int | None = 500
+    use_images: bool = True
+    trie_cache: bool = True
+    fuse: bool | None = None
+    llm_weight: float = FUSION_DEFAULTS["llm_weight"]
+    temperature_bm25: float = FUSION_DEFAULTS["temperature_bm25"]
+    temperature_dense: float = FUSION_DEFAULTS["temperature_dense"]
+    temperature_dim: float = FUSION_DEFAULTS["temperature_dim"]
+    show_prompt: bool = False
+    progress: bool = False
+    candidate_options: dict = field(default_factory=dict)  # the candidate linker's, by its name: dense_query=...
+
+    def __post_init__(self):
+        _check_option_values(self)
+        if self.candidates is not None and self.candidates not in CANDIDATE_SOURCES:
+            raise InputError(f"candidates must be None (whole-KB trie) or one of {CANDIDATE_SOURCES}, got "
+                             f"{self.candidates!r}")
+        if self.ranking not in ("beam", "all"):
+            raise InputError(f"rank must be 'beam' or 'all', got {self.rank!r}")
+        if self.ranking == "all" and self.candidates is None:
             raise InputError("rank='all' scores every candidate and needs candidates=dense|dim|bm25; over a whole KB "
                              "use rank='beam'")
-        fuse = bool(candidates) and rank == "all" if fuse is None else bool(fuse)
-        if fuse and candidates is None:
+        if self.fused and self.candidates is None:
             raise InputError("fuse=True combines the LLM with a retriever's scores and needs candidates=dense|bm25|"
                              "hybrid|dim")
-        sources = ("bm25", "dense") if candidates == "hybrid" else ((candidates,) if candidates else ())
-        unknown = [k for k in candidate_options if not any(k.startswith(src + "_") for src in sources)]
+        unknown = [k for k in self.candidate_options if not any(k.startswith(src + "_") for src in self.sources)]
         if unknown:
             raise InputError(f"unknown GEMEL option(s) {unknown}; see `mel.gemel.linker` for the options "
                              f"(options of the candidate linker take its name as prefix, e.g. dense_query=...)")
-        self.n_demos = int(n_demos)
-        self.candidates = candidates
-        self.top_k = int(top_k)
-        self.rank = rank
-        self.use_images = bool(use_images)
-        self.show_prompt = bool(show_prompt)
-        self.fuse = fuse
-        self.llm_weight = float(llm_weight)
-        self.temperatures = {"bm25": float(temperature_bm25), "dense": float(temperature_dense),
-                             "dim": float(temperature_dim)}
         if any(t <= 0 for t in self.temperatures.values()):
             raise InputError(f"fusion temperatures must be positive, got {self.temperatures}")
-        self.constrained = bool(constrained)
-        if not self.constrained and candidates:
+        if not self.constrained and self.candidates:
             raise InputError("constrained=False (free generation) is the whole-KB ablation; with candidates=... the "
                              "output is always one of the candidates")
-        self.decode_config = DecodeConfig(num_beams=int(num_beams), max_new_tokens=int(max_new_tokens),
-                                          length_penalty=float(length_penalty))
-        if candidates:
-            self.name = f"gemel+{candidates}"
+
+    @classmethod
+    def from_options(cls, **options) -> "GemelConfig":
+        """The config from keyword options: a field's name sets it, any other name is an option of the
+        candidate linker (`dense_query=...`), refused when it names none."""
+        names = {f.name for f in fields(cls)} - {"candidate_options"}
+        return cls(**{k: v for k, v in options.items() if k in names},
+                   candidate_options={k: v for k, v in options.items() if k not in names})
+
+    def replace(self, **options) -> "GemelConfig":
+        """This config with some options changed (keyword options as `from_options` takes them)."""
+        current = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "candidate_options"}
+        return GemelConfig.from_options(**{**current, **self.candidate_options, **options})
+
+    @property
+    def ranking(self) -> str:
+        """`rank`, or when None: "all" (every candidate scored by the LLM) in candidate mode, else "beam"."""
+        return self.rank or ("all" if self.candidates else "beam")
+
+    @property
+    def fused(self) -> bool:
+        """`fuse`, or when None: on in candidate mode when every candidate is scored."""
+        return bool(self.candidates) and self.ranking == "all" if self.fuse is None else bool(self.fuse)
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """The retrievers whose top-k fills the trie in candidate mode (none over the whole KB)."""
+        return ("bm25", "dense") if self.candidates == "hybrid" else ((self.candidates,) if self.candidates else ())
+
+    @property
+    def temperatures(self) -> dict[str, float]:
+        return {"bm25": float(self.temperature_bm25), "dense": float(self.temperature_dense),
+                "dim": float(self.temperature_dim)}
+
+
+class GemelLinker(Linker):
+    name = "gemel"
+
+    def __init__(self, kb, preset, config: GemelConfig | None = None, *, mapper=None, pool=None, **options):
+        """`mapper` (a directory, a FeatureMapper or "none") and `pool` (a JSONL file, Examples or a
+        DemonstrationPool) may be objects; every other option is a GemelConfig field, given in `config`
+        or as keyword options (which override `config`'s)."""
+        super().__init__(kb, preset)
+        if config is None:
+            config = GemelConfig.from_options(**options)
+        elif options:
+            config = config.replace(**options)
+        if kb.size == 0:
+            raise KBError(f"knowledge base {kb.path} is empty: GEMEL can only generate names of KB entities; build "
+                          f"it from a dataset with `python -m mel kb build`")
+        self.config = config
+        self.n_demos = int(config.n_demos)
+        self.candidates = config.candidates
+        self.top_k = int(config.top_k)
+        self.rank = config.ranking
+        self.use_images = bool(config.use_images)
+        self.show_prompt = bool(config.show_prompt)
+        self.fuse = config.fused
+        self.llm_weight = float(config.llm_weight)
+        self.temperatures = config.temperatures
+        self.constrained = bool(config.constrained)
+        self.decode_config = DecodeConfig(num_beams=int(config.num_beams), max_new_tokens=int(config.max_new_tokens),
+                                          length_penalty=float(config.length_penalty))
+        if config.candidates:
+            self.name = f"gemel+{config.candidates}"
 
         self.llm = preset.backend("llm")
         self.model = self.llm.model
@@ -248,22 +307,23 @@ class GemelLinker(Linker):
                                       f"preset or train a mapper for this one")
             self.images = ImageFeatures(encoder)
         n_tokens = self.mapper.n_tokens if self.mapper is not None else 0
-        self.builder = PromptBuilder(self.tokenizer, n_image_tokens=n_tokens, max_caption_chars=max_caption_chars)
+        self.builder = PromptBuilder(self.tokenizer, n_image_tokens=n_tokens, max_caption_chars=config.max_caption_chars)
 
-        self.pool, self.pool_description = self._make_pool(pool, pool_format, pool_data, pool_split, retrieval, progress)
+        self.pool, self.pool_description = self._make_pool(pool, config.pool_format, config.pool_data,
+                                                           config.pool_split, config.retrieval, config.progress)
         self._answers: dict[str, str] = {}
 
         self.trie: TokenTrie | FreeVocabulary | None = None
         self.retrievers: dict = {}
-        if candidates is None and not self.constrained:
+        if config.candidates is None and not self.constrained:
             self.trie = FreeVocabulary(self.tokenizer)
             self.name = "gemel-free"
-        elif candidates is None:
-            self.trie = kb_trie(kb, self.tokenizer, use_cache=trie_cache)
+        elif config.candidates is None:
+            self.trie = kb_trie(kb, self.tokenizer, use_cache=config.trie_cache)
         else:
             from ..linkers import build_linker
-            for src in sources:
-                opts = {k[len(src) + 1:]: v for k, v in candidate_options.items() if k.startswith(src + "_")}
+            for src in config.sources:
+                opts = {k[len(src) + 1:]: v for k, v in config.candidate_options.items() if k.startswith(src + "_")}
                 self.retrievers[src] = build_linker(src, kb, preset, **opts)
 
     # -- set-up helpers ----------------------------------------------------------------------
@@ -523,17 +583,17 @@ class GemelLinker(Linker):
                           details=details)
 
 
-def _check_options(**options) -> None:
+def _check_option_values(config: GemelConfig) -> None:
     """Clear errors for option values that would otherwise crash or quietly do nothing useful
     (num_beams=-2 crashed the beam search; constrained="abc" read as True; NaN weights made every score NaN)."""
     minimum = {"n_demos": 0, "top_k": 1, "num_beams": 1, "max_new_tokens": 1, "max_caption_chars": 1}
     for key, low in minimum.items():
-        if not (key == "max_caption_chars" and options[key] is None):
-            require_whole(f"GEMEL option {key}", options[key], low)
+        if not (key == "max_caption_chars" and config.max_caption_chars is None):
+            require_whole(f"GEMEL option {key}", getattr(config, key), low)
     for key in ("llm_weight", "length_penalty", "temperature_bm25", "temperature_dense", "temperature_dim"):
-        require_finite(f"GEMEL option {key}", options[key])
+        require_finite(f"GEMEL option {key}", getattr(config, key))
     for key in ("constrained", "use_images", "trie_cache", "show_prompt", "progress", "fuse"):
-        value = options[key]
+        value = getattr(config, key)
         if not isinstance(value, bool) and not (key == "fuse" and value is None):
             raise InputError(f"GEMEL option {key} must be true or false, got {value!r}")
 

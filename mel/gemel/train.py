@@ -30,13 +30,13 @@ import random
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 
-from ..cli import count_arg
 from ..errors import CheckpointError, InputError
 from ..training import (TrainConfig, check_checkpoint_target, check_whole, load_config, load_training_state,
                         make_optimizer_and_scheduler, read_training_state, recover_training_dirs, remove_written,
@@ -49,17 +49,23 @@ from .mapper import FeatureMapper, MapperConfig
 from .prompt import IGNORE_INDEX, PromptBuilder, Segment, embed_prompt
 
 STATE_SUFFIX = ".trainer_state"
-EXAMPLE_CHOICES = ("with-image", "with-query-image", "all")
+ExampleChoice = Literal["with-image", "with-query-image", "all"]
+EXAMPLE_CHOICES = get_args(ExampleChoice)
 
 
 @dataclass
 class GemelTrainConfig(TrainConfig):
-    n_demos: int = 4
-    retrieval: str = "mention"
-    n_image_tokens: int = 4
-    max_caption_chars: int | None = 500
-    examples: str = "with-image"
-    save_every: int = 50  # optimizer steps between checkpoints
+    """The paper's recipe (TrainConfig) and GEMEL's prompt. Every field is a flag of
+    `python -m mel train gemel` (`n_demos` -> `--n-demos`)."""
+
+    n_demos: int = field(default=4, metadata={"help": "demonstrations per prompt (paper: 16)"})
+    retrieval: Literal["mention", "multimodal"] = field(default="mention", metadata={
+        "help": "how demonstrations are retrieved: the mention's embedding, or mention + caption + image"})
+    n_image_tokens: int = field(default=4, metadata={"help": "visual tokens per image"})
+    max_caption_chars: int | None = field(default=500, metadata={"help": "captions are cut to this length"})
+    examples: ExampleChoice = field(default="with-image", metadata={
+        "help": "which examples train: with an image in the prompt, with a query image, or all"})
+    save_every: int = field(default=50, metadata={"help": "optimizer steps between checkpoints"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -338,31 +344,20 @@ def evaluate_mapper(out: str | Path, kb, preset, examples: list[Example], pool_e
             "n_with_image": len(with_image), "latency_ms_p50": report["latency_ms_p50"]}
 
 
-# -- CLI -----------------------------------------------------------------------------------------
+# -- CLI: `python -m mel train gemel`; the training flags come from GemelTrainConfig (mel.training.cli) --
+CONFIG = GemelTrainConfig
+
+
 def add_arguments(p) -> None:
+    from ..cli_kit import add_preset_args, count_arg
     p.add_argument("--format", required=True, help="dataset format (wikimel, richpedia, wikidiverse, mimic, gemel, jsonl)")
     p.add_argument("--data", required=True, help="dataset directory")
     p.add_argument("--split", default="train")
     p.add_argument("--kb", required=True, help="the KB built from the dataset (`python -m mel kb build`)")
     p.add_argument("--out", required=True, help="directory for the mapper (config.json + model.safetensors)")
-    p.add_argument("--preset", default="auto")
-    p.add_argument("--device", default=None)
-    d = TrainConfig()
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
-    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    p.add_argument("--n-demos", type=int, default=4, help="demonstrations per prompt (paper: 16)")
-    p.add_argument("--retrieval", choices=("mention", "multimodal"), default="mention")
-    p.add_argument("--n-image-tokens", type=int, default=4)
-    p.add_argument("--examples", choices=EXAMPLE_CHOICES, default="with-image")
+    add_preset_args(p)
     p.add_argument("--limit", type=count_arg, default=None, help="only the first N examples of the split")
     p.add_argument("--init", default=None, help="start from this mapper directory")
-    p.add_argument("--save-every", type=int, default=50, help="optimizer steps between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--keep-state", action="store_true", help="keep OUT.trainer_state after the run")
     p.add_argument("--eval-split", default="dev", help="split for the dev accuracy written to config.json")
@@ -373,21 +368,16 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> None:
+    from ..cli_kit import config_from_args, resolve_preset
     from ..datasets import load_dataset
     from ..kb import KnowledgeBase
-    from ..presets import get_preset
-    preset = get_preset(args.preset, device=args.device)
-    if preset.reason:
-        print(f"[mel] {preset.reason}", file=sys.stderr)
+    config = config_from_args(GemelTrainConfig, args)
+    preset = resolve_preset(args)
     kb = KnowledgeBase(args.kb)
     split = load_dataset(args.format, args.data, args.split)
     examples = split.examples[: args.limit] if args.limit else split.examples
     dev = load_dataset(args.format, args.data, args.eval_split).examples[: args.eval_limit] if args.eval_limit else []
-    config = GemelTrainConfig(lr=args.lr, epochs=args.epochs, grad_accum=args.grad_accum, weight_decay=args.weight_decay,
-                              warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm, seed=args.seed,
-                              max_steps=args.max_steps, n_demos=args.n_demos, retrieval=args.retrieval,
-                              n_image_tokens=args.n_image_tokens, examples=args.examples, save_every=args.save_every)
-    command = "python -m mel " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith(("mel", "__main__.py")) else ""
+    command = getattr(args, "command_line", "")
     trainer = MapperTrainer(examples, kb, preset, args.out, config, init=args.init, progress=not args.quiet)
     print(f"[mel] {len(trainer.items)} training examples ({json.dumps(trainer.data_report)}); "
           f"{trainer.total_steps()} optimizer steps", file=sys.stderr)

@@ -1,7 +1,11 @@
-"""`python -m mel train {gemel,dim} ...`: each trainer module provides add_arguments(p) and run(args)."""
+"""`python -m mel train {gemel,dim} ...`: each trainer module provides CONFIG (its training config
+dataclass, whose fields become flags through transformers' HfArgumentParser), add_arguments(p) for
+the other flags (data, output, resume) and run(args)."""
 from __future__ import annotations
 
 import importlib
+
+from ..cli_kit import config_arguments
 
 TRAINERS = {"gemel": "mel.gemel.train", "dim": "mel.dim.train"}
 
@@ -16,6 +20,7 @@ def add_parser(subparsers) -> None:
             if exc.name and module_name.startswith(exc.name):
                 continue  # trainer not built yet
             raise
-        p = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else None)
+        p = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else None,
+                           parents=[config_arguments(module.CONFIG)])
         module.add_arguments(p)
         p.set_defaults(func=module.run)

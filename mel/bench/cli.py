@@ -1,0 +1,91 @@
+"""`python -m mel bench quality|ablations|scale|reference|all|report` (registered in mel.cli.COMMANDS)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..cli_kit import add_preset_args, add_threads_arg, check_output_dir, count_arg
+from ..errors import InputError
+from .report import RENDER, write_results
+from .runs import DATASETS, LINKERS, bench_ablations, bench_quality, bench_reference, bench_scale
+
+RUNS = {"quality": bench_quality, "ablations": bench_ablations, "scale": bench_scale, "reference": bench_reference}
+
+
+def cmd_report(args) -> None:
+    out = Path(args.out)
+    found = False
+    for kind in RENDER:
+        path = out / f"bench_{kind}.json"
+        if path.exists():
+            found = True
+            for p in write_results(json.loads(path.read_text(encoding="utf-8")), out):
+                print(f"wrote {p}")
+    if not found:
+        raise InputError(f"no bench_*.json under {out}: run `python -m mel bench quality|ablations|scale` first")
+
+
+def _run(args) -> None:
+    if args.bench_command == "report":
+        cmd_report(args)
+        return
+    out = check_output_dir(args.out)  # fail now, not after an hour of measuring
+    for kind in (list(RUNS) if args.bench_command == "all" else [args.bench_command]):
+        for path in write_results(RUNS[kind](args), out):
+            print(f"wrote {path}")
+
+
+def add_parser(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmarks: quality, ablations, scale; JSON + Markdown + PNG under results/")
+    kinds = bench.add_subparsers(dest="bench_command", required=True)
+
+    def common(p, data: bool = True):
+        p.add_argument("--out", default="results", help="where the JSON, Markdown and PNG files go")
+        add_preset_args(p)
+        p.add_argument("--seed", type=int, default=0)
+        add_threads_arg(p, subcommand=True)
+        p.add_argument("--progress", action="store_true", help="progress bars")
+        if data:
+            p.add_argument("--data-root", default="../shared/data", help="folder holding wikimel/, richpedia/, wikidiverse/")
+            p.add_argument("--kb-dir", default="data", help="folder of the KBs {format}.sqlite (built when missing)")
+            p.add_argument("--generative-limit", type=int, default=200,
+                           help="GEMEL linkers on the first N dev mentions (0 = all; ~1 s per mention on a CPU)")
+        p.set_defaults(func=_run)
+
+    def quality_args(p):
+        p.add_argument("--datasets", default=",".join(DATASETS))
+        p.add_argument("--linkers", default=",".join(LINKERS), help="comma-separated; options as name:key=value")
+        p.add_argument("--limit", type=count_arg, default=None, help="only the first N dev mentions for every linker")
+
+    def ablation_args(p):
+        p.add_argument("--dataset", default="wikimel")
+
+    def scale_args(p):
+        p.add_argument("--sizes", default="10000,100000,1000000")
+        p.add_argument("--engines", default="numpy,faiss-flat,faiss-ivf,faiss-hnsw")
+        p.add_argument("--dim", type=int, default=384)
+        p.add_argument("--queries", type=int, default=30)
+        p.add_argument("--encoder-names", type=int, default=2000, help="text-encoder throughput on N names (0: skip)")
+
+    p = kinds.add_parser("quality", help="every linker on every dev split")
+    quality_args(p)
+    common(p)
+    p = kinds.add_parser("ablations", help="image, expert cue, number of demonstrations, trie vs free generation")
+    ablation_args(p)
+    common(p)
+    p = kinds.add_parser("scale", help="KB build and search cost at growing KB sizes (synthetic entities)")
+    scale_args(p)
+    common(p, data=False)
+    p = kinds.add_parser("reference", help="achieved fraction of the machine: LLM vs plain forward, search vs matmul")
+    ablation_args(p)
+    common(p)
+    p = kinds.add_parser("all", help="quality, ablations, scale and reference in turn: all of results/ in one command")
+    for add in (quality_args, ablation_args, scale_args):
+        add(p)
+    common(p)
+    p = kinds.add_parser("report", help="re-render Markdown and PNG from the bench_*.json under --out")
+    p.add_argument("--out", default="results")
+    add_threads_arg(p, subcommand=True)
+    p.set_defaults(func=_run)
+
+
