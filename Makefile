@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 
 .PHONY: setup run test clean browser
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed face-api
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,18 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 browser:
 	@test -x /usr/bin/chromium || { $(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium fonts-noto-color-emoji >/dev/null; }
+
+# face-api.js's age/gender network (npm @vladmandic/face-api, MIT): its weights are fetched with
+# `npm pack` into the model cache and converted to safetensors on first use (mel/backends/face_api.py);
+# nothing of the package enters this repository. Without npm the offline cue counts faces only.
+FACE_API := @vladmandic/face-api@1.7.15
+NPM_CACHE = $${MEL_CACHE:-$$HOME/.cache/mel}/npm
+.PHONY: face-api
+face-api:
+	@if ! command -v npm >/dev/null; then echo "npm not found: the offline cue counts faces without apparent age/gender (see mel/backends/face_api.py)"; \
+	elif ls "$(NPM_CACHE)"/vladmandic-face-api-1.7.15.tgz >/dev/null 2>&1; then :; \
+	else mkdir -p "$(NPM_CACHE)" && npm pack --silent $(FACE_API) --pack-destination "$(NPM_CACHE)" >/dev/null \
+	  || echo "npm pack $(FACE_API) failed: the offline cue counts faces without apparent age/gender"; fi
 
 clean:
 	rm -rf $(VENV)

@@ -8,7 +8,9 @@ Who annotates:
   MEL_AUTH    "user:password,user2:password2": password login (never put passwords in the repo)
   OAuth       on a Space with `hf_oauth: true` in README front matter (and no MEL_AUTH): HF login
   neither     locally: everyone is "local" (also admin); on a Space: linking only, no saving
-  MEL_ADMINS  comma-separated users who may export training data from the app
+  MEL_ADMINS  comma-separated users who may export training data and manage projects in the app
+The "Annotate" tab opens first when the database has annotation projects (python -m mel annotations
+import ...; or the "Projects" tab, for admins).
 Logins are rate-limited: after 5 failed logins to an account (or 20 from one address) within
 5 minutes, that account (address) is refused for 30 s, twice as long at each repeat, up to 1 h.
 Where data goes: --data-dir, else $MEL_DATA_DIR, else /data/mel on a Space with persistent
@@ -127,6 +129,8 @@ def main(argv=None) -> None:
                     auth_message="Log in with the annotator account you were given." if auth else None,
                     show_error=True, **serve_options(demo, auth or None), **launch_options())
     finally:
+        demo.mel_preannotations.stop_all()   # a stopped run resumes where it was: the next start links the rest
+        demo.mel_queue.close()
         demo.mel_vault.close()
         service.store.close()
 

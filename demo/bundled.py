@@ -98,3 +98,38 @@ def ensure_demo_kb(preset, progress: bool = False) -> Path:
         build_kb(read_kb_entities("jsonl", KB_FILE), path, text_encoder=encoder, image_encoder=None,
                  source_format="jsonl", progress=progress)
     return path
+
+
+MAX_EXAMPLES = 6
+
+
+def examples_for(service, n: int = MAX_EXAMPLES) -> list[BundledExample]:
+    """The Link tab's examples for the KB `service` has loaded: the bundled ones with the bundled
+    KB; with another KB, labelled mentions of that KB (GEMEL's pool, then the tasks of projects
+    on that KB), those with an image first; none when there are none."""
+    if not service.config.kb:
+        return bundled_examples()
+    kb = service.kb
+    found: list[BundledExample] = []
+    seen: set[tuple[str, int, int]] = set()
+
+    def take(mention, why: str) -> None:
+        key = (mention.caption, mention.start, mention.end)
+        if key in seen or len(found) >= 4 * n:
+            return
+        seen.add(key)
+        image = mention.image if mention.image and os.path.isfile(mention.image) else None
+        found.append(BundledExample(image, mention.caption, mention.text, mention.start, mention.end, why))
+
+    pool = service.pool()
+    for ex in (pool.examples if pool is not None else ()):
+        if ex.gold_id in kb:
+            take(ex.mention, f"→ {ex.gold_name or ex.gold_id}")
+    if len(found) < n and service.store is not None:
+        from annotations.projects import kb_stamp, list_projects, list_tasks
+        for project in list_projects(service.store):
+            if project.kb_stamp == kb_stamp(kb):
+                for task in list_tasks(service.store, project, limit=4 * n):
+                    take(task.mention, f"task of {project.name}")
+    found.sort(key=lambda e: e.image is None)  # the image decides: those with one first
+    return found[:n]

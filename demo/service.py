@@ -18,25 +18,35 @@ demonstration pool before the next link retrieves demonstrations, and an undone 
 saving and undoing only queue the change (they never wait for a running link), and the next
 link applies the queue under the link lock, checked against the corrections the store holds.
 
+The pool is shared, but each annotator sees a view of it (`pool_view`): the pool's own examples,
+their own corrections and decisions, and decisions a reviewer confirmed; never another
+annotator's unreviewed ones, so one annotator's mistake does not change another's suggestions.
+Predictions stored for a project's tasks (shared by its annotators) use the view of nobody:
+the pool's examples and reviewed decisions only.
+
 Every input has a bound (MAX_QUERY_CHARS, MAX_SEARCH_K, MAX_ID_CHARS, the caption limit of
 mel.types): one request cannot keep the others waiting by sending a huge value.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import sqlite3
 import shutil
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from annotations import FORMATS, AnnotationStore, NotAllowedError, export_corrections
 from annotations.store import ACTIONS, LINK_ACTIONS
 from mel.errors import InputError, MELError
-from mel.types import NIL, Entity, Example, LinkResult, Mention, check_typed_text
+from mel.spans import resolve_mention
+from mel.types import NIL, DimDetails, Entity, Example, GemelDetails, LinkResult, Mention, check_typed_text
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +55,7 @@ Progress = Callable[[float, str], None]
 MAX_QUERY_CHARS = 200   # a KB search is for a name or a few words
 MAX_SEARCH_K = 50       # search results returned at most
 MAX_ID_CHARS = 200      # mention ids are 32 hex digits; KB ids are short
+CORRECTION_SAMPLE = "correction-"  # sample_id prefix of corrections in the live pool
 
 
 def check_id(value, field: str, hint: str) -> str:
@@ -145,8 +156,8 @@ class LinkView:
         if g is None or g.result is None:
             return None
         r = g.result
-        text = _first(details_dict(r), ("generated", "generated_text", "generation", "text", "output"))
-        return {"generated": text if isinstance(text, str) else (r.prediction.name if r.prediction else ""),
+        text = r.details.generated if isinstance(r.details, GemelDetails) else None
+        return {"generated": text if text is not None else (r.prediction.name if r.prediction else ""),
                 "id": r.prediction.id if r.prediction else NIL, "name": r.prediction.name if r.prediction else "NIL",
                 "description": r.prediction.description if r.prediction else "", "score": r.score}
 
@@ -182,6 +193,8 @@ class LinkService:
         self._pool_ops: list[tuple] = []        # ("add", id, mention_id, entity) / ("remove", id), not yet applied
         self._pool_ops_lock = threading.Lock()  # guards _pool_ops only: never held while a model runs
         self._load_lock = threading.Lock()
+        self._project_linkers: dict[tuple[str, str], SerializedLinker] = {}
+        self._project_kbs: dict[str, Any] = {}
         self._link_lock = threading.Lock()      # linkers hold models that are not re-entrant; guards the pool
         self._loaded = False
 
@@ -321,23 +334,21 @@ class LinkService:
             self.load(progress=lambda f, d: say(0.3 * f, d))
         t_start = time.perf_counter()
         timings: dict[str, Any] = {}
-        try:
-            start, end = int(start), int(end)
-        except (TypeError, ValueError):
-            raise InputError(f"start and end must be whole numbers, got {start!r} and {end!r}") from None
-        mention = Mention(caption, start, end)  # InputError on a bad span
-        check_typed_text(caption, "caption")               # ... or on control characters
+        if start is None or end is None:
+            raise InputError(f"start and end must be whole numbers, got {start!r} and {end!r}")
+        mention = resolve_mention(caption, None, start, end)  # checked once: span, length, control characters
         t = time.perf_counter()
         sha = self.store.save_image(image) if image else None
         stored = self.store.image_path(sha) if sha else None
-        mention = Mention(caption, mention.start, mention.end, image=str(stored) if stored else None)
+        # the same Mention (NFC caption and offsets) with the stored image: never rebuilt from the raw caption
+        mention = dataclasses.replace(mention, image=str(stored) if stored else None)
         mention.id = self.store.record_mention(mention, image_sha256=sha, source=source)
         timings["store_mention"] = _ms(t)
 
         generator = None
         if self.generator is not None:
             say(0.35, "GEMEL: retrieving demonstrations and generating")
-            generator = self._run("generator", self.config.generator, self.generator, mention)
+            generator = self._run("generator", self.config.generator, self.generator, mention, annotator)
         elif self.config.generator:
             generator = PanelResult("generator", self.config.generator, error=self.status.get("generator"))
         say(0.7, "DIM: expert cue and ranking")
@@ -365,12 +376,15 @@ class LinkService:
                                 "models": {p.linker: p.result.models for p in panels if p.result is not None},
                                 "kb": self.kb_label})
 
-    def _run(self, role: str, name: str, linker, mention: Mention) -> PanelResult:
+    def _run(self, role: str, name: str, linker, mention: Mention, annotator: str | None = None) -> PanelResult:
         try:
             with self._link_lock:
+                scope = nullcontext()
                 if role == "generator":
                     self._apply_pool_ops()  # corrections saved or undone since the last link
-                return PanelResult(role, name, result=linker.link(mention, k=self.config.k))
+                    scope = self.pool_scope(annotator)
+                with scope:
+                    return PanelResult(role, name, result=linker.link(mention, k=self.config.k))
         except MELError as exc:
             return PanelResult(role, name, error=str(exc))
         except Exception as exc:  # one linker failing must not hide the other's result
@@ -379,7 +393,8 @@ class LinkService:
 
     def _cue(self, ranker: PanelResult, mention: Mention) -> dict | None:
         """DIM's expert cue; when DIM is not running, asked of the preset's cue provider directly."""
-        cue = details_dict(ranker.result).get("cue") if ranker.result is not None else None
+        details = ranker.result.details if ranker.result is not None else None
+        cue = details.cue if isinstance(details, DimDetails) else None
         if cue is None and mention.image and self.ranker_name != self.config.ranker:
             try:
                 from mel.imageio import load_image
@@ -389,7 +404,7 @@ class LinkService:
                 return {"text": "", "provider": self.preset.cue, "error": _why(exc)}
         if cue is None:
             return None if mention.image else {"text": "", "provider": self.preset.cue, "error": "no image: no cue"}
-        if hasattr(cue, "to_dict"):
+        if hasattr(cue, "to_dict"):  # DIM's ExpertCue; a cue provider's own record
             cue = cue.to_dict()
         if isinstance(cue, str):
             cue = {"text": cue, "provider": self.preset.cue}
@@ -397,23 +412,9 @@ class LinkService:
 
     @staticmethod
     def _demonstrations(generator: PanelResult | None) -> list[dict]:
-        if generator is None or generator.result is None:
+        if generator is None or generator.result is None or not isinstance(generator.result.details, GemelDetails):
             return []
-        demos = _first(details_dict(generator.result), ("demonstrations", "demos")) or []
-        out = []
-        for d in demos:
-            if not isinstance(d, dict):
-                d = asdict(d) if hasattr(d, "__dataclass_fields__") else {"caption": str(d)}
-            out.append({
-                "caption": str(_first(d, ("caption", "text")) or ""),
-                "mention": str(_first(d, ("mention",)) or ""),
-                "gold_name": str(_first(d, ("gold_name", "answer", "name", "entity_name")) or ""),
-                "gold_id": str(_first(d, ("gold_id", "entity_id", "id")) or ""),
-                "similarity": _first(d, ("similarity", "score", "sim")),
-                "image": _first(d, ("image",)),
-                "sample_id": str(_first(d, ("sample_id",)) or ""),
-            })
-        return out
+        return [d.to_dict() for d in generator.result.details.demonstrations]
 
     # -- annotation --------------------------------------------------------------------------
     def search(self, query: str, k: int = 10) -> list[Entity]:
@@ -461,8 +462,10 @@ class LinkService:
                 raise InputError("choose an entity first (accept a prediction, pick a DIM candidate or a search result)")
             entity = self.kb.get(entity_id)  # InputError if the id is not in the KB
         if prediction_id is None and action in ("accept_gemel", "accept_dim"):
+            # an API call without the prediction id (the UI sends the one it showed): the latest one
             linker = getattr(self.generator if action == "accept_gemel" else self.ranker, "name", "")
-            prediction_id = self._latest_prediction(mention_id, linker)
+            shown = [p["id"] for p in self.store.predictions(mention_id) if p["linker"] == linker]
+            prediction_id = shown[-1] if shown else None
         ack = self.store.record_correction(annotator, mention_id, entity.id if entity else entity_id, action,
                                            entity_name=entity.name if entity else "", prediction_id=prediction_id,
                                            kb=self.kb_label)
@@ -470,11 +473,6 @@ class LinkService:
         if entity is not None and use_pool and self.generator is not None:
             self._queue_pool_op(("add", ack.correction_id, mention_id, entity))  # never waits for a link
         return ack
-
-    def _latest_prediction(self, mention_id: str, linker: str) -> int | None:
-        row = self.store.db.execute("SELECT max(id) FROM predictions WHERE mention_id = ? AND linker = ?",
-                                    (mention_id, linker)).fetchone()
-        return row[0] if row else None
 
     def undo(self, annotator: str | None) -> dict | None:
         if not annotator:
@@ -489,12 +487,92 @@ class LinkService:
         empty = {"total": 0, "linked": 0, "nil": 0, "skip": 0, "undone": 0}
         return counts.get(annotator, empty) if annotator is not None else counts
 
+    # -- linkers for annotation projects --------------------------------------------------------
+    def project_linkers(self, project) -> dict[str, "SerializedLinker"]:
+        """The linkers that pre-annotate `project` (its settings.linkers), on the project's KB: the
+        app's own when the project links against the loaded KB, else built once on the project's KB.
+        Each runs under the app's link lock (models are not re-entrant), GEMEL with the shared view
+        of the pool (pool_view(None)): predictions stored for tasks are seen by every annotator."""
+        from annotations.projects import kb_stamp
+        from mel.linkers import build_linker
+        if not project.kb:
+            raise InputError(f"project {project.name!r} has no KB; attach one with `python -m mel annotations "
+                             f"import --kb KB.sqlite ...` before annotating")
+        same_kb = project.kb_stamp == kb_stamp(self.kb)
+        out: dict[str, SerializedLinker] = {}
+        for name in project.settings.linkers:
+            key = (project.kb_stamp, name)
+            with self._load_lock:
+                if key not in self._project_linkers:
+                    if same_kb and name == self.config.generator and self.generator is not None:
+                        linker = self.generator
+                    elif same_kb and name == self.ranker_name and self.ranker is not None:
+                        linker = self.ranker
+                    else:
+                        linker = build_linker(name, self._kb_of(project), self.preset)
+                    self._project_linkers[key] = SerializedLinker(linker, self, generator=linker is self.generator)
+            out[name] = self._project_linkers[key]
+        return out
+
+    def project_kb(self, project):
+        """The KB `project` links against (the loaded one when it is the same build)."""
+        with self._load_lock:
+            return self._kb_of(project)
+
+    def _kb_of(self, project):
+        """Caller holds _load_lock."""
+        from annotations.projects import kb_stamp
+        from mel.kb import KnowledgeBase
+        if not project.kb:
+            return None
+        if project.kb_stamp == kb_stamp(self.kb):
+            return self.kb
+        if project.kb not in self._project_kbs:
+            self._project_kbs[project.kb] = KnowledgeBase(project.kb)
+        return self._project_kbs[project.kb]
+
     # -- live demonstration pool -------------------------------------------------------------
+    def pool_view(self, annotator: str | None) -> Callable[[str], bool]:
+        """Which demonstrations `annotator` may be shown (a predicate on sample_id): the pool's own
+        examples, the annotator's standing corrections and decisions, and decisions a review
+        confirmed (its final label is theirs). annotator=None: the pool's own and reviewed ones."""
+        own = ({f"{CORRECTION_SAMPLE}{c['id']}" for c in self.store.corrections(annotator=annotator)}
+               if annotator else set())
+        allowed = own | self._reviewed_samples()
+        return lambda sample_id: not sample_id.startswith(CORRECTION_SAMPLE) or sample_id in allowed
+
+    def pool_scope(self, annotator: str | None):
+        """A context in which GEMEL retrieves only from `annotator`'s view of the pool (pool_view)."""
+        pool = self.pool()
+        if pool is None or not hasattr(pool, "only"):
+            return nullcontext()
+        return pool.only(self.pool_view(annotator))
+
+    def _reviewed_samples(self) -> set[str]:
+        """Sample ids of decisions whose task's latest review set the same final label."""
+        try:
+            rows = self.store.db.execute(
+                "SELECT c.id FROM corrections c JOIN reviews r ON r.task_id = c.task_id AND r.action = 'final' "
+                "AND r.entity_id = c.entity_id WHERE c.undone_at IS NULL "
+                "AND r.id = (SELECT max(id) FROM reviews WHERE task_id = c.task_id)").fetchall()
+        except sqlite3.Error:  # a database from before reviews (read-only, not migrated)
+            return set()
+        return {f"{CORRECTION_SAMPLE}{r[0]}" for r in rows}
+
+    def pool_add(self, correction_id: int, mention_id: str, entity: Entity) -> None:
+        """A saved decision joins the pool at the next link (for its author's view; see pool_view)."""
+        if self.config.live_pool and self.generator is not None and entity is not None:
+            self._queue_pool_op(("add", correction_id, mention_id, entity))
+
+    def pool_remove(self, correction_id: int) -> None:
+        """An undone or changed decision leaves the pool at the next link."""
+        self._queue_pool_op(("remove", correction_id))
+
     def _example(self, correction_id: int, mention_id: str, entity: Entity) -> Example:
         m = self.store.mention(mention_id)
         image = self.store.image_path(m["image_sha256"]) if m["image_sha256"] else None
         mention = Mention(m["caption"], m["start"], m["end"], image=str(image) if image else None, id=mention_id)
-        return Example(mention, gold_id=entity.id, gold_name=entity.name, sample_id=f"correction-{correction_id}",
+        return Example(mention, gold_id=entity.id, gold_name=entity.name, sample_id=f"{CORRECTION_SAMPLE}{correction_id}",
                        dataset="annotations", split="train")
 
     def _queue_pool_op(self, op: tuple) -> None:
@@ -543,16 +621,13 @@ class LinkService:
     def _remove_from_pool(self, correction_id: int) -> None:
         """Caller holds _link_lock."""
         sample_id = self._pooled.pop(correction_id, None)
-        pool = self.pool()
-        if sample_id is None or pool is None:
+        if sample_id is None:
             return
-        if hasattr(pool, "remove"):
-            pool.remove(sample_id)
-            return
-        # DemonstrationPool keeps `examples` and the matching rows of `vectors`: drop both
-        keep = [i for i, ex in enumerate(pool.examples) if ex.sample_id != sample_id]
-        pool.examples = [pool.examples[i] for i in keep]
-        pool.vectors = pool.vectors[keep]
+        remove = getattr(self.generator, "remove_demonstrations", None)
+        if remove is not None:
+            remove([sample_id])
+        elif self.pool() is not None:
+            self.pool().remove(sample_id)
 
     def _pool_existing_corrections(self, pool) -> None:
         """After a restart, the standing corrections join the pool again (same as when they were made)."""
@@ -596,17 +671,32 @@ class LinkService:
         return target
 
 
+class SerializedLinker:
+    """A linker run under the app's link lock (one model call at a time, shared with the Link tab);
+    the app's GEMEL also applies the queued pool changes first and retrieves from the shared view
+    of the pool. Holds the lock per call of `link` and per `pipe` batch: give pipe small batches."""
+
+    def __init__(self, linker, service: LinkService, *, generator: bool = False):
+        self.linker, self.service, self.generator = linker, service, generator
+        self.name = getattr(linker, "name", "")
+        self.kb = getattr(linker, "kb", None)
+
+    def _scope(self):
+        if not self.generator:
+            return nullcontext()
+        self.service._apply_pool_ops()
+        return self.service.pool_scope(None)
+
+    def link(self, mention: Mention, k: int = 10) -> LinkResult:
+        with self.service._link_lock, self._scope():
+            return self.linker.link(mention, k=k)
+
+    def pipe(self, mentions, k: int = 10, batch_size: int = 8):
+        with self.service._link_lock, self._scope():
+            return list(self.linker.pipe(list(mentions), k=k, batch_size=batch_size))
+
+
 # -- helpers ---------------------------------------------------------------------------------------
-def details_dict(result) -> dict:
-    """A LinkResult's details as a plain dict, whether the linker gave a dict or a typed record."""
-    details = getattr(result, "details", None)
-    if details is None:
-        return {}
-    if isinstance(details, dict):
-        return details
-    return details.to_dict() if hasattr(details, "to_dict") else asdict(details)
-
-
 def _ms(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1000, 1)
 
@@ -617,9 +707,3 @@ def _why(exc: BaseException) -> str:
         text = f"{type(exc).__name__}: {text}"
     return text
 
-
-def _first(d: dict, keys: tuple[str, ...]):
-    for key in keys:
-        if isinstance(d, dict) and d.get(key) is not None:
-            return d[key]
-    return None

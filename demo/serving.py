@@ -1,6 +1,7 @@
 """Start the real app on 127.0.0.1 for tests and benchmarks, in this process or as `python app.py`.
 
     app = launch_in_process(data_dir, users={"alice": "pw"}, admins={"alice"})   # gradio_client tests
+    make_demo_project(app.service, "demo-20", n=20)       # a project of the demo KB's mentions, pre-annotated
     app.url, app.service, app.login_guard, app.vault, app.close()
 
     proc = AppProcess.start(data_dir, users={"ann1": "pw"}, args=["--threads", "1"])  # a separate process
@@ -80,6 +81,8 @@ class RunningApp:
 
     def close(self) -> None:
         self.demo.close()
+        self.demo.mel_preannotations.stop_all()
+        self.demo.mel_queue.close()
         self.vault.close()
         self.service.store.close()
 
@@ -176,3 +179,61 @@ def _end(proc: subprocess.Popen, sig: int) -> None:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:  # pragma: no cover - a process that ignores SIGKILL
         pass
+
+
+# -- a project to annotate, for tests and benchmarks ---------------------------------------------------
+def write_demo_tasks(folder: str | Path, n: int = 20) -> tuple[Path, Path]:
+    """A tasks JSONL of `n` mentions of the demo KB (the bundled examples, with their photos, then
+    the demo pool's captions, repeated with a task number when more are asked for) and its image
+    folder; returns (tasks file, image folder)."""
+    import json
+    import shutil
+
+    from .bundled import POOL_FILE, bundled_examples
+    folder = Path(folder)
+    images = folder / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for ex in bundled_examples():
+        name = None
+        if ex.image:
+            name = Path(ex.image).name
+            shutil.copyfile(ex.image, images / name)
+        rows.append({"caption": ex.caption, "start": ex.start, "end": ex.end, "image": name})
+    for line in POOL_FILE.read_text(encoding="utf-8").splitlines():
+        item = json.loads(line)
+        m = item["mention"]
+        rows.append({"caption": m["caption"], "start": m["start"], "end": m["end"], "gold_id": item["gold_id"]})
+    out, i = [], 0
+    while len(out) < n:
+        row = dict(rows[i % len(rows)])
+        if i >= len(rows):  # another task with the same mention: a different caption (content hash)
+            row["caption"] = f"{row['caption']} ({i // len(rows) + 1})"
+        out.append({k: v for k, v in row.items() if v is not None})
+        i += 1
+    tasks = folder / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out), encoding="utf-8")
+    return tasks, images
+
+
+def make_demo_project(service, name: str = "demo", n: int = 20, *, preannotate: bool = True, linkers=None,
+                      guidelines: str = "# Demo guidelines\n\nLink the **person**, not the role. NIL when the KB "
+                                        "has no entry.", folder: str | Path | None = None):
+    """Create project `name` on the app's KB with `n` demo tasks (write_demo_tasks), imported with
+    annotations.import_tasks and, with `preannotate`, pre-annotated by `linkers` (a function of the
+    project giving {name: linker}; default: the app's own, LinkService.project_linkers).
+    Returns (project, ImportReport, PreannotateReport or None)."""
+    import tempfile
+
+    from annotations.preannotate import preannotate as run_preannotate
+    from annotations.projects import ProjectSettings, create_project, import_tasks
+    work = Path(folder) if folder else Path(tempfile.mkdtemp(prefix="mel-demo-tasks-"))
+    tasks, images = write_demo_tasks(work, n)
+    store = service.store
+    project = create_project(store, name, kb=service.kb.path, settings=ProjectSettings(guidelines=guidelines))
+    report = import_tasks(store, project, "tasks-jsonl", tasks, images=images)
+    pre = None
+    if preannotate:
+        chosen = linkers(project) if linkers is not None else service.project_linkers(project)
+        pre = run_preannotate(store, project, chosen, batch_size=n, k=service.config.k)
+    return project, report, pre

@@ -23,7 +23,7 @@ class Preset:
     text_encoder: str     # entity/mention text features (dense linker, DIM)
     mention_encoder: str  # embeds the mention string to retrieve GEMEL demonstrations
     llm: str              # GEMEL's frozen causal LM
-    cue: str              # DIM's expert cue about the image
+    cue: str              # DIM's expert cue about the image (offline: "faces", see mel.backends.cue)
     device: str = "cpu"
     description: str = ""
     reason: str = ""      # why `auto` chose this preset
@@ -62,9 +62,10 @@ PRESETS: dict[str, Preset] = {
         text_encoder="minilm",
         mention_encoder="minilm",
         llm="smollm2",
-        cue="imagenet-labels",
-        description="packaged models only (no network): EfficientNet-Lite0, all-MiniLM-L6-v2, SmolLM2-135M, "
-                    "ImageNet labels as the expert cue",
+        cue="faces",
+        description="packaged models only (no network): EfficientNet-Lite0, all-MiniLM-L6-v2, SmolLM2-135M; "
+                    "expert cue: faces with apparent gender and age (dlib + face-api.js), ImageNet labels "
+                    "when no face is found or the face models are missing",
     ),
 }
 

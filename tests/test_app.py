@@ -71,7 +71,8 @@ def test_captions_names_and_descriptions_are_escaped():
     view = _view()
     for html_text in (render_generator(view), render_cue(view), highlight_html(view.mention.caption, view.mention.start, view.mention.end),
                       counter_html(EVIL, {"total": 0, "linked": 0, "nil": 0, "skip": 0}, False)):
-        assert "<img" not in html_text and "&lt;img" in html_text
+        assert "<img" not in html_text
+        assert "&lt;img" in html_text
     assert candidate_rows(view)[0][1] == EVIL   # table cells are text, not HTML (Dataframe datatype str)
     assert "<mark" in highlight_html("a <b>Collins</b>", 6, 13)
     assert gallery_items(view)[0][1].startswith("Collins → ")
@@ -82,9 +83,13 @@ def test_access_rules():
         def __init__(self, username):
             self.username = username
     password = Access("password", admins=frozenset({"alice"}))
-    assert password.annotator(Req("bob")) == "bob" and password.annotator(Req(None)) is None
-    assert password.is_admin("alice") and not password.is_admin("bob") and not password.is_admin(None)
-    assert Access("open").annotator(Req(None)) == "local" and Access("open").is_admin("local")
+    assert password.annotator(Req("bob")) == "bob"
+    assert password.annotator(Req(None)) is None
+    assert password.is_admin("alice")
+    assert not password.is_admin("bob")
+    assert not password.is_admin(None)
+    assert Access("open").annotator(Req(None)) == "local"
+    assert Access("open").is_admin("local")
     assert Access("open", open_annotator=None).annotator(Req(None)) is None  # a Space without login
     assert Access("oauth").annotator(Req("x"), None) is None
 
@@ -92,7 +97,8 @@ def test_access_rules():
 def test_app_auth_parsing():
     import app
     assert app.parse_auth("alice:pw:with:colons, bob:x") == [("alice", "pw:with:colons"), ("bob", "x")]
-    assert app.parse_auth(None) == [] and app.parse_auth("") == []
+    assert app.parse_auth(None) == []
+    assert app.parse_auth("") == []
     with pytest.raises(SystemExit, match="MEL_AUTH"):
         app.parse_auth("alice")
     assert app.linker_options(["generator.n_demos=8", "ranker.checkpoint=runs/dim"]) == (
@@ -141,13 +147,20 @@ def test_the_app_needs_a_login(running):
 def test_link_shows_both_linkers_and_records_the_predictions(running, alice):
     from demo.bundled import package_image
     result = _link(alice, package_image("skimage:rocket"), ROCKET_CAPTION, "Falcon")
-    assert result["text"] == "Falcon" and result["mention"]["start"] == 2 and result["mention"]["end"] == 8
+    assert result["text"] == "Falcon"
+    assert result["mention"]["start"] == 2
+    assert result["mention"]["end"] == 8
     assert result["generator"]["error"] is None, result["generator"]
-    assert result["generated"]["name"] and result["generated"]["id"]
-    assert result["candidates"] and result["candidates"][0]["rank"] == 1
-    assert result["cue"]["provider"] == "imagenet-labels" and result["cue"]["text"]
-    assert len(result["demonstrations"]) >= 1 and {"caption", "gold_name", "similarity"} <= set(result["demonstrations"][0])
-    assert result["preset"]["name"] == "offline" and result["timings"]["total"] > 0
+    assert result["generated"]["name"]
+    assert result["generated"]["id"]
+    assert result["candidates"]
+    assert result["candidates"][0]["rank"] == 1
+    assert result["cue"]["provider"] == "faces"  # the offline person-aware cue (labels when no face is found)
+    assert result["cue"]["text"]
+    assert len(result["demonstrations"]) >= 1
+    assert {"caption", "gold_name", "similarity"} <= set(result["demonstrations"][0])
+    assert result["preset"]["name"] == "offline"
+    assert result["timings"]["total"] > 0
     assert result["image_sha256"]
     conn = sqlite3.connect(running.data_dir / "annotations.sqlite")
     rows = conn.execute("SELECT linker, preset, models, shown_to FROM predictions WHERE mention_id = ?",
@@ -171,16 +184,20 @@ def test_corrections_undo_and_ownership(running, alice, bob):
     linked = _link(alice, None, "Java first thing in the morning.", "Java")
     mid, top = linked["mention_id"], linked["candidates"][0]["id"]
     ack = alice.predict(mid, "accept_dim", top, api_name="/correct")
-    assert ack["annotator"] == "alice" and ack["entity_id"] == top and ack["correction_id"] > 0
+    assert ack["annotator"] == "alice"
+    assert ack["entity_id"] == top
+    assert ack["correction_id"] > 0
     nil = bob.predict(mid, "nil", "", api_name="/correct")
-    assert nil["annotator"] == "bob" and nil["entity_id"] == "NIL"
+    assert nil["annotator"] == "bob"
+    assert nil["entity_id"] == "NIL"
     with pytest.raises(AppError, match="not in the knowledge base"):
         alice.predict(mid, "search", "demo:no-such-entity", api_name="/correct")
     assert bob.predict(api_name="/undo")["id"] == nil["correction_id"]
     assert bob.predict(api_name="/undo") == {}                      # nothing of bob's left: alice's untouched
     assert running.service.store.correction(ack["correction_id"])["undone_at"] is None
     counts = alice.predict(api_name="/counts")
-    assert counts["annotator"] == "alice" and counts["total"] >= 1
+    assert counts["annotator"] == "alice"
+    assert counts["total"] >= 1
 
 
 @pytest.mark.slow
@@ -204,7 +221,9 @@ def test_html_outputs_of_the_api_are_escaped(alice):
     outputs = alice.predict(None, "<b>Collins</b> waves <script>alert(1)</script>", "Collins", None, None,
                             api_name="/link")
     highlight = outputs[0]
-    assert "<script>" not in highlight and "&lt;script&gt;" in highlight and "<mark" in highlight
+    assert "<script>" not in highlight
+    assert "&lt;script&gt;" in highlight
+    assert "<mark" in highlight
 
 
 @pytest.mark.slow

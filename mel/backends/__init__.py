@@ -1,7 +1,8 @@
 """Model backends: one loader per role, each model loaded once per process.
 
 A *spec* names a model: ``"minilm"`` (packaged), ``"st:sentence-transformers/all-MiniLM-L6-v2"``,
-``"clip:openai/clip-vit-base-patch32"``, ``"hf:facebook/opt-6.7b"``, ``"blip2:Salesforce/blip2-opt-2.7b"``...
+``"clip:openai/clip-vit-base-patch32"``, ``"hf:facebook/opt-6.7b"``, ``"blip2:Salesforce/blip2-opt-2.7b"``,
+``"conse"`` (a text-aligned image vector from packaged models), ``"faces"`` (the person-aware cue)...
 Presets (``mel.presets``) map roles to specs. Loaders are imported lazily so that
 ``import mel`` stays cheap and a missing optional package only matters when it is used.
 """

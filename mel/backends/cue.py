@@ -3,6 +3,9 @@
 DIM asks BLIP-2 (blip2-opt-2.7b) `Question: Who are the characters in the picture? Answer:`
 and encodes the answer with the CLIP text tower. Providers here:
 
+    load_cue_provider("faces")                            offline: faces (count, apparent gender and age range
+                                                          per face: dlib + face-api.js's age/gender network), and
+                                                          the top ImageNet labels only when no face is found
     load_cue_provider("imagenet-labels")                  offline: top-5 ImageNet labels (packaged Lite0)
     load_cue_provider("blip2:Salesforce/blip2-opt-2.7b")  BLIP-2 through transformers (hub id or local dir)
 
@@ -42,6 +45,9 @@ class Cue:
     provider: str
     scores: list[tuple[str, float]] = field(default_factory=list)
     question: str = ""
+    faces: list[dict] = field(default_factory=list)  # person cue: one dict per face (mel.backends.faces.Face.to_dict
+                                                     # + "embedding"), largest first; apparent attributes only
+    note: str = ""                                   # e.g. why the cue fell back to ImageNet labels
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,6 +59,8 @@ class Cue:
             provider=str(d["provider"]),
             scores=[(str(a), float(b)) for a, b in d.get("scores", [])],
             question=str(d.get("question", "")),
+            faces=[dict(f) for f in d.get("faces", []) if isinstance(f, dict)],
+            note=str(d.get("note", "")),
         )
 
 
@@ -171,6 +179,89 @@ class ImageNetLabelCueProvider(_CachedCueProvider):
         return Cue(text=", ".join(label for label, _ in scores), provider=self.name, scores=scores, question="")
 
 
+_NUMBERS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+MIN_GENDER_PROBABILITY = 0.6  # below this the cue names no gender ("a person")
+MAX_FACES_DESCRIBED = 3
+
+
+def describe_face(face: dict) -> str:
+    """'a woman aged about 30-40' from a face dict; always phrased as an appearance."""
+    gender, p, ages = face.get("gender"), face.get("gender_probability"), face.get("age_range")
+    who = "a person"
+    if gender in ("female", "male") and p is not None and p >= MIN_GENDER_PROBABILITY:
+        who = "a woman" if gender == "female" else "a man"
+    return f"{who} aged about {ages[0]}-{ages[1]}" if ages else who
+
+
+def person_cue_text(faces: list[dict]) -> str:
+    """The person cue: how many faces, and each face's apparent gender and age range, e.g.
+    "a photo of one person, apparently a woman aged about 30-40". It says "apparently": it is what a
+    network guesses from the photo, never a fact about who is shown."""
+    n = len(faces)
+    count = _NUMBERS[n] if n < len(_NUMBERS) else str(n)
+    if n == 1:
+        head = "a photo of one person"
+    elif n <= MAX_FACES_DESCRIBED:
+        head = f"a photo of {count} people"
+    else:
+        head = f"a photo of a group of {count} people"
+    described = [describe_face(f) for f in faces[:MAX_FACES_DESCRIBED] if f.get("gender") or f.get("age_range")]
+    if not described:
+        return head + " (apparent age and gender not available)"
+    listed = described[0] if len(described) == 1 else ", ".join(described[:-1]) + " and " + described[-1]
+    if n > MAX_FACES_DESCRIBED:
+        return f"{head}; the {len(described)} largest faces: apparently {listed}"
+    return f"{head}, apparently {listed}"
+
+
+class PersonCueProvider(_CachedCueProvider):
+    """The offline preset's expert cue, person-aware: faces found by dlib's HOG detector, each with
+    face-api.js's apparent gender and age, written as "a photo of one person, apparently a woman
+    aged about 30-40"; when no face is found, the top ImageNet labels (as `imagenet-labels`).
+
+    Missing optional parts never break linking: without dlib (or its models) every cue is the
+    ImageNet labels, and without face-api's weights faces are counted without age/gender; the
+    provider's name and each cue's `note` say which (the message names the install command).
+    The face dicts (with 128-d dlib embeddings) travel in `Cue.faces` for DIM's face features."""
+
+    uses_question = False
+
+    def __init__(self, device: str = "cpu", k: int = 5, use_disk_cache: bool = True):
+        super().__init__(use_disk_cache)
+        from ..errors import ModelUnavailableError
+        from .faces import load_face_analyzer
+
+        self.device, self.k = device, k
+        self.labels = ImageNetLabelCueProvider(device, k=k, use_disk_cache=False)
+        self.note = ""
+        try:
+            self.analyzer = load_face_analyzer(device)
+        except ModelUnavailableError as e:
+            self.analyzer = None
+            self.note = f"no face detection, ImageNet labels instead: {e}"
+            log.warning("person cue: %s", self.note)
+        if self.analyzer is not None and self.analyzer.age_gender is None:
+            self.note = f"faces counted without apparent age/gender: {self.analyzer.age_gender_error}"
+        self.name = ("faces" if not self.note else
+                     "faces (labels only)" if self.analyzer is None else "faces (no age/gender)")
+
+    def _compute(self, image: Image.Image, question: str) -> Cue:
+        if self.analyzer is None:
+            labels = self.labels._compute(image, "")
+            return Cue(text=labels.text, provider=self.name, scores=labels.scores, note=self.note)
+        analysis = self.analyzer.analyze(image)
+        if not analysis.faces:
+            labels = self.labels._compute(image, "")
+            return Cue(text=labels.text, provider=self.name, scores=labels.scores, note=self.note)
+        faces = []
+        for face in analysis.faces:
+            d = face.to_dict()
+            if face.embedding is not None:
+                d["embedding"] = [round(float(x), 6) for x in face.embedding]
+            faces.append(d)
+        return Cue(text=person_cue_text(faces), provider=self.name, faces=faces, note=self.note)
+
+
 class Blip2CueProvider(_CachedCueProvider):
     """BLIP-2 (transformers `Blip2ForConditionalGeneration` + `Blip2Processor`) answering a
     question about the image; DIM's question and 20 new tokens by default, greedy decoding."""
@@ -251,18 +342,22 @@ class Blip2CueProvider(_CachedCueProvider):
 # -----------------------------------------------------------------------------
 # factory
 
-CUE_PROVIDER_SPECS = ("imagenet-labels", "blip2:<hub id or dir>")
+CUE_PROVIDER_SPECS = ("faces", "imagenet-labels", "blip2:<hub id or dir>")
 
 
 def load_cue_provider(spec: str, device: str = "cpu", *, use_disk_cache: bool = True, **kwargs) -> CueProvider:
     """A CueProvider for `spec` (see CUE_PROVIDER_SPECS). Extra keyword arguments go to the
-    provider (blip2: question, max_new_tokens; imagenet-labels: k)."""
+    provider (blip2: question, max_new_tokens; imagenet-labels and faces: k)."""
     kind, ref = _split_spec(spec)
     device = _check_device(device)
     if kind in ("imagenet-labels", "imagenet"):
         if ref:
             raise InputError(f"'imagenet-labels' takes no argument; got {spec!r}")
         return ImageNetLabelCueProvider(device, use_disk_cache=use_disk_cache, **kwargs)
+    if kind in ("faces", "person"):
+        if ref:
+            raise InputError(f"'faces' takes no argument; got {spec!r}")
+        return PersonCueProvider(device, use_disk_cache=use_disk_cache, **kwargs)
     if kind == "blip2":
         if not ref:
             raise InputError(f"cue spec {spec!r} needs a model, e.g. 'blip2:Salesforce/blip2-opt-2.7b'")

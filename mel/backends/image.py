@@ -4,6 +4,8 @@
     enc = load_image_encoder("clip:openai/clip-vit-base-patch32")        # projected, 512-d (DIM)
     enc = load_image_encoder("clip-pooled:openai/clip-vit-large-patch14")  # pooler output, 1024-d (GEMEL)
     enc = load_image_encoder("open_clip:ViT-B-32/openai")    # optional; needs open_clip (+ torchvision)
+    enc = load_image_encoder("conse")                        # packaged, offline: Lite0 ImageNet probabilities
+                                                             # mapped into MiniLM's text space (384-d), see conse.py
     vecs = enc.encode([pil_image, ...])                      # float32 (n, enc.dim), L2-normalised
 
     txt = load_clip_text_encoder("clip:openai/clip-vit-base-patch32")
@@ -327,6 +329,7 @@ IMAGE_ENCODER_SPECS = (
     "clip:<hub id or dir>",
     "clip-pooled:<hub id or dir>",
     "open_clip:<arch>/<pretrained>",
+    "conse[:<text encoder spec>]",
 )
 
 
@@ -349,6 +352,9 @@ def load_image_encoder(spec: str, device: str = "cpu") -> ImageEncoder:
     if kind in ("efficientnet-lite0", "lite0", "efficientnet_lite0"):
         if ref:
             raise InputError(f"'efficientnet-lite0' takes no argument; got {spec!r}")
+    elif kind == "conse":  # a text-aligned image vector from packaged models (default text encoder: minilm)
+        from .conse import load_conse_encoder
+        return load_conse_encoder(ref, _check_device(device))
     elif kind in ("clip", "clip-pooled", "open_clip", "open-clip", "openclip"):
         if not ref:
             raise InputError(f"encoder spec {spec!r} needs a model after the colon, e.g. '{kind}:openai/clip-vit-base-patch32'")

@@ -84,7 +84,8 @@ class DimLinker(BatchLinker):
                 f"the DIM head {self.checkpoint} was trained on text encoder {cfg.text_encoder!r} but preset "
                 f"{preset.name!r} uses {preset.text_encoder!r}; use the head's preset or train one for this preset")
         self.extractor = FeatureExtractor(kb, preset, use_image=use_image, use_cue=use_cue, cue_question=cue_question,
-                                          image_dim=cfg.image_dim, text_encoder=text_encoder)
+                                          image_dim=cfg.image_dim, text_encoder=text_encoder,
+                                          visual_features=cfg.visual_feature_names)
         if self.extractor.text_dim != cfg.text_dim:
             raise CheckpointError(f"the DIM head expects {cfg.text_dim}-d text features, the encoder gives "
                                   f"{self.extractor.text_dim}-d; use the preset the head was trained with")
@@ -143,7 +144,9 @@ class DimLinker(BatchLinker):
                 m = self.model.encode_mentions(**feats.tensors(self.device))
                 e = self._entity_embeddings(cb.idxs, cb.valid)
                 pair = torch.from_numpy(cb.pair).to(self.device) if self.model.pair_mlp is not None else None
-                scores = self.model.score_candidates(m, e, pair)
+                visual, visual_mask = self.extractor.visual_pair_features(mentions, feats, cb.idxs, cb.valid)
+                scores = self.model.score_candidates(m, e, pair, torch.from_numpy(visual).to(self.device),
+                                                     torch.from_numpy(visual_mask).to(self.device))
                 scores = scores.masked_fill(~torch.from_numpy(cb.valid).to(self.device), float("-inf"))
             scores = scores.float().cpu().numpy()
         with sw("results"):

@@ -152,3 +152,47 @@ def pair_features(m: MentionContext, e: EntityFacts, *, bm25: float = 0.0, bm25_
         has_birth, float(bool(m.years)), before_birth, age, after_death, sex_agree, sex_disagree,
         overlap, e.desc_len,
     ]
+
+
+# -- visual pair features (beyond the paper): what the photo says about a candidate ---------------
+# Kept apart from PAIR_FEATURES so that heads trained before them load unchanged: a head lists the
+# groups it uses in `FusionConfig.visual_feature_names`, and each group has its own mask (False when
+# the photo, its faces or the entity's attribute is missing; the head then adds exactly 0).
+VISUAL_FEATURES = (
+    "image_text_cos",   # ConSE image vector . entity text vector (same text space)
+    "image_text_rel",   # ... minus the best of this mention's candidates (0 for the best)
+    "face_sex_match",   # 2 p - 1, p = the highest apparent probability, over the photo's faces, of the entity's Sex
+    "face_age_gap",     # min over faces and caption years |apparent age - (year - birth year)| / 50, clipped to 1.5
+    "face_sim",         # 0.6 - the smallest dlib distance between the photo's faces and the entity image's faces
+)
+VISUAL_GROUPS = {
+    "image_text": ("image_text_cos", "image_text_rel"),   # needs the image (use_image)
+    "face_sex": ("face_sex_match",),                      # needs a face with apparent gender (use_cue) and Sex:
+    "face_age": ("face_age_gap",),                        # needs a face with apparent age (use_cue), Birth: and a caption year
+    "face_sim": ("face_sim",),                            # needs faces in the photo (use_image) and in the entity image
+}
+N_VISUAL_FEATURES = len(VISUAL_FEATURES)
+FACE_SAME_PERSON = 0.6  # dlib's usual threshold; used only to centre the feature
+
+
+def visual_columns(group: str) -> list[int]:
+    return [VISUAL_FEATURES.index(name) for name in VISUAL_GROUPS[group]]
+
+
+def face_sex_match(faces: list[dict], sex: str) -> float | None:
+    """2 p - 1 where p is the highest apparent probability of `sex` among the faces; None if unknown."""
+    probs = []
+    for f in faces:
+        g, p = f.get("gender"), f.get("gender_probability")
+        if g in ("male", "female") and p is not None and sex in ("male", "female"):
+            probs.append(float(p) if g == sex else 1.0 - float(p))
+    return 2.0 * max(probs) - 1.0 if probs else None
+
+
+def face_age_gap(faces: list[dict], years: list[int], birth: int | None) -> float | None:
+    """The smallest |apparent age - (caption year - birth year)| / 50 over faces and years; None if unknown."""
+    ages = [float(f["age"]) for f in faces if f.get("age") is not None]
+    if not ages or birth is None or not years:
+        return None
+    gap = min(abs(a - (y - birth)) for a in ages for y in years)
+    return min(gap / 50.0, 1.5)

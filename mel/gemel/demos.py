@@ -14,17 +14,26 @@ The pool is any list of Examples: a dataset's train split, or annotators' correc
 changes go through `add(examples)` (retrievable at once) and `remove(sample_id)`; an example is
 known by its `Example.sample_id` (`keys()`). Both are safe while other threads retrieve: a
 retrieval sees the pool as it was before or after a change, never half of one. Examples whose
-gold is NIL are left out (they have no entity name to demonstrate). Embeddings of a pool are cached on disk (safetensors) under a
+gold is NIL are left out (they have no entity name to demonstrate).
+
+Retrieval can be limited to some of the pool (`allowed`: a set of sample_ids or a predicate on
+one), per call or, for code that calls retrieve for you (the linker), for a block:
+`with pool.only(allowed): linker.link(m)`. The app uses it to give each annotator a view of the
+shared pool: the dataset's examples, their own decisions and reviewed ones, never another
+annotator's unreviewed decisions. Embeddings of a pool are cached on disk (safetensors) under a
 checksum of the encoder and the key texts, so a pool is embedded once per machine.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import math
 import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Collection, Union
 
 import numpy as np
 
@@ -34,6 +43,10 @@ from ..types import NIL, Example, Mention
 
 KEYS = ("mention", "multimodal")
 SEARCH_CHUNK = 2048  # query rows per matrix product in batch retrieval
+
+Allowed = Union[Collection[str], Callable[[str], bool], None]  # sample_ids retrieval may return
+# (pool id, allowed) set by DemonstrationPool.only() for the current thread / context
+_ONLY: contextvars.ContextVar[tuple[int, Allowed] | None] = contextvars.ContextVar("mel_pool_only", default=None)
 
 
 @dataclass
@@ -90,9 +103,30 @@ class DemonstrationPool:
         """The sample_id of every demonstration, in pool order."""
         return [ex.sample_id for ex in self._examples]
 
-    def _snapshot(self) -> tuple[tuple[Example, ...], np.ndarray]:
+    def _snapshot(self, allowed: Allowed = None) -> tuple[tuple[Example, ...], np.ndarray]:
+        """The examples and their vectors, limited to `allowed` (else to what only() set, if anything)."""
         with self._lock:
-            return self._examples, self._vectors
+            examples, vectors = self._examples, self._vectors
+        if allowed is None:
+            scoped = _ONLY.get()
+            allowed = scoped[1] if scoped is not None and scoped[0] == id(self) else None
+        if allowed is None:
+            return examples, vectors
+        ok = allowed if callable(allowed) else allowed.__contains__
+        keep = [i for i, ex in enumerate(examples) if ok(ex.sample_id)]
+        if len(keep) == len(examples):
+            return examples, vectors
+        return tuple(examples[i] for i in keep), vectors[keep]
+
+    @contextlib.contextmanager
+    def only(self, allowed: Allowed):
+        """Within the block (this thread or context only), retrieve/retrieve_many return only
+        examples whose sample_id is `allowed` (a collection, or a predicate); None: all of them."""
+        mark = _ONLY.set((id(self), allowed) if allowed is not None else None)
+        try:
+            yield self
+        finally:
+            _ONLY.reset(mark)
 
     def describe(self) -> dict:
         return {"size": len(self), "key": self.key, "encoder": getattr(self.encoder, "name", "?"),
@@ -178,19 +212,20 @@ class DemonstrationPool:
 
     # -- retrieval ---------------------------------------------------------------------------
     def retrieve(self, mention: Mention, k: int, exclude_id: str | None = None,
-                 query_vector: np.ndarray | None = None) -> list[Demonstration]:
+                 query_vector: np.ndarray | None = None, allowed: Allowed = None) -> list[Demonstration]:
         """The k most similar examples, ordered LEAST similar first (the most similar comes last,
-        next to the query). `exclude_id`: a sample_id never returned (the query itself in training)."""
-        examples, vectors = self._snapshot()
+        next to the query). `exclude_id`: a sample_id never returned (the query itself in training);
+        `allowed`: only these sample_ids (a collection or a predicate; default: what only() set)."""
+        examples, vectors = self._snapshot(allowed)
         if k <= 0 or not examples:
             return []
         q = self.embed([mention])[0] if query_vector is None else query_vector
         return _top(examples, vectors @ q, k, {exclude_id} if exclude_id else set())
 
     def retrieve_many(self, mentions: list[Mention], k: int, exclude_ids: list[str | None] | None = None,
-                      ) -> list[list[Demonstration]]:
+                      allowed: Allowed = None) -> list[list[Demonstration]]:
         """`retrieve` for many queries at once (training): one embedding pass, chunked matrix products."""
-        examples, vectors = self._snapshot()
+        examples, vectors = self._snapshot(allowed)
         if k <= 0 or not examples:
             return [[] for _ in mentions]
         queries = self.embed(mentions)

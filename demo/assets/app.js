@@ -1,0 +1,33 @@
+// The Link tab's keyboard shortcuts (demo/ui.py); only while that tab is on screen, never while
+// typing in a text box. The Annotate tab has its own (queue.js).
+(() => {
+  if (window.__melShortcuts) return;  // Gradio may insert the head twice
+  window.__melShortcuts = true;
+  const press = (id) => {
+    const el = document.getElementById(id);
+    const button = el && (el.tagName === 'BUTTON' ? el : el.querySelector('button'));
+    if (button && !button.disabled) { button.click(); return true; }
+    return false;
+  };
+  const linkTabShown = () => { const c = document.getElementById('mel-caption'); return c && c.offsetParent !== null; };
+  const keys = {g: 'mel-accept-gemel', d: 'mel-accept-dim', n: 'mel-nil', s: 'mel-skip', u: 'mel-undo'};
+  document.addEventListener('keydown', (e) => {
+    if (!linkTabShown()) return;
+    const t = e.target;
+    const typing = t && (t.tagName === 'TEXTAREA' || t.isContentEditable ||
+                         (t.tagName === 'INPUT' && !['radio', 'checkbox', 'button'].includes(t.type)));
+    if (e.key === 'Enter' && (e.ctrlKey || e.metaKey)) { if (press('mel-link')) e.preventDefault(); return; }
+    if (typing || e.ctrlKey || e.metaKey || e.altKey) return;
+    if (keys[e.key] && press(keys[e.key])) { e.preventDefault(); return; }
+    if (e.key === '/') {
+      const box = document.querySelector('#mel-search textarea, #mel-search input');
+      if (box) { box.focus(); e.preventDefault(); }
+      return;
+    }
+    if (/^[1-9]$/.test(e.key)) {  // choose DIM candidate N
+      const radios = document.querySelectorAll('#mel-dim-choice input[type=radio]');
+      const r = radios[Number(e.key) - 1];
+      if (r) { r.click(); e.preventDefault(); }
+    }
+  });
+})();
