@@ -2,6 +2,7 @@
 
     python bench/bench_load.py --clients 20 --seconds 60 --json results/bench_load.json
     python bench/bench_load.py --clients 20 --seconds 8 --kill-after 4     # SIGKILL the server mid-write
+    python bench/bench_load.py --clients 20 --seconds 60 --servers 2       # two app processes, one database
 
 Starts the real app (`python app.py --preset offline` in its own process, a fresh data dir, on
 127.0.0.1 only) with password login for --accounts annotator accounts; their passwords are made
@@ -174,15 +175,19 @@ def client_loop(index: int, client, annotator: str, targets: list[Target], start
             break
 
 
-def run_load(url: str, accounts: dict[str, str], *, clients: int = 20, seconds: float = 60.0, mentions: int = 4,
-             undo_every: int = 10, request_timeout: float = 30.0, kill=None, kill_after: float | None = None,
-             targets: list[Target] | None = None, server_pid: int | None = None) -> dict:
+def run_load(url: str | list[str], accounts: dict[str, str], *, clients: int = 20, seconds: float = 60.0,
+             mentions: int = 4, undo_every: int = 10, request_timeout: float = 30.0, kill=None,
+             kill_after: float | None = None, targets: list[Target] | None = None,
+             server_pid: int | list[int] | None = None) -> dict:
     """Run the load against a running app; returns {"requests": [...], "window_s", "targets", ...}.
 
-    `kill`: a callable that SIGKILLs the server, called `kill_after` seconds into the load.
+    `url`: the app, or several app processes on one database (client i uses url i mod their number).
+    `kill`: a callable that SIGKILLs the server(s), called `kill_after` seconds into the load.
     `targets`: mentions linked by an earlier run (default: link `mentions` bundled examples now).
-    `server_pid`: the app's process, whose CPU time over the load window is reported.
+    `server_pid`: the app's process(es), whose CPU time over the load window is reported.
     """
+    urls = [url] if isinstance(url, str) else list(url)
+    pids = [server_pid] if isinstance(server_pid, int) or server_pid is None else list(server_pid)
     names = list(accounts)
     t = time.perf_counter()
     connected: list = [None] * clients
@@ -191,7 +196,7 @@ def run_load(url: str, accounts: dict[str, str], *, clients: int = 20, seconds: 
     def login(i):
         try:
             user = names[i % len(names)]
-            connected[i] = connect(url, user, accounts[user])
+            connected[i] = connect(urls[i % len(urls)], user, accounts[user])
         except Exception as exc:
             errors.append(f"client {i} could not connect: {type(exc).__name__}: {exc}")
 
@@ -216,7 +221,7 @@ def run_load(url: str, accounts: dict[str, str], *, clients: int = 20, seconds: 
                for i in range(clients)]
     for w in workers:
         w.start()
-    cpu0 = (process_cpu_s(server_pid), time.process_time())
+    cpu0 = (_cpu_of(pids), time.process_time())
     t0 = time.perf_counter()
     stop_at[0] = t0 + seconds
     start.set()
@@ -231,13 +236,19 @@ def run_load(url: str, accounts: dict[str, str], *, clients: int = 20, seconds: 
         w.join(timeout=max(0.0, deadline - time.perf_counter()))
     stuck = sum(w.is_alive() for w in workers)
     window = time.perf_counter() - t0
-    server_cpu = process_cpu_s(server_pid) if killed_at is None else None
+    server_cpu = _cpu_of(pids) if killed_at is None else None
     cpu = {"app_cpu_s": round(server_cpu - cpu0[0], 1) if server_cpu is not None and cpu0[0] is not None else None,
            "clients_cpu_s": round(time.process_time() - cpu0[1], 1)}
     close_all(connected)
     requests = [r for rs in results for r in list(rs)]
     return {"requests": requests, "window_s": window, "targets": targets, "connect_s": connect_s,
             "link_s": link_s, "stuck_clients": stuck, "killed_at_s": killed_at, "accounts": names, **cpu}
+
+
+def _cpu_of(pids: list[int | None]) -> float | None:
+    """CPU seconds the app processes have used so far, all together (None if any is unknown)."""
+    seconds = [process_cpu_s(pid) for pid in pids]
+    return None if any(s is None for s in seconds) else sum(seconds)
 
 
 def verify(data_dir: Path, requests: list[Request], accounts: list[str]) -> dict:
@@ -359,17 +370,25 @@ def run(args, app_args: list[str] | None = None) -> dict:
     report: dict = {"command": script_command(__file__, args.argv), "machine": platform.platform(),
                     "cpus": os.cpu_count(), "load_avg_before": load_average(), "clients": args.clients,
                     "accounts": len(accounts), "seconds": args.seconds, "mentions": args.mentions,
-                    "undo_every": args.undo_every, "kill_after": args.kill_after, "app_args": app_args or []}
-    app = AppProcess.start(data_dir, users=accounts, args=app_args or [], timeout=args.start_timeout)
-    _STARTED.append(app)
-    report["app_ready_s"] = round(app.ready_s, 2)
+                    "undo_every": args.undo_every, "kill_after": args.kill_after, "servers": args.servers,
+                    "app_args": app_args or []}
+    apps = []
     try:
-        load = run_load(app.url, accounts, clients=args.clients, seconds=args.seconds, mentions=args.mentions,
-                        undo_every=args.undo_every, request_timeout=args.request_timeout,
-                        kill=app.kill if args.kill_after is not None else None, kill_after=args.kill_after,
-                        server_pid=app.proc.pid)
+        for _ in range(args.servers):  # one after the other: the first one creates the database and the demo KB
+            apps.append(AppProcess.start(data_dir, users=accounts, args=app_args or [], timeout=args.start_timeout))
+            _STARTED.append(apps[-1])
+        report["app_ready_s"] = [round(app.ready_s, 2) for app in apps]
+
+        def kill_all():
+            for app in apps:
+                app.kill()
+        load = run_load([app.url for app in apps], accounts, clients=args.clients, seconds=args.seconds,
+                        mentions=args.mentions, undo_every=args.undo_every, request_timeout=args.request_timeout,
+                        kill=kill_all if args.kill_after is not None else None, kill_after=args.kill_after,
+                        server_pid=[app.proc.pid for app in apps])
     finally:
-        app.stop()
+        for app in apps:
+            app.stop()
     report.update({"clients_connect_s": round(load["connect_s"], 2), "link_setup_s": round(load["link_s"], 2)})
     checks = verify(data_dir, load["requests"], load["accounts"])
     report["summary"] = summarize(load, checks)
@@ -391,6 +410,8 @@ def parse_args(argv=None):
     p.add_argument("--mentions", type=int, default=4, help="bundled examples linked first and then corrected")
     p.add_argument("--undo-every", type=int, default=10, help="every N-th request is an undo (0: none)")
     p.add_argument("--kill-after", type=float, default=None, help="SIGKILL the server this many seconds into the load")
+    p.add_argument("--servers", type=int, default=1,
+                   help="app processes on the same database; clients are spread over them (default 1)")
     p.add_argument("--request-timeout", type=float, default=30.0, help="seconds one request may take")
     p.add_argument("--start-timeout", type=float, default=300.0, help="seconds the app may take to start")
     p.add_argument("--hard-timeout", type=float, default=None,
@@ -402,8 +423,8 @@ def parse_args(argv=None):
     p.add_argument("--app-arg", action="append", default=[], help="extra argument for app.py (repeatable)")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    if args.clients < 1 or args.accounts < 1 or args.seconds <= 0 or args.mentions < 1:
-        p.error("--clients, --accounts, --mentions must be at least 1 and --seconds positive")
+    if args.clients < 1 or args.accounts < 1 or args.seconds <= 0 or args.mentions < 1 or args.servers < 1:
+        p.error("--clients, --accounts, --mentions, --servers must be at least 1 and --seconds positive")
     return args
 
 
