@@ -26,7 +26,8 @@ KB_FILE = "kb.jsonl"
 LAYOUT = "DIR/<split>.jsonl (one Example.to_dict() per line) and DIR/kb.jsonl (one Entity.to_dict() per line)"
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.I)
 
-_EXAMPLE_FIELDS = {"mention": dict, "gold_id": str, "gold_name": str, "sample_id": str, "dataset": str, "split": str}
+_EXAMPLE_FIELDS = {"mention": dict, "gold_id": str, "gold_name": str, "sample_id": str, "dataset": str, "split": str,
+                   "located": str}  # located: how the source reader found the mention (mel.types.LOCATE_RULES)
 _MENTION_FIELDS = {"caption": str, "start": int, "end": int, "image": (str, type(None)), "id": (str, type(None))}
 _ENTITY_FIELDS = {"id": str, "name": str, "aliases": list, "description": str, "type": str, "images": list}
 
@@ -100,34 +101,49 @@ def _check(obj: Any, fields: dict, required: tuple[str, ...], source: Path, labe
             raise DatasetFormatError(source, f"{prefix + key!r} has the wrong type ({type(value).__name__})", label)
 
 
-def read_kb(source) -> Iterator[Entity]:
-    """Entities of DIR/kb.jsonl or of a .jsonl file, streamed in file order."""
+def read_kb(source, check_duplicates: bool = True) -> "KBStream":
+    """Entities of DIR/kb.jsonl or of a .jsonl file, streamed in file order. A repeated id is a
+    DatasetFormatError naming its line; `check_duplicates=False` leaves that check to the consumer
+    (`build_kb` looks ids up in the database it writes, so memory stays constant in the KB size,
+    and calls `duplicate_error(id)` for the message)."""
     p = Path(source).expanduser()
     if not p.is_file():
         p = dataset_dir(p, FORMAT, LAYOUT) / KB_FILE
         if not p.is_file():
             raise DatasetFormatError(p, f"file not found; the {FORMAT} layout expects {LAYOUT}")
-    return _stream_kb(p)
+    return KBStream(p, check_duplicates)
 
 
-def _stream_kb(path: Path) -> Iterator[Entity]:
-    seen: set[str] = set()
-    for n, obj in iter_jsonl(path):
-        label = f"line {n}"
-        _check(obj, _ENTITY_FIELDS, ("id", "name"), path, label)
-        for key in ("aliases", "images"):
-            if not all(isinstance(x, str) for x in obj.get(key, [])):
-                raise DatasetFormatError(path, f"{key!r} must be a list of strings", label)
-        if not obj["id"].strip():
-            raise DatasetFormatError(path, "empty entity id", label)
-        if obj["id"] in seen:
-            raise DatasetFormatError(path, f"duplicate entity id {obj['id']!r}", label)
-        seen.add(obj["id"])
-        try:
-            entity = Entity.from_dict(obj)
-        except InputError as e:  # e.g. a lone surrogate from a "\ud800" escape
-            raise DatasetFormatError(path, str(e), label) from None
-        yield entity
+class KBStream:
+    """An iterable of the entities of one kb.jsonl, read line by line (constant memory unless
+    `check_duplicates` keeps the set of ids seen)."""
+
+    def __init__(self, path: Path, check_duplicates: bool = True):
+        self.path, self.check_duplicates = path, check_duplicates
+        self.label: str | None = None  # the line being read, for duplicate_error
+
+    def duplicate_error(self, entity_id: str) -> DatasetFormatError:
+        return DatasetFormatError(self.path, f"duplicate entity id {entity_id!r}", self.label)
+
+    def __iter__(self) -> Iterator[Entity]:
+        seen: set[str] = set()
+        for n, obj in iter_jsonl(self.path):
+            label = self.label = f"line {n}"
+            _check(obj, _ENTITY_FIELDS, ("id", "name"), self.path, label)
+            for key in ("aliases", "images"):
+                if not all(isinstance(x, str) for x in obj.get(key, [])):
+                    raise DatasetFormatError(self.path, f"{key!r} must be a list of strings", label)
+            if not obj["id"].strip():
+                raise DatasetFormatError(self.path, "empty entity id", label)
+            if self.check_duplicates:
+                if obj["id"] in seen:
+                    raise self.duplicate_error(obj["id"])
+                seen.add(obj["id"])
+            try:
+                entity = Entity.from_dict(obj)
+            except InputError as e:  # e.g. a lone surrogate from a "\ud800" escape
+                raise DatasetFormatError(self.path, str(e), label) from None
+            yield entity
 
 
 def write_jsonl_examples(examples: Iterable[Example], path: str | Path) -> int:
