@@ -63,7 +63,7 @@ KEYMAP_MD = """### Keys (never while typing in a text box; `Esc` leaves the box)
 |---|---|---|---|---|
 | `Enter` or `g` | accept GEMEL's entity and save |  | `u` | undo your last decision |
 | `1`–`9`, `0` | pick DIM's candidate 1–10 and save |  | `←` / `→` | back / forward through your decisions |
-| `n` | NIL: the entity is not in the KB |  | `/` | search the KB (Tab to a result, Enter picks it) |
+| `n` | NIL: the entity is not in the KB |  | `/` | search the KB (Tab or ↓ to a result, Enter picks it) |
 | `s` | skip: the task comes back at the end |  | `x` | flag for review (type a comment, Enter) |
 | `h` | this help and the project's guidelines |  | | |
 
@@ -143,6 +143,14 @@ class QueueScreens:
             q = self.queue(project)
         except MELError as exc:
             return render_task(None, project=project or "", nonce=nonce, ok=False, message=str(exc))
+        team = get_project(self.store, q.project.name).settings.annotators
+        if team and annotator not in team:
+            # Checked before anything else: a task left on the screen (or in the cursor) from before the
+            # team was set must be neither shown nor decided by someone off the team.
+            return render_task(None, project=q.project.name, nonce=nonce, ok=False, empty="not on the team",
+                               message=f"{annotator} is not on the team of project {q.project.name!r}, so no task "
+                                       f"is assigned to you and nothing was saved; an admin adds you in the "
+                                       f"Dashboard tab (project settings)")
         message, ok, undo_id, view = "", True, None, None
         try:
             view, message, undo_id = self._do(q, annotator, cmd)
@@ -150,7 +158,10 @@ class QueueScreens:
             ok, message = False, str(exc)
             if isinstance(exc, StaleTaskError):
                 message = "not saved: " + message
-            view = q.current(annotator, by=annotator) or q.next_task(annotator, by=annotator)
+            try:
+                view = q.current(annotator, by=annotator) or q.next_task(annotator, by=annotator)
+            except (MELError, NotAllowedError):
+                view = None  # the refusal itself is the message; nothing to show
         if view is not None:
             self._prepare_after(q, view.task.position)
         return render_task(view, project=q.project.name, message=message, ok=ok, nonce=nonce, undo_id=undo_id,
@@ -436,9 +447,12 @@ def build_annotate_tab(service: LinkService, access: Access, screens: QueueScree
     return AnnotateTab(tab, project, view, guide, screens)
 
 
-def queue_on_load(demo: gr.Blocks, access: Access, annotate: AnnotateTab, tabs: gr.Tabs) -> None:
+def queue_on_load(demo: gr.Blocks, access: Access, annotate: AnnotateTab, tabs: gr.Tabs, *,
+                  selected_at_build: bool = False) -> None:
     """On page load: the projects, the first one's next task and guidelines; the Annotate tab is
-    shown and selected when there are projects (also ones created since the app started)."""
+    shown and selected when there are projects (also ones created since the app started).
+    `selected_at_build`: the page opens on the Annotate tab already (build_demo found projects); the
+    load then leaves the selected tab alone, so a tab the user clicked meanwhile stays selected."""
     screens = annotate.screens
 
     @guarded
@@ -449,7 +463,8 @@ def queue_on_load(demo: gr.Blocks, access: Access, annotate: AnnotateTab, tabs: 
             return gr.update(choices=[], value=None), "", "", gr.update(visible=False), gr.update()
         name = names[0]
         return (gr.update(choices=names, value=name), screens.handle(annotator, {"project": name, "action": "next"}),
-                screens.guidelines(name), gr.update(visible=True), gr.update(selected="annotate"))
+                screens.guidelines(name), gr.update(visible=True),
+                gr.update() if selected_at_build else gr.update(selected="annotate"))
 
     demo.load(on_load, None, [annotate.project, annotate.view, annotate.guide, annotate.tab, tabs],
               api_visibility="private", show_progress="hidden")
@@ -518,6 +533,7 @@ def build_projects_tab(service: LinkService, access: Access, annotate: AnnotateT
         finally:
             shutil.rmtree(work, ignore_errors=True)
         names = annotate.screens.project_names()
+        result = _named_as_uploaded(result, tasks_path)
         return (render_import_report(result), gr.update(choices=names, value=project.name),
                 gr.update(choices=names), gr.update(visible=True))
 
@@ -564,21 +580,41 @@ def build_projects_tab(service: LinkService, access: Access, annotate: AnnotateT
     return tab, on_load, [tab, pa_project]
 
 
+def _named_as_uploaded(report, path: Path):
+    """The import report with the uploaded file named as the admin named it, not by the server's
+    temporary path (Gradio keeps uploads under /tmp/gradio/<hash>/)."""
+    import dataclasses
+    full, name = str(path), path.name
+
+    def renamed(m):
+        if isinstance(m, str):
+            return m.replace(full, name)
+        if dataclasses.is_dataclass(m) and getattr(m, "file", None) == full:
+            return dataclasses.replace(m, file=name)
+        return m
+    return dataclasses.replace(report, malformed=[renamed(m) for m in report.malformed], source=name) \
+        if dataclasses.is_dataclass(report) else report
+
+
 def _esc_text(text: str) -> str:
     import html
     return html.escape(text or "")
 
 
-def default_team_tabs(*, service: LinkService, access: Access, screens: QueueScreens, tabs: gr.Tabs, vault):
+def default_team_tabs(*, service: LinkService, access: Access, screens: QueueScreens, tabs: gr.Tabs, vault,
+                      reviewers=None):
     """The team's tabs (Review, Dashboard) from demo/team_ui.py, when that module is there. Called
-    inside the gr.Tabs block; returns what to call after the block (the team's API), or None."""
+    inside the gr.Tabs block; returns what to call after the block (the team's API), or None.
+    `reviewers`: the reviewers' logins; None: MEL_REVIEWERS from the environment."""
     try:
         from . import team_ui
     except ImportError:
         return None
     import os
+    if reviewers is None:
+        reviewers = team_ui.parse_reviewers(os.environ)
     team = team_ui.Team(lambda: service.store, access, lambda: service.kb,
-                        reviewers=team_ui.parse_reviewers(os.environ), vault=vault)
+                        reviewers=frozenset(reviewers), vault=vault)
     team_ui.build_team_tabs(team, tabs)
     return lambda: team_ui.add_team_api(team)
 

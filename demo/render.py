@@ -307,10 +307,15 @@ def render_message(message: str = "", ok: bool = True) -> str:
 
 
 def render_task(view, *, project: str, message: str = "", ok: bool = True, nonce: str = "",
-                undo_id: int | None = None, describe=lambda entity_id: "") -> str:
+                undo_id: int | None = None, describe=lambda entity_id: "", empty: str = "") -> str:
     """The task screen of a TaskView (None: nothing left). `describe(entity_id)` gives a KB
-    description; `nonce` is the token of the command this answers (the page unlocks on it)."""
+    description; `nonce` is the token of the command this answers (the page unlocks on it).
+    `empty`: why there is no task, when not because everything is decided (the message says more)."""
     common = f'data-project="{_attr(project)}" data-nonce="{_attr(nonce)}"'
+    if view is None and empty:
+        return (f'<div id="mel-q-view" class="mel-q" data-state="none" data-task-id="" {common}>'
+                f'<div class="mel-q-bar">{render_message(message, ok)}</div>'
+                f'<div class="mel-q-done"><h3>No task for you in {_esc(project)}: {_esc(empty)}.</h3></div></div>')
     if view is None:
         return (f'<div id="mel-q-view" class="mel-q" data-state="done" data-task-id="" {common}>'
                 f'<div class="mel-q-bar">{render_message(message, ok)}</div>'
@@ -371,7 +376,7 @@ def render_search_results(entities) -> str:
     rows = "".join(f'<li><button type="button" class="mel-q-pick" data-action="search" data-entity-id="{_attr(e.id)}">'
                    f'<b>{_esc(e.name)}</b> <code>{_esc(e.id)}</code> <span class="mel-q-desc">'
                    f'{_esc(_clip(e.description, 100))}</span></button></li>' for e in entities)
-    return (f'<div id="mel-q-found"><span class="mel-note">Tab to a result, Enter (or a click) links the task to it'
+    return (f'<div id="mel-q-found"><span class="mel-note">Tab or ↓ to a result, Enter (or a click) links the task to it'
             f'</span><ol class="mel-q-results">{rows}</ol></div>')
 
 

@@ -1,10 +1,12 @@
 """Start the real app on 127.0.0.1 for tests and benchmarks, in this process or as `python app.py`.
 
-    app = launch_in_process(data_dir, users={"alice": "pw"}, admins={"alice"})   # gradio_client tests
+    app = launch_in_process(data_dir, users={"alice": "pw", "rita": "pw2"}, admins={"alice"},
+                            reviewers={"rita"})            # gradio_client tests
     make_demo_project(app.service, "demo-20", n=20)       # a project of the demo KB's mentions, pre-annotated
     app.url, app.service, app.login_guard, app.vault, app.close()
 
-    proc = AppProcess.start(data_dir, users={"ann1": "pw"}, args=["--threads", "1"])  # a separate process
+    proc = AppProcess.start(data_dir, users={"ann1": "pw", "rita": "pw2"}, reviewers={"rita"},
+                            args=["--threads", "1"])      # a separate process (MEL_REVIEWERS=rita)
     proc.url, proc.db_path, proc.kill()      # SIGKILL: no clean shutdown (fault tests)
     proc.stop()                              # SIGTERM, then SIGKILL after a grace period
 
@@ -54,10 +56,10 @@ def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 
     raise TimeoutError(f"the app did not answer at {url} within {timeout:.0f} s")
 
 
-def auth_env(users: dict[str, str] | None, admins=()) -> dict[str, str]:
-    """MEL_AUTH / MEL_ADMINS for `users` ({} or None: no login, everyone is 'local')."""
+def auth_env(users: dict[str, str] | None, admins=(), reviewers=()) -> dict[str, str]:
+    """MEL_AUTH / MEL_ADMINS / MEL_REVIEWERS for `users` ({} or None: no login, everyone is 'local')."""
     env = {"MEL_AUTH": ",".join(f"{u}:{p}" for u, p in (users or {}).items()),
-           "MEL_ADMINS": ",".join(sorted(admins))}
+           "MEL_ADMINS": ",".join(sorted(admins)), "MEL_REVIEWERS": ",".join(sorted(reviewers))}
     return {k: v for k, v in env.items() if v}
 
 
@@ -88,22 +90,34 @@ class RunningApp:
 
 
 def launch_in_process(data_dir: str | Path, *, users: dict[str, str] | None = None, admins=frozenset(),
-                      preset: str = "offline", concurrency: int = 4, max_queue: int = 32) -> RunningApp:
+                      reviewers=frozenset(), preset: str = "offline", concurrency: int = 4,
+                      max_queue: int = 32) -> RunningApp:
     """The app of `python app.py` (offline preset, bundled demo KB), served from a thread here.
 
     `users`: password login with these accounts; None: no login (everyone is 'local').
+    `reviewers`: who sees the Review tab (as MEL_REVIEWERS; this process's MEL_REVIEWERS is not read).
     """
     from .service import LinkService, ServiceConfig
     from .ui import Access, build_demo, launch_options, serve_options
 
     service = LinkService(ServiceConfig(preset=preset, data_dir=str(data_dir)))
     access = Access("password", admins=frozenset(admins)) if users else Access("open")
-    demo = build_demo(service=service, access=access)
+    demo = build_demo(service=service, access=access, team_tabs=_team_tabs(frozenset(reviewers)))
     demo.queue(default_concurrency_limit=concurrency, max_size=max_queue)
     port = free_port()
     demo.launch(server_name=HOST, server_port=port, prevent_thread_lock=True, quiet=True,
                 **serve_options(demo, users), **launch_options())
     return RunningApp(demo, service, f"http://{HOST}:{port}/", Path(data_dir))
+
+
+def _team_tabs(reviewers: frozenset[str]):
+    """build_demo's team_tabs hook with these reviewers (demo/queue_ui.py default_team_tabs reads
+    MEL_REVIEWERS from the environment, which a test must not change for the whole process)."""
+    from .queue_ui import default_team_tabs
+
+    def team_tabs(**kw):
+        return default_team_tabs(reviewers=reviewers, **kw)
+    return team_tabs
 
 
 # -- as a separate process -------------------------------------------------------------------------
@@ -126,16 +140,18 @@ class AppProcess:
         return self.proc.poll() is None
 
     @classmethod
-    def start(cls, data_dir: str | Path, *, users: dict[str, str] | None = None, admins=(), preset: str = "offline",
+    def start(cls, data_dir: str | Path, *, users: dict[str, str] | None = None, admins=(), reviewers=(),
+              preset: str = "offline",
               args: list[str] | tuple[str, ...] = (), timeout: float = 300.0,
               log_path: str | Path | None = None) -> "AppProcess":
         data_dir = Path(data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
         port = free_port()
         log_path = Path(log_path) if log_path else data_dir / "app.log"
-        env = {k: v for k, v in os.environ.items() if k not in ("MEL_AUTH", "MEL_ADMINS", "SPACE_ID")}
+        env = {k: v for k, v in os.environ.items() if k not in ("MEL_AUTH", "MEL_ADMINS", "MEL_REVIEWERS",
+                                                               "SPACE_ID")}
         env.update(HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1",
-                   **auth_env(users, admins))
+                   **auth_env(users, admins, reviewers))
         t0 = time.perf_counter()
         with open(log_path, "w") as log:
             proc = subprocess.Popen([sys.executable, "app.py", "--preset", preset, "--host", HOST, "--port", str(port),

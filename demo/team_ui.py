@@ -460,15 +460,12 @@ def build_review_tab(team: Team) -> dict:
     with gr.Tab(REVIEW_TAB, id="mel-tab-review", visible=False, elem_id="mel-tab-review") as tab:
         c["tab"] = tab
         state = gr.State({})
+        # At 1366x768 the acknowledgement of a save (on top), the task, its choices and the buttons all
+        # fit without scrolling: the project picker, the counts, the image and the list go on the right.
         with gr.Column(elem_id="mel-review-panel"):
-            with gr.Row(equal_height=True):
-                project = gr.Dropdown([], label="project", scale=3, min_width=200, elem_id="mel-review-project")
-                counts = gr.HTML(elem_id="mel-review-counts-box", min_height=0)
-                with gr.Column(scale=1, min_width=160):
-                    include = gr.Checkbox(False, label="also reviewed tasks", elem_id="mel-review-include")
-                    refresh = gr.Button("Refresh", size="sm", elem_id="mel-review-refresh")
             with gr.Row(equal_height=False):
                 with gr.Column(scale=7):
+                    ack = gr.HTML(elem_id="mel-review-ack", min_height=0)   # what the last click saved, on top
                     task = gr.HTML('<div class="mel-team-note">Pick a project: its tasks to review appear here.</div>',
                                    elem_id="mel-review-task-box")
                     choices = gr.Radio([], label="Final label: one of the choices (keys 1-9), then Set [f]",
@@ -478,7 +475,6 @@ def build_review_tab(team: Team) -> dict:
                         nil = gr.Button("NIL  [n]", elem_id="mel-review-nil")
                         prev = gr.Button("Previous  [k]", elem_id="mel-review-prev")
                         nxt = gr.Button("Next  [j]", elem_id="mel-review-next")
-                    ack = gr.HTML(elem_id="mel-review-ack")
                     with gr.Row(equal_height=True):
                         search = gr.Textbox(label="Search the KB  [/]", scale=4, max_length=MAX_QUERY_CHARS,
                                             elem_id="mel-review-search")
@@ -495,12 +491,17 @@ def build_review_tab(team: Team) -> dict:
                             '<kbd>/</kbd> search, <kbd>j</kbd>/<kbd>k</kbd> next/previous; Ctrl+Enter in the '
                             'comment sends back.</div>')
                 with gr.Column(scale=4):
+                    project = gr.Dropdown([], label="project", min_width=200, elem_id="mel-review-project")
+                    counts = gr.HTML(elem_id="mel-review-counts-box", min_height=0)
+                    with gr.Row(equal_height=True):
+                        include = gr.Checkbox(False, label="also reviewed tasks", elem_id="mel-review-include")
+                        refresh = gr.Button("Refresh", size="sm", elem_id="mel-review-refresh")
+                    image = gr.Image(label="image", interactive=False, height=220, visible=False,
+                                     elem_id="mel-review-image")
                     listing = gr.Dataframe(headers=["#", "mention", "why", "choices"],
                                            datatype=["number", "str", "str", "str"], interactive=False, wrap=True,
                                            max_height=330, column_widths=["9%", "22%", "27%", "42%"],
                                            label="To review (click a row to open it)", elem_id="mel-review-list")
-                    image = gr.Image(label="image", interactive=False, height=260, visible=False,
-                                     elem_id="mel-review-image")
         token = gr.Textbox(visible=False, elem_id="mel-review-token")
     c.update(project=project, include=include, counts=counts, task=task, choices=choices, image=image,
              listing=listing, ack=ack, state=state)

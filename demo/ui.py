@@ -431,7 +431,7 @@ def build_demo(kb_path: str | None = None, pool: str | None = None, preset: str 
             _, projects_load, projects_outputs = build_projects_tab(service, access, annotate, runs)
         if after_tabs is not None:
             after_tabs()
-        queue_on_load(demo, access, annotate, tabs)
+        queue_on_load(demo, access, annotate, tabs, selected_at_build=has_projects)
         demo.load(projects_load, None, projects_outputs, api_visibility="private", show_progress="hidden")
     return demo
 

@@ -249,3 +249,43 @@ def test_no_absolute_paths_of_this_machine_in_the_assets():
         if name.endswith((".js", ".css")):
             text = (ASSETS / name).read_text(encoding="utf-8")
             assert "/work/" not in text and "/home/" not in text
+
+
+def test_the_import_report_names_the_uploaded_file_not_the_servers_temporary_path(tmp_path):
+    # An admin's CSV arrives as /tmp/gradio/<hash>/tasks.csv: the report said that path, not the file's name.
+    from annotations.projects import ImportReport, MalformedRecord
+    from demo.queue_ui import _named_as_uploaded
+    from demo.render import render_import_report
+    upload = tmp_path / "gradio" / ("ab" * 32) / "tasks.csv"
+    report = ImportReport(project="p", format="csv", source=str(upload), n_read=2, n_malformed=1,
+                          malformed=[MalformedRecord(str(upload), "row 2", "no mention")])
+    html = render_import_report(_named_as_uploaded(report, upload))
+    assert "tasks.csv, record row 2: no mention" in html and str(upload.parent) not in html
+
+
+@pytest.mark.slow
+def test_someone_taken_off_the_team_neither_sees_nor_decides_the_task_left_on_screen(service, tmp_path):
+    # rita opened a task before the admin set the team (ann1, ann2): her key press was saved against that
+    # task, then the answer failed ("the server failed (NotAllowedError)... reload the page").
+    import dataclasses
+
+    from annotations.projects import get_project, update_settings
+    from demo.queue_ui import QueueScreens
+    from demo.serving import make_demo_project
+    from mel.linkers import build_linker
+    make_demo_project(service, "teamed", n=3, folder=tmp_path,
+                      linkers=lambda p: {"gemel": build_linker("bm25", service.kb, service.preset),
+                                         "dim": build_linker("dense", service.kb, service.preset)})
+    screens = QueueScreens(service)
+    shown = dict(re.findall(r'data-([a-z-]+)="([^"]*)"', screens.handle("rita", {"project": "teamed",
+                                                                                 "action": "next"})))
+    assert shown["state"] == "task"
+    project = get_project(service.store, "teamed")
+    update_settings(service.store, project, dataclasses.replace(project.settings, annotators=["ann1", "ann2"]))
+    html = screens.handle("rita", {"project": "teamed", "action": "nil", "task_id": shown["task-id"],
+                                   "token": "r1", "shown": []})
+    assert 'data-state="none"' in html and "not on the team" in html and "mel-q-ack err" in html
+    assert "server failed" not in html and shown["task-id"] not in html
+    assert service.store.corrections(annotator="rita") == []
+    assert 'data-state="task"' in screens.handle("ann1", {"project": "teamed", "action": "next"})
+    screens.close()

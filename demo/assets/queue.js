@@ -25,6 +25,8 @@
     if (on) Q.timer = setTimeout(() => busy(false), Q.timeoutMs);  // the server never answered: let keys work
   };
   const field = (sel) => document.querySelector(`${sel} textarea, ${sel} input`);
+  // empty a Gradio text box (its value is kept by the page's framework: tell it with an input event)
+  const clearField = (box) => { box.value = ''; box.dispatchEvent(new Event('input', {bubbles: true})); };
 
   // what the page sends with the hidden button (its click event's js reads it)
   Q.take = () => JSON.stringify(Q.pending || {});
@@ -83,7 +85,11 @@
         return Q.send({action, undo_id: d.undoId || null}, at);
       case 'flag': {
         const box = field('#mel-q-comment');
-        if (opts.comment !== undefined) return Q.send({action, comment: opts.comment}, at);
+        if (opts.comment !== undefined) {
+          const sent = Q.send({action, comment: opts.comment}, at);
+          if (sent && box && box.value === opts.comment) clearField(box);
+          return sent;
+        }
         if (box) { box.focus(); box.select(); }  // a new comment replaces the last one
         return true;
       }
@@ -101,13 +107,29 @@
   document.addEventListener('keydown', (e) => {
     if (!onScreen() || e.ctrlKey || e.metaKey || e.altKey || e.isComposing) return;
     const t = e.target;
-    if (typing(t)) {  // in a text field: only Escape (leave it) and Enter in the comment box (flag)
+    if (typing(t)) {  // in a text field: only Escape (leave it), Enter in the comment box (flag), and
+      // Tab / ArrowDown from the search box to its results (the next field in the page is the comment box)
       if (e.key === 'Escape') { t.blur(); e.preventDefault(); return; }
       if (e.key === 'Enter' && t.closest('#mel-q-comment')) {
         e.preventDefault();
         const comment = t.value;
-        if (comment.trim() && Q.act('flag', {comment}, e.timeStamp)) t.blur();
+        if (comment.trim() && Q.act('flag', {comment}, e.timeStamp)) {
+          clearField(t);  // sent: a later Enter here must not flag the next task with the same comment
+          t.blur();
+        }
       }
+      if ((e.key === 'Tab' && !e.shiftKey || e.key === 'ArrowDown') && t.closest('#mel-q-search')) {
+        const first = document.querySelector('#mel-q-found .mel-q-pick');
+        if (first) { e.preventDefault(); first.focus(); first.scrollIntoView({block: 'nearest'}); }
+      }
+      return;
+    }
+    // Up / Down between the search results
+    if ((e.key === 'ArrowDown' || e.key === 'ArrowUp') && t && t.closest && t.closest('#mel-q-found')) {
+      const picks = Array.from(document.querySelectorAll('#mel-q-found .mel-q-pick'));
+      const i = picks.indexOf(t.closest('.mel-q-pick'));
+      const next = picks[i + (e.key === 'ArrowDown' ? 1 : -1)];
+      if (next) { e.preventDefault(); next.focus(); next.scrollIntoView({block: 'nearest'}); }
       return;
     }
     if (e.key === 'Escape') { help(false); return; }
@@ -140,6 +162,16 @@
     busy(false);
     requestAnimationFrame(() => { entry.paint_ms = performance.now() - Q.keyAt; Q.log.push(entry); });
   };
+  // KB search results arrive below the task: bring them on screen (a 768-pixel-high window hides them)
+  let shownResults = null;
+  const results = () => {
+    const found = document.getElementById('mel-q-found');
+    if (found && found !== shownResults && found.offsetParent !== null) {
+      shownResults = found;
+      found.scrollIntoView({block: 'nearest'});
+    }
+  };
+  new MutationObserver(results).observe(document.documentElement, {childList: true, subtree: true});
   new MutationObserver(seen).observe(document.documentElement, {childList: true, subtree: true, attributes: true,
                                                                 attributeFilter: ['data-nonce']});
 })();
