@@ -175,11 +175,8 @@ class AnnotationQueue:
         annotator = _acting(annotator, by)
         project = self.project = get_project(self.store, self.project)
         fresh_since = _iso(time.time() - project.settings.lease_minutes * 60)
+        _require_member(project, annotator)
         team = project.settings.annotators
-        if team and annotator not in team:
-            raise NotAllowedError(f"{annotator} is not on the team of project {project.name!r} "
-                                  f"({', '.join(team)}), so no task is assigned to them; an admin adds annotators "
-                                  f"with `python -m mel annotations settings --annotators ...`")
 
         def assign(conn):
             row = conn.execute("SELECT task_id FROM queue_cursors WHERE project_id = ? AND annotator = ?",
@@ -262,7 +259,9 @@ class AnnotationQueue:
         token = _check_token(token)
         shown = _check_ids(shown_prediction_ids, prediction_id)
         action, entity_id, entity_name = self._check_decision(action, entity_id, entity_name, shown)
-        project = self.project
+        # the team may have changed since the task was shown: someone taken off it saves nothing
+        project = self.project = get_project(self.store, self.project)
+        _require_member(project, annotator)
 
         def save(conn):
             replay = conn.execute("SELECT id, annotator, task_id FROM corrections WHERE client_token = ?",
@@ -525,6 +524,15 @@ def _standing_action(conn, task_id: str, annotator: str) -> str | None:
     row = conn.execute(f"SELECT action FROM corrections WHERE task_id = ? AND annotator = ? AND {STANDING} "
                        "ORDER BY id DESC LIMIT 1", (task_id, annotator)).fetchone()
     return row[0] if row else None
+
+
+def _require_member(project, annotator: str) -> None:
+    """Refuse an annotator who is not on the project's fixed team (a project without one takes anyone)."""
+    team = project.settings.annotators
+    if team and annotator not in team:
+        raise NotAllowedError(f"{annotator} is not on the team of project {project.name!r} "
+                              f"({', '.join(team)}), so no task is assigned to them and nothing is saved; an admin "
+                              f"adds annotators with `python -m mel annotations settings --annotators ...`")
 
 
 def _acting(annotator: str, by: str | None) -> str:

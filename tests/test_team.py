@@ -459,3 +459,15 @@ def test_an_export_killed_midway_leaves_the_previous_files_whole(store, tmp_path
     assert after == before, "the previous files are whole, and no temp file is left"
     monkeypatch.undo()
     assert export_corrections(store, out, "jsonl", project=name).n_examples == 5
+
+
+def test_someone_taken_off_the_team_cannot_save_the_task_left_on_screen(store, tmp_path):
+    from annotations.projects import update_settings
+    name = _project(store, tmp_path, 3, annotators=["ann", "bo"])
+    q = AnnotationQueue(store, name)
+    view = q.next_task("bo")
+    update_settings(store, name, ProjectSettings(annotators=["ann"]))  # an admin takes bo off the team meanwhile
+    before = store.db.execute("SELECT COUNT(*) FROM corrections").fetchone()[0]
+    with pytest.raises(NotAllowedError, match="not on the team.*nothing is saved"):
+        q.decide("bo", view.task.id, "nil", token="bo-late")
+    assert store.db.execute("SELECT COUNT(*) FROM corrections").fetchone()[0] == before
