@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "bench": "mel.bench.cli:add_parser",
     "batch": "mel.batch.cli:add_parser",
     "dim": "mel.dim.candidates:add_parser",
+    "calibrate": "mel.calibration_cli:add_parser",
 }
 
 # the names annotations/projects_cli.py and mel/batch/cli.py still import from here (now in mel.cli_kit)
@@ -45,9 +46,12 @@ def cmd_models(args):
 
 def cmd_data_info(args):
     from .datasets import load_dataset
-    split = load_dataset(args.format, args.data, args.split)
+    split = load_dataset(args.format, args.data, args.split, unlocated="context")
     print(f"{args.format} {args.split}: {len(split)} mentions")
     print(split.report.summary())
+    print(split.report.rules_line())
+    for rule, samples in split.report.located_samples.items():  # a few per rule, to check them by eye
+        print(f"  {rule}: " + "; ".join(f"{m!r} -> {found!r}" for _, m, found in samples[:3]))
     if args.json:
         print(json.dumps(split.report.to_dict(), indent=2, ensure_ascii=False))
 
@@ -133,18 +137,30 @@ def cmd_eval(args):
     for path in (args.json, args.predictions):  # fail now, not after the whole evaluation
         if path:
             check_output_file(path)
-    data = load_dataset(args.format, args.data, args.split)
+    data = load_dataset(args.format, args.data, args.split, unlocated="context")  # every mention counts in n
     examples = data.examples[: args.limit] if args.limit else data.examples
     kb = KnowledgeBase(args.kb, engine=args.engine)
     print(f"[mel] {args.format} {args.split}: {len(examples)} mentions; KB {kb.path.name}: {kb.size:,} entities",
           file=sys.stderr)
+    print(f"[mel] {data.report.rules_line()}", file=sys.stderr)
     linker = build_linker(args.linker, kb, resolve_preset(args), **_options(args))
+    from .calibration import removed_golds, use_calibration
+    if args.calibration:
+        use_calibration(linker, args.calibration)
+    if args.nil_threshold is not None:
+        use_calibration(linker, linker.calibration, nil=args.nil_threshold)
+    if args.nil_share and linker.calibration is None:
+        raise InputError(f"--nil-share needs a calibrated {linker.name}: none found for this KB; fit one with "
+                         f"`python -m mel calibrate ... --out DIR` and pass --calibration DIR")
+    removed = removed_golds([e.gold_id for e in examples], args.nil_share, args.nil_seed) if args.nil_share else set()
     report = evaluate(linker, examples, batch_size=args.batch_size, progress=not args.quiet,
-                      predictions_path=args.predictions)
+                      predictions_path=args.predictions, removed_ids=removed, nil_share=args.nil_share)
     report.update({"dataset": args.format, "split": args.split, "limit": args.limit,
-                   "reader": data.report.to_dict() if hasattr(data.report, "to_dict") else {}})
+                   "reader": data.report.to_dict() if hasattr(data.report, "to_dict") else {},
+                   "located_by_rule": data.report.rule_counts()})
     report["command"] = args.command_line
     print(format_report(report))
+    print(f"  {data.report.rules_line()}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2, ensure_ascii=False)
@@ -226,6 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the report to this JSON file")
     p.add_argument("--predictions", help="write one JSON line per mention to this file")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--calibration", help="calibration directory (default: the linker's own, if any; mel calibrate)")
+    p.add_argument("--nil-share", type=float, default=0.0,
+                   help="NIL-aware metrics with this seeded share of the split's golds out of the KB (e.g. 0.1)")
+    p.add_argument("--nil-seed", type=int, default=0, help="seed of the golds taken out (--nil-share)")
+    p.add_argument("--nil-threshold", type=float, default=None,
+                   help="answer NIL below this probability (default: the calibration's, chosen on train)")
     add_preset_args(p)
     p.set_defaults(func=cmd_eval)
 

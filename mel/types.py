@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -142,9 +143,19 @@ class Candidate(_JSONMixin):
     entity: Entity
     score: float
     source: str = ""
+    # calibrated probability that this candidate is the right entity (mel.calibration); None when the
+    # linker has no calibration. The probabilities of a result's candidates sum to at most 1: the rest is
+    # the chance that the right entity is none of them (not returned, or not in the KB).
+    probability: float | None = None
 
     def __post_init__(self):
         _require_text(self.source, "candidate source")
+        if self.probability is not None:
+            if isinstance(self.probability, bool) or not isinstance(self.probability, (int, float)) \
+                    or not 0.0 <= self.probability <= 1.0:
+                raise InputError(f"a candidate's probability must be a number in [0, 1] or None, "
+                                 f"got {self.probability!r}")
+            self.probability = float(self.probability)
 
     @classmethod
     def _build(cls, data: dict):
@@ -440,12 +451,23 @@ class Example(_JSONMixin):
     sample_id: str = ""
     dataset: str = ""
     split: str = ""
+    # how a reader found the mention in its caption (a rule of LOCATE_RULES, "offsets" when the file gave
+    # them, "context" when it was not found: the caption is then "<mention>: <caption>" and the span the
+    # mention string, see mel.datasets.common.context_mention); "" when not said (not written to JSON)
+    located: str = ""
 
     def __post_init__(self):
         _require_text(self.gold_id, "gold entity id")
+        _require_text(self.located, "located rule")
         self.gold_name = _nfc(_require_text(self.gold_name, "gold entity name"))
         for what, value in (("sample id", self.sample_id), ("dataset name", self.dataset), ("split name", self.split)):
             _require_text(value, what)
+
+    def to_dict(self) -> dict:
+        data = super().to_dict()
+        if not data["located"]:
+            del data["located"]
+        return data
 
     @classmethod
     def _build(cls, data: dict):
@@ -563,32 +585,105 @@ def validate_span(caption: str, start: int, end: int) -> None:
         raise InputError(f"the span [{start}, {end}) holds only whitespace; select a word of the caption")
 
 
-def locate_mention(caption: str, mention: str) -> tuple[int, int] | None:
-    """Character span of `mention` in `caption`: exact match first, then case-insensitive.
+# How a mention given without offsets was found in its caption (mel.datasets counts each rule):
+#   exact     the mention as written
+#   nfc       the same after Unicode NFC normalisation of both ("Zoe" + U+0308 vs "Zoë")
+#   casefold  ignoring case (after NFC)
+#   words     its words in order, whole words, ignoring case, with at most MAX_SKIPPED_PER_GAP
+#             particles or initials ("von", "of", "de la", "J.") and a little punctuation between
+#             two of them: "Otto Bismarck" in "Otto von Bismarck", "James Hamilton 1st Duke Abercorn"
+#             in "James Hamilton, 1st Duke of Abercorn"; the span is the caption's whole phrase
+#   context   not located: linked by its mention string, with the caption as context (mel.datasets)
+LOCATE_RULES = ("exact", "nfc", "casefold", "words")
+NOT_LOCATED = "context"
+MAX_SKIPPED_PER_GAP = 2  # particles skipped between two words of the mention ("de la", "van ... tot")
+MAX_SKIPPED_CHARS = 3  # a skipped word is lower case and at most this long ("von", "of"), or one capital ("J.")
+MAX_PUNCT_CHARS = 4  # non-word characters between two words (", ", " - ")
+_GAP = (rf"(\W{{1,{MAX_PUNCT_CHARS}}}(?:\w{{1,{MAX_SKIPPED_CHARS}}}\W{{1,{MAX_PUNCT_CHARS}}}){{0,{MAX_SKIPPED_PER_GAP}}})")
+
+
+def locate_mention(caption: str, mention: str, *, words_in_order: bool = False) -> tuple[int, int] | None:
+    """Character span of `mention` in `caption`: exact match first, then case-insensitive;
+    with `words_in_order`, then its words in order (the `words` rule of LOCATE_RULES).
 
     Unicode normalisation does not matter: both are compared in NFC ("Zoë" typed as U+00EB is
     found in a caption holding "Zoe" + U+0308, and the other way round). The span refers to
     `caption` as given, and never cuts a character of it in two.
     """
+    found = locate_mention_rule(caption, mention, words_in_order=words_in_order)
+    return None if found is None else found[0]
+
+
+def locate_mention_rule(caption: str, mention: str, *,
+                        words_in_order: bool = True) -> tuple[tuple[int, int], str] | None:
+    """(span, rule) of `mention` in `caption`, the rule being the first of LOCATE_RULES that
+    finds it (see there); None when none does. The span refers to `caption` as given."""
     mention = mention.strip()
     if not mention:
         return None
+    i = caption.find(mention)
+    if i >= 0 and (unicodedata.is_normalized("NFC", caption) or _safe_cut(caption, i, i + len(mention))):
+        return (i, i + len(mention)), "exact"
     mention = _nfc(mention)
     if unicodedata.is_normalized("NFC", caption):
-        return _locate(caption, mention, None)
-    bounds = nfc_boundaries(caption)  # NFC offset -> offset in caption, where a cut is safe
-    span = _locate(unicodedata.normalize("NFC", caption), mention, bounds)
-    return None if span is None else (bounds[span[0]], bounds[span[1]])
+        nfc_caption, bounds = caption, None
+    else:
+        bounds = nfc_boundaries(caption)  # NFC offset -> offset in caption, where a cut is safe
+        nfc_caption = unicodedata.normalize("NFC", caption)
+    found = _locate(nfc_caption, mention, bounds)
+    if found is None and words_in_order:
+        span = _find_words(nfc_caption, mention, bounds)
+        found = None if span is None else (span, "words")
+    if found is None:
+        return None
+    (start, end), rule = found
+    if bounds is not None:
+        start, end = bounds[start], bounds[end]
+    return (start, end), rule
 
 
-def _locate(caption: str, mention: str, ok: dict[int, int] | None) -> tuple[int, int] | None:
+def _safe_cut(caption: str, start: int, end: int) -> bool:
+    bounds = set(nfc_boundaries(caption).values())
+    return start in bounds and end in bounds
+
+
+def _find_words(caption: str, mention: str, ok: dict[int, int] | None) -> tuple[int, int] | None:
+    """The first phrase of `caption` holding the words of `mention` in order (the `words` rule)."""
+    words = re.findall(r"\w+", mention)
+    if not words:
+        return None
+    pattern = r"(?<!\w)" + _GAP.join(re.escape(w) for w in words) + r"(?!\w)"
+    for match in re.finditer(pattern, caption, re.IGNORECASE):
+        if all(_skippable(gap) for gap in match.groups()):
+            start, end = match.span()
+            if ok is None or (start in ok and end in ok):
+                return start, end
+    return None
+
+
+# short lower-case words that join two names rather than belong to one ("Bush and Obama")
+NOT_PARTICLES = frozenset({"and", "or", "nor", "but", "und", "et", "ou", "is", "was", "by", "at", "in", "on", "to",
+                           "for", "as"})
+
+
+def _skippable(gap: str) -> bool:
+    """Words between two words of the mention may be skipped when they are particles ("von",
+    "de", "of": lower case, short, not a conjunction or preposition of NOT_PARTICLES) or
+    initials ("J."); a digit or a capitalised word is not."""
+    return all((w.isalpha() and w.islower() and w not in NOT_PARTICLES) or (len(w) == 1 and w.isalpha() and w.isupper())
+               for w in re.findall(r"\w+", gap))
+
+
+def _locate(caption: str, mention: str, ok: dict[int, int] | None) -> tuple[tuple[int, int], str] | None:
     span = _find(caption, mention, ok)
     if span is not None:
-        return span
+        return span, "nfc"
     # casefold can change lengths (ß -> ss); lower() keeps them for nearly all scripts, check anyway
     low_caption, low_mention = caption.lower(), mention.lower()
     if len(low_caption) == len(caption):
-        return _find(low_caption, low_mention, ok)
+        span = _find(low_caption, low_mention, ok)
+        if span is not None:
+            return span, "casefold"
     return None
 
 

@@ -40,3 +40,32 @@ class HashingTextEncoder:
 @pytest.fixture
 def hashing_encoder():
     return HashingTextEncoder()
+
+
+# -- the browser tests' chromium (Debian's; `playwright install` cannot download its own here) -----
+CHROMIUM = os.environ.get("MEL_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def need(what: str, ok: bool) -> None:
+    """Fail in CI (which must run every browser test), skip with the fix elsewhere."""
+    if ok:
+        return
+    message = f"{what} is missing: run `make test` (it installs it) or see the Makefile"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    need(CHROMIUM, Path(CHROMIUM).exists())
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        need("the playwright Python package", False)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        yield b
+        b.close()

@@ -4,7 +4,7 @@ location."""
 from __future__ import annotations
 
 import json
-import time
+import re
 from pathlib import Path
 
 import pytest
@@ -28,8 +28,17 @@ def _shared_data_present():
 
 def check_invariants(split: DatasetSplit) -> None:
     r = split.report
-    assert r.n_mentions == r.n_with_span + r.n_located_exact + r.n_located_casefold + r.n_unlocated + r.n_invalid
-    assert len(split) == r.n_examples == r.n_with_span + r.n_located_exact + r.n_located_casefold
+    assert r.n_located == r.n_located_exact + r.n_located_casefold + r.n_located_words
+    assert r.n_located_nfc <= r.n_located_exact
+    assert r.n_mentions == r.n_with_span + r.n_located + r.n_unlocated + r.n_invalid
+    kept = r.n_unlocated if r.unlocated_policy == "context" else 0
+    assert len(split) == r.n_examples == r.n_with_span + r.n_located + kept
+    assert sum(r.rule_counts().values()) == len(split)
+    by_rule = {}
+    for e in split:  # examples read with offsets (jsonl) keep the rule their source reader used
+        rule = "offsets" if r.n_with_span else e.located
+        by_rule[rule] = by_rule.get(rule, 0) + 1
+    assert {k: v for k, v in r.rule_counts().items() if v} == by_rule
     assert r.n_records == r.n_with_image + r.n_missing_image
     assert r.n_unlocated == len(r.unlocated) and r.n_invalid == len(r.invalid)
     assert r.n_nil == sum(e.gold_id == NIL for e in split)
@@ -53,7 +62,7 @@ def wikimel_raw():
 
 @pytest.fixture(scope="module")
 def wikimel_dev():
-    return load_dataset("wikimel", WIKIMEL, "dev")
+    return load_dataset("wikimel", WIKIMEL, "dev", unlocated="context")  # as mel eval reads it
 
 
 def test_wikimel_dev_counts_match_splits(wikimel_dev, wikimel_raw):
@@ -75,8 +84,18 @@ def test_wikimel_examples_agree_with_raw_records(wikimel_dev, wikimel_raw):
         sid, idx = e.sample_id.split("#")
         raw = samples[sid]
         i = int(idx)
-        assert e.mention.caption == raw["sentence"]
-        assert e.mention.text.lower() == raw["mentions"][i].strip().lower()
+        m = raw["mentions"][i].strip()
+        if e.located == "context":  # not in the caption: linked by the mention string, caption as context
+            assert e.mention.caption == f"{m}: {raw['sentence']}" and e.mention.text == m
+        else:
+            assert e.mention.caption == raw["sentence"]
+        if e.located in ("exact", "casefold"):
+            assert e.mention.text.lower() == m.lower()
+        elif e.located == "words":  # the mention's words, in order, in the caption's phrase
+            words = re.findall(r"\w+", e.mention.text.lower())
+            it = iter(words)
+            assert all(w in it for w in re.findall(r"\w+", m.lower())), (m, e.mention.text)
+            assert m.lower() not in raw["sentence"].lower()
         assert (e.gold_id, e.gold_name) == (raw["answer"][i], raw["entities"][i])
         assert (e.dataset, e.split, e.mention.id) == ("wikimel", "dev", e.sample_id)
     for sid, mention, prefix in wikimel_dev.report.unlocated:
@@ -94,10 +113,8 @@ def test_wikimel_images_found_for_the_few_that_exist(wikimel_dev, wikimel_raw):
     assert all(Path(e.mention.image).name == e.sample_id.split("#")[0] + ".jpg" for e in wikimel_dev if e.mention.image)
 
 
-def test_wikimel_train_is_fast_and_deterministic():
-    t = time.perf_counter()
+def test_wikimel_train_reads_deterministically():  # its speed is a benchmark's business, not a test's
     a = load_dataset("wikimel", WIKIMEL, "train")
-    assert time.perf_counter() - t < 3.0
     b = load_dataset("wikimel", WIKIMEL, "train")
     assert a.examples == b.examples
     assert a.report.to_dict() == b.report.to_dict()
@@ -410,14 +427,21 @@ def test_unlocatable_mention_is_counted_and_listed(tmp_path):
         "1": sample("1", "Ann met Bo in Rome.", ["Ann", "Carl", "rome"]),
         "2": sample("2", "   ", ["Ann"]),
     })
-    split = load_dataset("wikimel", root, "dev")
+    split = load_dataset("wikimel", root, "dev", unlocated="context")
     r = split.report
-    assert [e.sample_id for e in split] == ["1#0", "1#2"]
+    # Carl is not in the caption: still an example, linked by its mention string with the caption as context
+    assert [(e.sample_id, e.located) for e in split] == [("1#0", "exact"), ("1#1", "context"), ("1#2", "casefold")]
+    assert split[1].mention.caption == "Carl: Ann met Bo in Rome." and split[1].mention.text == "Carl"
     assert (r.n_mentions, r.n_located_exact, r.n_located_casefold, r.n_unlocated, r.n_invalid) == (4, 1, 1, 1, 1)
     assert r.unlocated == [("1#1", "Carl", "Ann met Bo in Rome.")]
     assert r.invalid[0][0] == "2#0" and "empty" in r.invalid[0][1]
     assert "1 mentions not found" in r.summary() and "Carl" in r.summary()
     check_invariants(split)
+    skipped = load_dataset("wikimel", root, "dev")  # by default (training, annotation import): left out
+    assert [e.sample_id for e in skipped] == ["1#0", "1#2"] and skipped.report.n_unlocated == 1
+    check_invariants(skipped)
+    with pytest.raises(InputError, match="unlocated must be one of"):
+        load_dataset("wikimel", root, "dev", unlocated="drop")
 
 
 def test_repeated_mention_takes_the_next_occurrence(tmp_path):
@@ -446,8 +470,8 @@ def test_any_substring_is_located_exactly(caption, data):
     j = data.draw(st.integers(i + 1, len(caption)))
     mention = caption[i:j]
     split = read_one(caption, [mention])
-    if not mention.strip():
-        assert split.report.n_unlocated == 1 and not split.examples
+    if not mention.strip():  # an empty mention cannot be linked: invalid, not an example
+        assert split.report.n_invalid == 1 and not split.examples
         return
     (e,) = split.examples
     assert e.mention.text == mention.strip() and split.report.n_located_exact == 1
@@ -461,7 +485,7 @@ def test_case_changed_substring_is_located_ignoring_case(caption, data):
     mention = data.draw(st.sampled_from([str.upper, str.lower, str.swapcase]))(caption[i:j])
     split = read_one(caption, [mention])
     if not mention.strip():
-        assert split.report.n_unlocated == 1
+        assert split.report.n_invalid == 1
         return
     (e,) = split.examples
     assert e.mention.text.lower() == mention.strip().lower()
@@ -497,3 +521,15 @@ def test_repeated_record_ids_stay_unique(tmp_path):
     split = load_dataset("gemel", tmp_path, "dev")
     assert [e.sample_id for e in split] == ["1#0", "1@1#0"]
     assert any("repeat an id" in n for n in split.report.notes)
+
+
+def test_wikimel_mentions_without_particles_are_located_by_their_words(wikimel_dev):
+    by_id = {e.sample_id: e for e in wikimel_dev}
+    for sid, text in (("27822#0", "Otto von Bismarck"), ("27268#0", "James Hamilton, 1st Duke of Abercorn"),
+                      ("21136#0", "Kees van Dijk"), ("21743#0", "Guillaume Dode de la Brunerie")):
+        assert (by_id[sid].located, by_id[sid].mention.text) == ("words", text)
+    lost = by_id["19682#0"]  # 'Gotse Delcheva' in "Sultana Delcheva – Gotse's mother": words out of order
+    assert lost.located == "context" and lost.mention.caption.startswith("Gotse Delcheva: Sultana Delcheva")
+    r = wikimel_dev.report
+    assert r.n_located_words > 0 and len(wikimel_dev) == r.n_mentions  # nothing left out of n
+    assert "words" in r.rules_line() and r.located_samples["words"]

@@ -16,24 +16,9 @@ import uuid
 
 import pytest
 
-from test_e2e_browser import CHROMIUM, CHROMIUM_FLAGS, _need
 
 pytestmark = pytest.mark.slow
 N_TASKS = 20
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from pathlib import Path
-    _need(CHROMIUM, Path(CHROMIUM).exists())
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _need("the playwright Python package", False)
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")

@@ -13,28 +13,13 @@ Regressions found by a walk through the app as each role:
 from __future__ import annotations
 
 import sqlite3
-from pathlib import Path
 
 import pytest
 
-from test_e2e_browser import CHROMIUM, CHROMIUM_FLAGS, _need
 
 pytestmark = pytest.mark.slow
 USERS = {"ann1": "ann1-pw-1", "ann2": "ann2-pw-2", "rita": "rita-pw-3", "alice": "alice-pw-4"}  # test only
 N_TASKS = 8
-
-
-@pytest.fixture(scope="module")
-def browser():
-    _need(CHROMIUM, Path(CHROMIUM).exists())
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _need("the playwright Python package", False)
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import pytest
 
-from test_e2e_browser import CHROMIUM, CHROMIUM_FLAGS, _need
 from test_team_ui import USERS, _result, build_small_kb
 
 from annotations.projects import ProjectSettings, create_project, import_tasks, list_tasks
@@ -134,19 +133,6 @@ def annotators_morning(data_dir: Path, kb_path: Path) -> list[str]:
                     queue.flag(who, view.task.id, FLAG[2], by=who)
                 clock[0] += timedelta(minutes=11 if n % 4 == 3 else 3)  # reading the next caption, a pause
     return ids
-
-
-@pytest.fixture(scope="module")
-def browser():
-    _need(CHROMIUM, Path(CHROMIUM).exists())
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _need("the playwright Python package", False)
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")

@@ -73,3 +73,39 @@ def test_malformed_records_are_input_errors_not_crashes():
                           (lambda: Entity("Q1", None), "the name must be text")]:
         with pytest.raises(InputError, match=pattern):
             call()
+
+
+# -- the locating rules ---------------------------------------------------------------------------
+from mel.types import locate_mention_rule  # noqa: E402
+
+
+@pytest.mark.parametrize("caption,mention,found,rule", [
+    ("Grace Hopper at Harvard", "Hopper", "Hopper", "exact"),
+    ("Zoe\u0308 Kravitz on stage", "Zo\u00eb", "Zoe\u0308", "nfc"),  # NFD caption, NFC mention
+    ("THE ROCKET FALCON", "falcon", "FALCON", "casefold"),
+    ("Otto von Bismarck as Minister President", "Otto Bismarck", "Otto von Bismarck", "words"),
+    ("Henk van Hoof (1970)", "Henk Hoof", "Henk van Hoof", "words"),
+    ("James Hamilton, 1st Duke of Abercorn, c. 1870", "James Hamilton 1st Duke Abercorn",
+     "James Hamilton, 1st Duke of Abercorn", "words"),
+    ("Guillaume Dode de la Brunerie.", "Guillaume Dode Brunerie", "Guillaume Dode de la Brunerie", "words"),
+    ("John J. Bell", "John Bell", "John J. Bell", "words"),
+    ("Manuela Henkel  is a skier", "Henkel,", "Henkel", "words"),  # punctuation the caption lacks
+])
+def test_each_rule_locates_and_says_so(caption, mention, found, rule):
+    (start, end), got = locate_mention_rule(caption, mention)
+    assert (caption[start:end], got) == (found, rule)
+    assert locate_mention(caption, mention, words_in_order=True) == (start, end)
+    if rule == "words":  # not by default: a typed mention must be in the caption
+        assert locate_mention(caption, mention) is None
+
+
+@pytest.mark.parametrize("caption,mention", [
+    ("Otto Max Bismarck", "Otto Bismarck"),          # a capitalised word is a name, not a particle
+    ("Bush and Obama", "Bush Obama"),                # a conjunction joins two names
+    ("Louis XIV in 1680", "Louis 1680"),             # a number is not skipped
+    ("Otto von der zu Bismarck", "Otto Bismarck"),   # at most two particles between two words
+    ("Sultana Delcheva - Gotse's mother", "Gotse Delcheva"),  # words out of order
+    ("Ottoman Bismarckian", "Otto Bismarck"),        # whole words only
+])
+def test_words_rule_is_bounded(caption, mention):
+    assert locate_mention_rule(caption, mention) is None

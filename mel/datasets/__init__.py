@@ -6,9 +6,12 @@
     entities = read_kb_entities("wikimel", "../shared/data/wikimel")
 
 Every reader gives one Example per mention (sample_id "<record id>#<mention index>"),
-locates mentions that come without offsets with mel.types.locate_mention (exact, then
-ignoring case), and reports what it could not use instead of dropping it silently: unlocated
-mentions, invalid captions, missing images (Mention.image is None then), ids listed in a split
+locates mentions that come without offsets with mel.types.locate_mention_rule (exact, Unicode
+NFC, ignoring case, then the words in order: "Otto Bismarck" in "Otto von Bismarck"; each
+Example says which in `located`, the report counts each rule), and reports what it could not use
+instead of dropping it silently: unlocated mentions (with `unlocated="context"`, as evaluation
+reads them, still examples, linked by the mention string with the caption as context:
+`located == "context"`; by default left out, counted and listed), invalid captions, missing images (Mention.image is None then), ids listed in a split
 but absent from the data. Malformed files raise DatasetFormatError naming the file and record.
 "dev" and "val" are accepted for each other. Each module's docstring gives its layout.
 """
@@ -19,9 +22,9 @@ from types import ModuleType
 from typing import Iterator
 
 from ..errors import InputError
-from ..types import Entity
+from ..types import NOT_LOCATED, Entity
 from . import gemel, jsonl, mimic, richpedia, wikidiverse, wikimel
-from .common import DatasetSplit, ReadReport
+from .common import UNLOCATED_POLICIES, DatasetSplit, ReadReport, context_mention
 from .jsonl import write_jsonl_examples, write_jsonl_kb
 
 FORMATS = ("wikimel", "richpedia", "wikidiverse", "mimic", "gemel", "jsonl")
@@ -30,7 +33,7 @@ _READERS: dict[str, ModuleType] = {
     "mimic": mimic, "gemel": gemel, "jsonl": jsonl,
 }
 
-__all__ = ["FORMATS", "DatasetSplit", "ReadReport", "load_dataset", "read_kb_entities", "available_splits",
+__all__ = ["FORMATS", "DatasetSplit", "ReadReport", "context_mention", "load_dataset", "read_kb_entities", "available_splits",
            "write_jsonl_examples", "write_jsonl_kb"]
 
 
@@ -42,10 +45,20 @@ def _reader(format: str) -> ModuleType:
 
 
 def load_dataset(format: str, path: str | Path, split: str = "dev", *, dev_fraction: float = 0.1,
-                 seed: int = 0) -> DatasetSplit:
+                 seed: int = 0, unlocated: str = "skip") -> DatasetSplit:
     """Read one split. `dev_fraction` and `seed` only matter where dev is carved from train
-    (RichpediaMEL without a dev file)."""
-    return _reader(format).read(path, split, dev_fraction=dev_fraction, seed=seed)
+    (RichpediaMEL without a dev file). `unlocated`: "context" keeps a mention that no rule finds in
+    its caption as an example linked by its mention string with the caption as context
+    (Example.located == "context"), so every mention counts in n: what evaluation uses (`mel eval`,
+    `mel calibrate`); "skip" (default, for uses that need the mention inside its caption: training,
+    annotation import) leaves it out of the examples (it stays counted and listed in report.unlocated)."""
+    if unlocated not in UNLOCATED_POLICIES:
+        raise InputError(f"unlocated must be one of {', '.join(UNLOCATED_POLICIES)}, got {unlocated!r}")
+    data = _reader(format).read(path, split, dev_fraction=dev_fraction, seed=seed)
+    if unlocated == "skip":
+        data.examples = [e for e in data.examples if e.located != NOT_LOCATED]
+        data.report.unlocated_policy = "skip"
+    return data
 
 
 def read_kb_entities(format: str, source: str | Path, **options) -> Iterator[Entity]:

@@ -12,10 +12,13 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from ..errors import DatasetFormatError, InputError
-from ..types import NIL, Entity, Example, Mention, locate_mention, validate_span
+from ..types import NIL, NOT_LOCATED, Entity, Example, Mention, locate_mention_rule, validate_span
 
 CAPTION_PREFIX_CHARS = 60  # how much of a caption the report keeps for an unlocated mention
 MAX_LISTED_IN_SUMMARY = 3
+MAX_RULE_SAMPLES = 5  # mentions kept per locating rule (other than exact) in report.located_samples
+CONTEXT_SEPARATOR = ": "  # an unlocated mention is linked as "<mention>: <caption>", span = the mention
+UNLOCATED_POLICIES = ("context", "skip")
 
 # Split names that mean the same thing across dataset releases.
 SPLIT_ALIASES = {
@@ -32,17 +35,30 @@ _MISSING = object()
 class ReadReport:
     """What a reader saw. Invariants (checked by the tests):
 
-    n_mentions == n_with_span + n_located_exact + n_located_casefold + n_unlocated + n_invalid
-    len(examples) == n_with_span + n_located_exact + n_located_casefold
+    n_mentions == n_with_span + n_located (every rule) + n_unlocated + n_invalid
+    n_located == n_located_exact + n_located_casefold + n_located_words
+    n_located_nfc <= n_located_exact   (exact up to Unicode normalisation; of which n_located_nfc
+                                        matched only once both were NFC: rule_counts splits them)
+    len(examples) == n_with_span + n_located + n_unlocated   (unlocated="context", the default)
+    len(examples) == n_with_span + n_located                 (unlocated="skip")
     n_records == n_with_image + n_missing_image   (images are counted per record)
+
+    An unlocated mention (no rule of mel.types.LOCATE_RULES finds it) is listed in `unlocated`; with
+    load_dataset(..., unlocated="context") it is also an example, linked by its mention string with the
+    caption as context (context_mention, Example.located == "context").
     """
 
     n_records: int = 0
     n_mentions: int = 0
     n_with_span: int = 0  # offsets given by the file (jsonl)
     n_located_exact: int = 0
+    n_located_nfc: int = 0  # of n_located_exact: equal only once both are in Unicode NFC
     n_located_casefold: int = 0
-    n_unlocated: int = 0
+    n_located_words: int = 0  # its words in order, particles/punctuation skipped ("Otto Bismarck")
+    n_unlocated: int = 0  # found by no rule: linked by the mention string, caption as context (or skipped)
+    unlocated_policy: str = "context"  # "context": unlocated mentions are examples; "skip": left out (load_dataset)
+    # rule -> a few (sample_id, mention, what the caption says there) to check the rule by eye
+    located_samples: dict[str, list[tuple[str, str, str]]] = field(default_factory=dict)
     unlocated: list[tuple[str, str, str]] = field(default_factory=list)  # (sample_id, mention, caption prefix)
     n_invalid: int = 0  # mentions whose caption or span fails validate_span
     invalid: list[tuple[str, str]] = field(default_factory=list)  # (sample_id, reason)
@@ -52,15 +68,38 @@ class ReadReport:
     notes: list[str] = field(default_factory=list)
 
     @property
+    def n_located(self) -> int:
+        return self.n_located_exact + self.n_located_casefold + self.n_located_words
+
+    @property
     def n_examples(self) -> int:
-        return self.n_with_span + self.n_located_exact + self.n_located_casefold
+        return self.n_with_span + self.n_located + (self.n_unlocated if self.unlocated_policy == "context" else 0)
+
+    def rule_counts(self) -> dict[str, int]:
+        """How many mentions each rule located: offsets (given by the file), exact, nfc, casefold,
+        words, context (not located, linked by the mention string; 0 when skipped)."""
+        return {"offsets": self.n_with_span, "exact": self.n_located_exact - self.n_located_nfc, "nfc": self.n_located_nfc,
+                "casefold": self.n_located_casefold, "words": self.n_located_words,
+                NOT_LOCATED: self.n_unlocated if self.unlocated_policy == "context" else 0}
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["unlocated"] = [list(t) for t in self.unlocated]
         data["invalid"] = [list(t) for t in self.invalid]
+        data["located_samples"] = {k: [list(t) for t in v] for k, v in self.located_samples.items()}
         data["n_examples"] = self.n_examples
+        data["rule_counts"] = self.rule_counts()
         return data
+
+    def rules_line(self) -> str:
+        """One line: how many mentions each rule located (what `mel eval` and `mel data info` print)."""
+        counts = self.rule_counts()
+        parts = [f"{rule} {n:,}" for rule, n in counts.items() if n or rule in ("exact", NOT_LOCATED)]
+        skipped = (f"; {self.n_unlocated:,} unlocated skipped" if self.unlocated_policy == "skip"
+                   and self.n_unlocated else "")
+        invalid = f"; {self.n_invalid:,} invalid skipped" if self.n_invalid else ""
+        return (f"located by rule: {', '.join(parts)} (of {self.n_mentions:,} mentions, "
+                f"{self.n_examples:,} examples{skipped}{invalid})")
 
     def summary(self) -> str:
         parts = [f"{self.n_records:,} records, {self.n_mentions:,} mentions -> {self.n_examples:,} examples"]
@@ -68,14 +107,21 @@ class ReadReport:
         if self.n_with_span:
             how.append(f"{self.n_with_span:,} with offsets from the file")
         if self.n_located_exact:
-            how.append(f"{self.n_located_exact:,} located exactly")
+            nfc = f", {self.n_located_nfc:,} of them after Unicode NFC" if self.n_located_nfc else ""
+            how.append(f"{self.n_located_exact:,} located exactly{nfc}")
         if self.n_located_casefold:
             how.append(f"{self.n_located_casefold:,} located ignoring case")
+        if self.n_located_words:
+            how.append(f"{self.n_located_words:,} located by their words in order")
+        if self.n_unlocated and self.unlocated_policy == "context":
+            how.append(f"{self.n_unlocated:,} not located, linked by the mention string with the caption as context")
         if how:
             parts[0] += f" ({', '.join(how)})"
         if self.n_unlocated:
             shown = "; ".join(f"{sid}: {_clip(m)!r}" for sid, m, _ in self.unlocated[:MAX_LISTED_IN_SUMMARY])
-            parts.append(f"{self.n_unlocated:,} mentions not found in their caption and skipped "
+            what = ("kept as '<mention>: <caption>' examples" if self.unlocated_policy == "context"
+                    else "skipped (unlocated='skip')")
+            parts.append(f"{self.n_unlocated:,} mentions not found in their caption, {what} "
                          f"(listed in report.unlocated, e.g. {shown})")
         else:
             parts.append("every mention was found in its caption")
@@ -387,21 +433,30 @@ class ExampleBuilder:
             if reason:
                 self._invalid(sid, reason)
                 continue
-            span = _locate(caption, text, used_end)
-            if span is None:
-                r.n_unlocated += 1
-                r.unlocated.append((sid, text, caption[:CAPTION_PREFIX_CHARS]))
-                continue
+            located = _locate(caption, text, used_end)
             try:  # Mention and Example refuse text that is not valid Unicode (a "\\ud800" escape in a file)
-                mention = Mention(caption, span[0], span[1], image=image, id=sid)
-                example = Example(mention, gid, gname, sid, self.fmt, self.split)
+                if located is None:
+                    r.n_unlocated += 1
+                    r.unlocated.append((sid, text, caption[:CAPTION_PREFIX_CHARS]))
+                    mention, rule = context_mention(caption, text, image=image, id=sid), NOT_LOCATED
+                else:
+                    (start, end), rule = located
+                    mention = Mention(caption, start, end, image=image, id=sid)
+                example = Example(mention, gid, gname, sid, self.fmt, self.split, located=rule)
             except InputError as e:
+                if located is None:  # counted as invalid, not as unlocated
+                    r.n_unlocated -= 1
+                    r.unlocated.pop()
                 self._invalid(sid, str(e))
                 continue
-            if mention.text == unicodedata.normalize("NFC", text.strip()):  # exact up to NFC vs NFD
-                r.n_located_exact += 1
-            else:
-                r.n_located_casefold += 1
+            if rule != NOT_LOCATED:
+                r.n_located_exact += rule == "nfc"  # exact up to NFC; n_located_nfc says how many needed it
+                field_name = f"n_located_{rule}"
+                setattr(r, field_name, getattr(r, field_name) + 1)
+                if rule != "exact":
+                    samples = r.located_samples.setdefault(rule, [])
+                    if len(samples) < MAX_RULE_SAMPLES:
+                        samples.append((sid, text, mention.text))
             self._append(example, image_url)
 
     def add_example(self, example: Example, image_url: str | None = None) -> None:
@@ -456,18 +511,30 @@ def _caption_problem(caption: str) -> str | None:
     return None
 
 
-def _locate(caption: str, text: str, used_end: dict[str, int]) -> tuple[int, int] | None:
-    """locate_mention, except that a mention repeated within one record takes the next
-    occurrence after the previous one when there is one ("Smith and Smith")."""
+def context_mention(caption: str, text: str, image: str | None = None, id: str | None = None) -> Mention:
+    """A mention that is not in its caption, as a Mention every linker takes: the caption becomes
+    "<mention>: <caption>" and the span is the mention string, so exact/bm25/dense read the mention
+    and DIM/GEMEL still see the caption as context. InputError for an empty mention."""
+    text = text.strip()
+    if not text:
+        raise InputError("the mention is empty")
+    return Mention(f"{text}{CONTEXT_SEPARATOR}{caption}", 0, len(text), image=image, id=id)
+
+
+def _locate(caption: str, text: str, used_end: dict[str, int]) -> tuple[tuple[int, int], str] | None:
+    """locate_mention_rule (every rule, the words in order too), except that a mention repeated
+    within one record takes the next occurrence after the previous one when there is one
+    ("Smith and Smith")."""
     key = unicodedata.normalize("NFC", text.strip()).lower()
-    span = None
+    found = None
     if key in used_end:
         start = used_end[key]
-        rest = locate_mention(caption[start:], text)
+        rest = locate_mention_rule(caption[start:], text)
         if rest is not None:
-            span = (start + rest[0], start + rest[1])
-    if span is None:
-        span = locate_mention(caption, text)
-    if span is not None:
-        used_end[key] = span[1]
-    return span
+            (a, b), rule = rest
+            found = (start + a, start + b), rule
+    if found is None:
+        found = locate_mention_rule(caption, text)
+    if found is not None:
+        used_end[key] = found[0][1]
+    return found

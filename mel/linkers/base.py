@@ -1,6 +1,7 @@
 """The linker contract shared by baselines, GEMEL and DIM."""
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterable, Iterator
 
@@ -20,14 +21,83 @@ def check_mention(mention) -> Mention:
     return mention
 
 
+_UNSET = object()
+
+
+def _calibrated(method, kind: str):
+    """`method` (a subclass's link or pipe) with Linker.apply_calibration on every result."""
+    if getattr(method, "_mel_calibrated", False):
+        return method
+    if kind == "link":
+        @functools.wraps(method)
+        def link(self, *args, **kwargs):
+            return self.apply_calibration(method(self, *args, **kwargs))
+        wrapped = link
+    else:
+        @functools.wraps(method)
+        def pipe(self, *args, **kwargs):
+            for result in method(self, *args, **kwargs):
+                yield self.apply_calibration(result)
+        wrapped = pipe
+    wrapped._mel_calibrated = True
+    return wrapped
+
+
 class Linker:
-    """Subclasses set `name` and implement `link`; `pipe` may be overridden to batch."""
+    """Subclasses set `name` and implement `link`; `pipe` may be overridden to batch.
+
+    Calibrated confidence, for every linker: each result a subclass's `link` or `pipe` returns goes
+    through `apply_calibration`, which sets `Candidate.probability` from the scores with the
+    linker's `calibration` (mel.calibration: found by itself on first use, beside its checkpoint or
+    under models/calibration/<name>@<kb>; None: probabilities stay None) and, when `nil_threshold`
+    is set, answers NIL (prediction None) when the best candidate's probability is below it.
+    """
 
     name = "linker"
+    nil_threshold: float | None = None  # set with mel.calibration.use_calibration(linker, ..., nil=True)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for kind in ("link", "pipe"):
+            if kind in cls.__dict__:
+                setattr(cls, kind, _calibrated(cls.__dict__[kind], kind))
 
     def __init__(self, kb, preset):
         self.kb = kb
         self.preset = preset
+
+    @property
+    def calibration(self):
+        """The mel.calibration.Calibration this linker applies (None: no probabilities)."""
+        cal = self.__dict__.get("_calibration", _UNSET)
+        if cal is _UNSET:
+            from ..calibration import default_calibration
+            cal = self.__dict__["_calibration"] = default_calibration(self)
+        return cal
+
+    @calibration.setter
+    def calibration(self, value) -> None:
+        self.__dict__["_calibration"] = value
+
+    def apply_calibration(self, result: LinkResult) -> LinkResult:
+        """Probabilities for `result`'s candidates (best first) and NIL below the threshold; the
+        same result again gives the same answer (the probabilities come from the scores)."""
+        cal = self.calibration
+        if cal is None or not isinstance(result, LinkResult):
+            return result
+        probs = cal.probabilities([c.score for c in result.candidates])
+        for c, p in zip(result.candidates, probs):
+            c.probability = round(min(max(float(p), 0.0), 1.0), 6)
+        threshold = self.nil_threshold
+        if threshold is None:
+            return result
+        top = result.candidates[0].probability if result.candidates else 0.0
+        note = f"NIL: the best candidate's probability {top:.3f} is below the threshold {threshold:.3f}"
+        if top < threshold:
+            result.prediction = None
+            if note not in result.details.note:
+                result.details.note = f"{result.details.note}; {note}" if result.details.note else note
+        return result
 
     def models(self) -> dict[str, str]:
         """The models this linker uses (role -> spec); shown in results and the UI."""

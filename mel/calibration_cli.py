@@ -1,0 +1,149 @@
+"""`python -m mel calibrate`: fit a linker's calibration (temperature + "none" logit, NIL threshold)
+on a TRAIN slice and store it; optionally measure it on another split (never fitted on).
+
+    python -m mel calibrate --format wikimel --data ../shared/data/wikimel --split train --limit 2000 \\
+        --kb data/wikimel.sqlite --linker dim --out models/calibration/dim@wikimel \\
+        --measure-split dev --json results/calibration_wikimel_dim.json --plot results/calibration_wikimel_dim.png
+
+The train slice is `--limit` mentions drawn with a seeded hash of their sample id (not the first N:
+files are often sorted). For a DIM head trained on this very split, the slice is drawn from the
+records the head held out while training (reproduced from its config), since the head has seen
+the rest. GEMEL keeps each query out of its own demonstrations. `--measure-split` takes the
+first `--measure-limit` mentions of that split (what the benches call the generative subset).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .cli_kit import add_preset_args, check_output_file, count_arg, resolve_preset
+from .errors import InputError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("calibrate", help="fit a linker's probabilities (and NIL threshold) on a train slice")
+    p.add_argument("--format", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="train", help="the split to fit on (never dev: it would be tuned on)")
+    p.add_argument("--limit", type=count_arg, default=2000, help="mentions of the split to fit on (0: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the slice and of the NIL golds")
+    p.add_argument("--kb", required=True)
+    p.add_argument("--linker", required=True)
+    p.add_argument("--opt", action="append", help="linker option key=value (repeatable)")
+    p.add_argument("-k", type=int, default=20, help="candidates per mention")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--nil-share", type=float, default=0.1,
+                   help="share of the slice's golds taken out of the KB to choose the NIL threshold (0: none)")
+    p.add_argument("--out", required=True, help="calibration directory to write (config.json)")
+    p.add_argument("--measure-split", help="also measure ECE / NIL metrics on this split (e.g. dev)")
+    p.add_argument("--measure-limit", type=count_arg, default=0, help="first N mentions of it (0: all)")
+    p.add_argument("--json", help="write the measurement (train and measure split) to this JSON file")
+    p.add_argument("--plot", help="write a reliability diagram PNG of the measure split")
+    p.add_argument("--save-scores", help="write every mention's candidates and scores (JSONL) to this prefix")
+    p.add_argument("--quiet", action="store_true")
+    add_preset_args(p)
+    p.set_defaults(func=run)
+
+
+def train_slice(examples, limit: int | None, seed: int, linker=None, fmt: str = "", split: str = "") -> tuple[list, str]:
+    """(`limit` examples drawn by a seeded hash of their id, a sentence saying how)."""
+    from .datasets.common import stable_hash
+    how = f"{split}: {{n}} mentions drawn by sha256(seed={seed}, sample id)"
+    held = _checkpoint_holdout(linker, examples, fmt, split) if linker is not None else None
+    if held is not None:
+        examples, how = held, f"{split}: {{n}} mentions of the records the DIM head held out while training, " \
+                              f"drawn by sha256(seed={seed}, sample id)"
+    ranked = sorted(examples, key=lambda e: (stable_hash(seed, e.sample_id), e.sample_id))
+    chosen = ranked[:limit] if limit else ranked
+    return chosen, how.format(n=len(chosen))
+
+
+def _checkpoint_holdout(linker, examples, fmt: str, split: str):
+    """The examples of the training records a DIM head did not train on, when it was trained on
+    `fmt`/`split`; None when the head was trained elsewhere (every example is unseen)."""
+    ckpt = getattr(linker, "checkpoint", None)
+    if ckpt is None or not (Path(ckpt) / "config.json").is_file():
+        return None
+    cfg = json.loads((Path(ckpt) / "config.json").read_text(encoding="utf-8"))
+    trained = cfg.get("train", {})
+    if trained.get("dataset") != fmt or trained.get("split") != split:
+        return None
+    from .dim.train import DimTrainConfig, split_holdout
+    fraction = trained.get("holdout", DimTrainConfig.holdout)
+    # the head's training read the split with the rules of its time: exact / NFC / case-insensitive only
+    old = [e for e in examples if e.located in ("exact", "nfc", "casefold") and e.gold_id in linker.kb]
+    _, held = split_holdout(old, fraction, trained.get("seed", 42))
+    expected = cfg.get("heldout", {}).get("n")
+    if expected is not None and len(held) != expected:
+        raise InputError(f"cannot reproduce the held-out records of {ckpt} ({len(held)} mentions, the head says "
+                         f"{expected}): calibrate on a split the head did not train on")
+    records = {e.sample_id.split("#")[0] for e in held}
+    return [e for e in examples if e.sample_id.split("#")[0] in records]
+
+
+def run(args) -> None:
+    from .calibration import (calibration_report, collect, dumps_scored, fit, nil_decisions, reliability_diagram,
+                              removed_golds, top_confidences)
+    from .datasets import load_dataset
+    from .evaluate import nil_metrics
+    from .kb import KnowledgeBase
+    from .linkers import build_linker, parse_options
+
+    if args.split in ("dev", "val", "valid", "validation", "test"):
+        raise InputError(f"calibrate fits on a train slice, not on {args.split!r}: measure there with "
+                         f"--measure-split {args.split}")
+    for path in (args.json, args.plot):
+        if path:
+            check_output_file(path)
+    kb = KnowledgeBase(args.kb)
+    linker = build_linker(args.linker, kb, resolve_preset(args), **parse_options(args.opt or []))
+    data = load_dataset(args.format, args.data, args.split, unlocated="context")
+    examples, how = train_slice(data.examples, args.limit, args.seed, linker, args.format, args.split)
+    log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    log(f"[mel] calibrating {linker.name} on {how}; KB {kb.path.name}: {kb.size:,} entities")
+    scored = collect(linker, examples, k=args.k, batch_size=args.batch_size, progress=not args.quiet)
+    if args.save_scores:
+        Path(f"{args.save_scores}.{args.split}.jsonl").write_text(dumps_scored(scored), encoding="utf-8")
+    fitted_on = {"dataset": args.format, "split": args.split, "n": len(scored), "slice": how, "seed": args.seed,
+                 "kb": kb.path.name, "kb_size": kb.size, "k": args.k, "options": parse_options(args.opt or []),
+                 "command": getattr(args, "command_line", "")}
+    cal = fit(scored, linker, nil_share=args.nil_share, seed=args.seed, fitted_on=fitted_on)
+    path = cal.save(args.out)
+    train = cal.metrics["train"]
+    print(f"{linker.name}: T={cal.temperature:.4g}, none logit b={cal.none_logit:.4g}, NIL threshold "
+          f"{cal.nil_threshold} (train n={train['n']}: ECE {train['ece_before']:.4f} -> {train['ece_after']:.4f}) "
+          f"-> {path}")
+    out = {"linker": linker.name, "kb": kb.path.name, "kb_size": kb.size, "calibration": cal.to_dict(),
+           "command": getattr(args, "command_line", "")}
+    if args.measure_split:
+        dev = load_dataset(args.format, args.data, args.measure_split, unlocated="context")
+        dev_ex = dev.examples[: args.measure_limit] if args.measure_limit else dev.examples
+        log(f"[mel] measuring on {args.measure_split}: the first {len(dev_ex)} of {len(dev.examples)} mentions "
+            f"({dev.report.rules_line()})")
+        dev_scored = collect(linker, dev_ex, k=args.k, batch_size=args.batch_size, progress=not args.quiet)
+        if args.save_scores:
+            Path(f"{args.save_scores}.{args.measure_split}.jsonl").write_text(dumps_scored(dev_scored), encoding="utf-8")
+        report = calibration_report(dev_scored, cal)
+        report["split"] = args.measure_split
+        if cal.nil_threshold is not None:
+            removed = removed_golds([r.gold_id for r in dev_scored], args.nil_share, args.seed)
+            report["nil"] = {"share": args.nil_share, "seed": args.seed, "n_removed_golds": len(removed),
+                             "threshold": cal.nil_threshold,
+                             **nil_metrics(nil_decisions(dev_scored, cal, cal.nil_threshold, removed)),
+                             "without_threshold": nil_metrics(nil_decisions(dev_scored, cal, None, removed))}
+        out["measure"] = report
+        print(f"  {args.measure_split} n={report['n']}: ECE {report['ece_before']:.4f} (softmax of the scores) -> "
+              f"{report['ece_after']:.4f} (calibrated); H@1 {report['hits@1']:.4f}"
+              + (f"; NIL share {args.nil_share}: accuracy {report['nil']['accuracy']:.4f} "
+                 f"(in-KB {report['nil']['accuracy_in_kb']:.4f}, NIL P/R/F1 {report['nil']['nil_precision']:.3f}/"
+                 f"{report['nil']['nil_recall']:.3f}/{report['nil']['nil_f1']:.3f})" if "nil" in report else ""))
+        if args.plot:
+            before = top_confidences(dev_scored, None)
+            after = top_confidences(dev_scored, cal)
+            reliability_diagram({"softmax of the scores": before, "calibrated": after}, args.plot,
+                                title=f"{linker.name} on {args.format} {args.measure_split} (first {len(dev_ex)}), "
+                                      f"KB {kb.size:,} entities; fitted on {args.split} n={len(scored)}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(out, f, indent=2, ensure_ascii=False)
