@@ -24,8 +24,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as `python bench/bench_queue.py` from the repository root
-    sys.path.insert(0, str(REPO))
 
 CHROMIUM = os.environ.get("MEL_CHROMIUM", "/usr/bin/chromium")
 USERS = {"bench": "bench-password-1"}  # a throwaway account of this run's own app
