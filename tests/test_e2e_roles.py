@@ -22,25 +22,30 @@ USERS = {"ann1": "ann1-pw-1", "ann2": "ann2-pw-2", "rita": "rita-pw-3", "alice":
 N_TASKS = 8
 
 
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
+def launch_team_project(tmp_path_factory, name: str, n: int):
+    """The real app (build_demo, every tab) with project `name` of `n` demo tasks, k = 2, team ann1 and
+    ann2, pre-annotated; started again after the project exists, as after a restart."""
     import dataclasses
 
     from annotations.projects import get_project, update_settings
     from demo.serving import launch_in_process, make_demo_project
     from mel.linkers import build_linker
-    data = tmp_path_factory.mktemp("e2e-roles")
+    data = tmp_path_factory.mktemp(f"e2e-{name}")
     running = launch_in_process(data, users=USERS, admins={"alice"}, reviewers={"rita"})
     svc = running.service
 
     def fast(project):  # BM25 in GEMEL's slot: a real linker, quick on a CPU (as test_e2e_queue.py)
         return {"gemel": build_linker("bm25", svc.kb, svc.preset), "dim": svc.project_linkers(project)["dim"]}
-    project, _, _ = make_demo_project(svc, "team-8", n=N_TASKS, linkers=fast,
-                                      folder=tmp_path_factory.mktemp("tasks"))
-    update_settings(svc.store, project, dataclasses.replace(get_project(svc.store, "team-8").settings,
+    project, _, _ = make_demo_project(svc, name, n=n, linkers=fast, folder=tmp_path_factory.mktemp("tasks"))
+    update_settings(svc.store, project, dataclasses.replace(get_project(svc.store, name).settings,
                                                             annotations_per_task=2, annotators=["ann1", "ann2"]))
-    running.close()  # started again, as after a restart: the project is there when the page is built
-    running = launch_in_process(data, users=USERS, admins={"alice"}, reviewers={"rita"})
+    running.close()
+    return launch_in_process(data, users=USERS, admins={"alice"}, reviewers={"rita"})
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    running = launch_team_project(tmp_path_factory, "team-8", N_TASKS)
     yield running
     running.close()
 
