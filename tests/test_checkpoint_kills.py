@@ -24,7 +24,6 @@ from conftest import HashingTextEncoder
 from mel.errors import CheckpointError
 from mel.kb import build_kb
 from mel.presets import Preset
-from mel.types import Example, Mention
 
 HIDDEN_LEFTOVER = (".tmp-", ".new-", ".old-")
 forks = pytest.mark.skipif(not hasattr(os, "fork"), reason="the kill tests fork a child and SIGKILL it")
@@ -150,22 +149,12 @@ def one_thread():
 # -- DIM ------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_dim_training_killed_at_every_save_step_resumes_to_the_same_head(tmp_path, one_thread, capsys):
-    from test_dim import ENTITIES, StubImageEncoder
+    from test_dim import StubImageEncoder, write_tiny_training_set
 
     from mel.cli import main
-    from mel.datasets import write_jsonl_examples, write_jsonl_kb
 
     encoder = HashingTextEncoder()
-    rows = [("Norris in 1976", "Norris", "Q4"), ("Frank Norris, novelist, 1899", "Frank Norris", "Q5"),
-            ("Collins on the Shuttle, 1999", "Collins", "Q1"), ("Phil Collins drumming", "Phil Collins", "Q2"),
-            ("Watson at the premiere", "Watson", "Q7"), ("Watson and Crick, 1953", "Watson", "Q8")] * 3
-    examples = [Example(Mention.from_text(c, m, id=f"s{i}#0"), gold, sample_id=f"s{i}#0", split="train")
-                for i, (c, m, gold) in enumerate(rows)]
-    data = tmp_path / "data"
-    data.mkdir()
-    write_jsonl_examples(examples, data / "train.jsonl")
-    write_jsonl_kb(ENTITIES, data / "kb.jsonl")
-    build_kb(ENTITIES, tmp_path / "kb.sqlite", text_encoder=encoder, progress=False)
+    data = write_tiny_training_set(tmp_path, encoder, dev=False)
 
     def args(root):  # 3 epochs: the best is epoch 2, so OUT is written, replaced, then left as it is;
         # the state is kept: its weights show an epoch trained twice (OUT, the best epoch, may not)

@@ -305,23 +305,31 @@ def test_linker_uses_the_image_and_records_the_cue(kb, tmp_path, hashing_encoder
 
 
 # -- trainer ------------------------------------------------------------------------------------------
-@pytest.mark.slow
-def test_train_cli_writes_a_head_and_resumes(tmp_path, hashing_encoder, monkeypatch):
-    from mel.cli import main
+def write_tiny_training_set(root, text_encoder, *, dev: bool):
+    """A jsonl training set of ambiguous names (root/data: train.jsonl, dev.jsonl when `dev`, kb.jsonl)
+    and its KB (root/kb.sqlite, embedded with `text_encoder`); returns the data folder."""
     from mel.datasets import write_jsonl_examples, write_jsonl_kb
-    from mel.types import Example
 
     rows = [("Norris in 1976", "Norris", "Q4"), ("Frank Norris, novelist, 1899", "Frank Norris", "Q5"),
             ("Collins on the Shuttle, 1999", "Collins", "Q1"), ("Phil Collins drumming", "Phil Collins", "Q2"),
             ("Watson at the premiere", "Watson", "Q7"), ("Watson and Crick, 1953", "Watson", "Q8")] * 3
     examples = [Example(Mention.from_text(c, m, id=f"s{i}#0"), gold, sample_id=f"s{i}#0", split="train")
                 for i, (c, m, gold) in enumerate(rows)]
-    data = tmp_path / "data"
+    data = root / "data"
     data.mkdir()
     write_jsonl_examples(examples, data / "train.jsonl")
-    write_jsonl_examples(examples[:6], data / "dev.jsonl")
+    if dev:
+        write_jsonl_examples(examples[:6], data / "dev.jsonl")
     write_jsonl_kb(ENTITIES, data / "kb.jsonl")
-    build_kb(ENTITIES, tmp_path / "kb.sqlite", text_encoder=hashing_encoder, progress=False)
+    build_kb(ENTITIES, root / "kb.sqlite", text_encoder=text_encoder, progress=False)
+    return data
+
+
+@pytest.mark.slow
+def test_train_cli_writes_a_head_and_resumes(tmp_path, hashing_encoder, monkeypatch):
+    from mel.cli import main
+
+    data = write_tiny_training_set(tmp_path, hashing_encoder, dev=True)
     # the trainer loads the preset's encoders: hand it the hashing one instead of a real model
     monkeypatch.setattr(Preset, "backend", lambda self, role: {"text_encoder": hashing_encoder,
                                                                "image_encoder": StubImageEncoder()}[role])
