@@ -894,23 +894,14 @@ class AnnotationStore:
     def _copy(self, conn: sqlite3.Connection, target: Path) -> Path:
         if target.exists() or target.is_symlink():
             raise AnnotationStoreError(f"{target} already exists; a backup never overwrites a file: pick a new name")
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            dest = sqlite3.connect(tmp)
-            try:
-                conn.backup(dest)
-            finally:
-                dest.close()
-            os.link(tmp, target)  # fails if the name was taken meanwhile: no overwrite, even in a race
+            _copy_no_clobber(conn, target, "tmp")
         except FileExistsError as exc:
             raise AnnotationStoreError(f"{target} already exists; a backup never overwrites a file: "
                                        f"pick a new name") from exc
         except (OSError, sqlite3.Error) as exc:
             raise AnnotationStoreError(f"could not write the backup {target} ({exc}); pick a writable path") from exc
-        finally:
-            tmp.unlink(missing_ok=True)
-        fsync_path(target.parent)
         return target
 
     def restore(self, backup: str | Path) -> dict:
@@ -1041,23 +1032,31 @@ def _restore_new_file(src: sqlite3.Connection, path: Path) -> None:
             aside = _free_name(path.parent, f"{path.name}{suffix}-orphaned", "")
             orphan.rename(aside)
             log.warning("moved %s, left by a deleted database, to %s", orphan, aside)
-    tmp = path.with_name(f".{path.name}.restore-{os.getpid()}-{threading.get_ident()}")
+    try:
+        _copy_no_clobber(src, path, "restore")
+    except FileExistsError as exc:
+        raise AnnotationStoreError(f"a file appeared at {path} while the backup was written; it is left as it "
+                                   f"is: run the restore again") from exc
+    except (OSError, sqlite3.Error) as exc:
+        raise AnnotationStoreError(f"could not write {path} ({exc}); nothing was restored") from exc
+
+
+def _copy_no_clobber(src: sqlite3.Connection, target: Path, tag: str) -> None:
+    """Copy the database open as `src` (SQLite online backup) to a new file at `target`: written under a
+    temporary name beside it and hard-linked in, which fails (FileExistsError) if the name was taken
+    meanwhile, so nothing is ever overwritten, even in a race. OSError / sqlite3.Error pass through."""
+    tmp = target.with_name(f".{target.name}.{tag}-{os.getpid()}-{threading.get_ident()}")
     try:
         dest = sqlite3.connect(tmp)
         try:
             src.backup(dest)
         finally:
             dest.close()
-        os.link(tmp, path)
-    except FileExistsError as exc:
-        raise AnnotationStoreError(f"a file appeared at {path} while the backup was written; it is left as it "
-                                   f"is: run the restore again") from exc
-    except (OSError, sqlite3.Error) as exc:
-        raise AnnotationStoreError(f"could not write {path} ({exc}); nothing was restored") from exc
+        os.link(tmp, target)
     finally:
         for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm"), Path(f"{tmp}-journal")):
             leftover.unlink(missing_ok=True)
-    fsync_path(path.parent)
+    fsync_path(target.parent)
 
 
 def _free_name(directory: Path, stem: str, ext: str) -> Path:
