@@ -800,7 +800,8 @@ def build_dashboard_tab(team: Team) -> dict:
     def on_export(name, fmt_value, min_value, reviewed, request: gr.Request, profile: gr.OAuthProfile | None = None):
         user = team.require_admin(team.user(request, profile))
         path, summary_text = export_project(team, user, name, fmt_value, min_value, reviewed)
-        return download_link(team.vault, path, user), f'<div class="mel-team-note">{_esc(summary_text)}</div>'
+        link = team.vault.link_html(path, user, css="mel-team-note", element_id="mel-export-ready")
+        return link, f'<div class="mel-team-note">{_esc(summary_text)}</div>'
 
     export_btn.click(on_export, [project, fmt, min_agreement, reviewed_only], [export_link, export_note],
                      api_visibility="private", concurrency_limit=1, concurrency_id="export")
@@ -866,14 +867,6 @@ def export_project(team: Team, user: str, name, fmt, min_agreement, reviewed_onl
         raise
     log.info("%s exported %s", user, report.summary())
     return Path(archive), report.summary()
-
-
-def download_link(vault, path: Path, user: str) -> str:
-    token = vault.offer(path, user)
-    minutes = max(1, round(vault.ttl / 60))
-    return (f'<div class="mel-team-note" id="mel-export-ready"><a href="mel/download/{token}" '
-            f'download="{_esc(Path(path).name)}">Download {_esc(Path(path).name)}</a>: the link works once, for you '
-            f'only, for {minutes} minutes</div>')
 
 
 # -- both tabs, roles at page load, the API ----------------------------------------------------------

@@ -198,6 +198,15 @@ class DownloadVault:
             self._items[token] = (Path(path), owner, self.clock() + self.ttl)
         return token
 
+    def link_html(self, path: str | Path, owner: str, *, css: str = "mel-note", element_id: str = "",
+                  after: str = "") -> str:
+        """Offer `path` to `owner` and return its one-time download link as HTML (`after`: more words, HTML)."""
+        token = self.offer(path, owner)
+        name, minutes = _esc(Path(path).name), max(1, round(self.ttl / 60))
+        ident = f' id="{element_id}"' if element_id else ""
+        return (f'<div class="{css}"{ident}><a href="mel/download/{token}" download="{name}">Download {name}</a>: '
+                f'the link works once, for you only, for {minutes} minutes{after}</div>')
+
     def take(self, token: str, owner: str | None) -> Path | None:
         """The file behind `token` if `owner` made it and it has not expired; the link is used up."""
         self.sweep()
@@ -631,12 +640,9 @@ def _build_link_tab(demo: gr.Blocks, service: LinkService, access: Access, vault
         trigger(on_search, [search_box], [search_results], api_visibility="undocumented",
                 concurrency_limit=SEARCH_SLOTS, concurrency_id="search")
 
-    def download_link(path, annotator: str, what: str) -> str:
-        token = vault.offer(path, annotator)
-        minutes = max(1, round(vault.ttl / 60))
-        return (f'<div class="mel-note"><a href="mel/download/{token}" download="{_esc(Path(path).name)}">'
-                f'Download {_esc(what)}</a>: the link works once, for you only, for {minutes} minutes '
-                f'(the file is then deleted from the server\'s temporary folder)</div>')
+    def download_link(path, annotator: str) -> str:
+        return vault.link_html(path, annotator,
+                               after=" (the file is then deleted from the server's temporary folder)")
 
     @guarded
     def on_export(fmt, request: gr.Request, profile: gr.OAuthProfile | None = None):
@@ -649,7 +655,7 @@ def _build_link_tab(demo: gr.Blocks, service: LinkService, access: Access, vault
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
             raise
-        return download_link(path, annotator, path.name), f'<div class="mel-note">{_esc(summary)}</div>'
+        return download_link(path, annotator), f'<div class="mel-note">{_esc(summary)}</div>'
 
     export_btn.click(on_export, [export_format], [export_file, export_note], api_visibility="private",
                      concurrency_limit=1)
@@ -665,7 +671,7 @@ def _build_link_tab(demo: gr.Blocks, service: LinkService, access: Access, vault
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
             raise
-        return download_link(path, annotator, path.name)
+        return download_link(path, annotator)
 
     backup_btn.click(on_backup, None, [backup_file], api_visibility="private", concurrency_limit=1)
 
