@@ -196,14 +196,19 @@ def test_one_annotators_corrections_do_not_reach_anothers_suggestions(service):
     assert service.pool_view("alice")(sid) is True and service.pool_view("bob")("demo-pool-1") is True
 
 
+def _fast_demo_project(service, name: str, n: int, folder):
+    """A demo project pre-annotated by quick real linkers (BM25 in GEMEL's slot, dense in DIM's)."""
+    from demo.serving import make_demo_project
+    from mel.linkers import build_linker
+    make_demo_project(service, name, n=n, folder=folder,
+                      linkers=lambda p: {"gemel": build_linker("bm25", service.kb, service.preset),
+                                         "dim": build_linker("dense", service.kb, service.preset)})
+
+
 @pytest.mark.slow
 def test_queue_commands_refuse_stale_and_reused_saves(service, tmp_path):
     from demo.queue_ui import QueueScreens
-    from demo.serving import make_demo_project
-    from mel.linkers import build_linker
-    make_demo_project(service, "unit", n=4, folder=tmp_path,
-                      linkers=lambda p: {"gemel": build_linker("bm25", service.kb, service.preset),
-                                         "dim": build_linker("dense", service.kb, service.preset)})
+    _fast_demo_project(service, "unit", 4, tmp_path)
     screens = QueueScreens(service)
 
     def attrs(html):
@@ -275,11 +280,7 @@ def test_someone_taken_off_the_team_neither_sees_nor_decides_the_task_left_on_sc
 
     from annotations.projects import get_project, update_settings
     from demo.queue_ui import QueueScreens
-    from demo.serving import make_demo_project
-    from mel.linkers import build_linker
-    make_demo_project(service, "teamed", n=3, folder=tmp_path,
-                      linkers=lambda p: {"gemel": build_linker("bm25", service.kb, service.preset),
-                                         "dim": build_linker("dense", service.kb, service.preset)})
+    _fast_demo_project(service, "teamed", 3, tmp_path)
     screens = QueueScreens(service)
     shown = dict(re.findall(r'data-([a-z-]+)="([^"]*)"', screens.handle("rita", {"project": "teamed",
                                                                                  "action": "next"})))
