@@ -15,8 +15,16 @@
 from .agreement import AgreementReport, compute_agreement
 from .export import FORMATS, ExportReport, export_corrections
 from .review import ReviewQueue, TaskLabel, task_labels
-from .store import (ACTIONS, Ack, AnnotationStore, AnnotationStoreError, NotAllowedError, SCHEMA_VERSION,
-                    mention_key, restore_database)
+from .store import (
+                    ACTIONS,
+                    SCHEMA_VERSION,
+                    Ack,
+                    AnnotationStore,
+                    AnnotationStoreError,
+                    NotAllowedError,
+                    mention_key,
+                    restore_database,
+)
 
 __all__ = ["ACTIONS", "Ack", "AnnotationStore", "AnnotationStoreError", "NotAllowedError", "SCHEMA_VERSION",
            "FORMATS", "ExportReport", "export_corrections", "mention_key", "restore_database",

@@ -105,6 +105,7 @@ def cmd_export(args) -> None:
 
 def cmd_agreement(args) -> None:
     from mel.paths import atomic_write
+
     from .agreement import compute_agreement
     with AnnotationStore.from_db(args.db, read_only=True) as store:
         report = compute_agreement(store, args.project)

@@ -561,8 +561,8 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict | str]]:
 
 def _task_record(store: AnnotationStore, path: Path, record: str, row: dict, folder: Path,
                  cache: dict[str, str]) -> _Record:
-    from mel.spans import resolve_span  # offsets checked against the mention, else located (as in the app)
     from mel.datasets.common import parse_gold_id
+    from mel.spans import resolve_span  # offsets checked against the mention, else located (as in the app)
     for key in ("caption", "mention", "image", "gold_id", "gold_name", "id"):
         if key in row and not isinstance(row[key], str):
             raise InputError(f"{key!r} must be text, got {type(row[key]).__name__}")

@@ -18,8 +18,17 @@ from pathlib import Path
 
 from mel.errors import InputError
 
-from .projects import (DEFAULT_BATCH_SIZE, TASK_FIELDS, TASK_FORMATS, ProjectSettings, get_project, import_tasks,
-                       list_projects, open_or_create_project, progress, update_settings)
+from .projects import (
+    DEFAULT_BATCH_SIZE,
+    TASK_FIELDS,
+    TASK_FORMATS,
+    get_project,
+    import_tasks,
+    list_projects,
+    open_or_create_project,
+    progress,
+    update_settings,
+)
 from .store import DB_NAME, AnnotationStore
 
 
@@ -121,6 +130,7 @@ def cmd_preannotate(args) -> None:
     from mel.cli import _preset
     from mel.kb import KnowledgeBase
     from mel.linkers import build_linker, parse_options
+
     from .preannotate import preannotate
     from .projects import attach_kb
 

@@ -38,7 +38,7 @@ from mel.errors import InputError
 from mel.types import NIL, check_typed_text
 
 from .projects import Project, Task, get_project, get_task
-from .queue import (MAX_COMMENT_CHARS, Flag, PredictionView, StaleTaskError, _check_token, _prediction_view)
+from .queue import MAX_COMMENT_CHARS, Flag, PredictionView, StaleTaskError, _check_token, _prediction_view
 from .store import STANDING, AnnotationStore, NotAllowedError, _check_annotator, standing, utc_now
 
 REVIEW_ACTIONS = ("final", "send_back")

@@ -21,8 +21,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from mel.cli_kit import (add_preset_args, add_threads_arg, apply_threads, cap_native_threads_from_argv,
-                         check_output_file, resolve_preset, script_command)
+from mel.cli_kit import (
+    add_preset_args,
+    add_threads_arg,
+    apply_threads,
+    cap_native_threads_from_argv,
+    check_output_file,
+    resolve_preset,
+    script_command,
+)
 
 cap_native_threads_from_argv(sys.argv)  # --threads caps the BLAS pools too: before numpy loads them
 

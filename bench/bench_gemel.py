@@ -31,8 +31,15 @@ from pathlib import Path
 import numpy as np
 
 from mel.bench import parse_linker, save_json
-from mel.cli_kit import (add_preset_args, add_threads_arg, apply_threads, check_output_file, load_average,
-                         resolve_preset, script_command)
+from mel.cli_kit import (
+    add_preset_args,
+    add_threads_arg,
+    apply_threads,
+    check_output_file,
+    load_average,
+    resolve_preset,
+    script_command,
+)
 from mel.paths import REPO_ROOT
 
 STAGES = ("retrieve", "candidates", "image", "prompt", "prefill", "decode", "map")
@@ -92,6 +99,7 @@ def train_sample_scores(kb, preset, data: str, fmt: str, n: int, n_demos: int, s
     """N random TRAIN mentions (each one's own example kept out of its demonstrations), each with its
     candidates as (id, LLM sequence log-prob, score of each source or None): what the grids fuse."""
     import random
+
     from mel.datasets import load_dataset
     from mel.linkers import build_linker
     train = load_dataset(fmt, data, "train").examples
@@ -109,6 +117,7 @@ def train_sample_scores(kb, preset, data: str, fmt: str, n: int, n_demos: int, s
 def tune_fusion(kb, preset, data: str, fmt: str, n: int, n_demos: int, seed: int = 0) -> dict:
     """Grid-search the fusion weights on N random train mentions (never dev)."""
     import itertools
+
     from mel.gemel.linker import FUSION_DEFAULTS, _log_softmax
     rows = train_sample_scores(kb, preset, data, fmt, n, n_demos, seed, "gemel", ("bm25", "dense"), candidates="hybrid")
 
@@ -154,6 +163,7 @@ def tune_fusion(kb, preset, data: str, fmt: str, n: int, n_demos: int, seed: int
 def tune_dim_fusion(kb, preset, data: str, fmt: str, n: int, n_demos: int, seed: int = 0) -> dict:
     """Grid-search gemel+dim's llm_weight and temperature_dim on N random train mentions (never dev)."""
     import itertools
+
     from mel.gemel.linker import FUSION_DEFAULTS, _log_softmax
     rows = train_sample_scores(kb, preset, data, fmt, n, n_demos, seed, "gemel+dim", ("dim",))
 

@@ -12,7 +12,6 @@ Prints the lowest ratios and every failure; exits 1 when anything fails AA.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile

@@ -38,8 +38,15 @@ import gradio as gr
 
 from annotations import NotAllowedError
 from annotations.preannotate import ensure_predictions, preannotate, preannotation_status
-from annotations.projects import (ProjectSettings, get_project, import_tasks, list_projects, list_tasks,
-                                  open_or_create_project, update_settings)
+from annotations.projects import (
+    ProjectSettings,
+    get_project,
+    import_tasks,
+    list_projects,
+    list_tasks,
+    open_or_create_project,
+    update_settings,
+)
 from annotations.queue import MAX_COMMENT_CHARS, AnnotationQueue, StaleTaskError
 from mel.errors import InputError, MELError
 

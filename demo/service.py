@@ -32,8 +32,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import sqlite3
 import shutil
+import sqlite3
 import tempfile
 import threading
 import time

@@ -59,7 +59,7 @@ import gradio as gr
 
 from annotations.dashboard import dashboard_data, figures, to_json
 from annotations.export import FORMATS, export_corrections
-from annotations.projects import ProjectSettings, get_project, list_projects, update_settings
+from annotations.projects import get_project, list_projects, update_settings
 from annotations.queue import StaleTaskError
 from annotations.review import ReviewItem, ReviewQueue
 from annotations.store import AnnotationStore, NotAllowedError

@@ -49,10 +49,25 @@ from mel.types import MAX_CAPTION_CHARS
 
 from .access import Access, esc_message, guarded, user_error
 from .bundled import examples_for
-from .render import (_clip, _esc, candidate_rows, counter_html, gallery_items, render_cue, render_generator,
-                     render_ranker_note, status_html)
-from .queue_ui import (Preannotations, QueueScreens, build_annotate_tab, build_projects_tab, default_team_tabs,
-                       queue_on_load)
+from .queue_ui import (
+    Preannotations,
+    QueueScreens,
+    build_annotate_tab,
+    build_projects_tab,
+    default_team_tabs,
+    queue_on_load,
+)
+from .render import (
+    _clip,
+    _esc,
+    candidate_rows,
+    counter_html,
+    gallery_items,
+    render_cue,
+    render_generator,
+    render_ranker_note,
+    status_html,
+)
 from .service import MAX_QUERY_CHARS, LinkService, LinkView, ServiceConfig
 from .spans import highlight_html, resolve_span, span_from_selection
 

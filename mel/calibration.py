@@ -244,6 +244,7 @@ def collect(linker, examples, *, k: int = 20, batch_size: int = 32, progress: bo
     A linker whose `link` takes `exclude_sample_id` (GEMEL) keeps each query out of its own
     demonstrations, since a train slice is usually its demonstration pool too."""
     import inspect
+
     from tqdm.auto import tqdm
     saved, saved_nil = linker.calibration, linker.nil_threshold
     linker.calibration, linker.nil_threshold = None, None

@@ -83,8 +83,16 @@ def _checkpoint_holdout(linker, examples, fmt: str, split: str):
 
 
 def run(args) -> None:
-    from .calibration import (calibration_report, collect, dumps_scored, fit, nil_decisions, reliability_diagram,
-                              removed_golds, top_confidences)
+    from .calibration import (
+        calibration_report,
+        collect,
+        dumps_scored,
+        fit,
+        nil_decisions,
+        reliability_diagram,
+        removed_golds,
+        top_confidences,
+    )
     from .datasets import load_dataset
     from .evaluate import nil_metrics
     from .kb import KnowledgeBase

@@ -18,8 +18,15 @@ import importlib
 import json
 import sys
 
-from .cli_kit import (add_preset_args, add_threads_arg, check_output_file, command_line, count_arg, resolve_preset,
-                      run_command)
+from .cli_kit import (
+    add_preset_args,
+    add_threads_arg,
+    check_output_file,
+    command_line,
+    count_arg,
+    resolve_preset,
+    run_command,
+)
 from .errors import InputError, MELError
 
 # subcommand -> "module:function(subparsers)" that adds it; kept lazy so --help stays fast
@@ -75,8 +82,8 @@ def cmd_kb_info(args):
 
 def cmd_kb_search(args):
     from .kb import KnowledgeBase
-    from .types import Mention
     from .linkers.base import check_k
+    from .types import Mention
     check_k(args.k)
     if not args.query.strip():
         raise InputError("the search query is empty: give the words to look for")

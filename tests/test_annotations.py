@@ -16,8 +16,7 @@ import pytest
 from PIL import Image
 
 import annotations.store as store_module
-from annotations import (Ack, AnnotationStore, AnnotationStoreError, NotAllowedError, SCHEMA_VERSION,
-                         export_corrections)
+from annotations import SCHEMA_VERSION, Ack, AnnotationStore, AnnotationStoreError, NotAllowedError, export_corrections
 from annotations.export import inside, split_of
 from mel.datasets import load_dataset, read_kb_entities
 from mel.errors import InputError

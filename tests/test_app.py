@@ -116,15 +116,15 @@ def running(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def alice(running):
-    from gradio_client import Client
     from _app_server import USERS
+    from gradio_client import Client
     return Client(running.url, auth=("alice", USERS["alice"]), verbose=False)
 
 
 @pytest.fixture(scope="module")
 def bob(running):
-    from gradio_client import Client
     from _app_server import USERS
+    from gradio_client import Client
     return Client(running.url, auth=("bob", USERS["bob"]), verbose=False)
 
 
@@ -229,6 +229,7 @@ def test_html_outputs_of_the_api_are_escaped(alice):
 @pytest.mark.slow
 def test_export_and_backup_are_for_admins_only(running, alice):
     import zipfile
+
     from annotations import NotAllowedError
     linked = _link(alice, None, "Collins sang the opening number.", "Collins")
     alice.predict(linked["mention_id"], "search", "demo:phil-collins", api_name="/correct")

@@ -196,6 +196,7 @@ def test_login_is_rate_limited_per_account_and_per_address(app):
 
 def test_login_guard_backs_off_and_forgets():
     from fastapi import HTTPException
+
     from demo.ui import LoginGuard
     now = [1000.0]
     guard = LoginGuard({"alice": "pw"}, account_failures=3, address_failures=10, window=60, first_block=30,

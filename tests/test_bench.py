@@ -12,7 +12,6 @@ from mel.evaluate import rank_metrics
 from mel.index import DenseIndex
 
 
-
 def test_parse_linker_and_rank_metrics():
     assert parse_linker("gemel:n_demos=16,constrained=false") == ("gemel", {"n_demos": 16, "constrained": False})
     assert parse_linker("bm25") == ("bm25", {})

@@ -8,8 +8,17 @@ import numpy as np
 import pytest
 
 from mel import calibration as calmod
-from mel.calibration import (Calibration, Scored, candidate_probabilities, choose_nil_threshold,
-                             expected_calibration_error, fit_temperature, nil_decisions, removed_golds, use_calibration)
+from mel.calibration import (
+    Calibration,
+    Scored,
+    candidate_probabilities,
+    choose_nil_threshold,
+    expected_calibration_error,
+    fit_temperature,
+    nil_decisions,
+    removed_golds,
+    use_calibration,
+)
 from mel.errors import InputError
 from mel.evaluate import nil_metrics
 from mel.linkers.base import Linker

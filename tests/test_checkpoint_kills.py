@@ -18,9 +18,9 @@ import traceback
 
 import pytest
 import torch
+from conftest import HashingTextEncoder
 from safetensors.torch import load_file
 
-from conftest import HashingTextEncoder
 from mel.errors import CheckpointError
 from mel.kb import build_kb
 from mel.presets import Preset

@@ -11,8 +11,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mel.datasets import (FORMATS, DatasetSplit, ReadReport, available_splits, load_dataset, read_kb_entities,
-                          write_jsonl_examples, write_jsonl_kb)
+from mel.datasets import (
+    FORMATS,
+    DatasetSplit,
+    ReadReport,
+    available_splits,
+    load_dataset,
+    read_kb_entities,
+    write_jsonl_examples,
+    write_jsonl_kb,
+)
 from mel.datasets.common import ExampleBuilder, carve_dev
 from mel.errors import DatasetFormatError, InputError
 from mel.types import NIL, Entity, Example, Mention

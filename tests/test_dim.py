@@ -8,8 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from mel.dim.candidates import (CandidateConfig, CandidateGenerator, bm25_names, candidate_lists, candidate_recall,
-                                fts_neighbours, hard_negatives, save_candidate_lists)
+from mel.dim.candidates import (
+    CandidateConfig,
+    CandidateGenerator,
+    bm25_names,
+    candidate_lists,
+    candidate_recall,
+    fts_neighbours,
+    hard_negatives,
+    save_candidate_lists,
+)
 from mel.dim.linker import DimLinker, load_head
 from mel.dim.loss import candidate_n_pair_loss, in_batch_n_pair_loss, n_pair_loss
 from mel.dim.model import DimFusion, FusionConfig

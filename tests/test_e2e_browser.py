@@ -29,6 +29,7 @@ def running(tmp_path_factory):
 
 def test_upload_select_link_correct_and_find_it_in_sqlite(browser, running, tmp_path):
     from _app_server import USERS
+
     from demo.bundled import package_image
 
     page = browser.new_page(viewport={"width": 1400, "height": 1700})

@@ -16,7 +16,6 @@ import uuid
 
 import pytest
 
-
 pytestmark = pytest.mark.slow
 N_TASKS = 20
 
@@ -24,6 +23,7 @@ N_TASKS = 20
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     from _app_server import launch_app
+
     from demo.serving import make_demo_project
     from mel.linkers import build_linker
     running = launch_app(tmp_path_factory.mktemp("e2e-queue"))

@@ -16,7 +16,6 @@ import sqlite3
 
 import pytest
 
-
 pytestmark = pytest.mark.slow
 USERS = {"ann1": "ann1-pw-1", "ann2": "ann2-pw-2", "rita": "rita-pw-3", "alice": "alice-pw-4"}  # test only
 N_TASKS = 8

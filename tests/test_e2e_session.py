@@ -11,7 +11,6 @@ import json
 import re
 
 import pytest
-
 from test_e2e_roles import _login, _press, _toasts, launch_team_project
 
 pytestmark = pytest.mark.slow

@@ -25,7 +25,6 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-
 from test_team_ui import USERS, _result, build_small_kb
 
 from annotations.projects import ProjectSettings, create_project, import_tasks, list_tasks

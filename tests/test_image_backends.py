@@ -20,11 +20,11 @@ import pytest
 import torch
 from PIL import Image
 
+from mel.backends import efficientnet_lite as lite
+from mel.backends.cue import DIM_QUESTION, Cue, CueCache, load_cue_provider
+from mel.backends.image import imagenet_top_labels, load_clip_text_encoder, load_image_encoder
 from mel.errors import CheckpointError, InputError, ModelUnavailableError
 from mel.imageio import MAX_PIXELS, image_sha256, load_image
-from mel.backends import efficientnet_lite as lite
-from mel.backends.image import imagenet_top_labels, load_clip_text_encoder, load_image_encoder
-from mel.backends.cue import DIM_QUESTION, Cue, CueCache, load_cue_provider
 
 skdata = pytest.importorskip("skimage.data")
 

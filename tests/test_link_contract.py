@@ -11,9 +11,26 @@ from mel.errors import InputError
 from mel.kb import build_kb
 from mel.linkers import build_linker
 from mel.spans import resolve_mention, resolve_span
-from mel.types import (DETAILS_KINDS, Ambiguity, Beam, Candidate, CandidateScores, DimDetails, Entity, ExactDetails,
-                       ExpertCue, FeatureMask, Fusion, GemelDetails, LinkDetails, LinkResult, Mention,
-                       PromptDemonstration, details_from_dict, register_details)
+from mel.types import (
+    DETAILS_KINDS,
+    Ambiguity,
+    Beam,
+    Candidate,
+    CandidateScores,
+    DimDetails,
+    Entity,
+    ExactDetails,
+    ExpertCue,
+    FeatureMask,
+    Fusion,
+    GemelDetails,
+    LinkDetails,
+    LinkResult,
+    Mention,
+    PromptDemonstration,
+    details_from_dict,
+    register_details,
+)
 
 ENTITIES = [Entity("Q1", "Eileen Collins", ["Collins"], "American astronaut", "person"),
             Entity("Q2", "Phil Collins", [], "English drummer of Genesis", "person"),

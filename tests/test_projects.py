@@ -10,8 +10,15 @@ from pathlib import Path
 import pytest
 
 import annotations.projects as projects
-from annotations.projects import (ProjectSettings, create_project, get_project, import_tasks, list_projects,
-                                  list_tasks, progress)
+from annotations.projects import (
+    ProjectSettings,
+    create_project,
+    get_project,
+    import_tasks,
+    list_projects,
+    list_tasks,
+    progress,
+)
 from annotations.queue import AnnotationQueue, StaleTaskError
 from annotations.store import AnnotationStore, NotAllowedError
 from mel.datasets import load_dataset, write_jsonl_examples

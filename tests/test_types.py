@@ -1,8 +1,9 @@
-import re
 import json
+import re
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mel.errors import InputError
 from mel.types import Candidate, Entity, Example, LinkResult, Mention, locate_mention

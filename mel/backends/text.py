@@ -381,7 +381,7 @@ class SentenceTransformerEncoder:
         self.model = model
         self.device = device
         self.autocast_dtype = autocast_dtype
-        getdim = getattr(model, "get_embedding_dimension", None) or getattr(model, "get_sentence_embedding_dimension")
+        getdim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
         dim = getdim()
         if dim is None:  # some modules do not declare it: measure once
             dim = int(self._encode(["dimension probe"], 1, False).shape[1])

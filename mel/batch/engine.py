@@ -321,10 +321,10 @@ def batch_link(*, kb: str, linker: str, output: str, input: str | None = None, f
                num_workers: int | None = None, worker_cpus: float = DEFAULT_WORKER_CPUS, batch_size: int = 32,
                part_size: int = 10_000, progress: bool = True, log=None) -> dict:
     """Link every mention of the input; returns the summary also written to the manifest."""
+    from ..errors import require_whole
     from ..kb import KnowledgeBase
     from ..linkers.base import check_k
     from ..presets import get_preset
-    from ..errors import require_whole
 
     log = log or (lambda msg: print(f"[mel batch] {msg}", file=sys.stderr, flush=True))
     check_k(k)

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from ..cli_kit import load_average, resolve_preset
-from ..evaluate import HITS_AT as HITS, rank_metrics
+from ..evaluate import HITS_AT as HITS
+from ..evaluate import rank_metrics
 from .measure import PeakRSS, p50_ms, search_engines
 from .provenance import kb_files, run_meta, seed_everything, sha256_paths
 from .synthetic import WORDS, RandomEncoder, synthetic_entities, synthetic_queries, synthetic_vectors

@@ -23,9 +23,17 @@ from typing import Iterator
 
 from ..errors import DatasetFormatError
 from ..types import NIL, Entity
-from .common import (DatasetSplit, ExampleBuilder, dataset_dir, get_field, image_index, load_records, make_entity,
-                     resolve_split)
 from . import jsonl
+from .common import (
+    DatasetSplit,
+    ExampleBuilder,
+    dataset_dir,
+    get_field,
+    image_index,
+    load_records,
+    make_entity,
+    resolve_split,
+)
 
 FORMAT = "gemel"
 LAYOUT = "DIR/<split>.json or DIR/<split>.jsonl (GEMEL records), optional DIR/images/, optional DIR/kb.jsonl"

@@ -24,8 +24,18 @@ from urllib.parse import unquote
 
 from ..errors import DatasetFormatError
 from ..types import NIL, Entity
-from .common import (DatasetSplit, ExampleBuilder, dataset_dir, get_field, image_index, load_json,
-                     make_entity, mention_record, require_file, resolve_split)
+from .common import (
+    DatasetSplit,
+    ExampleBuilder,
+    dataset_dir,
+    get_field,
+    image_index,
+    load_json,
+    make_entity,
+    mention_record,
+    require_file,
+    resolve_split,
+)
 
 FORMAT = "mimic"
 KB_FILE = "kb_entity.json"

@@ -20,8 +20,19 @@ from pathlib import Path
 from typing import Iterator
 
 from ..types import Entity
-from .common import (DatasetSplit, ExampleBuilder, carve_dev, dataset_dir, image_index, load_json, load_str_map,
-                     make_entity, mention_record, require_file, resolve_split)
+from .common import (
+    DatasetSplit,
+    ExampleBuilder,
+    carve_dev,
+    dataset_dir,
+    image_index,
+    load_json,
+    load_str_map,
+    make_entity,
+    mention_record,
+    require_file,
+    resolve_split,
+)
 
 FORMAT = "richpedia"
 SPLIT_FILES = {"train": "train.json", "dev": "dev.json", "val": "val.json", "test": "test.json"}

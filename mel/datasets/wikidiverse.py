@@ -13,15 +13,27 @@ exists, else None; the `img-url` of every sample is kept in DatasetSplit.image_u
 """
 from __future__ import annotations
 
-from collections import Counter
 import unicodedata
+from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
 from ..errors import DatasetFormatError
 from ..types import NIL, Entity
-from .common import (DatasetSplit, ExampleBuilder, dataset_dir, get_field, image_index, load_json, load_split_ids,
-                     make_entity, mention_record, records_of_split, require_file, resolve_split)
+from .common import (
+    DatasetSplit,
+    ExampleBuilder,
+    dataset_dir,
+    get_field,
+    image_index,
+    load_json,
+    load_split_ids,
+    make_entity,
+    mention_record,
+    records_of_split,
+    require_file,
+    resolve_split,
+)
 
 FORMAT = "wikidiverse"
 DATA_FILE = "WikiDiverse.json"

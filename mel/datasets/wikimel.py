@@ -17,8 +17,20 @@ from pathlib import Path
 from typing import Iterator
 
 from ..types import Entity
-from .common import (DatasetSplit, ExampleBuilder, dataset_dir, image_index, load_json, load_split_ids, load_str_map,
-                     make_entity, mention_record, records_of_split, require_file, resolve_split)
+from .common import (
+    DatasetSplit,
+    ExampleBuilder,
+    dataset_dir,
+    image_index,
+    load_json,
+    load_split_ids,
+    load_str_map,
+    make_entity,
+    mention_record,
+    records_of_split,
+    require_file,
+    resolve_split,
+)
 
 FORMAT = "wikimel"
 DATA_FILE = "Wikidata-MEL.json"

@@ -33,8 +33,16 @@ import numpy as np
 from ..errors import InputError, KBError
 from ..kb import entity_text
 from ..types import Mention
-from .pairs import (FACE_SAME_PERSON, N_VISUAL_FEATURES, VISUAL_FEATURES, VISUAL_GROUPS, EntityFacts, MentionContext,
-                    face_age_gap, face_sex_match)
+from .pairs import (
+    FACE_SAME_PERSON,
+    N_VISUAL_FEATURES,
+    VISUAL_FEATURES,
+    VISUAL_GROUPS,
+    EntityFacts,
+    MentionContext,
+    face_age_gap,
+    face_sex_match,
+)
 
 log = logging.getLogger(__name__)
 

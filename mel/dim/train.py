@@ -41,9 +41,20 @@ import torch
 
 from ..errors import CheckpointError, InputError
 from ..paths import cache_dir as default_cache_dir
-from ..training import (TrainConfig, check_checkpoint_target, check_number, check_whole, load_config,
-                        load_training_state, make_optimizer_and_scheduler, read_training_state, recover_training_dirs,
-                        remove_written, save_training_state, seed_everything)
+from ..training import (
+    TrainConfig,
+    check_checkpoint_target,
+    check_number,
+    check_whole,
+    load_config,
+    load_training_state,
+    make_optimizer_and_scheduler,
+    read_training_state,
+    recover_training_dirs,
+    remove_written,
+    save_training_state,
+    seed_everything,
+)
 from ..training.checkpoint import STATE_FILE
 from ..types import Example
 from .candidates import CandidateConfig, CandidateGenerator, candidate_recall, hard_negatives

@@ -76,8 +76,19 @@ import torch
 from ..errors import CheckpointError, InputError, KBError, MELError, require_finite, require_whole
 from ..linkers.base import Linker, Stopwatch, check_k, check_mention
 from ..paths import REPO_ROOT, display_path
-from ..types import (Ambiguity, Beam, Candidate, CandidateScores, Entity, Example, Fusion, GemelDetails, LinkResult,
-                     Mention, PromptDemonstration)
+from ..types import (
+    Ambiguity,
+    Beam,
+    Candidate,
+    CandidateScores,
+    Entity,
+    Example,
+    Fusion,
+    GemelDetails,
+    LinkResult,
+    Mention,
+    PromptDemonstration,
+)
 from .decode import DecodeConfig, FreeVocabulary, Hypothesis, beam_search, score_groups
 from .demos import Demonstration, DemonstrationPool, load_pool_examples
 from .mapper import FeatureMapper

@@ -38,9 +38,20 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, InputError
-from ..training import (TrainConfig, check_checkpoint_target, check_whole, load_config, load_training_state,
-                        make_optimizer_and_scheduler, read_training_state, recover_training_dirs, remove_written,
-                        save_training_state, seed_everything, update_config)
+from ..training import (
+    TrainConfig,
+    check_checkpoint_target,
+    check_whole,
+    load_config,
+    load_training_state,
+    make_optimizer_and_scheduler,
+    read_training_state,
+    recover_training_dirs,
+    remove_written,
+    save_training_state,
+    seed_everything,
+    update_config,
+)
 from ..training.checkpoint import STATE_FILE
 from ..types import NIL, Example
 from .demos import DemonstrationPool
