@@ -75,8 +75,10 @@ HUB_PROBE_URL = "https://huggingface.co/api/models/openai/clip-vit-base-patch32"
 @functools.lru_cache(maxsize=1)
 def hub_status() -> tuple[bool, str]:
     """(reachable, explanation). Cached: probed once per process."""
-    if os.environ.get("HF_HUB_OFFLINE", "").strip() not in ("", "0", "false", "False"):
-        return False, "HF_HUB_OFFLINE is set"
+    from .backends.hub import hub_offline  # the one offline rule every backend follows
+
+    if hub_offline():
+        return False, "hub access is switched off (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)"
     try:
         with urllib.request.urlopen(HUB_PROBE_URL, timeout=float(os.environ.get("MEL_HUB_TIMEOUT", "3"))):
             return True, "the Hugging Face hub answered"

@@ -5,23 +5,26 @@ A *spec* names a model: ``"minilm"`` (packaged), ``"st:sentence-transformers/all
 ``"conse"`` (a text-aligned image vector from packaged models), ``"faces"`` (the person-aware cue)...
 Presets (``mel.presets``) map roles to specs. Loaders are imported lazily so that
 ``import mel`` stays cheap and a missing optional package only matters when it is used.
+
+Every loaded model lives in the one model cache (``mel.backends.cache``): ``get_backend`` shares a
+model per (role, spec, device), and ``clear_model_cache()`` forgets all of them (text, image, CLIP,
+LLM, cue, faces, face-api, ConSE) and frees their memory. Every backend that can reach the Hugging
+Face hub follows one offline rule (``mel.backends.hub.hub_offline``).
 """
 from __future__ import annotations
 
-import threading
-from typing import Any
+from .cache import MODELS, cached_model, cached_models, clear_model_cache
+
+__all__ = ["ROLES", "get_backend", "loaded_backends", "clear_model_cache", "cached_models"]
 
 ROLES = ("image_encoder", "text_encoder", "mention_encoder", "llm", "cue")
-
-_cache: dict[tuple[str, str, str], Any] = {}
-_lock = threading.Lock()
 
 
 def _load(role: str, spec: str, device: str):
     if role == "image_encoder":
         from .image import load_image_encoder
         return load_image_encoder(spec, device=device)
-    if role in ("text_encoder", "mention_encoder"):
+    if role == "text_encoder":
         if spec.startswith("clip:"):
             from .image import load_clip_text_encoder
             return load_clip_text_encoder(spec, device=device)
@@ -33,17 +36,28 @@ def _load(role: str, spec: str, device: str):
     if role == "cue":
         from .cue import load_cue_provider
         return load_cue_provider(spec, device=device)
-    raise ValueError(f"unknown model role {role!r}; expected one of {ROLES}")
+    raise AssertionError(role)
+
+
+@cached_model
+def _shared(role: str, spec: str, device: str):
+    return _load(role, spec, device)
 
 
 def get_backend(role: str, spec: str, device: str = "cpu"):
-    """The model for `role` named by `spec`, loaded on first use and shared afterwards."""
-    key = (role if role not in ("text_encoder", "mention_encoder") else "text", spec, device)
-    with _lock:  # models are big: never load the same one twice, even from two threads
-        if key not in _cache:
-            _cache[key] = _load(role, spec, device)
-        return _cache[key]
+    """The model for `role` named by `spec`, loaded on first use and shared afterwards (also between
+    threads: a model is never loaded twice). Text and mention encoders of one spec are one model."""
+    if role not in ROLES:
+        raise ValueError(f"unknown model role {role!r}; expected one of {ROLES}")
+    return _shared("text_encoder" if role == "mention_encoder" else role, spec, device)
 
 
 def loaded_backends() -> dict[str, str]:
-    return {f"{role}:{spec}@{device}": type(model).__name__ for (role, spec, device), model in _cache.items()}
+    """`"role:spec@device"` -> class name of every model that get_backend holds."""
+    name = f"{_shared.__module__}.{_shared.__qualname__}"
+    out = {}
+    for (loader, args, _), model in MODELS.entries():
+        if loader == name:
+            role, spec, device = args
+            out[f"{'text' if role == 'text_encoder' else role}:{spec}@{device}"] = type(model).__name__
+    return out

@@ -16,7 +16,6 @@ features are for.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 
@@ -25,6 +24,7 @@ import torch
 from PIL import Image
 
 from ..paths import atomic_write, cache_dir
+from .cache import cached_model
 from .image import _as_pil_list, _batches, _cached_encoder, _unique_imagenet_names
 
 log = logging.getLogger(__name__)
@@ -96,10 +96,10 @@ class ConSEImageEncoder:
     def top_labels(self, image, k: int | None = None) -> list[tuple[str, float]]:
         probs = self.label_probabilities([image])[0]
         top = probs.topk(k or self.k)
-        return [(self.label_names[int(i)], float(p)) for p, i in zip(top.values, top.indices)]
+        return [(self.label_names[int(i)], float(p)) for p, i in zip(top.values, top.indices, strict=True)]
 
 
-@functools.lru_cache(maxsize=4)
+@cached_model
 def load_conse_encoder(text_spec: str = DEFAULT_TEXT_ENCODER, device: str = "cpu") -> ConSEImageEncoder:
     return ConSEImageEncoder(text_spec or DEFAULT_TEXT_ENCODER, device)
 

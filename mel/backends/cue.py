@@ -30,7 +30,8 @@ from PIL import Image
 from ..errors import CheckpointError, InputError
 from ..imageio import image_sha256, load_image
 from ..paths import cache_dir
-from .image import _frozen, _split_spec, from_pretrained, imagenet_top_labels
+from .hub import from_pretrained
+from .image import _frozen, _split_spec, imagenet_top_labels
 from .text import check_device as _check_device
 
 log = logging.getLogger(__name__)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import CheckpointError, ModelUnavailableError
+from .cache import cached_model
 
 # -----------------------------------------------------------------------------
 # config
@@ -203,7 +204,7 @@ def packaged_weights_path() -> Path:
     return path
 
 
-@lru_cache(maxsize=4)
+@cached_model
 def load_lite0(device: str = "cpu") -> EfficientNetLite:
     """The packaged EfficientNet-Lite0, in eval mode, gradients off. Cached per device."""
     path = packaged_weights_path()

@@ -27,7 +27,6 @@ pads with -inf). The test suite checks this module against the package's own TFJ
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -43,6 +42,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ModelUnavailableError
 from ..paths import atomic_write, cache_dir, remove_dead_temps
+from .cache import cached_model
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ class AgeGenderModel:
         with torch.inference_mode():
             age, logits = self.net(preprocess(crops).to(self.device))
             p = logits.float().softmax(-1)[:, 0].cpu()
-        return [AgeGender(float(a), float(q)) for a, q in zip(age.float().cpu(), p)]
+        return [AgeGender(float(a), float(q)) for a, q in zip(age.float().cpu(), p, strict=True)]
 
 
 # -----------------------------------------------------------------------------
@@ -382,7 +382,7 @@ def ensure_converted() -> Path:
     return target
 
 
-@functools.lru_cache(maxsize=4)
+@cached_model
 def load_age_gender_model(device: str = "cpu") -> AgeGenderModel:
     """The age/gender network, loaded once per device (see ensure_converted)."""
     from safetensors.torch import load_file

@@ -18,7 +18,6 @@ embedded, and `FaceAnalysis.notes` says why age and gender are absent.
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import logging
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from PIL import Image
 
 from ..errors import ModelUnavailableError
 from ..imageio import load_image
+from .cache import cached_model
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class FaceAnalyzer:
         rects, scores, _ = self.detector.run(pixels, upsample, 0.0)
         notes = [f"apparent age and gender not estimated: {self.age_gender_error}"] if self.age_gender_error else []
         found = []
-        for rect, score in zip(rects, scores):
+        for rect, score in zip(rects, scores, strict=True):
             if score < MIN_SCORE:
                 continue
             shape = self.shape_predictor(pixels, rect)
@@ -169,16 +169,16 @@ class FaceAnalyzer:
                 if w > 0 and h > 0:
                     crops.append(full[y:y + h, x:x + w])
                     rows.append(i)
-            for i, pred in zip(rows, self.age_gender.predict(crops)):
+            for i, pred in zip(rows, self.age_gender.predict(crops), strict=True):
                 ages[i] = pred
         faces = []
-        for (box, score, _, embedding), pred in zip(found, ages):
+        for (box, score, _, embedding), pred in zip(found, ages, strict=True):
             faces.append(Face(box, score, pred.gender if pred else None,
                               pred.gender_probability if pred else None, pred.age if pred else None, embedding))
         return FaceAnalysis(faces, width, height, notes)
 
 
-@functools.lru_cache(maxsize=2)
+@cached_model
 def load_face_analyzer(device: str = "cpu") -> FaceAnalyzer:
     """One FaceAnalyzer per device. ModelUnavailableError (with the pip command) without dlib."""
     return FaceAnalyzer(device)

@@ -12,8 +12,10 @@
     txt.encode(["a photo of a cat"])                         # same space as the clip: images
 
 After "clip:" / "clip-pooled:" comes a Hugging Face hub id or a local directory written by
-save_pretrained; both go through the same from_pretrained code. Models are loaded once per
-(spec, device), put in eval mode with gradients off, and run under torch.inference_mode.
+save_pretrained; both go through the same from_pretrained code (a hub id: mel.backends.hub's
+offline rule). Models are loaded once per (spec, device) into the one model cache
+(mel.backends.cache; `clear_model_cache()` forgets them), put in eval mode with gradients off, and
+run under torch.inference_mode.
 """
 from __future__ import annotations
 
@@ -29,11 +31,16 @@ from PIL import Image
 from ..errors import CheckpointError, InputError, ModelUnavailableError
 from ..imageio import load_image
 from . import efficientnet_lite as lite
+from .cache import cached_model, clear_model_cache
+from .hub import OFFLINE_HINT, from_pretrained
+from .text import TextEncoder, _progress
 from .text import check_device as _check_device
 
-log = logging.getLogger(__name__)
+__all__ = ["ImageEncoder", "TextEncoder", "Lite0ImageEncoder", "CLIPImageEncoder", "CLIPTextEncoder",
+           "OpenCLIPImageEncoder", "load_image_encoder", "load_clip_text_encoder", "imagenet_top_labels",
+           "from_pretrained", "clear_model_cache", "OFFLINE_HINT", "IMAGE_ENCODER_SPECS"]
 
-OFFLINE_HINT = "use --preset offline (packaged EfficientNet-Lite0 + ImageNet-label cues) to run without the hub"
+log = logging.getLogger(__name__)
 
 
 @runtime_checkable
@@ -42,14 +49,6 @@ class ImageEncoder(Protocol):
     dim: int
 
     def encode(self, images: list[Image.Image], batch_size: int = 16) -> np.ndarray: ...
-
-
-@runtime_checkable
-class TextEncoder(Protocol):
-    name: str
-    dim: int
-
-    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray: ...
 
 
 # -----------------------------------------------------------------------------
@@ -92,52 +91,6 @@ def _batches(items: list, batch_size: int):
 def _frozen(model: torch.nn.Module, device: str) -> torch.nn.Module:
     model.eval().requires_grad_(False)
     return model.to(device)
-
-
-def from_pretrained(cls, ref: str, what: str, **kwargs):
-    """`cls.from_pretrained(ref)` for a local directory or a hub id, with errors a user can act on.
-
-    A local directory: any failure is a CheckpointError naming the directory. A hub id: first the
-    local Hugging Face cache (no network), then a download; if that fails -> ModelUnavailableError
-    saying the hub could not be reached and how to run offline.
-    """
-    from .text import refuse_unsafe_pickles
-    with refuse_unsafe_pickles(what, ref):
-        return _from_pretrained(cls, ref, what, **kwargs)
-
-
-def _from_pretrained(cls, ref: str, what: str, **kwargs):
-    path = Path(ref).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise CheckpointError(f"{what}: {path} is a file; give the directory written by save_pretrained")
-        try:
-            return cls.from_pretrained(str(path), **kwargs)
-        except (OSError, ValueError, KeyError, RuntimeError) as e:
-            raise CheckpointError(f"{what}: cannot load {cls.__name__} from {path}: {e}") from e
-    if ref.startswith((".", "/", "~")) or ref.count("/") > 1 or not ref.strip():
-        raise ModelUnavailableError(f"{what}: no such directory {ref!r} (and it is not a Hugging Face hub id)")
-    try:  # already in the local hub cache?
-        return cls.from_pretrained(ref, local_files_only=True, **kwargs)
-    except (OSError, ValueError):
-        pass
-    try:
-        from huggingface_hub import constants as hub_constants
-
-        offline = bool(hub_constants.is_offline_mode())
-    except Exception:  # noqa: BLE001
-        offline = False
-    if offline:
-        raise ModelUnavailableError(
-            f"{what}: {ref!r} is not in the local Hugging Face cache and hub access is off (HF_HUB_OFFLINE); {OFFLINE_HINT}"
-        )
-    try:
-        return cls.from_pretrained(ref, **kwargs)
-    except (OSError, ValueError) as e:
-        raise ModelUnavailableError(
-            f"{what}: could not download {ref!r} from the Hugging Face hub (no network here, or a wrong id): "
-            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}. {OFFLINE_HINT}"
-        ) from e
 
 
 def _split_spec(spec: str) -> tuple[str, str]:
@@ -185,7 +138,7 @@ def imagenet_top_labels(image, k: int = 5, device: str = "cpu") -> list[tuple[st
     names, inverse = _unique_imagenet_names()
     merged = torch.zeros(len(names)).index_add_(0, inverse, probs)
     top = merged.topk(min(k, len(names)))
-    return [(names[int(i)], float(p)) for p, i in zip(top.values, top.indices)]
+    return [(names[int(i)], float(p)) for p, i in zip(top.values, top.indices, strict=True)]
 
 
 @functools.lru_cache(maxsize=1)
@@ -205,7 +158,7 @@ def _unique_imagenet_names() -> tuple[list[str], torch.Tensor]:
 # CLIP through transformers
 
 
-@functools.lru_cache(maxsize=4)
+@cached_model
 def _load_clip(ref: str, device: str) -> torch.nn.Module:
     """One frozen CLIP per (ref, device), shared by the image and text encoders: a full
     `CLIPModel` (model_type "clip"), or a vision-only `CLIPVisionModelWithProjection` checkpoint."""
@@ -253,7 +206,7 @@ class CLIPImageEncoder:
         return _encode_images(images, batch_size, self.dim, features)
 
 
-class CLIPTextEncoder:
+class CLIPTextEncoder(TextEncoder):
     """CLIP text embeddings (projected), in the same space as `clip:` image embeddings."""
 
     def __init__(self, ref: str, device: str = "cpu"):
@@ -268,15 +221,16 @@ class CLIPTextEncoder:
         self.dim = int(self.model.text_projection.out_features)
         self.max_length = int(self.model.config.text_config.max_position_embeddings)
 
-    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+    def encode(self, texts: list[str], batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
         if isinstance(texts, str):
             texts = [texts]
         texts = [str(t) for t in texts]
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         out = []
+        n_batches = -(-len(texts) // max(batch_size, 1))
         with torch.inference_mode():
-            for batch in _batches(texts, batch_size):
+            for batch in _progress(_batches(texts, batch_size), n_batches, show_progress, f"encoding ({self.name})"):
                 tok = self.tokenizer(batch, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
                 tok = {k: v.to(self.device) for k, v in tok.items() if k in ("input_ids", "attention_mask")}
                 pooled = self.model.text_model(**tok).pooler_output
@@ -333,7 +287,7 @@ IMAGE_ENCODER_SPECS = (
 )
 
 
-@functools.lru_cache(maxsize=8)
+@cached_model
 def _cached_encoder(kind: str, ref: str, device: str):
     if kind in ("efficientnet-lite0", "lite0", "efficientnet_lite0"):
         return Lite0ImageEncoder(device)
@@ -363,7 +317,7 @@ def load_image_encoder(spec: str, device: str = "cpu") -> ImageEncoder:
     return _cached_encoder(kind, ref, _check_device(device))
 
 
-@functools.lru_cache(maxsize=4)
+@cached_model
 def _cached_text_encoder(ref: str, device: str) -> CLIPTextEncoder:
     return CLIPTextEncoder(ref, device)
 
@@ -380,9 +334,3 @@ def load_clip_text_encoder(spec: str, device: str = "cpu") -> TextEncoder:
             raise InputError(f"CLIP text encoder spec must be 'clip:<hub id or dir>', got {spec!r}")
     return _cached_text_encoder(ref, _check_device(device))
 
-
-def clear_model_cache() -> None:
-    """Forget loaded models (frees memory; the next load reads them again)."""
-    _cached_encoder.cache_clear()
-    _cached_text_encoder.cache_clear()
-    _load_clip.cache_clear()

@@ -15,7 +15,10 @@ Specs (``load_causal_lm(spec)``):
 ``dtype="auto"`` means float16 on CUDA and float32 elsewhere. The model is frozen (eval mode, no
 parameter requires grad); the tokenizer always has an EOS and a pad token (pad = EOS when the
 checkpoint has none), and ``model.generate(inputs_embeds=..., attention_mask=...)`` works, which
-is how GEMEL feeds its soft visual prefix tokens (see ``CausalLM.embed_tokens``).
+is how GEMEL feeds its soft visual prefix tokens (see ``CausalLM.embed_tokens``). GEMEL calls
+``model(inputs_embeds=..., logits_to_keep=n)`` (the LM head on the last n positions only), which
+transformers' causal LMs take since 4.50 (OPT, Llama/SmolLM2, GPT-2...; in the pinned 5.23 all but
+a few: speech/OCR/music decoders, ProphetNet, xLSTM, the Gemma-4 assistants).
 """
 from __future__ import annotations
 
@@ -33,7 +36,8 @@ import torch
 
 from ..errors import CheckpointError, InputError, ModelUnavailableError
 from ..paths import cache_dir, fsync_path, fsync_tree, remove_dead_temps, temp_path
-from .text import check_device, configure_cpu_threads, load_pretrained, resolve_model_source
+from .hub import load_pretrained, resolve_model_source
+from .text import check_device, configure_cpu_threads
 
 __all__ = ["CausalLM", "load_causal_lm", "ensure_converted_smollm2", "smollm2_gguf_path", "LLM_SPECS"]
 

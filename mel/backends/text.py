@@ -26,43 +26,77 @@ float32, cosine to the float32 embedding > 0.9999). ``precision="float32"`` turn
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 import math
 import os
-import pickle
 import threading
 from pathlib import Path
-from typing import Callable, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
 from ..errors import CheckpointError, InputError, ModelUnavailableError
+from .hub import OFFLINE_HINT, hub_offline, load_pretrained, refuse_unsafe_pickles, resolve_model_source
 
 __all__ = [
     "TextEncoder",
+    "as_text_encoder",
     "HFPoolingEncoder",
     "SentenceTransformerEncoder",
     "load_text_encoder",
     "resolve_model_source",
     "load_pretrained",
     "configure_cpu_threads",
+    "refuse_unsafe_pickles",
+    "hub_offline",
     "OFFLINE_HINT",
 ]
 
-OFFLINE_HINT = "use `--preset offline` to run with the packaged models only"
 TEXT_SPECS = ("minilm", "st:<id or path>", "hf-mean:<id or path>", "hf-cls:<id or path>", "hf-cls-raw:<id or path>")
 
 
-@runtime_checkable
-class TextEncoder(Protocol):
+class TextEncoder(abc.ABC):
+    """The one text-encoder interface: every text encoder the library makes (MiniLM, `st:`,
+    `hf-mean:`, `hf-cls:`, `hf-cls-raw:`, the CLIP text tower) subclasses it, so a caller may always
+    pass `batch_size` and `show_progress`. Any other object (a test double, a user's encoder) goes
+    through `as_text_encoder` first."""
+
     name: str
     dim: int
 
+    @abc.abstractmethod
     def encode(self, texts: list[str], batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
-        """float32 array (len(texts), dim), each row L2-normalised."""
-        ...
+        """float32 array (len(texts), dim), each row L2-normalised; a progress bar when show_progress."""
+
+
+class _PlainTextEncoder(TextEncoder):
+    """An object with `name`, `dim` and `encode(texts, batch_size=...)` but not declared a TextEncoder:
+    `encode` is called with the texts and the batch size only (no progress bar)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.name = getattr(inner, "name", type(inner).__name__)
+
+    @property
+    def dim(self) -> int:
+        return int(self.inner.dim)
+
+    def encode(self, texts: list[str], batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
+        return np.asarray(self.inner.encode(texts, batch_size=batch_size), dtype=np.float32)
+
+    def __repr__(self) -> str:
+        return f"as_text_encoder({self.inner!r})"
+
+
+def as_text_encoder(encoder) -> TextEncoder:
+    """`encoder` as a TextEncoder: itself when it is one, else wrapped (see _PlainTextEncoder)."""
+    if isinstance(encoder, TextEncoder):
+        return encoder
+    if not callable(getattr(encoder, "encode", None)):
+        raise InputError(f"a text encoder needs an encode(texts, batch_size=...) method; got {type(encoder).__name__}")
+    return _PlainTextEncoder(encoder)
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,108 +179,6 @@ def check_device(device: str) -> str:
     return str(device)
 
 
-def _looks_like_path(ref: str) -> bool:
-    return (
-        ref.startswith(("/", "./", "../", "~", ".\\", "..\\"))
-        or "\\" in ref
-        or ref.count("/") > 1
-        or (len(ref) > 1 and ref[1] == ":")  # C:\...
-    )
-
-
-def resolve_model_source(ref: str, what: str = "model") -> tuple[str, bool]:
-    """`(source, is_local)`: an existing local directory, or a Hugging Face hub id.
-
-    A reference that looks like a filesystem path but does not exist raises CheckpointError
-    instead of being sent to the hub.
-    """
-    ref = ref.strip()
-    if not ref:
-        raise InputError(f"{what}: empty model reference")
-    path = Path(os.path.expanduser(ref))
-    if path.exists():
-        if not path.is_dir():
-            raise CheckpointError(f"{what}: {ref!r} is a file; expected a model directory (with config.json)")
-        return str(path), True
-    if _looks_like_path(ref):
-        raise CheckpointError(f"{what}: no such directory {ref!r} (and it is not a Hugging Face hub id)")
-    return ref, False
-
-
-def _hub_offline() -> bool:
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(var, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
-            return True
-    return False
-
-
-def _hub_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [OSError, ValueError]
-    try:
-        from huggingface_hub.errors import HfHubHTTPError
-
-        errors.append(HfHubHTTPError)
-    except ImportError:  # pragma: no cover - old huggingface_hub
-        pass
-    return tuple(errors)
-
-
-@contextlib.contextmanager
-def refuse_unsafe_pickles(what: str, source: str):
-    """A pickled checkpoint (pytorch_model.bin) that fails transformers' weights-only torch.load is
-    a CheckpointError that says why; nothing retries it unsafely (a pickle can run code)."""
-    try:
-        yield
-    except pickle.UnpicklingError as e:
-        detail = next((line.strip() for line in str(e).splitlines() if "global" in line.lower()), "")
-        raise CheckpointError(
-            f"{what}: {source!r} holds a pickled PyTorch checkpoint that failed the safe weights-only load"
-            + (f" ({detail})" if detail else "")
-            + "; pickles can run code, so it is not loaded any other way. Use safetensors weights (loading the "
-              "model where you trust it and calling save_pretrained(dir) writes model.safetensors)") from e
-
-
-def load_pretrained(loader: Callable, source: str, is_local: bool, what: str, **kwargs):
-    """Call a ``from_pretrained``-style `loader` the way every backend here loads models.
-
-    Local directory: ``local_files_only=True``; a failure is a CheckpointError naming the directory.
-    Hub id: the local Hugging Face cache first (no network at all when it is there), then the hub
-    (skipped under HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE); a failure is a ModelUnavailableError.
-    Weights: transformers reads safetensors, and a .bin only through torch.load(weights_only=True);
-    a pickle that the weights-only load refuses is a CheckpointError (refuse_unsafe_pickles).
-    """
-    with refuse_unsafe_pickles(what, source):
-        return _load_pretrained(loader, source, is_local, what, **kwargs)
-
-
-def _load_pretrained(loader: Callable, source: str, is_local: bool, what: str, **kwargs):
-    errors = _hub_errors()
-    if is_local:
-        try:
-            return loader(source, local_files_only=True, **kwargs)
-        except errors as e:
-            raise CheckpointError(f"{what}: cannot load from directory {source!r}: {type(e).__name__}: {e}") from e
-    try:
-        return loader(source, local_files_only=True, **kwargs)
-    except errors as cached_error:
-        first = cached_error
-    if _hub_offline():
-        raise ModelUnavailableError(
-            f"{what}: {source!r} is not in the local Hugging Face cache and the hub is switched off "
-            f"(HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set), so the hub is unreachable; pass a local "
-            f"directory, unset the variable on a machine with network access, or {OFFLINE_HINT}. "
-            f"({type(first).__name__}: {first})"
-        ) from first
-    try:
-        return loader(source, **kwargs)
-    except errors as e:
-        raise ModelUnavailableError(
-            f"{what}: could not download {source!r} from the Hugging Face hub: the hub is unreachable "
-            f"from here or the id is wrong, and no local copy is cached. Pass a local directory, check "
-            f"the id and the network, or {OFFLINE_HINT}. ({type(e).__name__}: {e})"
-        ) from e
-
-
 def _native_bf16_cpu() -> bool:
     cpu = getattr(torch, "cpu", None)
     for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
@@ -309,7 +241,7 @@ def _progress(iterable, total: int, show: bool, desc: str):
 # encoders
 
 
-class HFPoolingEncoder:
+class HFPoolingEncoder(TextEncoder):
     """transformers AutoModel + pooling ("mean", "cls" (pooler output if trained), "cls-raw")."""
 
     def __init__(self, name: str, model, tokenizer, pooling: str, device: str = "cpu",
@@ -373,7 +305,7 @@ class HFPoolingEncoder:
         return f"HFPoolingEncoder(name={self.name!r}, dim={self.dim}, pooling={self.pooling!r}, device={self.device!r})"
 
 
-class SentenceTransformerEncoder:
+class SentenceTransformerEncoder(TextEncoder):
     """A sentence-transformers model; embeddings are L2-normalised float32."""
 
     def __init__(self, name: str, model, device: str = "cpu", autocast_dtype: torch.dtype | None = None):

@@ -21,7 +21,6 @@ the sequence log-probability itself).
 from __future__ import annotations
 
 import copy
-import inspect
 import time
 from dataclasses import dataclass, field
 
@@ -95,16 +94,10 @@ def _normalise(logprob: float, length: int, length_penalty: float) -> float:
     return logprob / (max(length, 1) ** length_penalty)
 
 
-_KEEP_ARG: dict[type, bool] = {}
-
-
 def prefill(model, inputs_embeds: torch.Tensor):
     """Run the prompt once: (log-probs of the next token (1, V), KV cache)."""
-    cls = type(model)
-    if cls not in _KEEP_ARG:
-        _KEEP_ARG[cls] = "logits_to_keep" in inspect.signature(model.forward).parameters
-    kwargs = {"logits_to_keep": 1} if _KEEP_ARG[cls] else {}  # the LM head on the last position only
-    out = model(inputs_embeds=inputs_embeds, use_cache=True, **kwargs)
+    # the LM head on the last position only (every causal LM GEMEL uses takes it: mel.backends.llm)
+    out = model(inputs_embeds=inputs_embeds, use_cache=True, logits_to_keep=1)
     return torch.log_softmax(out.logits[:, -1].float(), dim=-1), out.past_key_values
 
 
@@ -134,13 +127,15 @@ def beam_search(model, trie: TokenTrie | FreeVocabulary, inputs_embeds: torch.Te
             allowed = trie.allowed(node)
             if allowed is None:  # free generation: the whole vocabulary
                 top = torch.topk(logp[b], 2 * n_beams)
-                candidates += [(lp + s, b, int(j)) for s, j in zip(top.values.tolist(), top.indices.tolist())]
+                candidates += [(lp + s, b, int(j))
+                               for s, j in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
                 continue
             if len(allowed) == 0:
                 continue
             scores = logp[b, torch.from_numpy(allowed).to(device)]
             top = torch.topk(scores, min(len(allowed), 2 * n_beams))
-            candidates += [(lp + s, b, int(allowed[j])) for s, j in zip(top.values.tolist(), top.indices.tolist())]
+            candidates += [(lp + s, b, int(allowed[j]))
+                           for s, j in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
         candidates.sort(key=lambda c: -c[0])
         live: list[tuple[float, list[int], int]] = []
         parents: list[int] = []
@@ -206,7 +201,7 @@ def score_groups(model, trie: TokenTrie, inputs_embeds: torch.Tensor, groups: li
                     target = torch.tensor(s[1:], device=device)
                     logprobs[i] += float(logp[i, torch.arange(len(s) - 1, device=device), target].sum())
         hyps += [Hypothesis(list(s), lp, _normalise(lp, len(s), length_penalty), g)
-                 for s, lp, g in zip(seqs, logprobs, chunk)]
+                 for s, lp, g in zip(seqs, logprobs, chunk, strict=True)]
     hyps.sort(key=lambda h: -h.score)
     stats.decode_ms = (time.perf_counter() - t1) * 1000
     return hyps, stats

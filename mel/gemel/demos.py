@@ -147,8 +147,10 @@ class DemonstrationPool:
     def embed(self, mentions: list[Mention]) -> np.ndarray:
         """Retrieval keys (n, dim), L2-normalised."""
         texts = [_key_text(m, self.key) for m in mentions]
-        kwargs = {"show_progress": self.progress and len(texts) > 512} if _accepts_progress(self.encoder) else {}
-        text = np.asarray(self.encoder.encode(texts, batch_size=128, **kwargs), dtype=np.float32)
+        from ..backends.text import as_text_encoder
+        encoder = as_text_encoder(self.encoder)  # the library's TextEncoder, or any object with encode(texts)
+        text = np.asarray(encoder.encode(texts, batch_size=128, show_progress=self.progress and len(texts) > 512),
+                          dtype=np.float32)
         if self.image_encoder is None:
             return text
         image = np.zeros((len(mentions), self.image_encoder.dim), np.float32)
@@ -233,7 +235,7 @@ class DemonstrationPool:
         out = []
         for start in range(0, len(mentions), SEARCH_CHUNK):
             sims = queries[start:start + SEARCH_CHUNK] @ vectors.T
-            for row, ex_id in zip(sims, exclude_ids[start:start + SEARCH_CHUNK]):
+            for row, ex_id in zip(sims, exclude_ids[start:start + SEARCH_CHUNK], strict=True):
                 out.append(_top(examples, row, k, {ex_id} if ex_id else set()))
         return out
 
@@ -246,14 +248,6 @@ def _top(examples: tuple[Example, ...], sims: np.ndarray, k: int, exclude: set[s
     chosen = [int(i) for i in top if examples[int(i)].sample_id not in exclude][:k]
     # ascending similarity: the most similar demonstration ends up next to the query
     return [Demonstration(examples[i], float(sims[i])) for i in reversed(chosen)]
-
-
-def _accepts_progress(encoder) -> bool:
-    import inspect
-    try:
-        return "show_progress" in inspect.signature(encoder.encode).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def load_pool_examples(*, pool: str | Path | None = None, pool_format: str | None = None,

@@ -107,14 +107,9 @@ def answer_loss(model, embeds: torch.Tensor, labels: list[int]) -> torch.Tensor:
     labels_t = torch.tensor(labels, device=embeds.device)
     first = int((labels_t != IGNORE_INDEX).nonzero()[0])  # answer tokens are the tail of the prompt
     n_keep = len(labels) - first + 1  # logits from the position before the first answer token onwards
-    out = model(inputs_embeds=embeds, logits_to_keep=n_keep) if _keeps_logits(model) else model(inputs_embeds=embeds)
+    out = model(inputs_embeds=embeds, logits_to_keep=n_keep)  # every causal LM GEMEL uses takes it: mel.backends.llm
     logits = out.logits[0, -n_keep:-1].float()
     return torch.nn.functional.cross_entropy(logits, labels_t[first:])
-
-
-def _keeps_logits(model) -> bool:
-    import inspect
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 class MapperTrainer:
@@ -173,7 +168,7 @@ class MapperTrainer:
         demos = pool.retrieve_many([ex.mention for ex, _ in usable], self.config.n_demos,
                                    exclude_ids=[ex.sample_id for ex, _ in usable])
         items = []
-        for (ex, answer), ds in zip(usable, demos):
+        for (ex, answer), ds in zip(usable, demos, strict=True):
             query_img = self.images(ex.mention.image, strict=False) if ex.mention.image else None
             segs = []
             for d in ds:
