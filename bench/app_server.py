@@ -10,16 +10,18 @@
     proc.url, proc.db_path, proc.kill()      # SIGKILL: no clean shutdown (fault tests)
     proc.stop()                              # SIGTERM, then SIGKILL after a grace period
 
-Both bind to the loopback interface and a free port only. Passwords reach the child process in
-MEL_AUTH, its environment, exactly as `python app.py` reads them in production; they are never
-written to a file. Both serve the app as `python app.py` does (demo.ui.serve_options): the
+Both bind to the loopback interface and a free port only (demo.launch). Passwords reach the child
+process in MEL_AUTH, its environment, exactly as `python app.py` reads them in production; they are
+never written to a file. Both serve the app as `python app.py` does (demo.ui.serve_options): the
 login rate limit and the admins' one-time download links included.
+
+A harness, not part of the app: the tests import it as `bench.app_server` (pyproject's pytest
+`pythonpath`), the bench scripts as `.app_server` or, run as `python bench/x.py`, `app_server`.
 """
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,14 +29,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from demo.launch import HOST, free_port
+
 REPO = Path(__file__).resolve().parents[1]
-HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 300.0) -> float:
@@ -97,8 +94,8 @@ def launch_in_process(data_dir: str | Path, *, users: dict[str, str] | None = No
     `users`: password login with these accounts; None: no login (everyone is 'local').
     `reviewers`: who sees the Review tab (as MEL_REVIEWERS; this process's MEL_REVIEWERS is not read).
     """
-    from .service import LinkService, ServiceConfig
-    from .ui import Access, build_demo, launch_options, serve_options
+    from demo.service import LinkService, ServiceConfig
+    from demo.ui import Access, build_demo, launch_options, serve_options
 
     service = LinkService(ServiceConfig(preset=preset, data_dir=str(data_dir)))
     access = Access("password", admins=frozenset(admins)) if users else Access("open")
@@ -113,7 +110,7 @@ def launch_in_process(data_dir: str | Path, *, users: dict[str, str] | None = No
 def _team_tabs(reviewers: frozenset[str]):
     """build_demo's team_tabs hook with these reviewers (demo/queue_ui.py default_team_tabs reads
     MEL_REVIEWERS from the environment, which a test must not change for the whole process)."""
-    from .queue_ui import default_team_tabs
+    from demo.queue_ui import default_team_tabs
 
     def team_tabs(**kw):
         return default_team_tabs(reviewers=reviewers, **kw)
@@ -205,7 +202,7 @@ def write_demo_tasks(folder: str | Path, n: int = 20) -> tuple[Path, Path]:
     import json
     import shutil
 
-    from .bundled import POOL_FILE, bundled_examples
+    from demo.bundled import POOL_FILE, bundled_examples
     folder = Path(folder)
     images = folder / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -253,3 +250,7 @@ def make_demo_project(service, name: str = "demo", n: int = 20, *, preannotate: 
         chosen = linkers(project) if linkers is not None else service.project_linkers(project)
         pre = run_preannotate(store, project, chosen, batch_size=n, k=service.config.k)
     return project, report, pre
+
+
+__all__ = ["REPO", "HOST", "free_port", "wait_ready", "auth_env", "RunningApp", "launch_in_process", "AppProcess",
+           "write_demo_tasks", "make_demo_project"]

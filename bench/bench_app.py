@@ -22,9 +22,13 @@ import statistics
 import tempfile
 import time
 
-from demo.serving import AppProcess
 from mel.bench import save_json
 from mel.cli_kit import add_preset_args, check_output_file, load_average, script_command
+
+if __package__:  # python -m bench.bench_app, or imported as bench.bench_app
+    from .app_server import AppProcess
+else:  # python bench/bench_app.py: bench/ itself is sys.path[0]
+    from app_server import AppProcess
 
 
 def link_once(client, example) -> tuple[float, dict]:

@@ -49,9 +49,13 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from demo.serving import AppProcess
 from mel.bench import save_json
 from mel.cli_kit import load_average, script_command
+
+if __package__:  # python -m bench.bench_load, or imported as bench.bench_load
+    from .app_server import AppProcess
+else:  # python bench/bench_load.py: bench/ itself is sys.path[0]
+    from app_server import AppProcess
 
 ACTION_CYCLE = ("accept_dim", "search", "nil", "skip")
 _STARTED: list[AppProcess] = []  # apps this process started, for the watchdog
@@ -299,7 +303,7 @@ def verify(data_dir: Path, requests: list[Request], accounts: list[str]) -> dict
         by_client.setdefault(r.client, []).append(r)
     for reqs in by_client.values():
         ids = [r.ack["correction_id"] for r in sorted(reqs, key=lambda r: r.seq) if r.kind == "correct" and r.ack]
-        out_of_order += sum(b <= a for a, b in zip(ids, ids[1:]))
+        out_of_order += sum(b <= a for a, b in zip(ids, ids[1:], strict=False))
 
     # undo: every undone row is explained by an acknowledged undo of its own annotator (or a failed one)
     undo_acked = {r.ack["id"]: r.annotator for r in requests if r.kind == "undo" and r.ack}

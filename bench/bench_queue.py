@@ -4,7 +4,7 @@
     python bench/bench_queue.py --decisions 60 --fast-preannotate --out results/bench_queue.json
 
 Starts the app of `python app.py` (offline preset, bundled demo KB, password login) on 127.0.0.1,
-creates a project of demo tasks (demo.serving.make_demo_project: imported with the library, then
+creates a project of demo tasks (bench/app_server.py make_demo_project: imported with the library, then
 pre-annotated), logs in with headless chromium and decides tasks with the keyboard only (g, 1, n,
 Enter in turn). The page itself measures each decision (demo/assets/queue.js, window.melQueue.log):
 from the keydown event's timestamp (performance.now() clock) to the DOM update that shows the next
@@ -50,8 +50,11 @@ def main(argv=None) -> dict:
         raise SystemExit(f"{CHROMIUM} is missing: apt-get install chromium (see the Makefile's browser target)")
     from playwright.sync_api import sync_playwright
 
-    from demo.serving import launch_in_process, make_demo_project
     from mel.linkers import build_linker
+    if __package__:  # python -m bench.bench_queue, or imported as bench.bench_queue
+        from .app_server import launch_in_process, make_demo_project
+    else:  # python bench/bench_queue.py: bench/ itself is sys.path[0]
+        from app_server import launch_in_process, make_demo_project
 
     n_tasks = args.decisions + args.warmup + 2
     data = Path(tempfile.mkdtemp(prefix="mel-bench-queue-"))

@@ -63,8 +63,11 @@ def main(argv=None) -> int:
         raise SystemExit(f"{CHROMIUM} is missing: apt-get install chromium (see the Makefile's browser target)")
     from playwright.sync_api import sync_playwright
 
-    from demo.serving import launch_in_process, make_demo_project
     from mel.linkers import build_linker
+    if __package__:  # python -m bench.check_contrast, or imported as bench.check_contrast
+        from .app_server import launch_in_process, make_demo_project
+    else:  # python bench/check_contrast.py: bench/ itself is sys.path[0]
+        from app_server import launch_in_process, make_demo_project
 
     data = Path(tempfile.mkdtemp(prefix="mel-contrast-"))
     app = launch_in_process(data / "app", users=USERS)

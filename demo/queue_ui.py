@@ -32,6 +32,7 @@ import tempfile
 import threading
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import gradio as gr
@@ -477,8 +478,47 @@ def queue_on_load(demo: gr.Blocks, access: Access, annotate: AnnotateTab, tabs: 
               api_visibility="private", show_progress="hidden")
 
 
+@dataclass
+class ProjectsPanel:
+    """The Projects tab's components: the import form and the pre-annotation controls."""
+    tab: gr.Tab
+    name: gr.Textbox
+    per_task: gr.Number
+    tasks_file: gr.File
+    images_zip: gr.File
+    guidelines: gr.Textbox
+    import_btn: gr.Button
+    report: gr.HTML
+    pa_project: gr.Dropdown
+    start: gr.Button
+    stop: gr.Button
+    pa_status: gr.HTML
+    timer: gr.Timer
+
+
 def build_projects_tab(service: LinkService, access: Access, annotate: AnnotateTab, runs: Preannotations):
-    """The admins' project panel (call inside gr.Tabs); returns the tab (made visible on load for admins)."""
+    """The admins' project panel (call inside gr.Tabs); returns the tab (made visible on load for admins),
+    the page-load handler and its outputs."""
+    panel = _projects_panel()
+
+    def admin_of(request, profile) -> str:
+        annotator = access.annotator(request, profile)
+        if not access.is_admin(annotator):
+            raise NotAllowedError("managing projects needs the admin role (MEL_ADMINS)")
+        return annotator
+
+    _wire_import(service, annotate, panel, admin_of)
+    _wire_preannotation(runs, panel, admin_of)
+
+    def on_load(request: gr.Request, profile: gr.OAuthProfile | None = None):
+        admin = access.is_admin(access.annotator(request, profile))
+        names = annotate.screens.project_names() if admin else []
+        return gr.update(visible=admin), gr.update(choices=names, value=names[0] if names else None)
+
+    return panel.tab, on_load, [panel.tab, panel.pa_project]
+
+
+def _projects_panel() -> ProjectsPanel:
     with gr.Tab("Projects (admin)", id="projects", visible=False, elem_id="mel-adm-tab") as tab:
         gr.Markdown("**New project, or more tasks for one**: a CSV or JSONL of tasks (`caption`, `mention` or "
                     "`start`/`end`, `image` = a file name in the zip, optional `gold_id`, `gold_name`, `id`) and a "
@@ -503,51 +543,62 @@ def build_projects_tab(service: LinkService, access: Access, annotate: AnnotateT
             stop = gr.Button("Stop", elem_id="mel-adm-pa-stop", scale=1)
         pa_status = gr.HTML(elem_id="mel-adm-pa-status")
         timer = gr.Timer(2.0, active=False)
+    return ProjectsPanel(tab, name, per_task, tasks_file, images_zip, guidelines, import_btn, report, pa_project,
+                         start, stop, pa_status, timer)
 
-    def admin_of(request, profile) -> str:
-        annotator = access.annotator(request, profile)
-        if not access.is_admin(annotator):
-            raise NotAllowedError("managing projects needs the admin role (MEL_ADMINS)")
-        return annotator
 
+def _import_upload(service: LinkService, screens: QueueScreens, project_name, k, tasks, images, guide):
+    """Create project `project_name` (k annotators per task, when new) or reuse it, set its guidelines
+    when given, and import the uploaded tasks file with the images of the uploaded zip (unpacked by
+    safe_extract_zip into a temporary folder, deleted afterwards). Returns the import report, with the
+    file named as uploaded, and the project."""
+    if not tasks:
+        raise InputError("upload the tasks file (.csv or .jsonl) first")
+    tasks_path = Path(tasks if isinstance(tasks, str) else tasks.name)
+    suffix = tasks_path.suffix.lower()
+    if suffix not in (".csv", ".jsonl"):
+        raise InputError(f"the tasks file must be .csv or .jsonl, got {tasks_path.name!r}")
+    work = Path(tempfile.mkdtemp(prefix="mel-import-"))
+    try:
+        folder = work / "images"
+        folder.mkdir()
+        if images:
+            folder = safe_extract_zip(images if isinstance(images, str) else images.name, folder)
+        store = service.store
+        project, created = open_or_create_project(store, project_name or "", kb=service.kb.path)
+        if created or guide:
+            settings = project.settings
+            if guide:
+                settings.guidelines = guide
+            if created and k:
+                settings = ProjectSettings(**{**settings.__dict__, "annotations_per_task": int(k)})
+            project = update_settings(store, project, settings)
+            screens.forget(project.name)
+        result = import_tasks(store, project, "csv" if suffix == ".csv" else "tasks-jsonl", tasks_path,
+                              images=folder)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return _named_as_uploaded(result, tasks_path), project
+
+
+def _wire_import(service: LinkService, annotate: AnnotateTab, panel: ProjectsPanel, admin_of) -> None:
+    """The import button (admins): the report, and the new project in both project pickers."""
     @guarded
     def on_import(project_name, k, tasks, images, guide, request: gr.Request, profile: gr.OAuthProfile | None = None):
         admin_of(request, profile)
-        if not tasks:
-            raise InputError("upload the tasks file (.csv or .jsonl) first")
-        tasks_path = Path(tasks if isinstance(tasks, str) else tasks.name)
-        suffix = tasks_path.suffix.lower()
-        if suffix not in (".csv", ".jsonl"):
-            raise InputError(f"the tasks file must be .csv or .jsonl, got {tasks_path.name!r}")
-        work = Path(tempfile.mkdtemp(prefix="mel-import-"))
-        try:
-            folder = work / "images"
-            folder.mkdir()
-            if images:
-                folder = safe_extract_zip(images if isinstance(images, str) else images.name, folder)
-            store = service.store
-            project, created = open_or_create_project(store, project_name or "", kb=service.kb.path)
-            if created or guide:
-                settings = project.settings
-                if guide:
-                    settings.guidelines = guide
-                if created and k:
-                    settings = ProjectSettings(**{**settings.__dict__, "annotations_per_task": int(k)})
-                project = update_settings(store, project, settings)
-                annotate.screens.forget(project.name)
-            result = import_tasks(store, project, "csv" if suffix == ".csv" else "tasks-jsonl", tasks_path,
-                                  images=folder)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        result, project = _import_upload(service, annotate.screens, project_name, k, tasks, images, guide)
         names = annotate.screens.project_names()
-        result = _named_as_uploaded(result, tasks_path)
         return (render_import_report(result), gr.update(choices=names, value=project.name),
                 gr.update(choices=names), gr.update(visible=True))
 
-    import_btn.click(on_import, [name, per_task, tasks_file, images_zip, guidelines],
-                     [report, pa_project, annotate.project, annotate.tab], api_visibility="private",
-                     concurrency_limit=1, concurrency_id="admin")
+    form = [panel.name, panel.per_task, panel.tasks_file, panel.images_zip, panel.guidelines]
+    panel.import_btn.click(on_import, form, [panel.report, panel.pa_project, annotate.project, annotate.tab],
+                           api_visibility="private", concurrency_limit=1, concurrency_id="admin")
 
+
+def _wire_preannotation(runs: Preannotations, panel: ProjectsPanel, admin_of) -> None:
+    """Start / Stop the pre-annotation of the chosen project (admins); its progress, refreshed by the
+    timer while it runs."""
     @guarded
     def on_start(project_name, request: gr.Request, profile: gr.OAuthProfile | None = None):
         admin_of(request, profile)
@@ -574,17 +625,10 @@ def build_projects_tab(service: LinkService, access: Access, annotate: AnnotateT
         return runs.status_html(project_name), gr.Timer(active=runs.running(project_name or ""))
 
     common = dict(api_visibility="private", concurrency_limit=2, concurrency_id="admin")
-    start.click(on_start, [pa_project], [pa_status, timer], **common)
-    stop.click(on_stop, [pa_project], [pa_status], **common)
-    pa_project.input(on_pick, [pa_project], [pa_status, timer], **common)
-    timer.tick(on_tick, [pa_project], [pa_status, timer], show_progress="hidden", **common)
-
-    def on_load(request: gr.Request, profile: gr.OAuthProfile | None = None):
-        admin = access.is_admin(access.annotator(request, profile))
-        names = annotate.screens.project_names() if admin else []
-        return gr.update(visible=admin), gr.update(choices=names, value=names[0] if names else None)
-
-    return tab, on_load, [tab, pa_project]
+    panel.start.click(on_start, [panel.pa_project], [panel.pa_status, panel.timer], **common)
+    panel.stop.click(on_stop, [panel.pa_project], [panel.pa_status], **common)
+    panel.pa_project.input(on_pick, [panel.pa_project], [panel.pa_status, panel.timer], **common)
+    panel.timer.tick(on_tick, [panel.pa_project], [panel.pa_status, panel.timer], show_progress="hidden", **common)
 
 
 def _named_as_uploaded(report, path: Path):

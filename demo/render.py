@@ -228,7 +228,7 @@ def _gemel_panel(pred, describe) -> tuple[str, str | None]:
     scores = [c.get("score") for c in pred.candidates]
     probs = probabilities(scores, RANKER_TEMPERATURES["gemel"])
     entity = pred.entity_id if pred.entity_id not in (None, NIL) else None
-    p = next((q for c, q in zip(pred.candidates, probs) if c.get("id") == entity), None)
+    p = next((q for c, q in zip(pred.candidates, probs, strict=True) if c.get("id") == entity), None)
     if entity is None:
         answer = '<div class="mel-q-entity"><b>NIL</b> <span class="mel-note">(no KB entity)</span></div>'
     else:
@@ -272,7 +272,7 @@ def _dim_panel(pred, describe) -> tuple[str, list[str]]:
         elif not details.feature_mask.image:
             cue = '<div class="mel-q-cue mel-note">no image: no expert cue</div>'
     rows = []
-    for i, (c, p) in enumerate(zip(shown, probs)):
+    for i, (c, p) in enumerate(zip(shown, probs, strict=False)):  # probs: over all candidates, not only those shown
         key = (i + 1) % 10
         rows.append(f'<li class="mel-q-cand" data-action="accept_dim" data-index="{i}" '
                     f'data-entity-id="{_attr(c.get("id"))}" role="button" tabindex="-1">'

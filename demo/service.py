@@ -363,7 +363,7 @@ class LinkService:
         shown = [p.result if p.result is not None else {"linker": p.linker, "error": p.error, "preset": self.preset.name}
                  for p in panels]
         ids = self.store.record_predictions(mention.id, shown, kb=self.kb_label, shown_to=annotator)
-        for p, pid in zip(panels, ids):
+        for p, pid in zip(panels, ids, strict=True):
             p.prediction_id = pid
         timings["store_predictions"] = _ms(t)
         for p in panels:

@@ -452,61 +452,135 @@ def _install_page_js() -> None:
         root.load(None, None, None, js=KEYS_JS % json.dumps(CSS_FILE.read_text()))
 
 
+@dataclass
+class ReviewTaskPanel:
+    """The Review tab's main column: the last acknowledgement, the task, its choices and the buttons."""
+    ack: gr.HTML
+    task: gr.HTML
+    choices: gr.Radio
+    final: gr.Button
+    nil: gr.Button
+    prev: gr.Button
+    nxt: gr.Button
+    search: gr.Textbox
+    search_btn: gr.Button
+    results: gr.Radio
+    pick: gr.Button
+    comment: gr.Textbox
+    send_back: gr.Button
+
+
+@dataclass
+class ReviewSidePanel:
+    """The Review tab's side column: the project picker, the counts, the image and the list."""
+    project: gr.Dropdown
+    counts: gr.HTML
+    include: gr.Checkbox
+    refresh: gr.Button
+    image: gr.Image
+    listing: gr.Dataframe
+
+
+@dataclass
+class ReviewScreen:
+    """The Review tab's components (build_review_tab)."""
+    tab: gr.Tab
+    state: gr.State          # the project, its review order and the task on screen (with the ids seen)
+    main: ReviewTaskPanel
+    side: ReviewSidePanel
+    token: gr.Textbox        # a fresh token per click (TOKEN_JS)
+
+    @property
+    def drawn(self) -> list:
+        """What every draw of the tab updates, in the order of draw()'s answer."""
+        return [self.state, self.side.counts, self.side.listing, self.main.task, self.main.choices, self.side.image,
+                self.main.ack]
+
+    def by_name(self) -> dict:
+        """The components build_review_tab returns (by name; "tab" is the gr.Tab)."""
+        return {"tab": self.tab, "project": self.side.project, "include": self.side.include,
+                "counts": self.side.counts, "task": self.main.task, "choices": self.main.choices,
+                "image": self.side.image, "listing": self.side.listing, "ack": self.main.ack, "state": self.state}
+
+
 def build_review_tab(team: Team) -> dict:
     """The Review tab (call inside a gr.Tabs). Returns its components by name ("tab" is the gr.Tab);
     it shows itself to reviewers at page load."""
     _install_page_js()
-    c: dict[str, Any] = {}
     with gr.Tab(REVIEW_TAB, id="mel-tab-review", visible=False, elem_id="mel-tab-review") as tab:
-        c["tab"] = tab
         state = gr.State({})
         # At 1366x768 the acknowledgement of a save (on top), the task, its choices and the buttons all
         # fit without scrolling: the project picker, the counts, the image and the list go on the right.
         with gr.Column(elem_id="mel-review-panel"):
             with gr.Row(equal_height=False):
-                with gr.Column(scale=7):
-                    ack = gr.HTML(elem_id="mel-review-ack", min_height=0)   # what the last click saved, on top
-                    task = gr.HTML('<div class="mel-team-note">Pick a project: its tasks to review appear here.</div>',
-                                   elem_id="mel-review-task-box")
-                    choices = gr.Radio([], label="Final label: one of the choices (keys 1-9), then Set [f]",
-                                       elem_id="mel-review-choices")
-                    with gr.Row():
-                        final = gr.Button("Set final  [f]", variant="primary", elem_id="mel-review-final")
-                        nil = gr.Button("NIL  [n]", elem_id="mel-review-nil")
-                        prev = gr.Button("Previous  [k]", elem_id="mel-review-prev")
-                        nxt = gr.Button("Next  [j]", elem_id="mel-review-next")
-                    with gr.Row(equal_height=True):
-                        search = gr.Textbox(label="Search the KB  [/]", scale=4, max_length=MAX_QUERY_CHARS,
-                                            elem_id="mel-review-search")
-                        search_btn = gr.Button("Search", scale=1, elem_id="mel-review-search-btn")
-                    results = gr.Radio([], label="Search results", elem_id="mel-review-search-results")
-                    pick = gr.Button("Set final label: the selected search result", elem_id="mel-review-pick")
-                    with gr.Row(equal_height=True):
-                        comment = gr.Textbox(label="Comment (needed to send back; kept with a final label too)",
-                                             lines=2, max_length=2000, scale=4, elem_id="mel-review-comment")
-                        send_back = gr.Button("Send back to the annotators  [b]", variant="stop", scale=1,
-                                              elem_id="mel-review-send-back")
-                    gr.HTML('<div class="mel-team-keys">Keys (outside text boxes): <kbd>1</kbd>-<kbd>9</kbd> choose, '
-                            '<kbd>f</kbd> set final, <kbd>n</kbd> NIL, <kbd>b</kbd> send back (comment first), '
-                            '<kbd>/</kbd> search, <kbd>j</kbd>/<kbd>k</kbd> next/previous; Ctrl+Enter in the '
-                            'comment sends back.</div>')
-                with gr.Column(scale=4):
-                    project = gr.Dropdown([], label="project", min_width=200, elem_id="mel-review-project")
-                    counts = gr.HTML(elem_id="mel-review-counts-box", min_height=0)
-                    with gr.Row(equal_height=True):
-                        include = gr.Checkbox(False, label="also reviewed tasks", elem_id="mel-review-include")
-                        refresh = gr.Button("Refresh", size="sm", elem_id="mel-review-refresh")
-                    image = gr.Image(label="image", interactive=False, height=220, visible=False,
-                                     elem_id="mel-review-image")
-                    listing = gr.Dataframe(headers=["#", "mention", "why", "choices"],
-                                           datatype=["number", "str", "str", "str"], interactive=False, wrap=True,
-                                           max_height=330, column_widths=["9%", "22%", "27%", "42%"],
-                                           label="To review (click a row to open it)", elem_id="mel-review-list")
+                main = _review_task_panel()
+                side = _review_side_panel()
         token = gr.Textbox(visible=False, elem_id="mel-review-token")
-    c.update(project=project, include=include, counts=counts, task=task, choices=choices, image=image,
-             listing=listing, ack=ack, state=state)
+    screen = ReviewScreen(tab, state, main, side, token)
+    draw = _review_drawer(team)
+    _wire_review_navigation(team, screen, draw)
+    _wire_review_saves(team, screen, draw)
+    _wire_review_search(team, screen)
+    # a saved review clears the comment box (the next task needs its own)
+    for button in (main.final, main.pick, main.nil, main.send_back):
+        button.click(lambda: "", None, [main.comment], api_visibility="private", queue=False)
+    return screen.by_name()
 
-    # -- drawing ----------------------------------------------------------------------------------
+
+def _review_task_panel() -> ReviewTaskPanel:
+    with gr.Column(scale=7):
+        ack = gr.HTML(elem_id="mel-review-ack", min_height=0)   # what the last click saved, on top
+        task = gr.HTML('<div class="mel-team-note">Pick a project: its tasks to review appear here.</div>',
+                       elem_id="mel-review-task-box")
+        choices = gr.Radio([], label="Final label: one of the choices (keys 1-9), then Set [f]",
+                           elem_id="mel-review-choices")
+        with gr.Row():
+            final = gr.Button("Set final  [f]", variant="primary", elem_id="mel-review-final")
+            nil = gr.Button("NIL  [n]", elem_id="mel-review-nil")
+            prev = gr.Button("Previous  [k]", elem_id="mel-review-prev")
+            nxt = gr.Button("Next  [j]", elem_id="mel-review-next")
+        with gr.Row(equal_height=True):
+            search = gr.Textbox(label="Search the KB  [/]", scale=4, max_length=MAX_QUERY_CHARS,
+                                elem_id="mel-review-search")
+            search_btn = gr.Button("Search", scale=1, elem_id="mel-review-search-btn")
+        results = gr.Radio([], label="Search results", elem_id="mel-review-search-results")
+        pick = gr.Button("Set final label: the selected search result", elem_id="mel-review-pick")
+        with gr.Row(equal_height=True):
+            comment = gr.Textbox(label="Comment (needed to send back; kept with a final label too)",
+                                 lines=2, max_length=2000, scale=4, elem_id="mel-review-comment")
+            send_back = gr.Button("Send back to the annotators  [b]", variant="stop", scale=1,
+                                  elem_id="mel-review-send-back")
+        gr.HTML('<div class="mel-team-keys">Keys (outside text boxes): <kbd>1</kbd>-<kbd>9</kbd> choose, '
+                '<kbd>f</kbd> set final, <kbd>n</kbd> NIL, <kbd>b</kbd> send back (comment first), '
+                '<kbd>/</kbd> search, <kbd>j</kbd>/<kbd>k</kbd> next/previous; Ctrl+Enter in the '
+                'comment sends back.</div>')
+    return ReviewTaskPanel(ack, task, choices, final, nil, prev, nxt, search, search_btn, results, pick, comment,
+                           send_back)
+
+
+def _review_side_panel() -> ReviewSidePanel:
+    with gr.Column(scale=4):
+        project = gr.Dropdown([], label="project", min_width=200, elem_id="mel-review-project")
+        counts = gr.HTML(elem_id="mel-review-counts-box", min_height=0)
+        with gr.Row(equal_height=True):
+            include = gr.Checkbox(False, label="also reviewed tasks", elem_id="mel-review-include")
+            refresh = gr.Button("Refresh", size="sm", elem_id="mel-review-refresh")
+        image = gr.Image(label="image", interactive=False, height=220, visible=False,
+                         elem_id="mel-review-image")
+        listing = gr.Dataframe(headers=["#", "mention", "why", "choices"],
+                               datatype=["number", "str", "str", "str"], interactive=False, wrap=True,
+                               max_height=330, column_widths=["9%", "22%", "27%", "42%"],
+                               label="To review (click a row to open it)", elem_id="mel-review-list")
+    return ReviewSidePanel(project, counts, include, refresh, image, listing)
+
+
+# -- the Review tab's events -------------------------------------------------------------------------
+_REVIEW_EVENTS = dict(api_visibility="private", concurrency_limit=4, concurrency_id="review")
+
+
+def _review_drawer(team: Team) -> Callable[..., tuple]:
+    """draw(user, name, include_reviewed, task_id=None, after=None, note=""): the values of
+    ReviewScreen.drawn for project `name`."""
     def draw(user: str, name: str, include_reviewed: bool, task_id: str | None = None, after: int | None = None,
              note: str = ""):
         """Everything the tab shows for `name`: the list, and `task_id` (else the first task after
@@ -533,8 +607,12 @@ def build_review_tab(team: Team) -> dict:
             out = (task_html(chosen, index, len(order)), gr.update(choices=opts, value=None),
                    gr.update(value=picture, visible=picture is not None))
         return (st, counts_html(review.counts(), name), list_rows(items), *out, note)
+    return draw
 
-    drawn = [state, counts, listing, task, choices, image, ack]
+
+def _wire_review_navigation(team: Team, screen: ReviewScreen, draw: Callable[..., tuple]) -> None:
+    """Picking a project (or the include box, or Refresh), a row of the list, Previous and Next."""
+    drawn, side = screen.drawn, screen.side
 
     def nothing():
         return ({}, "", [], "", gr.update(choices=[], value=None), gr.update(value=None, visible=False), "")
@@ -569,6 +647,17 @@ def build_review_tab(team: Team) -> dict:
             return draw(user, st["project"], include_reviewed, order[(i + delta) % len(order)])
         return on_step
 
+    for trigger in (side.project.change, side.include.change, side.refresh.click):
+        trigger(on_project, [side.project, side.include], drawn, **_REVIEW_EVENTS)
+    side.listing.select(on_open_row, [screen.state, side.include], drawn, **_REVIEW_EVENTS)
+    screen.main.prev.click(step(-1), [screen.state, side.include], drawn, **_REVIEW_EVENTS)
+    screen.main.nxt.click(step(+1), [screen.state, side.include], drawn, **_REVIEW_EVENTS)
+
+
+def _wire_review_saves(team: Team, screen: ReviewScreen, draw: Callable[..., tuple]) -> None:
+    """Set final (a choice, a search result, or NIL) and Send back: saved with the click's token and
+    the ids seen on screen, then the next task is drawn with the acknowledgement (or the task as it is
+    now, when the screen was out of date)."""
     def save(st, include_reviewed, request, profile, act: Callable[[ReviewQueue, dict], Any]):
         user = team.require_reviewer(team.user(request, profile))
         if not (st or {}).get("task"):
@@ -608,6 +697,18 @@ def build_review_tab(team: Team) -> dict:
                                     seen_decision_ids=st.get("decision_ids"), seen_review_id=st.get("review_id"))
         return save(st, include_reviewed, request, profile, act)
 
+    main, state, include, token, drawn = screen.main, screen.state, screen.side.include, screen.token, screen.drawn
+    main.final.click(finalize_with(chosen), [state, include, main.choices, main.comment, token], drawn, js=TOKEN_JS,
+                     **_REVIEW_EVENTS)
+    main.pick.click(finalize_with(picked), [state, include, main.results, main.comment, token], drawn, js=TOKEN_JS,
+                    **_REVIEW_EVENTS)
+    main.nil.click(finalize_with(lambda _: NIL), [state, include, main.choices, main.comment, token], drawn,
+                   js=TOKEN_JS, **_REVIEW_EVENTS)
+    main.send_back.click(on_send_back, [state, include, main.comment, token], drawn, js=TOKEN_JS, **_REVIEW_EVENTS)
+
+
+def _wire_review_search(team: Team, screen: ReviewScreen) -> None:
+    """The KB search (button or Enter; reviewers only) fills the results a final label can be picked from."""
     @guarded
     def on_search(query, request: gr.Request, profile: gr.OAuthProfile | None = None):
         team.require_reviewer(team.user(request, profile))
@@ -616,23 +717,10 @@ def build_review_tab(team: Team) -> dict:
         return gr.update(choices=opts, value=opts[0][1] if opts else None,
                          label=f"Search results ({len(opts)})" if opts else "Search results: none found")
 
-    common = dict(api_visibility="private", concurrency_limit=4, concurrency_id="review")
-    for trigger in (project.change, include.change, refresh.click):
-        trigger(on_project, [project, include], drawn, **common)
-    listing.select(on_open_row, [state, include], drawn, **common)
-    prev.click(step(-1), [state, include], drawn, **common)
-    nxt.click(step(+1), [state, include], drawn, **common)
-    final.click(finalize_with(chosen), [state, include, choices, comment, token], drawn, js=TOKEN_JS, **common)
-    pick.click(finalize_with(picked), [state, include, results, comment, token], drawn, js=TOKEN_JS, **common)
-    nil.click(finalize_with(lambda _: NIL), [state, include, choices, comment, token], drawn, js=TOKEN_JS, **common)
-    send_back.click(on_send_back, [state, include, comment, token], drawn, js=TOKEN_JS, **common)
-    for trigger in (search_btn.click, search.submit):
-        trigger(on_search, [search], [results], api_visibility="private", concurrency_limit=2,
+    main = screen.main
+    for trigger in (main.search_btn.click, main.search.submit):
+        trigger(on_search, [main.search], [main.results], api_visibility="private", concurrency_limit=2,
                 concurrency_id="review-search")
-    # a saved review clears the comment box (the next task needs its own)
-    for button in (final, pick, nil, send_back):
-        button.click(lambda: "", None, [comment], api_visibility="private", queue=False)
-    return c
 
 
 def _clip(text: str, n: int) -> str:
@@ -1053,7 +1141,7 @@ def launch_team_app(data_dir: str | Path, *, users: dict[str, str] | None = None
                     kb_path: str | Path | None = None) -> RunningTeamApp:
     """build_team_app served from a thread on 127.0.0.1 and a free port, secured as `python app.py`
     serves the app (demo.ui.serve_options: login rate limit, the admins' one-time download links)."""
-    from .serving import HOST, free_port
+    from .launch import HOST, free_port
     from .ui import serve_options
     demo = build_team_app(data_dir, users, admins, reviewers, kb_path=kb_path)
     demo.queue(default_concurrency_limit=4, max_size=32)

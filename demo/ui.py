@@ -37,6 +37,7 @@ import tempfile
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
@@ -460,10 +461,73 @@ def build_demo(kb_path: str | None = None, pool: str | None = None, preset: str 
     return demo
 
 
+@dataclass
+class LinkPanel:
+    """The Link tab's input column (image, caption, mention, offsets, the Link button) and its results."""
+    info: gr.HTML
+    image: gr.Image
+    caption: gr.Textbox
+    mention: gr.Textbox
+    start: gr.Number
+    end: gr.Number
+    link_btn: gr.Button
+    highlighted: gr.HTML
+    gemel_html: gr.HTML
+    cue_html: gr.HTML
+    ranker_note: gr.HTML
+    dim_table: gr.Dataframe
+    demos: gr.Gallery
+    timings: gr.JSON
+    models: gr.JSON
+    raw: gr.JSON
+
+
+@dataclass
+class CorrectionPanel:
+    """The Link tab's correction buttons, the DIM choice, the KB search and the acknowledgement."""
+    accept_gemel: gr.Button
+    accept_dim: gr.Button
+    nil_btn: gr.Button
+    skip_btn: gr.Button
+    undo_btn: gr.Button
+    dim_choice: gr.Radio
+    search_box: gr.Textbox
+    search_btn: gr.Button
+    search_results: gr.Radio
+    pick_btn: gr.Button
+    live_pool: gr.Checkbox
+    ack: gr.HTML
+
+
+@dataclass
+class AdminPanel:
+    """The Link tab's admin box (hidden unless the user is an admin): export and backup."""
+    box: gr.Accordion
+    export_format: gr.Dropdown
+    export_btn: gr.Button
+    export_file: gr.HTML
+    export_note: gr.HTML
+    backup_btn: gr.Button
+    backup_file: gr.HTML
+
+
 def _build_link_tab(demo: gr.Blocks, service: LinkService, access: Access, vault: DownloadVault, who) -> None:
     """The Link tab: one caption, typed or selected, linked by both linkers, corrected by hand."""
-    examples = examples_for(service) if service.loaded else []
     current = gr.State(None)     # the last link of this browser session (mention id, predictions)
+    link = _link_panel(service)
+    fix = _correction_panel(service)
+    admin = _admin_panel()
+    _wire_page_load(demo, service, access, who, link.info, admin.box)
+    _wire_linking(service, access, current, link, fix)
+    _wire_corrections(service, access, who, current, fix)
+    _wire_search(service, fix)
+    _wire_admin(service, access, vault, admin)
+    _add_link_api(service, access)
+
+
+def _link_panel(service: LinkService) -> LinkPanel:
+    """The status line, then the inputs (left) and both linkers' results (right)."""
+    examples = examples_for(service) if service.loaded else []
     info = gr.HTML(status_html(service.describe()) if service.loaded else "", elem_id="mel-info")
     with gr.Row(equal_height=False):
         with gr.Column(scale=4):
@@ -499,7 +563,11 @@ def _build_link_tab(demo: gr.Blocks, service: LinkService, access: Access, vault
                 models = gr.JSON(label="preset and models", elem_id="mel-models")
             with gr.Accordion("Raw result (JSON)", open=False):
                 raw = gr.JSON(label="link result", elem_id="mel-raw")
+    return LinkPanel(info, image, caption, mention, start, end, link_btn, highlighted, gemel_html, cue_html,
+                     ranker_note, dim_table, demos, timings, models, raw)
 
+
+def _correction_panel(service: LinkService) -> CorrectionPanel:
     with gr.Group():
         with gr.Row():
             accept_gemel = gr.Button("Accept GEMEL  [g]", elem_id="mel-accept-gemel")
@@ -517,16 +585,25 @@ def _build_link_tab(demo: gr.Blocks, service: LinkService, access: Access, vault
         live_pool = gr.Checkbox(value=service.config.live_pool, elem_id="mel-live-pool",
                                 label="My corrections join GEMEL's demonstration pool at once")
         ack = gr.HTML(label="acknowledgement", elem_id="mel-ack")
+    return CorrectionPanel(accept_gemel, accept_dim, nil_btn, skip_btn, undo_btn, dim_choice, search_box, search_btn,
+                           search_results, pick_btn, live_pool, ack)
 
-    with gr.Accordion("Admin: export corrections as training data", open=False, visible=False) as admin_box:
+
+def _admin_panel() -> AdminPanel:
+    with gr.Accordion("Admin: export corrections as training data", open=False, visible=False) as box:
         export_format = gr.Dropdown(list(FORMATS), value="jsonl", label="format", elem_id="mel-export-format")
         export_btn = gr.Button("Export", elem_id="mel-export")
         export_file = gr.HTML(elem_id="mel-export-file")   # a one-time download link (DownloadVault)
         export_note = gr.HTML()
         backup_btn = gr.Button("Download a backup of the annotation database", elem_id="mel-backup")
         backup_file = gr.HTML(elem_id="mel-backup-file")
+    return AdminPanel(box, export_format, export_btn, export_file, export_note, backup_btn, backup_file)
 
-    # -- handlers ----------------------------------------------------------------------------
+
+# -- the Link tab's events ---------------------------------------------------------------------------
+def _wire_page_load(demo: gr.Blocks, service: LinkService, access: Access, who: gr.HTML, info: gr.HTML,
+                    admin_box: gr.Accordion) -> None:
+    """On page load: who is logged in with their counts, the models' status, the admin box for admins."""
     @guarded
     def on_load(request: gr.Request, profile: gr.OAuthProfile | None = None):
         annotator = access.annotator(request, profile)
@@ -537,6 +614,10 @@ def _build_link_tab(demo: gr.Blocks, service: LinkService, access: Access, vault
 
     demo.load(on_load, None, [who, info, admin_box], api_visibility="undocumented")
 
+
+def _wire_linking(service: LinkService, access: Access, current: gr.State, link: LinkPanel,
+                  fix: CorrectionPanel) -> None:
+    """A selection in the caption fills mention/start/end; Link (/link) links; a DIM row picks its entity."""
     def on_select(text: str, s16, e16, selected: str):
         # s16/e16: the browser's selection in UTF-16 units (see SELECTION_JS)
         if (not selected or s16 is None or e16 is None or not isinstance(text, str)
@@ -551,12 +632,15 @@ def _build_link_tab(demo: gr.Blocks, service: LinkService, access: Access, vault
     # The selection is read from the textarea by JS when the handler runs, not from the event:
     # a keyboard or mouse selection fires one event per step, and Gradio's always_last mode
     # re-runs the last one without its event data. start/end/mention only carry the values in.
-    caption.select(on_select, [caption, start, end, mention], [mention, start, end], js=SELECTION_JS,
-                   api_visibility="private", show_progress="hidden", trigger_mode="always_last")
+    link.caption.select(on_select, [link.caption, link.start, link.end, link.mention],
+                        [link.mention, link.start, link.end], js=SELECTION_JS, api_visibility="private",
+                        show_progress="hidden", trigger_mode="always_last")
+
+    tracker = gr.Progress()  # Gradio finds the progress tracker by on_link's default: one per app, as before
 
     @guarded
     def on_link(image_path, caption_text, mention_text, start_char, end_char, request: gr.Request,
-                profile: gr.OAuthProfile | None = None, progress=gr.Progress()):
+                profile: gr.OAuthProfile | None = None, progress=tracker):
         annotator = access.annotator(request, profile) or ""
         text = caption_text
         check_offsets(start_char, end_char)
@@ -573,11 +657,12 @@ def _build_link_tab(demo: gr.Blocks, service: LinkService, access: Access, vault
                 candidate_rows(view), gr.update(choices=choices, value=choices[0][1] if choices else None),
                 gallery_items(view), view.timings, view.preset, result, state, view.mention.text, s, e, "")
 
-    link_event = dict(fn=on_link, inputs=[image, caption, mention, start, end],
-                      outputs=[highlighted, gemel_html, cue_html, ranker_note, dim_table, dim_choice, demos,
-                               timings, models, raw, current, mention, start, end, ack],
+    link_event = dict(fn=on_link, inputs=[link.image, link.caption, link.mention, link.start, link.end],
+                      outputs=[link.highlighted, link.gemel_html, link.cue_html, link.ranker_note, link.dim_table,
+                               fix.dim_choice, link.demos, link.timings, link.models, link.raw, current,
+                               link.mention, link.start, link.end, fix.ack],
                       concurrency_limit=1, concurrency_id="link")
-    link_btn.click(api_name="link", **link_event)
+    link.link_btn.click(api_name="link", **link_event)
 
     def on_row(state, evt: gr.SelectData):
         if not state or not isinstance(evt.index, (list, tuple)):
@@ -585,8 +670,12 @@ def _build_link_tab(demo: gr.Blocks, service: LinkService, access: Access, vault
         row = int(evt.index[0])
         return state["ranked"][row][0] if 0 <= row < len(state["ranked"]) else gr.skip()
 
-    dim_table.select(on_row, [current], [dim_choice], api_visibility="undocumented", queue=False)
+    link.dim_table.select(on_row, [current], [fix.dim_choice], api_visibility="undocumented", queue=False)
 
+
+def _wire_corrections(service: LinkService, access: Access, who: gr.HTML, current: gr.State,
+                      fix: CorrectionPanel) -> None:
+    """The correction buttons (and undo): each saves for the mention linked last, then acknowledges it."""
     def save(action: str, state, entity_id, live, request, profile):
         annotator = access.annotator(request, profile)
         if not state:
@@ -635,15 +724,18 @@ def _build_link_tab(demo: gr.Blocks, service: LinkService, access: Access, vault
         return message, counter_html(annotator, service.counts(annotator), access.is_admin(annotator))
 
     # Corrections have slots of their own: they never wait behind links ("link") or searches ("search").
-    saved = [ack, who]
+    saved = [fix.ack, who]
     common = dict(api_visibility="undocumented", concurrency_limit=8, concurrency_id="correct")
-    accept_gemel.click(on_accept_gemel, [current, live_pool], saved, **common)
-    accept_dim.click(on_accept_dim, [current, dim_choice, live_pool], saved, **common)
-    pick_btn.click(on_pick, [current, search_results, live_pool], saved, **common)
-    nil_btn.click(on_nil, [current, live_pool], saved, **common)
-    skip_btn.click(on_skip, [current, live_pool], saved, **common)
-    undo_btn.click(on_undo, None, saved, **common)
+    fix.accept_gemel.click(on_accept_gemel, [current, fix.live_pool], saved, **common)
+    fix.accept_dim.click(on_accept_dim, [current, fix.dim_choice, fix.live_pool], saved, **common)
+    fix.pick_btn.click(on_pick, [current, fix.search_results, fix.live_pool], saved, **common)
+    fix.nil_btn.click(on_nil, [current, fix.live_pool], saved, **common)
+    fix.skip_btn.click(on_skip, [current, fix.live_pool], saved, **common)
+    fix.undo_btn.click(on_undo, None, saved, **common)
 
+
+def _wire_search(service: LinkService, fix: CorrectionPanel) -> None:
+    """The KB search box (button or Enter) fills the search results to link to."""
     @guarded
     def on_search(query):
         found = service.search(query, k=10)
@@ -651,10 +743,13 @@ def _build_link_tab(demo: gr.Blocks, service: LinkService, access: Access, vault
         return gr.update(choices=choices, value=choices[0][1] if choices else None,
                          label=f"Search results ({len(choices)})" if choices else "Search results: none found")
 
-    for trigger in (search_btn.click, search_box.submit):
-        trigger(on_search, [search_box], [search_results], api_visibility="undocumented",
+    for trigger in (fix.search_btn.click, fix.search_box.submit):
+        trigger(on_search, [fix.search_box], [fix.search_results], api_visibility="undocumented",
                 concurrency_limit=SEARCH_SLOTS, concurrency_id="search")
 
+
+def _wire_admin(service: LinkService, access: Access, vault: DownloadVault, admin: AdminPanel) -> None:
+    """Export and backup (admins; checked again by the service), handed over as one-time download links."""
     def download_link(path, annotator: str) -> str:
         return vault.link_html(path, annotator,
                                after=" (the file is then deleted from the server's temporary folder)")
@@ -662,35 +757,37 @@ def _build_link_tab(demo: gr.Blocks, service: LinkService, access: Access, vault
     @guarded
     def on_export(fmt, request: gr.Request, profile: gr.OAuthProfile | None = None):
         annotator = access.annotator(request, profile)
-        admin = access.is_admin(annotator)
-        folder = vault.folder() if admin else None
+        admin_ = access.is_admin(annotator)
+        folder = vault.folder() if admin_ else None
         try:
-            path, summary = service.export(annotator, fmt, is_admin=admin, out_dir=folder)
+            path, summary = service.export(annotator, fmt, is_admin=admin_, out_dir=folder)
         except BaseException:
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
             raise
         return download_link(path, annotator), f'<div class="mel-note">{_esc(summary)}</div>'
 
-    export_btn.click(on_export, [export_format], [export_file, export_note], api_visibility="private",
-                     concurrency_limit=1)
+    admin.export_btn.click(on_export, [admin.export_format], [admin.export_file, admin.export_note],
+                           api_visibility="private", concurrency_limit=1)
 
     @guarded
     def on_backup(request: gr.Request, profile: gr.OAuthProfile | None = None):
         annotator = access.annotator(request, profile)
-        admin = access.is_admin(annotator)
-        folder = vault.folder() if admin else None
+        admin_ = access.is_admin(annotator)
+        folder = vault.folder() if admin_ else None
         try:
-            path = service.backup(annotator, is_admin=admin, out_dir=folder)
+            path = service.backup(annotator, is_admin=admin_, out_dir=folder)
         except BaseException:
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
             raise
         return download_link(path, annotator)
 
-    backup_btn.click(on_backup, None, [backup_file], api_visibility="private", concurrency_limit=1)
+    admin.backup_btn.click(on_backup, None, [admin.backup_file], api_visibility="private", concurrency_limit=1)
 
-    # -- a small, typed API for scripts (gradio_client) ----------------------------------
+
+def _add_link_api(service: LinkService, access: Access) -> None:
+    """A small, typed API for scripts (gradio_client): /correct, /undo, /search, /counts."""
     @guarded
     def correct(mention_id: str, action: str, entity_id: str = "", request: gr.Request = None,
                 profile: gr.OAuthProfile | None = None) -> dict:

@@ -1,4 +1,7 @@
-"""Shared fixtures. Real data is read from ../shared/data by path (never copied into the repo)."""
+"""Shared fixtures. Real data is read from ../shared/data by path (never copied into the repo).
+
+Also the launched app's test accounts and launch_app (tests import them: `from conftest import launch_app`).
+"""
 from __future__ import annotations
 
 import hashlib
@@ -69,3 +72,16 @@ def browser():
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         yield b
         b.close()
+
+
+# -- the real app served from this process (bench/app_server.py), with test-only accounts -----------
+APP_USERS = {"alice": "alice-pw-1", "bob": "bob-pw-2"}  # the app reads real accounts from MEL_AUTH
+APP_ADMINS = frozenset({"alice"})
+
+
+def launch_app(data_dir: Path, *, auth: bool = True):
+    """The app of `python app.py` (offline preset, bundled demo KB) on 127.0.0.1 and a free port, with
+    password login for APP_USERS (alice is the admin), or without login (auth=False)."""
+    from bench.app_server import launch_in_process
+    return launch_in_process(data_dir, users=APP_USERS if auth else None,
+                             admins=APP_ADMINS if auth else frozenset())

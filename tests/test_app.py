@@ -108,7 +108,7 @@ def test_app_auth_parsing():
 # -- the launched app through gradio_client -------------------------------------------------------
 @pytest.fixture(scope="module")
 def running(tmp_path_factory):
-    from _app_server import launch_app
+    from conftest import launch_app
     app = launch_app(tmp_path_factory.mktemp("app-data"))
     yield app
     app.close()
@@ -116,16 +116,16 @@ def running(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def alice(running):
-    from _app_server import USERS
+    from conftest import APP_USERS
     from gradio_client import Client
-    return Client(running.url, auth=("alice", USERS["alice"]), verbose=False)
+    return Client(running.url, auth=("alice", APP_USERS["alice"]), verbose=False)
 
 
 @pytest.fixture(scope="module")
 def bob(running):
-    from _app_server import USERS
+    from conftest import APP_USERS
     from gradio_client import Client
-    return Client(running.url, auth=("bob", USERS["bob"]), verbose=False)
+    return Client(running.url, auth=("bob", APP_USERS["bob"]), verbose=False)
 
 
 def _link(client, image, caption, mention, start=None, end=None) -> dict:
@@ -137,9 +137,10 @@ def _link(client, image, caption, mention, start=None, end=None) -> dict:
 @pytest.mark.slow
 def test_the_app_needs_a_login(running):
     from gradio_client import Client
-    with pytest.raises(Exception):
+    from gradio_client.exceptions import AuthenticationError
+    with pytest.raises(AuthenticationError, match="credentials were not provided"):
         Client(running.url, verbose=False)
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="Could not login"):  # the login page refuses the wrong password
         Client(running.url, auth=("alice", "wrong"), verbose=False)
 
 

@@ -1,5 +1,5 @@
 """Access, fairness under load and input at the app boundary (issue #16), through the real app
-on 127.0.0.1 (demo/serving.py): admin downloads, login rate limiting, corrections that never wait
+on 127.0.0.1 (bench/app_server.py): admin downloads, login rate limiting, corrections that never wait
 for slow work, the live demonstration pool following the store, escaped error messages, and
 bounded, checked inputs on every endpoint.
 
@@ -27,7 +27,7 @@ EVIL_MENTION = '<a href="https://example.org/phish">click</a>'
 # -- helpers -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    from demo.serving import launch_in_process
+    from bench.app_server import launch_in_process
     running = launch_in_process(tmp_path_factory.mktemp("security-data"), users=USERS, admins=ADMINS, max_queue=64)
     yield running
     running.close()
@@ -145,7 +145,7 @@ def test_admin_downloads_open_once_and_for_the_admin_only(app):
 
 @pytest.mark.slow
 def test_waiting_downloads_are_deleted_at_shutdown(tmp_path, monkeypatch):
-    from demo.serving import AppProcess
+    from bench.app_server import AppProcess
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     monkeypatch.setenv("TMPDIR", str(tmp))           # the app's temporary folder and Gradio's cache

@@ -21,14 +21,14 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def running(tmp_path_factory):
-    from _app_server import launch_app
+    from conftest import launch_app
     app = launch_app(tmp_path_factory.mktemp("e2e-data"))
     yield app
     app.close()
 
 
 def test_upload_select_link_correct_and_find_it_in_sqlite(browser, running, tmp_path):
-    from _app_server import USERS
+    from conftest import APP_USERS
 
     from demo.bundled import package_image
 
@@ -38,7 +38,7 @@ def test_upload_select_link_correct_and_find_it_in_sqlite(browser, running, tmp_
 
     # log in (Gradio's password form)
     page.locator("input[type=text]").first.fill("alice")
-    page.locator("input[type=password]").first.fill(USERS["alice"])
+    page.locator("input[type=password]").first.fill(APP_USERS["alice"])
     page.keyboard.press("Enter")
     page.wait_for_selector("#mel-caption textarea")
     page.wait_for_selector("#mel-counter")

@@ -22,9 +22,9 @@ N_TASKS = 20
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    from _app_server import launch_app
+    from conftest import launch_app
 
-    from demo.serving import make_demo_project
+    from bench.app_server import make_demo_project
     from mel.linkers import build_linker
     running = launch_app(tmp_path_factory.mktemp("e2e-queue"))
     svc = running.service
@@ -39,10 +39,10 @@ def app(tmp_path_factory):
 
 
 def _login(page, url, user="alice"):
-    from _app_server import USERS
+    from conftest import APP_USERS
     page.goto(url, wait_until="load")
     page.locator("input[type=text]").first.fill(user)
-    page.locator("input[type=password]").first.fill(USERS[user])
+    page.locator("input[type=password]").first.fill(APP_USERS[user])
     page.keyboard.press("Enter")
     page.wait_for_selector("#mel-q-view[data-state=task]", timeout=60_000)
 
@@ -214,7 +214,7 @@ def test_a_project_keyboard_only(browser, app):
     assert accepted and all(keys.get(t, 0) <= 2 for t in accepted), keys
     rows = _rows(db, "SELECT task_id, shown_predictions, prediction_id, client_token FROM corrections "
                      "WHERE annotator = 'alice'")
-    for task_id, shown, pid, token in rows:                    # every save carried the predictions on screen
+    for _task_id, shown, pid, token in rows:                    # every save carried the predictions on screen
         ids = json.loads(shown)
         assert len(ids) == 2 and token and (pid is None or pid in ids)
     assert len({r[3] for r in rows}) == len(rows)              # one token per key press

@@ -27,7 +27,7 @@ def launch_team_project(tmp_path_factory, name: str, n: int):
     import dataclasses
 
     from annotations.projects import get_project, update_settings
-    from demo.serving import launch_in_process, make_demo_project
+    from bench.app_server import launch_in_process, make_demo_project
     from mel.linkers import build_linker
     data = tmp_path_factory.mktemp(f"e2e-{name}")
     running = launch_in_process(data, users=USERS, admins={"alice"}, reviewers={"rita"})

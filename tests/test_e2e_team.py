@@ -112,7 +112,7 @@ def annotators_morning(data_dir: Path, kb_path: Path) -> list[str]:
         import_tasks(store, PROJECT, "tasks-jsonl", source)
         tasks = list_tasks(store, PROJECT)
         ids = [t.id for t in tasks]
-        for task, (_, _, _, gemel, dim, *_rest) in zip(tasks, TASKS):
+        for task, (_, _, _, gemel, dim, *_rest) in zip(tasks, TASKS, strict=True):
             store.record_predictions(task.mention_id, [_result("gemel", kb, gemel, [gemel], task.mention),
                                                        _result("dim", kb, dim[0], dim, task.mention)])
         queue = AnnotationQueue(store, PROJECT, kb=kb)

@@ -198,7 +198,7 @@ def test_one_annotators_corrections_do_not_reach_anothers_suggestions(service):
 
 def _fast_demo_project(service, name: str, n: int, folder):
     """A demo project pre-annotated by quick real linkers (BM25 in GEMEL's slot, dense in DIM's)."""
-    from demo.serving import make_demo_project
+    from bench.app_server import make_demo_project
     from mel.linkers import build_linker
     make_demo_project(service, name, n=n, folder=folder,
                       linkers=lambda p: {"gemel": build_linker("bm25", service.kb, service.preset),

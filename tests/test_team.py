@@ -315,7 +315,7 @@ def test_dashboard_numbers_of_a_hand_built_project(store, tmp_path, monkeypatch)
     name = _project(store, tmp_path, 4, annotations_per_task=2)
     tasks = list_tasks(store, name)
     preds = {}
-    for task, (gemel, dim) in zip(tasks, [("Q1", "Q1"), ("Q2", "Q9"), (None, "Q3"), ("Q4", "Q4")]):
+    for task, (gemel, dim) in zip(tasks, [("Q1", "Q1"), ("Q2", "Q9"), (None, "Q3"), ("Q4", "Q4")], strict=True):
         preds[task.id] = store.record_predictions(task.mention_id, [_prediction("gemel", gemel, task.mention),
                                                                     _prediction("dim", dim, task.mention)])
     q = AnnotationQueue(store, name)

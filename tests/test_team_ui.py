@@ -72,7 +72,7 @@ def make_team_project(data_dir: Path, kb_path: Path, tasks=TASKS, name: str = PR
         create_project(store, name, settings=ProjectSettings(annotations_per_task=2, annotators=list(team)))
         import_tasks(store, name, "tasks-jsonl", source)
         ids = [t.id for t in list_tasks(store, name)]
-        for task, (_, _, gemel, dim, *_rest) in zip(list_tasks(store, name), tasks):
+        for task, (_, _, gemel, dim, *_rest) in zip(list_tasks(store, name), tasks, strict=True):
             store.record_predictions(task.mention_id, [_result("gemel", kb, gemel, [gemel] if gemel else [],
                                                                task.mention),
                                                        _result("dim", kb, dim[0], dim, task.mention)])
