@@ -1,13 +1,13 @@
 # Two commands do all set-up on a fresh machine:
 #   make run    install, then start the app (python app.py)
-#   make test   install, then run the whole test suite
+#   make test   install, then run the style gate (make lint) and the whole test suite
 # torch==2.13.0 goes in first so nothing pulls a CUDA build; torchvision is never installed.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup run test clean browser
+.PHONY: setup run test clean browser lint
 
 setup: $(VENV)/.installed face-api
 
@@ -23,13 +23,19 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 run: setup
 	$(PY) app.py
 
-test: setup browser
+test: setup browser lint
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# The style gate: ruff (pyflakes, bugbear, isort, complexity <= 15) over the whole repo, mypy over the
+# data model, the linkers and the KB; both read their settings (and mypy its file list) from pyproject.toml.
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 # The edit-test loop: every test but those marked `slow` (over ~10 s: app and browser processes,
 # real models on real data, kill-and-resume runs); `make test` runs them all.
 .PHONY: test-fast
-test-fast: setup
+test-fast: setup lint
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
 
 # The browser test drives Debian's chromium through Playwright (`playwright install` downloads

@@ -212,7 +212,8 @@ def _grid(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
     empty-headed column (notes) left as it is."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     def line(r):
-        cells = [r[0].ljust(widths[0])] + [c.rjust(w) if h else c for c, w, h in zip(r[1:], widths[1:], header[1:])]
+        cells = [r[0].ljust(widths[0])] + [c.rjust(w) if h else c
+                                           for c, w, h in zip(r[1:], widths[1:], header[1:], strict=True)]
         return "  ".join(cells).rstrip()
     return [line(header)] + [line(r) for r in rows]
 

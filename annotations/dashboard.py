@@ -295,7 +295,7 @@ def throughput_figure(data: DashboardData):
     bottom = [0] * len(x)
     for a, counts in data.decisions_per_hour.items():
         ax.bar(x, counts, bottom=bottom, label=a, width=0.85)
-        bottom = [b + c for b, c in zip(bottom, counts)]
+        bottom = [b + c for b, c in zip(bottom, counts, strict=True)]
     step = max(1, len(x) // 12)
     ax.set_xticks(x[::step], [h[5:13].replace("T", " ") + "h" for h in data.hours[::step]], rotation=30, ha="right")
     ax.set_xlabel("hour (UTC)")

@@ -216,7 +216,7 @@ def _link(name: str, linker, tasks: list[Task], k: int, batch_size: int, failure
         results = list(linker.pipe(mentions, k=k, batch_size=max(1, min(batch_size, len(mentions)))))
         if len(results) != len(tasks):
             raise RuntimeError(f"pipe returned {len(results)} results for {len(tasks)} mentions")
-        return list(zip(tasks, results))
+        return list(zip(tasks, results, strict=True))
     except Exception as exc:  # one bad mention must not cost the batch: retry each
         log.warning("%s failed on a batch of %d (%s); linking them one by one", name, len(tasks), exc)
     pairs = []

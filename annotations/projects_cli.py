@@ -34,7 +34,7 @@ from .store import DB_NAME, AnnotationStore
 
 def add_project_commands(sub) -> None:
     """Add import, preannotate and projects to the `annotations` subcommands."""
-    from mel.cli import _add_preset_args
+    from mel.cli_kit import add_preset_args
     from mel.datasets import FORMATS
 
     p = sub.add_parser("import", help="add tasks to a project (created when new) from a dataset or a CSV/JSONL file",
@@ -64,7 +64,7 @@ def add_project_commands(sub) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="tasks linked and stored per transaction")
     p.add_argument("--k", type=int, default=20, help="candidates stored per prediction")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_preset_args(p)
+    add_preset_args(p)
     p.set_defaults(func=cmd_preannotate)
 
     p = sub.add_parser("settings", help="show or change a project's overlap (annotations per task) and team",
@@ -127,7 +127,7 @@ def cmd_import(args) -> None:
 
 
 def cmd_preannotate(args) -> None:
-    from mel.cli import _preset
+    from mel.cli_kit import resolve_preset
     from mel.kb import KnowledgeBase
     from mel.linkers import build_linker, parse_options
 
@@ -148,7 +148,7 @@ def cmd_preannotate(args) -> None:
                 raise InputError(f"--opt {item!r}: write LINKER:KEY=VALUE with LINKER one of {', '.join(names)}")
             options.setdefault(linker, []).append(option)
         kb = KnowledgeBase(project.kb)
-        preset = _preset(args)
+        preset = resolve_preset(args)
         linkers = {name: build_linker(name, kb, preset, **parse_options(options.get(name, []))) for name in names}
         report = preannotate(store, project, linkers, batch_size=args.batch_size, k=args.k,
                              show_progress=not args.quiet)

@@ -235,26 +235,24 @@ class Scored:
 
     def view(self, removed) -> "Scored":
         """The candidates left when the entities in `removed` are not in the KB."""
-        keep = [(i, s) for i, s in zip(self.ids, self.scores) if i not in removed]
+        keep = [(i, s) for i, s in zip(self.ids, self.scores, strict=True) if i not in removed]
         return Scored(self.gold_id, [i for i, _ in keep], [s for _, s in keep], self.sample_id)
 
 
 def collect(linker, examples, *, k: int = 20, batch_size: int = 32, progress: bool = False) -> list[Scored]:
     """Run `linker` (without its calibration) over `examples`: every mention's candidates and scores.
-    A linker whose `link` takes `exclude_sample_id` (GEMEL) keeps each query out of its own
-    demonstrations, since a train slice is usually its demonstration pool too."""
-    import inspect
-
+    A linker that `excludes_samples` (GEMEL) keeps each query out of its own demonstrations, since a
+    train slice is usually its demonstration pool too."""
     from tqdm.auto import tqdm
     saved, saved_nil = linker.calibration, linker.nil_threshold
     linker.calibration, linker.nil_threshold = None, None
     try:
-        if "exclude_sample_id" in inspect.signature(linker.link).parameters:
+        if getattr(linker, "excludes_samples", False):
             results = (linker.link(ex.mention, k=k, exclude_sample_id=ex.sample_id) for ex in examples)
         else:
             results = linker.pipe((ex.mention for ex in examples), k=k, batch_size=batch_size)
         out = []
-        for ex, r in tqdm(zip(examples, results), total=len(examples), disable=not progress,
+        for ex, r in tqdm(zip(examples, results, strict=True), total=len(examples), disable=not progress,
                           desc=f"calibrate {linker.name}", unit=" mention"):
             out.append(Scored(ex.gold_id, [c.entity.id for c in r.candidates], [c.score for c in r.candidates],
                               ex.sample_id))
@@ -403,7 +401,7 @@ def choose_nil_threshold(scored: Sequence[Scored], calibration: Calibration, rem
     from .evaluate import nil_metrics
     conf, _ = top_confidences(scored, calibration, removed)
     values = np.unique(conf)
-    grid = [0.0] + [float((a + b) / 2) for a, b in zip(values, values[1:])] + [float(values[-1]) + 1e-9]
+    grid = [0.0] + [float((a + b) / 2) for a, b in zip(values, values[1:], strict=False)] + [float(values[-1]) + 1e-9]
     best = (-1.0, 0.0)
     for t in grid:
         acc = nil_metrics(nil_decisions(scored, calibration, t, removed))["accuracy"]

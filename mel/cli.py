@@ -39,9 +39,6 @@ COMMANDS: dict[str, str] = {
     "calibrate": "mel.calibration_cli:add_parser",
 }
 
-# the names annotations/projects_cli.py and mel/batch/cli.py still import from here (now in mel.cli_kit)
-_preset, _add_preset_args = resolve_preset, add_preset_args
-
 
 # -- models / data ------------------------------------------------------------------------------
 def cmd_models(args):
@@ -98,7 +95,8 @@ def cmd_kb_search(args):
         result = linker.link(Mention(args.query, 0, len(args.query)), k=args.k)
         ranked = [(kb.idx_of(c.entity.id), c.score) for c in result.candidates]
     print(f"{kb.path.name}: {kb.size:,} entities; {args.mode} results for {args.query!r}")
-    for rank, (entity, (_, score)) in enumerate(zip(kb.entities_at([i for i, _ in ranked]), ranked), start=1):
+    entities = kb.entities_at([i for i, _ in ranked])
+    for rank, (entity, (_, score)) in enumerate(zip(entities, ranked, strict=True), start=1):
         desc = (entity.description[:70] + "...") if len(entity.description) > 70 else entity.description
         print(f"{rank:3d}. {score:8.3f}  {entity.id:<12} {entity.name}  | {desc}")
 
@@ -258,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_preset_args(p)
     p.set_defaults(func=cmd_eval)
 
-    for name, target in COMMANDS.items():
+    for target in COMMANDS.values():
         module, attr = target.split(":")
         try:
             add = getattr(importlib.import_module(module), attr)

@@ -94,8 +94,8 @@ def evaluate(linker, examples: Sequence[Example], *, k: int = max(HITS_AT), batc
     started = time.perf_counter()
     try:
         results = linker.pipe((ex.mention for ex in examples), k=k, batch_size=batch_size)
-        for example, result in tqdm(zip(examples, results), total=len(examples), desc=f"eval {linker.name}",
-                                    disable=not progress, unit=" mention"):
+        for example, result in tqdm(zip(examples, results, strict=True), total=len(examples),
+                                    desc=f"eval {linker.name}", disable=not progress, unit=" mention"):
             if example.gold_id == NIL:
                 n_nil += 1
                 rank = 1 if result.prediction is None else None

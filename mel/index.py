@@ -148,7 +148,7 @@ class DenseIndex:
         _, rows = self._faiss_index.search(np.ascontiguousarray(queries), short)
         out_scores = np.full((len(queries), k), -np.inf, np.float32)
         out_ids = np.full((len(queries), k), -1, np.int64)
-        for qi, (query, cand) in enumerate(zip(queries, rows)):
+        for qi, (query, cand) in enumerate(zip(queries, rows, strict=True)):
             cand = np.unique(cand[cand >= 0])  # sorted: reads the memory map in file order
             if not len(cand):
                 continue

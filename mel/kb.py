@@ -16,7 +16,6 @@ vectors. The temporary files of a killed build are deleted by the next build of 
 """
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import re
@@ -304,8 +303,6 @@ def build_kb(entities: Iterable[Entity], out: str | Path, *, text_encoder=None, 
     sqlite_utils.Database) before it is published. `build_command` is recorded so that an error
     can say how to rebuild.
     """
-    from tqdm.auto import tqdm
-
     out = Path(out)
     if out.is_dir():
         raise KBError(f"{out} is a directory; the KB is one file: name it, e.g. {out / 'kb.sqlite'}")
@@ -321,104 +318,31 @@ def build_kb(entities: Iterable[Entity], out: str | Path, *, text_encoder=None, 
     db = None
     try:
         db = sqlite_utils.Database(tmp)
-        db["meta"].create({"key": str, "value": str}, pk="key")
-        db["entities"].create({"idx": int, "id": str, "name": str, "description": str, "type": str, "aliases": str,
-                               "aliases_text": str, "images": str}, pk="idx")
-        db["entities"].create_index(["id"], unique=True)
-        db["aliases"].create({"entity_idx": int, "norm": str, "kind": str})
-        # entities stream through in chunks of BUILD_CHUNK: rows go to SQLite and vectors to a file as
-        # each chunk fills, so memory stays constant in the number of entities (only the entities
-        # that have an image are listed, for the image index)
-        n_entities, n_dim, images = 0, None, []
-        chunk: list[tuple[int, Entity]] = []
-        chunk_ids: set[str] = set()
-        encode_kwargs = {}
-        if text_encoder is not None and "show_progress" in inspect.signature(text_encoder.encode).parameters:
-            encode_kwargs = {"show_progress": False}
+        _create_tables(db)
+        written = _EntityWriter(db, text_encoder, vectors_tmp, batch_size)
+        written.write_all(entities, progress)
+        db.table("aliases").create_index(["norm"])
+        db.table("entities").enable_fts(["name", "aliases_text", "description"],
+                                        tokenize="unicode61 remove_diacritics 2")
 
-        def flush():
-            nonlocal n_dim
-            if not chunk:
-                return
-            db.conn.executemany("INSERT INTO entities (idx, id, name, description, type, aliases, aliases_text, "
-                                "images) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [_entity_row(i, e) for i, e in chunk])
-            db.conn.executemany("INSERT INTO aliases (entity_idx, norm, kind) VALUES (?, ?, ?)",
-                                [row for i, e in chunk for row in _alias_rows(i, e)])
-            if text_encoder is not None:
-                vectors = np.ascontiguousarray(text_encoder.encode([entity_text(e) for _, e in chunk],
-                                                                   batch_size=batch_size, **encode_kwargs),
-                                               dtype=np.float32)
-                n_dim = int(vectors.shape[1])
-                with open(vectors_tmp, "ab") as f:
-                    f.write(vectors.tobytes())
-            chunk.clear()
-            chunk_ids.clear()
-
-        for entity in tqdm(entities, desc="reading entities", disable=not progress, unit=" ent"):
-            if not entity.id or not str(entity.id).strip():
-                raise KBError(f"an entity without an id (name {entity.name!r}): every KB entity needs an id")
-            if entity.id in chunk_ids or db.conn.execute("SELECT 1 FROM entities WHERE id = ?",
-                                                         (entity.id,)).fetchone():
-                duplicate_error = getattr(entities, "duplicate_error", None)
-                if duplicate_error is not None:  # a source that refuses duplicates (jsonl) says where
-                    raise duplicate_error(entity.id)
-                continue  # the first definition wins; datasets repeat entities across files
-            if not (entity.name or "").strip():
-                raise KBError(f"entity {entity.id} has no name: every KB entity needs a name to be linked to")
-            chunk.append((n_entities, entity))
-            chunk_ids.add(entity.id)
-            if entity.images:
-                images.append((n_entities, entity.images[0]))
-            n_entities += 1
-            if len(chunk) >= BUILD_CHUNK:
-                flush()
-        flush()
-        if not n_entities:
-            raise KBError("no entities to build a knowledge base from: check the --source directory and --format")
-        db["aliases"].create_index(["norm"])
-        db["entities"].enable_fts(["name", "aliases_text", "description"], tokenize="unicode61 remove_diacritics 2")
-
-        meta = {"schema_version": SCHEMA_VERSION, "n_entities": n_entities, "format": source_format,
+        meta = {"schema_version": SCHEMA_VERSION, "n_entities": written.n_entities, "format": source_format,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "build_id": uuid.uuid4().hex,
                 "text_encoder": getattr(text_encoder, "name", None),
                 "image_encoder": getattr(image_encoder, "name", None), "n_entity_images": 0}
         if build_command:
             meta["build_command"] = build_command
-
-        dense_files = {}
-        if text_encoder is not None:
-            dense_files["text"] = (None, {"encoder": text_encoder.name, "dim": n_dim})  # written from vectors_tmp
-        if image_encoder is not None and images:
-            vectors, ids = _encode_entity_images(image_encoder, images, progress)
-            if len(ids):
-                meta["n_entity_images"] = len(ids)
-                dense_files["image"] = (DenseIndex(vectors, ids, engine="numpy"), {"encoder": image_encoder.name,
-                                                                                   "dim": int(vectors.shape[1])})
-        elif image_index is not None and len(image_index[0]):
-            meta["n_entity_images"], meta["image_encoder"] = len(image_index[0]), image_index[1].get("encoder")
-            dense_files["image"] = image_index
+        dense_files = _dense_files(meta, written, text_encoder, image_encoder, image_index, progress)
         meta["dense_indexes"] = sorted(dense_files)
         meta["build_seconds"] = round(time.perf_counter() - started, 2)
         meta.update(extra_meta or {})
         if finish is not None:
             finish(db)
-        db["meta"].insert_all([{"key": k, "value": json.dumps(v)} for k, v in meta.items()])
+        db.table("meta").insert_all([{"key": k, "value": json.dumps(v)} for k, v in meta.items()])
         db.conn.commit()
         db.conn.execute("VACUUM")
         db.close()
 
-        # every side file under a new name too, stamped with the KB's build id
-        stamp = {"kb_build_id": meta["build_id"], "kb_created": meta["created"]}
-        if build_command:
-            stamp["kb_build_command"] = build_command
-        for kind, (index, index_meta) in dense_files.items():
-            parts[kind] = temp_path(sidecar(out, kind), "building")
-            file_meta = {**{k: v for k, v in index_meta.items() if not k.startswith("kb_")}, **stamp}
-            if index is None:  # the text vectors, streamed to vectors_tmp while reading
-                write_vectors_file(parts[kind], vectors_tmp, n_entities, n_dim, file_meta)
-            else:
-                index.write(parts[kind], file_meta)
-            fsync_path(parts[kind])
+        _write_dense_parts(out, dense_files, meta, build_command, written, vectors_tmp, parts)
         fsync_path(tmp)
         _publish_unit(out, tmp, parts)
     finally:  # on success only the lock file is left; on an error, nothing of this build
@@ -428,6 +352,116 @@ def build_kb(entities: Iterable[Entity], out: str | Path, *, text_encoder=None, 
                   *parts.values()):
             p.unlink(missing_ok=True)
     return KnowledgeBase(out)
+
+
+def _create_tables(db: sqlite_utils.Database) -> None:
+    db.table("meta").create({"key": str, "value": str}, pk="key")
+    entities = db.table("entities")
+    entities.create({"idx": int, "id": str, "name": str, "description": str, "type": str, "aliases": str,
+                     "aliases_text": str, "images": str}, pk="idx")
+    entities.create_index(["id"], unique=True)
+    db.table("aliases").create({"entity_idx": int, "norm": str, "kind": str})
+
+
+class _EntityWriter:
+    """A build's entities, streamed in chunks of BUILD_CHUNK: rows go to SQLite and text vectors to
+    `vectors_tmp` as each chunk fills, so memory stays constant in the number of entities (only the
+    entities that have an image are listed, for the image index)."""
+
+    def __init__(self, db: sqlite_utils.Database, text_encoder, vectors_tmp: Path, batch_size: int):
+        self.db, self.text_encoder, self.vectors_tmp, self.batch_size = db, text_encoder, vectors_tmp, batch_size
+        self.n_entities = 0
+        self.n_dim: int | None = None
+        self.images: list[tuple[int, str]] = []
+        self.chunk: list[tuple[int, Entity]] = []
+        self.chunk_ids: set[str] = set()
+
+    def write_all(self, entities: Iterable[Entity], progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        duplicate_error = getattr(entities, "duplicate_error", None)
+        for entity in tqdm(entities, desc="reading entities", disable=not progress, unit=" ent"):
+            self.add(entity, duplicate_error)
+        self.flush()
+        if not self.n_entities:
+            raise KBError("no entities to build a knowledge base from: check the --source directory and --format")
+
+    def add(self, entity: Entity, duplicate_error=None) -> None:
+        """Queue `entity` (the first definition of an id wins: datasets repeat entities across files,
+        unless the source gives a `duplicate_error` that refuses them and says where)."""
+        if not entity.id or not str(entity.id).strip():
+            raise KBError(f"an entity without an id (name {entity.name!r}): every KB entity needs an id")
+        if entity.id in self.chunk_ids or self.db.conn.execute("SELECT 1 FROM entities WHERE id = ?",
+                                                               (entity.id,)).fetchone():
+            if duplicate_error is not None:  # a source that refuses duplicates (jsonl) says where
+                raise duplicate_error(entity.id)
+            return
+        if not (entity.name or "").strip():
+            raise KBError(f"entity {entity.id} has no name: every KB entity needs a name to be linked to")
+        self.chunk.append((self.n_entities, entity))
+        self.chunk_ids.add(entity.id)
+        if entity.images:
+            self.images.append((self.n_entities, entity.images[0]))
+        self.n_entities += 1
+        if len(self.chunk) >= BUILD_CHUNK:
+            self.flush()
+
+    def flush(self) -> None:
+        chunk, conn = self.chunk, self.db.conn
+        if not chunk:
+            return
+        conn.executemany("INSERT INTO entities (idx, id, name, description, type, aliases, aliases_text, "
+                         "images) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [_entity_row(i, e) for i, e in chunk])
+        conn.executemany("INSERT INTO aliases (entity_idx, norm, kind) VALUES (?, ?, ?)",
+                         [row for i, e in chunk for row in _alias_rows(i, e)])
+        if self.text_encoder is not None:
+            vectors = np.ascontiguousarray(self.text_encoder.encode([entity_text(e) for _, e in chunk],
+                                                                    batch_size=self.batch_size),
+                                           dtype=np.float32)
+            self.n_dim = int(vectors.shape[1])
+            with open(self.vectors_tmp, "ab") as f:
+                f.write(vectors.tobytes())
+        chunk.clear()
+        self.chunk_ids.clear()
+
+
+def _dense_files(meta: dict, written: _EntityWriter, text_encoder, image_encoder,
+                 image_index: tuple[DenseIndex, dict] | None,
+                 progress: bool) -> dict[str, tuple[DenseIndex | None, dict]]:
+    """{kind: (index, its metadata)} of the dense indexes this build publishes (the text index as None:
+    it is written from the streamed vectors); records the entity images in `meta`."""
+    dense_files: dict[str, tuple[DenseIndex | None, dict]] = {}
+    if text_encoder is not None:
+        dense_files["text"] = (None, {"encoder": text_encoder.name, "dim": written.n_dim})
+    if image_encoder is not None and written.images:
+        vectors, ids = _encode_entity_images(image_encoder, written.images, progress)
+        if len(ids):
+            meta["n_entity_images"] = len(ids)
+            dense_files["image"] = (DenseIndex(vectors, ids, engine="numpy"), {"encoder": image_encoder.name,
+                                                                               "dim": int(vectors.shape[1])})
+    elif image_index is not None and len(image_index[0]):
+        meta["n_entity_images"], meta["image_encoder"] = len(image_index[0]), image_index[1].get("encoder")
+        dense_files["image"] = image_index
+    return dense_files
+
+
+def _write_dense_parts(out: Path, dense_files: dict[str, tuple[DenseIndex | None, dict]], meta: dict,
+                       build_command: str | None, written: _EntityWriter, vectors_tmp: Path,
+                       parts: dict[str, Path]) -> None:
+    """Every side file under a new name too (listed in `parts` as it is started, for the clean-up),
+    stamped with the KB's build id."""
+    stamp = {"kb_build_id": meta["build_id"], "kb_created": meta["created"]}
+    if build_command:
+        stamp["kb_build_command"] = build_command
+    for kind, (index, index_meta) in dense_files.items():
+        parts[kind] = temp_path(sidecar(out, kind), "building")
+        file_meta = {**{k: v for k, v in index_meta.items() if not k.startswith("kb_")}, **stamp}
+        if index is None:  # the text vectors, streamed to vectors_tmp while reading
+            assert written.n_dim is not None  # a text encoder and at least one entity (write_all checks)
+            write_vectors_file(parts[kind], vectors_tmp, written.n_entities, written.n_dim, file_meta)
+        else:
+            index.write(parts[kind], file_meta)
+        fsync_path(parts[kind])
 
 
 def _entity_row(idx: int, entity: Entity) -> tuple:

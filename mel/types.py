@@ -39,6 +39,8 @@ def _from_dict(cls, data: dict):
 
 
 class _JSONMixin:
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]  # every subclass is a dataclass
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -332,8 +334,8 @@ class GemelDetails(LinkDetails):
 
     @classmethod
     def _records(cls, fields: dict) -> dict:
-        rows = {"demonstrations": PromptDemonstration, "beams": Beam, "retriever": CandidateScores,
-                "scores": CandidateScores}
+        rows: dict[str, type[_JSONMixin]] = {"demonstrations": PromptDemonstration, "beams": Beam,
+                                             "retriever": CandidateScores, "scores": CandidateScores}
         for key, record in rows.items():
             if fields.get(key) is not None:
                 fields[key] = [record.from_dict(row) for row in fields[key]]
@@ -716,11 +718,11 @@ def nfc_boundaries(text: str) -> dict[int, int]:
             if unicodedata.normalize("NFC", piece + ch) == unicodedata.normalize("NFC", piece) + _nfc(ch):
                 cuts.append(i)
     cuts.append(len(text))
-    pieces = [unicodedata.normalize("NFC", text[a:b]) for a, b in zip(cuts, cuts[1:])]
+    pieces = [unicodedata.normalize("NFC", text[a:b]) for a, b in zip(cuts, cuts[1:], strict=False)]
     if "".join(pieces) != whole:
         return {0: 0, len(whole): len(text)}
     mapping, pos = {0: 0}, 0
-    for b, piece in zip(cuts[1:], pieces):
+    for b, piece in zip(cuts[1:], pieces, strict=True):
         pos += len(piece)
         mapping[pos] = b
     return mapping

@@ -227,18 +227,17 @@ def test_two_annotators_saving_at_once_lose_nothing(tmp_path):
 def test_connections_opening_a_new_database_at_once_all_get_in(tmp_path):
     # Both switch the new file to WAL; without the open lock SQLite refused one of them with
     # SQLITE_BUSY at once (16% of trials with 4 openers before the fix).
+    def open_store(data_dir, barrier, errors):
+        barrier.wait()
+        try:
+            with AnnotationStore(data_dir) as s:
+                s.counts_by_annotator()
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
     for trial in range(60):
         data_dir, barrier, errors = tmp_path / str(trial), threading.Barrier(4), []
-
-        def open_store():
-            barrier.wait()
-            try:
-                with AnnotationStore(data_dir) as s:
-                    s.counts_by_annotator()
-            except Exception as exc:  # pragma: no cover - reported below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=open_store) for _ in range(4)]
+        threads = [threading.Thread(target=open_store, args=(data_dir, barrier, errors)) for _ in range(4)]
         for t in threads:
             t.start()
         for t in threads:
@@ -266,7 +265,7 @@ def test_every_acknowledged_correction_survives_sigkill(tmp_path):
     acked: dict[str, list[int]] = {"alice": [], "bob": []}
     deadline = time.time() + 120
     try:
-        for name, proc in zip(acked, procs):
+        for name, proc in zip(acked, procs, strict=True):
             while len(acked[name]) < 25 and time.time() < deadline:
                 line = proc.stdout.readline()
                 if not line:
@@ -277,7 +276,7 @@ def test_every_acknowledged_correction_survives_sigkill(tmp_path):
             os.kill(proc.pid, signal.SIGKILL)  # no clean shutdown, no checkpoint
             proc.wait()
     # whatever the pipes still held was acknowledged too
-    for name, proc in zip(acked, procs):
+    for name, proc in zip(acked, procs, strict=True):
         acked[name] += [int(x) for x in proc.stdout.read().split()]
     assert all(len(v) >= 25 for v in acked.values()), acked
     conn = sqlite3.connect(tmp_path / "annotations.sqlite")
@@ -309,10 +308,12 @@ def test_a_full_disk_gives_a_clear_error_and_no_ack(tmp_path):
     mid = _mention(s)
     pages = s.db.conn.execute("PRAGMA page_count").fetchone()[0]
     s.db.conn.execute(f"PRAGMA max_page_count = {pages}")  # the file may not grow: as on a full disk
+    saved = 0
     with pytest.raises(AnnotationStoreError, match="disk .* is full; nothing was saved"):
-        for i in range(500):  # fill the last free pages
+        for _ in range(500):  # fill the last free pages
             s.record_correction("alice", mid, "Q1", "accept_dim", entity_name="x" * 2000)
-    assert s.db.execute("SELECT count(*) FROM corrections").fetchone()[0] == i  # the failing one is not there
+            saved += 1
+    assert s.db.execute("SELECT count(*) FROM corrections").fetchone()[0] == saved  # the failing one is not there
     s.close()
 
 

@@ -243,7 +243,7 @@ def test_ivfpq_recall_and_memory(tmp_path):
     index, meta = DenseIndex.load(tmp_path / "v.safetensors", engine="faiss-ivfpq")
     assert meta == {"encoder": "synthetic"} and isinstance(index.vectors, np.memmap)  # floats stay on disk
     scores, got = index.search(queries, 20)
-    recall = np.mean([len(set(a) & set(b)) / 20 for a, b in zip(got, truth)])
+    recall = np.mean([len(set(a) & set(b)) / 20 for a, b in zip(got, truth, strict=True)])
     assert recall >= 0.95, recall
     assert np.all(np.diff(scores, axis=1) <= 1e-6)  # best first
     assert index.memory_bytes() < 0.4 * vectors.nbytes  # codes + ids, not the float vectors
@@ -251,7 +251,7 @@ def test_ivfpq_recall_and_memory(tmp_path):
     assert np.array_equal(tiny.search(queries, 5)[1], DenseIndex(vectors[:50], engine="numpy").search(queries, 5)[1])
     without_rerank = DenseIndex(vectors, engine="faiss-ivfpq", rerank=20)  # the shortlist matters
     _, short = without_rerank.search(queries, 20)
-    assert np.mean([len(set(a) & set(b)) / 20 for a, b in zip(short, truth)]) < recall
+    assert np.mean([len(set(a) & set(b)) / 20 for a, b in zip(short, truth, strict=True)]) < recall
 
 
 def test_streaming_kb_build_writes_the_same_kb(tmp_path, hashing_encoder):

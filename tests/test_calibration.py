@@ -22,7 +22,7 @@ from mel.calibration import (
 from mel.errors import InputError
 from mel.evaluate import nil_metrics
 from mel.linkers.base import Linker
-from mel.types import NIL, Candidate, Entity, LinkResult, Mention
+from mel.types import NIL, Candidate, Entity, Example, LinkResult, Mention
 
 
 def test_ece_matches_a_hand_computed_table():
@@ -95,7 +95,7 @@ class _Fixed(Linker):
     def __init__(self):
         super().__init__(kb=None, preset=None)
 
-    def link(self, mention, k=20):
+    def _link(self, mention, k):
         a, b = Entity("A", "Alpha"), Entity("B", "Beta")
         return LinkResult(self.name, mention, a, [Candidate(a, 2.0, "x"), Candidate(b, 0.0, "x")], score=2.0)
 
@@ -116,6 +116,33 @@ def test_every_linker_gets_probabilities_and_nil_through_the_base_class():
     assert linker.apply_calibration(r).details.note.count("NIL") == 1  # idempotent
     with pytest.raises(InputError, match="NIL threshold"):
         use_calibration(linker, Calibration("fixed"), nil=True)  # none stored
+
+
+class _LeaveOneOut(_Fixed):
+    """A linker that draws on samples (like GEMEL's demonstrations): records what it was told to leave out."""
+
+    excludes_samples = True
+
+    def __init__(self):
+        super().__init__()
+        self.left_out = []
+
+    def _link_excluding(self, mention, k, sample_id):
+        self.left_out.append(sample_id)
+        return self._link(mention, k)
+
+
+def test_collect_leaves_each_sample_out_only_where_the_linker_says_it_can():
+    examples = [Example(Mention("Alpha or Beta", 0, 5), "A", sample_id=f"s{i}") for i in range(3)]
+    loo = _LeaveOneOut()
+    use_calibration(loo, Calibration("fixed", temperature=1.0, none_logit=0.0))
+    scored = calmod.collect(loo, examples)
+    assert loo.left_out == ["s0", "s1", "s2"] and [s.sample_id for s in scored] == ["s0", "s1", "s2"]
+    assert loo.calibration is not None  # collect scores without the calibration, then puts it back
+    assert loo.link(examples[0].mention, exclude_sample_id="s9").candidates[0].probability is not None
+    assert [s.ids for s in calmod.collect(_Fixed(), examples)] == [["A", "B"]] * 3  # through pipe
+    with pytest.raises(InputError, match="exclude_sample_id"):
+        _Fixed().link(examples[0].mention, exclude_sample_id="s0")
 
 
 def test_saved_calibration_loads_and_a_default_for_other_models_is_not_used(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ save fsyncs its files before the rename that publishes them is checked on its ow
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -113,7 +114,7 @@ def _sweep(tmp_path, start, resume, final_weights, keeps_state=False, max_points
         root.mkdir()
         (root / "out").mkdir()
         (root / "out" / "notes.md").write_text("the user's notes")
-        point = _run_killed_at(k, root, lambda: start(root))
+        point = _run_killed_at(k, root, functools.partial(start, root))
         if point is None:
             break
         try:

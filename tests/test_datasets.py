@@ -506,7 +506,7 @@ def test_report_accounts_for_every_mention(caption, mentions):
     split = read_one(caption, mentions)
     check_invariants(split)
     assert split.report.n_mentions == len(mentions)
-    for sid, m, _ in split.report.unlocated:
+    for _sid, m, _ in split.report.unlocated:
         assert not m.strip() or m.strip().lower() not in caption.lower() or len(caption.lower()) != len(caption)
 
 

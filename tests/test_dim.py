@@ -204,15 +204,15 @@ def test_pair_features_see_names_and_years():
     norris = MentionContext.of("Norris", "Norris in 1976, on the set")
     chuck = EntityFacts.of(ENTITIES[3])
     frank = EntityFacts.of(ENTITIES[4])
-    fc = dict(zip(PAIR_FEATURES, pair_features(norris, chuck)))
-    ff = dict(zip(PAIR_FEATURES, pair_features(norris, frank)))
+    fc = dict(zip(PAIR_FEATURES, pair_features(norris, chuck), strict=True))
+    ff = dict(zip(PAIR_FEATURES, pair_features(norris, frank), strict=True))
     assert fc["last_token"] == ff["last_token"] == 1.0 and fc["mention_in_name"] == 1.0
     assert fc["after_death"] == 0.0 and ff["after_death"] == 1.0 and math.isclose(fc["age"], 0.36)
     exact = dict(zip(PAIR_FEATURES, pair_features(MentionContext.of("Grace Hopper", "Grace Hopper at work"),
-                                                  EntityFacts.of(ENTITIES[2]))))
+                                                  EntityFacts.of(ENTITIES[2])), strict=True))
     assert exact["name_exact"] == 1.0 and exact["char_sim"] == 1.0
     alias = dict(zip(PAIR_FEATURES, pair_features(MentionContext.of("Amazing Grace", "Amazing Grace, she said"),
-                                                  EntityFacts.of(ENTITIES[2]))))
+                                                  EntityFacts.of(ENTITIES[2])), strict=True))
     assert alias["alias_exact"] == 1.0 and alias["sex_agree"] == 1.0
 
 
@@ -272,7 +272,7 @@ def test_linker_ranks_on_a_small_kb(kb, tmp_path, hashing_encoder):
     assert r.linker == "dim" and r.details.protocol == "whole-kb"
     assert r.details.feature_mask == FeatureMask(context=True, mention=True, image=False, cue=False)
     assert r.details.cue is None and r.candidates[0].source.startswith("dim:")
-    assert all(a.score >= b.score for a, b in zip(r.candidates, r.candidates[1:]))
+    assert all(a.score >= b.score for a, b in zip(r.candidates, r.candidates[1:], strict=False))
     assert {"encode", "candidates", "pair_features", "fusion", "total"} <= set(r.timings)
 
     # DIM's candidate-list protocol: rank inside the given list only, and say so
@@ -415,7 +415,7 @@ def test_head_save_pretrained_round_trip(tmp_path):
     back, payload = DimFusion.from_pretrained(tmp_path / "head")
     assert payload["epoch"] == 3
     assert (back.config.d_model, back.config.out_dim, back.config.image_dim) == (16, 8, 6)
-    assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), back.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), back.state_dict().values(), strict=True))
 
 
 def test_candidate_lists_command_and_its_old_name(tmp_path, hashing_encoder, monkeypatch, capsys):
@@ -459,8 +459,9 @@ def test_shipped_head_links_real_wikimel_dev_mentions(shared_data, tmp_path):
                      progress=False)
     linker = DimLinker(small, preset)  # no checkpoint: the shipped models/dim-offline
     results = list(linker.pipe([ex.mention for ex in examples], k=10))
-    top1 = sum(r.prediction is not None and r.prediction.id == ex.gold_id for r, ex in zip(results, examples))
+    top1 = sum(r.prediction is not None and r.prediction.id == ex.gold_id
+               for r, ex in zip(results, examples, strict=True))
     assert small.size > 3 * len(examples)
     assert top1 >= 9, [(ex.mention.text, ex.gold_name, r.prediction.name if r.prediction else None)
-                       for r, ex in zip(results, examples)]
+                       for r, ex in zip(results, examples, strict=True)]
     assert linker.dev_figures.get("hits@1", 0) >= 0.8  # the figures it was shipped with

@@ -419,7 +419,7 @@ def test_demonstrations_least_similar_first_and_query_excluded(hashing_encoder):
     excluded = pool.retrieve(query, k=3, exclude_id="s0")
     assert "s0" not in {d.example.sample_id for d in excluded} and len(excluded) == 3
     batch = pool.retrieve_many([e.mention for e in examples], 2, exclude_ids=[e.sample_id for e in examples])
-    for ex, ds in zip(examples, batch):
+    for ex, ds in zip(examples, batch, strict=True):
         assert ex.sample_id not in {d.example.sample_id for d in ds} and len(ds) == 2
     # a correction is retrievable at once
     new = Example(Mention.from_text("Saldana at the premiere", "Saldana"), "Q9", "Zoe Saldana", "c1")
@@ -567,7 +567,7 @@ def test_training_lowers_the_loss_and_resumes(tiny, kb, tmp_path, images):
     assert (tmp_path / "cut" / "README.md").read_text() == "notes"
     assert again["steps"] == result["steps"]
     cut, _ = FeatureMapper.from_pretrained(tmp_path / "cut")
-    for (name, a), (_, b) in zip(full.state_dict().items(), cut.state_dict().items()):
+    for (name, a), (_, b) in zip(full.state_dict().items(), cut.state_dict().items(), strict=True):
         assert torch.allclose(a, b, atol=1e-6), name
     with pytest.raises(CheckpointError, match="nothing to resume"):
         MapperTrainer(examples, kb, preset, tmp_path / "cut", config, progress=False).run(resume=True)

@@ -18,7 +18,7 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image
-from test_reliability import REPO, _png_chunk, assert_clear_error, bm25_kb, run_cli  # noqa: F401 (bm25_kb: fixture)
+from test_reliability import REPO, _png_chunk, assert_clear_error, build_bm25_kb, run_cli
 
 from demo.spans import resolve_span, span_from_selection
 from mel.datasets import load_dataset, read_kb_entities
@@ -26,6 +26,11 @@ from mel.datasets.common import ExampleBuilder
 from mel.errors import DatasetFormatError, InputError
 from mel.imageio import load_image
 from mel.types import Entity, Example, LinkResult, Mention, locate_mention
+
+
+@pytest.fixture(scope="module")
+def bm25_kb(tmp_path_factory):
+    return build_bm25_kb(tmp_path_factory)
 
 
 # -- images ----------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ def test_exact_lookup_is_normalised(kb):
 def test_bm25_prefers_name_hits_and_survives_any_query(kb):
     top = kb.search_bm25("Falcon", k=5)
     assert {kb.entity_at(i).id for i, _ in top[:2]} == {"Q4", "Q5"}
-    assert all(a[1] >= b[1] for a, b in zip(top, top[1:]))
+    assert all(a[1] >= b[1] for a, b in zip(top, top[1:], strict=False))
     for nasty in ['"', "AND OR NOT", "*", "x) OR (y", "", "   ", "NEAR(a b)", "名前"]:
         kb.search_bm25(nasty)  # must not raise an FTS syntax error
     assert fts_query('a"b c') == '"a" OR "b" OR "c"'
@@ -114,7 +114,7 @@ def test_dense_engines_agree_with_brute_force(engine, tmp_path):
     index = DenseIndex(vectors, engine=engine)
     scores, ids = index.search(queries, k=10)
     truth = np.argsort(-(queries @ vectors.T), axis=1)[:, :10]
-    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, truth)])
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, truth, strict=True)])
     assert recall >= (1.0 if engine in ("numpy", "faiss-flat") else 0.8)
     assert np.all(np.diff(scores, axis=1) <= 1e-6)
     index.save(tmp_path / "i.safetensors", {"encoder": "x"})

@@ -7,6 +7,7 @@ build deletes what the killed one left. The same holds for the other files the l
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -176,7 +177,7 @@ def test_build_killed_at_every_step_leaves_old_unit_new_unit_or_clear_refusal(sc
         old.build(out, hashing_encoder)
         if legacy:
             make_legacy(out)
-        killed = run_killed_at(step, lambda: new.build(out, hashing_encoder))
+        killed = run_killed_at(step, functools.partial(new.build, out, hashing_encoder))
         outcome = open_unit(out, units, hashing_encoder)
         seen.append(outcome)
         if not killed:
@@ -312,7 +313,7 @@ def test_enrich_killed_at_every_step_leaves_a_whole_enriched_kb_or_none(tmp_path
         folder = tmp_path / f"step{step}"
         folder.mkdir()
         out = folder / "enriched.sqlite"
-        killed = run_killed_at(step, lambda: enrich_kb(src.path, out, fake_llm, text_encoder=hashing_encoder,
+        killed = run_killed_at(step, functools.partial(enrich_kb, src.path, out, fake_llm, text_encoder=hashing_encoder,
                                                        progress=False, llm_name="fake"),
                                patch=[(shutil, "copyfile"), (sqlite_utils.Database, "__init__")])
         if out.exists():  # published: it must be whole

@@ -50,7 +50,8 @@ def _as_mimic(records, root: Path) -> Path:
 def _as_gemel(records, root: Path) -> Path:
     root.mkdir()
     rows = [{"id": f"{r['id']}-{i}", "mention": m, "text": r["sentence"], "golden": qid, "target": name}
-            for r in records for i, (m, qid, name) in enumerate(zip(r["mentions"], r["answer"], r["entities"]))]
+            for r in records
+            for i, (m, qid, name) in enumerate(zip(r["mentions"], r["answer"], r["entities"], strict=True))]
     (root / "dev.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows), encoding="utf-8")
     return root
 
@@ -75,7 +76,7 @@ def test_import_every_dataset_format_once(fmt, store, shared_data, tmp_path):
     assert [(t.mention.caption, t.mention.text, t.gold_id) for t in tasks] == [
         (e.mention.caption, e.mention.text, e.gold_id) for e in expected]
     assert [t.position for t in tasks] == list(range(LIMIT))
-    assert all(t.source_record == e.sample_id for t, e in zip(tasks, expected))
+    assert all(t.source_record == e.sample_id for t, e in zip(tasks, expected, strict=True))
 
     again = import_tasks(store, project, fmt, data, split="dev", limit=LIMIT)
     assert (again.n_imported, again.n_already_present) == (0, LIMIT)

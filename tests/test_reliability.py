@@ -1,7 +1,7 @@
 """Reliability and security (issue #7): concurrent annotators, a server killed mid-write, bad input
 through the app's API and the CLI, dataset readers under random damage, and checkpoint loading.
 
-The app tests run the real `python app.py` in its own process (demo/serving.AppProcess) and the
+The app tests run the real `python app.py` in its own process (bench/app_server.py AppProcess) and the
 load code of bench/bench_load.py, for a few seconds instead of a minute.
 """
 from __future__ import annotations
@@ -212,11 +212,16 @@ ENTITIES = [Entity("Q1", "Falcon 9", ["Falcon"], "reusable rocket"), Entity("Q2"
                                                                              "astronaut")]
 
 
-@pytest.fixture(scope="module")
-def bm25_kb(tmp_path_factory) -> Path:
+def build_bm25_kb(tmp_path_factory) -> Path:
+    """A two-entity KB for the CLI tests (here and in test_input_fidelity)."""
     path = tmp_path_factory.mktemp("cli-kb") / "kb.sqlite"
     build_kb(ENTITIES, path, progress=False)  # BM25 only: no encoder needed
     return path
+
+
+@pytest.fixture(scope="module")
+def bm25_kb(tmp_path_factory) -> Path:
+    return build_bm25_kb(tmp_path_factory)
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:

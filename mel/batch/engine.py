@@ -124,7 +124,7 @@ class ReadParts:
     def __call__(self, batch):
         import pyarrow as pa
         rows, records = [], []
-        for start, stop in zip(batch["start"].to_pylist(), batch["stop"].to_pylist()):
+        for start, stop in zip(batch["start"].to_pylist(), batch["stop"].to_pylist(), strict=True):
             r, t = self.reader.read(int(start), int(stop))
             rows += r
             records += t
@@ -155,7 +155,7 @@ class LinkWorker:
         import pyarrow as pa
         rows, records = batch["row"].to_pylist(), batch["record"].to_pylist()
         parsed, out = [], []
-        for row, record in zip(rows, records):
+        for row, record in zip(rows, records, strict=True):
             try:
                 parsed.append((row, record, *parse_record(record, self.base_dir)))
             except MELError as exc:
@@ -165,7 +165,7 @@ class LinkWorker:
         if parsed:
             try:
                 results = list(self.linker.pipe([p[2] for p in parsed], k=self.k, batch_size=self.pipe_batch))
-                out += [self._row(p, r) for p, r in zip(parsed, results)]
+                out += [self._row(p, r) for p, r in zip(parsed, results, strict=True)]
             except Exception:  # noqa: BLE001 - find the bad rows one by one
                 for p in parsed:
                     try:
@@ -287,7 +287,7 @@ class _Job:
         with atomic_write(self.error_path(part)) as tmp:
             with open(tmp, "w", encoding="utf-8") as f:
                 for row, message, record in zip(errors["row"].to_pylist(), errors["error"].to_pylist(),
-                                                errors["record"].to_pylist()):
+                                                errors["record"].to_pylist(), strict=True):
                     f.write(json.dumps({"row": row, "error": message, "record": record}, ensure_ascii=False) + "\n")
         with atomic_write(self.part_path(part)) as tmp:
             pq.write_table(ok.select(OUTPUT_COLUMNS), tmp)
@@ -399,7 +399,8 @@ def _run(job: _Job, source: Source, todo, counters, manifest_parts, *, kb, linke
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
-    ray = connect(address)
+    connect(address)
+    import ray
     import ray.data
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = False
@@ -427,7 +428,6 @@ def _run(job: _Job, source: Source, todo, counters, manifest_parts, *, kb, linke
 
     expected = {p: e - s for p, s, e in todo}
     publish_times: list[tuple[float, int]] = []
-    part_of = {}  # row -> part: parts are equal-sized ranges
     pending: dict[int, list] = defaultdict(list)
     seen = defaultdict(int)
     bar = tqdm(total=sum(expected.values()), desc=f"batch {linker}", unit=" mention", disable=not progress,
@@ -501,7 +501,7 @@ def batch_eval(*, kb: str, linker: str, format: str, data: str, split: str = "de
     n_missing = 0
     if table is not None:
         for row, rank, in_kb in zip(table["row"].to_pylist(), table["gold_rank"].to_pylist(),
-                                    table["gold_in_kb"].to_pylist()):
+                                    table["gold_in_kb"].to_pylist(), strict=True):
             ranks[row] = rank
             n_missing += in_kb is False
     n_errors = summary["total_errors"]

@@ -79,7 +79,7 @@ def search_engines(vectors: np.ndarray, queries: np.ndarray, engines: list[str],
         p50 = float(np.median(times))
         if engine == "numpy":
             truth, baseline_ms = found, p50
-        recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found, truth)]))
+        recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found, truth, strict=True)]))
         index_bytes = index.memory_bytes()
         if engine in engines:
             out.append({"engine": engine, "rows": len(vectors), "dim": vectors.shape[1], "build_s": round(build_s, 2),

@@ -182,7 +182,7 @@ def plot_scale(res: dict, out: Path) -> list[Path]:
     a1.legend(fontsize=8)
     for engine in dict.fromkeys(s["engine"] for r in res["rows"] for s in r["search"]):
         pts = [(r["entities"], s["query_ms_p50"]) for r in res["rows"] for s in r["search"] if s["engine"] == engine]
-        a2.plot(*zip(*pts), "o-", label=engine)
+        a2.plot(*zip(*pts, strict=True), "o-", label=engine)
     a2.set_xscale("log")
     a2.set_yscale("log")
     a2.set_xlabel("entities")

@@ -16,6 +16,7 @@ from ..evaluate import HITS_AT as HITS
 from ..evaluate import rank_metrics
 from .measure import PeakRSS, p50_ms, search_engines
 from .provenance import kb_files, run_meta, seed_everything, sha256_paths
+from .report import markdown_reference
 from .synthetic import WORDS, RandomEncoder, synthetic_entities, synthetic_queries, synthetic_vectors
 
 DATASETS = ("wikimel", "richpedia", "wikidiverse")
@@ -267,7 +268,7 @@ def bench_scale(args) -> dict:
             kb_bytes = sum(f.stat().st_size for f in kb_files(path))
             kb = KnowledgeBase(path)
             queries = [" ".join(rng.choice(WORDS, 2)) for _ in range(args.queries)]
-            bm25_ms = [p50_ms(lambda q=q: kb.search_bm25(q, k=20), 1) for q in queries]
+            bm25_ms = [p50_ms(lambda q=q, kb=kb: kb.search_bm25(q, k=20), 1) for q in queries]
         vectors = synthetic_vectors(size, args.dim, args.seed)
         search = search_engines(vectors, synthetic_queries(vectors, args.queries, args.seed + 1), engines)
         row = {"entities": size, "kb_build_s": round(build_s, 2), "kb_build_entities_per_s": round(size / build_s, 1),

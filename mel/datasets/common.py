@@ -367,7 +367,7 @@ def mention_record(rec: Any, path: Path, record_id, *, caption: str = "sentence"
     if not len(ms) == len(golds) == len(ns):
         raise DatasetFormatError(path, f"{mentions!r}, {names!r} and {answers!r} differ in length "
                                        f"({len(ms)}, {len(ns)}, {len(golds)})", record_id)
-    return text, [(m, parse_gold_id(g, path, record_id), n) for m, g, n in zip(ms, golds, ns)]
+    return text, [(m, parse_gold_id(g, path, record_id), n) for m, g, n in zip(ms, golds, ns, strict=True)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -89,7 +89,7 @@ class CandidateGenerator:
         KB's text space; None skips dense retrieval (a KB built without embeddings)."""
         c = self.config
         pools = [CandidatePool() for _ in mention_texts]
-        for pool, text in zip(pools, mention_texts):
+        for pool, text in zip(pools, mention_texts, strict=True):
             hits = bm25_names(self.kb, text, c.n_bm25)
             best = max((s for _, s in hits), default=1.0) or 1.0
             for rank, (idx, score) in enumerate(hits):
@@ -108,8 +108,8 @@ class CandidateGenerator:
                 dense_lists.append((scores[start:start + len(q), :k], ids[start:start + len(q), :k]))
                 start += len(q)
         for scores, ids in dense_lists:
-            for pool, row_scores, row_ids in zip(pools, scores, ids):
-                for rank, (idx, score) in enumerate(zip(row_ids.tolist(), row_scores.tolist())):
+            for pool, row_scores, row_ids in zip(pools, scores, ids, strict=True):
+                for rank, (idx, score) in enumerate(zip(row_ids.tolist(), row_scores.tolist(), strict=True)):
                     if idx < 0:
                         continue  # an approximate engine found fewer rows (padding)
                     if idx not in pool.dense:  # the context list comes first and keeps its rank
@@ -124,8 +124,10 @@ def candidate_recall(pools: Sequence[Sequence[int]], gold_idxs: Sequence[int | N
     n = len(pools)
     out = {"n": n}
     for k in ks:
-        out[f"recall@{k}"] = round(sum(1 for p, g in zip(pools, gold_idxs) if g is not None and g in list(p)[:k]) / n, 4) if n else 0.0
-    out["recall@pool"] = round(sum(1 for p, g in zip(pools, gold_idxs) if g is not None and g in p) / n, 4) if n else 0.0
+        out[f"recall@{k}"] = round(sum(1 for p, g in zip(pools, gold_idxs, strict=True)
+                                      if g is not None and g in list(p)[:k]) / n, 4) if n else 0.0
+    out["recall@pool"] = round(sum(1 for p, g in zip(pools, gold_idxs, strict=True)
+                                   if g is not None and g in p) / n, 4) if n else 0.0
     out["mean_pool_size"] = round(float(np.mean([len(p) for p in pools])), 1) if n else 0.0
     return out
 
@@ -165,7 +167,7 @@ def candidate_lists(mention_ids: Sequence[str], gold_ids: Sequence[str], pools: 
     whole-KB protocol (that is the point of reporting both)."""
     rng = random.Random(seed)
     out = {}
-    for mid, gold, pool in zip(mention_ids, gold_ids, pools):
+    for mid, gold, pool in zip(mention_ids, gold_ids, pools, strict=True):
         gold_idx = kb.idx_of(gold)
         chosen = [gold_idx] if gold_idx is not None else []
         chosen += [i for i in pool if i != gold_idx][: size - len(chosen)]

@@ -92,7 +92,7 @@ def enrich_kb(kb_path: str | Path, out: str | Path, generate: Callable[[Sequence
     for start in tqdm(range(0, len(todo), batch_size), desc="enriching descriptions", disable=not progress):
         chunk = todo[start:start + batch_size]
         outputs = generate([prompt.format(name=e.name, description=e.description[:MAX_FACT_CHARS]) for e in chunk])
-        for entity, text in zip(chunk, outputs):
+        for entity, text in zip(chunk, outputs, strict=True):
             text = clean(text, prompt)
             if text:
                 entity.description = text

@@ -247,7 +247,7 @@ class FeatureExtractor:
         if missing:
             if len(self._facts) > 200_000:
                 self._facts.clear()
-            for idx, entity in zip(missing, self.kb.entities_at(missing)):
+            for idx, entity in zip(missing, self.kb.entities_at(missing), strict=True):
                 self._facts[idx] = EntityFacts.of(entity)
         return {int(i): self._facts[int(i)] for i in idxs}
 

@@ -12,6 +12,7 @@ are inflated and every result says which protocol produced it (`result.details.p
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +74,7 @@ class DimLinker(BatchLinker):
                              f"'candidate-list' (DIM's per-mention lists, with candidate_file=PATH)")
         if protocol == "candidate-list" and not candidate_file:
             raise InputError("protocol 'candidate-list' needs candidate_file=PATH (JSONL of {\"id\", \"candidates\"}); "
-                             "write one with `python -m mel.dim.candidates`")
+                             "write one with `python -m mel dim candidates`")
         self.protocol = protocol
         self.checkpoint = Path(checkpoint) if checkpoint else shipped_checkpoint(preset.name)
         self.device = preset.device
@@ -116,8 +117,9 @@ class DimLinker(BatchLinker):
         also finds (the head was trained with that evidence; a fixed list does not remove it)."""
         found = self.generator.generate([m.text for m in mentions], feats.context, feats.mention)
         pools = []
-        for m, evidence in zip(mentions, found):
-            ids = self.candidate_lists.get(str(m.id)) if m.id is not None else None
+        lists = self.candidate_lists or {}  # set whenever the protocol is candidate-list
+        for m, evidence in zip(mentions, found, strict=True):
+            ids = lists.get(str(m.id)) if m.id is not None else None
             if ids is None:
                 raise InputError(f"mention {m.id!r} ({m.text!r}) has no candidate list in the candidate file; "
                                  f"the candidate-list protocol needs one per mention (or use protocol='whole-kb')")
@@ -128,7 +130,7 @@ class DimLinker(BatchLinker):
                                        dense={i: evidence.dense[i] for i in idxs if i in evidence.dense}))
         return pools
 
-    def _link_batch(self, mentions: list[Mention], k: int):
+    def _link_batch(self, mentions: list[Mention], k: int) -> Iterator[LinkResult]:
         sw = Stopwatch()
         with sw("encode"):
             feats = self.extractor.mention_features(mentions)
@@ -145,14 +147,14 @@ class DimLinker(BatchLinker):
                 e = self._entity_embeddings(cb.idxs, cb.valid)
                 pair = torch.from_numpy(cb.pair).to(self.device) if self.model.pair_mlp is not None else None
                 visual, visual_mask = self.extractor.visual_pair_features(mentions, feats, cb.idxs, cb.valid)
-                scores = self.model.score_candidates(m, e, pair, torch.from_numpy(visual).to(self.device),
-                                                     torch.from_numpy(visual_mask).to(self.device))
-                scores = scores.masked_fill(~torch.from_numpy(cb.valid).to(self.device), float("-inf"))
-            scores = scores.float().cpu().numpy()
+                logits = self.model.score_candidates(m, e, pair, torch.from_numpy(visual).to(self.device),
+                                                      torch.from_numpy(visual_mask).to(self.device))
+                logits = logits.masked_fill(~torch.from_numpy(cb.valid).to(self.device), float("-inf"))
+            scores = logits.float().cpu().numpy()
         with sw("results"):
             tops = [np.argsort(-scores[i][:int(cb.valid[i].sum())], kind="stable")[:k] for i in range(len(mentions))]
             wanted = sorted({int(cb.idxs[i, j]) for i, top in enumerate(tops) for j in top})
-            entities = dict(zip(wanted, self.kb.entities_at(wanted)))  # one query for the whole batch
+            entities = dict(zip(wanted, self.kb.entities_at(wanted), strict=True))  # one query for the whole batch
         timings = sw.total()
         n = len(mentions)  # the batch's cost is shared evenly: per-mention latency is amortised
         timings = {stage: ms / n for stage, ms in timings.items()}
@@ -188,7 +190,7 @@ class DimLinker(BatchLinker):
                                              torch.from_numpy(image_mask).to(self.device))
             if len(self._entity_cache) + len(missing) > ENTITY_CACHE_SIZE:
                 self._entity_cache.clear()
-            self._entity_cache.update(zip(missing, emb))
+            self._entity_cache.update(zip(missing, emb, strict=True))
         table = torch.stack([self._entity_cache[int(i)] for i in unique]) if len(unique) else None
         out = torch.zeros(*idxs.shape, self.model.config.out_dim, device=self.device)
         if table is not None:

@@ -39,7 +39,7 @@ class EntityFactsCache:
     def get_many(self, idxs: Sequence[int]) -> dict[int, EntityFacts]:
         missing = sorted({int(i) for i in idxs if int(i) not in self._facts})
         if missing:
-            for idx, entity in zip(missing, self.kb.entities_at(missing)):
+            for idx, entity in zip(missing, self.kb.entities_at(missing), strict=True):
                 self._facts[idx] = EntityFacts.of(entity)
             while len(self._facts) > self.max_size:
                 self._facts.popitem(last=False)
@@ -66,7 +66,7 @@ def candidate_batch(mentions: Sequence[Mention], feats: MentionFeatures, pools: 
     facts_by_idx = facts.get_many(all_idxs)
     text = extractor.entity_text_features(all_idxs)
     row_of = {idx: row for row, idx in enumerate(all_idxs)}
-    for i, (mention, idx_list, pool) in enumerate(zip(mentions, idx_lists, pools)):
+    for i, (mention, idx_list, pool) in enumerate(zip(mentions, idx_lists, pools, strict=True)):
         idx_list = idx_list[:c]
         if not idx_list:
             continue

@@ -186,13 +186,13 @@ def build_split_features(examples, kb, extractor: FeatureExtractor, generator: C
         hard_counts = []
         if training:
             lists = []
-            for ex, pool, gold in zip(chunk, pools, golds):
+            for pool, gold in zip(pools, golds, strict=True):
                 hard = hard_negatives(kb, gold, n_hard) if gold is not None else []
                 hard_counts.append(len(hard))
                 rest = [i for i in pool.idxs if i != gold and i not in set(hard)]
                 lists.append(([gold] if gold is not None else []) + hard + rest)
             # keep the pools' BM25/dense evidence: the pair features must match inference
-            for pool, ordered in zip(pools, lists):
+            for pool, ordered in zip(pools, lists, strict=True):
                 pool.idxs = ordered
         else:
             hard_counts = [0] * len(chunk)
@@ -347,32 +347,11 @@ class DimTrainer:
                                          sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def run(self, resume: bool = False, keep_state: bool = False, command: str = "") -> dict:
-        from tqdm.auto import tqdm
-
-        cfg, kb, preset, progress = self.config, self.kb, self.preset, self.progress
-        out, state_dir = self.out, self.state_dir
+        cfg, kb, preset, out, state_dir = self.config, self.kb, self.preset, self.out, self.state_dir
         extractor = FeatureExtractor(kb, preset, use_image=cfg.image, use_cue=cfg.cue, cue_question=cfg.cue_question)
         ccfg = CandidateConfig(n_bm25=cfg.n_bm25, n_dense=cfg.n_dense, n_dense_mention=cfg.n_dense_mention)
-        generator = CandidateGenerator(kb, ccfg)
-        t0 = time.perf_counter()
-
-        def features(examples, training: bool):
-            return cached_split_features(examples, kb, preset, extractor, generator, training=training,
-                                         n_hard=cfg.n_hard if training else 0, width=cfg.train_pool if training else None,
-                                         cache=self.cache, progress=progress)
-
-        tr, tr_path = features(self.train_examples, training=True)
-        dv = features(self.dev_examples, training=False)[0] if self.dev_examples else None
-        ho = features(self.holdout_examples, training=False)[0] if self.holdout_examples else None
-        print(f"[dim] features: train {len(tr)} x {tr.cand.shape[1]} candidates, held-out {len(ho) if ho else 0}, "
-              f"dev {len(dv) if dv else 0} "
-              f"({time.perf_counter() - t0:.0f} s; cache {tr_path.parent})", file=sys.stderr)
-        if dv is not None:
-            dev_pool = [s[v].tolist() for s, v in zip(dv.cand, dv.valid)]
-            recall = candidate_recall(dev_pool, [g if g >= 0 else None for g in dv.gold])
-            print(f"[dim] dev candidate recall: {recall}", file=sys.stderr)
-        else:
-            recall = {}
+        tr, tr_path, dv, ho = self._split_features(extractor, CandidateGenerator(kb, ccfg))
+        recall = self._dev_candidate_recall(dv)
 
         fcfg = self.head_config(extractor)
         model = DimFusion(fcfg)
@@ -387,59 +366,14 @@ class DimTrainer:
         step, start_epoch, best, history = 0, 0, {"hits@1": -1.0}, []
         run_id = uuid.uuid4().hex[:12]  # names this run's saves: OUT and the state must come from the same one
         if resume:
-            if not (state_dir / STATE_FILE).exists():
-                old_layout = (state_dir / "optimizer" / STATE_FILE).exists()
-                raise CheckpointError(f"nothing to resume for {out}: " + (
-                    f"{state_dir} was saved by an older version (last/ and optimizer/ apart), which cannot be resumed "
-                    f"safely" if old_layout else f"{state_dir / STATE_FILE} is missing (the run finished, or never "
-                    f"saved an epoch)") + "; start without --resume")
-            if read_training_state(state_dir).get("fingerprint") != fingerprint:
-                raise CheckpointError(f"{state_dir} was saved by a run with other data or settings; resume with the "
-                                      f"same arguments (except --epochs), or start without --resume")
-            info = load_training_state(state_dir, optimizer, scheduler, module=model)
+            info = self._resume(fingerprint, model, optimizer, scheduler)
             step, start_epoch, best, history = info["step"], info["epoch"], info.get("best", best), info.get("history", [])
             run_id = info.get("run_id", run_id)
-            _republish_best(model, out, state_dir, info, cfg.save_dtype)
-            print(f"[dim] resumed at epoch {start_epoch}, step {step}", file=sys.stderr)
 
         # the epoch is chosen on held-out TRAINING mentions, so the dev figures stay untuned
         selected_on = "heldout" if ho is not None else "dev" if dv is not None else None
         for epoch in range(start_epoch, cfg.epochs):
-            # per-epoch seeds: a resumed run samples exactly what an uninterrupted one would have
-            rng = np.random.default_rng([cfg.seed, epoch])
-            torch.manual_seed(cfg.seed * 1000 + epoch)
-            model.train()
-            order = rng.permutation(len(tr))
-            losses = []
-            bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress)
-            for i, start in enumerate(bar):
-                rows = order[start:start + cfg.batch_size]
-                cols = sample_training_columns(tr, rows, cfg.train_width, rng)
-                idxs = torch.from_numpy(np.take_along_axis(tr.cand[rows], cols, 1))
-                valid = torch.from_numpy(np.take_along_axis(tr.valid[rows], cols, 1))
-                # a padding column may repeat; keep each real column once
-                valid &= torch.from_numpy(_first_occurrence(cols))
-                pair = torch.from_numpy(np.take_along_axis(tr.pair[rows], cols[..., None], 1))
-                gold_pos = torch.zeros(len(rows), dtype=torch.long)  # column 0 is the gold by construction
-                gold_pos[torch.from_numpy(tr.gold_pos[rows] < 0)] = -1
-                text, image, mask = table.gather(idxs)
-                scores, m, e = score(model, _mention_tensors(tr.feats, rows), text, image, mask, pair, valid)
-                loss = candidate_n_pair_loss(scores, gold_pos, valid)
-                if cfg.in_batch_weight > 0 and len(rows) > 1:
-                    loss = loss + cfg.in_batch_weight * in_batch_n_pair_loss(model.in_batch_scores(m, e[:, 0]),
-                                                                             torch.from_numpy(tr.gold[rows]))
-                (loss / cfg.grad_accum).backward()
-                if (i + 1) % cfg.grad_accum == 0 or start + cfg.batch_size >= len(order):
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad()
-                    step += 1
-                losses.append(loss.item())
-                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-                if cfg.max_steps is not None and step >= cfg.max_steps:
-                    break
-            bar.close()
+            step, losses = self._train_epoch(model, tr, table, optimizer, scheduler, epoch, step)
             entry = {"epoch": epoch + 1, "step": step, "loss": round(float(np.mean(losses)), 4)}
             if ho is not None:
                 entry["heldout"] = evaluate_split(model, ho, table)
@@ -470,6 +404,95 @@ class DimTrainer:
         print(f"[dim] best epoch {best.get('epoch')} ({selected_on} hits@1 {best.get('hits@1')}); head written to {out}",
               file=sys.stderr)
         return {"best": best, "history": history, "out": str(out), "dev_candidate_recall": recall}
+
+    def _split_features(self, extractor: FeatureExtractor, generator: CandidateGenerator):
+        """The (cached) features of the training, dev and held-out mentions: (train, train cache path, dev or
+        None, held-out or None)."""
+        cfg, t0 = self.config, time.perf_counter()
+
+        def features(examples, training: bool):
+            return cached_split_features(examples, self.kb, self.preset, extractor, generator, training=training,
+                                         n_hard=cfg.n_hard if training else 0, width=cfg.train_pool if training else None,
+                                         cache=self.cache, progress=self.progress)
+
+        tr, tr_path = features(self.train_examples, training=True)
+        dv = features(self.dev_examples, training=False)[0] if self.dev_examples else None
+        ho = features(self.holdout_examples, training=False)[0] if self.holdout_examples else None
+        print(f"[dim] features: train {len(tr)} x {tr.cand.shape[1]} candidates, held-out {len(ho) if ho else 0}, "
+              f"dev {len(dv) if dv else 0} "
+              f"({time.perf_counter() - t0:.0f} s; cache {tr_path.parent})", file=sys.stderr)
+        return tr, tr_path, dv, ho
+
+    @staticmethod
+    def _dev_candidate_recall(dv: SplitFeatures | None) -> dict:
+        if dv is None:
+            return {}
+        dev_pool = [s[v].tolist() for s, v in zip(dv.cand, dv.valid, strict=True)]
+        recall = candidate_recall(dev_pool, [g if g >= 0 else None for g in dv.gold])
+        print(f"[dim] dev candidate recall: {recall}", file=sys.stderr)
+        return recall
+
+    def _resume(self, fingerprint: str, model: DimFusion, optimizer, scheduler) -> dict:
+        """Load the saved state into `model`, `optimizer` and `scheduler` (and publish its best epoch to OUT
+        again when a kill left OUT behind); returns the state's info (step, epoch, best, history, run_id)."""
+        out, state_dir = self.out, self.state_dir
+        if not (state_dir / STATE_FILE).exists():
+            old_layout = (state_dir / "optimizer" / STATE_FILE).exists()
+            raise CheckpointError(f"nothing to resume for {out}: " + (
+                f"{state_dir} was saved by an older version (last/ and optimizer/ apart), which cannot be resumed "
+                f"safely" if old_layout else f"{state_dir / STATE_FILE} is missing (the run finished, or never "
+                f"saved an epoch)") + "; start without --resume")
+        if read_training_state(state_dir).get("fingerprint") != fingerprint:
+            raise CheckpointError(f"{state_dir} was saved by a run with other data or settings; resume with the "
+                                  f"same arguments (except --epochs), or start without --resume")
+        info = load_training_state(state_dir, optimizer, scheduler, module=model)
+        _republish_best(model, out, state_dir, info, self.config.save_dtype)
+        print(f"[dim] resumed at epoch {info['epoch']}, step {info['step']}", file=sys.stderr)
+        return info
+
+    def _train_epoch(self, model: DimFusion, tr: SplitFeatures, table: EntityTable, optimizer, scheduler,
+                     epoch: int, step: int) -> tuple[int, list[float]]:
+        """One epoch over the training features (stops early at `max_steps`); returns (step, losses)."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        # per-epoch seeds: a resumed run samples exactly what an uninterrupted one would have
+        rng = np.random.default_rng([cfg.seed, epoch])
+        torch.manual_seed(cfg.seed * 1000 + epoch)
+        model.train()
+        order = rng.permutation(len(tr))
+        losses: list[float] = []
+        bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not self.progress)
+        for i, start in enumerate(bar):
+            rows = order[start:start + cfg.batch_size]
+            cols = sample_training_columns(tr, rows, cfg.train_width, rng)
+            idxs = torch.from_numpy(np.take_along_axis(tr.cand[rows], cols, 1))
+            valid = torch.from_numpy(np.take_along_axis(tr.valid[rows], cols, 1))
+            # a padding column may repeat; keep each real column once
+            valid &= torch.from_numpy(_first_occurrence(cols))
+            pair = torch.from_numpy(np.take_along_axis(tr.pair[rows], cols[..., None], 1))
+            gold_pos = torch.zeros(len(rows), dtype=torch.long)  # column 0 is the gold by construction
+            gold_pos[torch.from_numpy(tr.gold_pos[rows] < 0)] = -1
+            text, image, mask = table.gather(idxs)
+            scores, m, e = score(model, _mention_tensors(tr.feats, rows), text, image, mask, pair, valid)
+            loss = candidate_n_pair_loss(scores, gold_pos, valid)
+            if cfg.in_batch_weight > 0 and len(rows) > 1:
+                loss = loss + cfg.in_batch_weight * in_batch_n_pair_loss(model.in_batch_scores(m, e[:, 0]),
+                                                                         torch.from_numpy(tr.gold[rows]))
+            (loss / cfg.grad_accum).backward()
+            if (i + 1) % cfg.grad_accum == 0 or start + cfg.batch_size >= len(order):
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+                step += 1
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+            if cfg.max_steps is not None and step >= cfg.max_steps:
+                break
+        bar.close()
+        return step, losses
 
 
 def _publish_best(model: DimFusion, out: Path, extra: dict, save_dtype: str) -> None:

@@ -273,6 +273,7 @@ class GemelConfig:
 
 class GemelLinker(Linker):
     name = "gemel"
+    excludes_samples = True  # link(..., exclude_sample_id=ID) keeps pool example ID out of the demonstrations
 
     def __init__(self, kb, preset, config: GemelConfig | None = None, *, mapper=None, pool=None, **options):
         """`mapper` (a directory, a FeatureMapper or "none") and `pool` (a JSONL file, Examples or a
@@ -398,18 +399,21 @@ class GemelLinker(Linker):
     def segments(self, mention: Mention, demos: list[Demonstration], query_features=None) -> list[Segment]:
         self._learn_answers([d.example for d in demos])
         segs = []
+        images = self.images if self.use_images else None
         for demo in demos:
             m = demo.example.mention
-            use = self.images is not None and self.use_images and m.image
-            feats = self.images(m.image, strict=False) if use else None  # an unreadable demo image: text only
+            feats = images(m.image, strict=False) if images is not None and m.image else None  # unreadable: text only
             segs.append(Segment(m.caption, m.text, self.answer_of(demo.example), feats))
         segs.append(Segment(mention.caption, mention.text, None, query_features))
         return segs
 
     # -- linking -----------------------------------------------------------------------------
-    def link(self, mention: Mention, k: int = 20, exclude_sample_id: str | None = None) -> LinkResult:
-        """Link one mention. `exclude_sample_id` keeps that pool example out of the demonstrations
-        (when the mention itself belongs to the pool, e.g. tuning on the train split)."""
+    def _link(self, mention: Mention, k: int) -> LinkResult:
+        return self._link_excluding(mention, k, None)
+
+    def _link_excluding(self, mention: Mention, k: int, sample_id: str | None) -> LinkResult:
+        """Link one mention. `sample_id` keeps that pool example out of the demonstrations (when the
+        mention itself belongs to the pool, e.g. tuning on the train split)."""
         check_mention(mention)
         check_k(k)
         sw = Stopwatch()
@@ -420,7 +424,7 @@ class GemelLinker(Linker):
             ranking=(f"constrained beam search ({self.decode_config.num_beams} beams)" if self.rank == "beam"
                      else "every candidate by LLM log-likelihood") + (", fused with the retriever scores" if self.fuse else ""))
         with sw("retrieve"):
-            demos = (self.pool.retrieve(mention, self.n_demos, exclude_id=exclude_sample_id)
+            demos = (self.pool.retrieve(mention, self.n_demos, exclude_id=sample_id)
                      if (self.pool is not None and self.n_demos > 0) else [])
         trie, retrieved = self.trie, None
         if self.retrievers:
@@ -431,9 +435,9 @@ class GemelLinker(Linker):
                                      for c in retrieved.values()]
                 pairs = [(idx, c.entity.name) for idx, c in retrieved.items()]
                 trie = TokenTrie.build(pairs, self.tokenizer) if pairs else None
-            if trie is None:
-                details.note = f"the {self.candidates} retriever found no candidate: nothing to generate (NIL)"
-                return self._finish(mention, [], demos, details, sw, k)
+        if trie is None:  # (whole-KB mode always has its trie)
+            details.note = f"the {self.candidates} retriever found no candidate: nothing to generate (NIL)"
+            return self._finish(mention, [], demos, details, sw, k)
         with sw("image"):
             query_features = None
             if mention.image and self.images is not None and self.use_images:
@@ -446,6 +450,7 @@ class GemelLinker(Linker):
         if self.rank == "beam":
             hyps, stats = beam_search(self.model, trie, embeds, self.decode_config)
         else:
+            assert isinstance(trie, TokenTrie)  # rank='all' needs candidates (GemelConfig): their trie
             hyps, stats = score_groups(self.model, trie, embeds, length_penalty=self.decode_config.length_penalty)
         if self.fuse:
             details.fusion = Fusion(llm_weight=self.llm_weight,
@@ -464,7 +469,7 @@ class GemelLinker(Linker):
             # candidate mode: the retrievers already hold every candidate's KB row
             known = {idx: c.entity for idx, c in retrieved.items()} if retrieved else {}
             ranked, details.beams, details.ambiguity = self._map(hyps, trie, mention, demos, known)
-            if self.fuse and ranked:
+            if self.fuse and ranked and retrieved is not None:  # fusion needs candidates (GemelConfig)
                 ranked, details.scores = self._fuse(ranked, hyps, trie, retrieved, mention, demos)
                 details.ambiguity = self._fused_ambiguity(ranked)
         free = isinstance(trie, FreeVocabulary)
@@ -551,8 +556,10 @@ class GemelLinker(Linker):
             outputs.append((h, name, idxs))
         rows = dict(known)
         wanted = list(dict.fromkeys(idx for _, _, idxs in outputs for idx in idxs if idx not in rows))
-        rows.update(zip(wanted, self.kb.entities_at(wanted)))
-        ranked, beams, ambiguity = [], [], None
+        rows.update(zip(wanted, self.kb.entities_at(wanted), strict=True))
+        ranked: list[tuple[Entity, float]] = []
+        beams: list[Beam] = []
+        ambiguity = None
         for h, name, idxs in outputs:
             beam = Beam(name, logprob=round(h.logprob, 4), score=round(h.score, 4))
             beams.append(beam)

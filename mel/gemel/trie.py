@@ -116,7 +116,7 @@ class TokenTrie:
         for start in range(0, len(pairs), TOKENIZE_BATCH):
             chunk = pairs[start:start + TOKENIZE_BATCH]
             encoded = tokenizer([name for _, name in chunk], add_special_tokens=False)["input_ids"]
-            for (idx, name), ids in zip(chunk, encoded):
+            for (idx, name), ids in zip(chunk, encoded, strict=True):
                 if not ids:
                     n_untokenisable += 1
                     continue

@@ -1,7 +1,6 @@
 """The linker contract shared by baselines, GEMEL and DIM."""
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Iterable, Iterator
 
@@ -24,29 +23,11 @@ def check_mention(mention) -> Mention:
 _UNSET = object()
 
 
-def _calibrated(method, kind: str):
-    """`method` (a subclass's link or pipe) with Linker.apply_calibration on every result."""
-    if getattr(method, "_mel_calibrated", False):
-        return method
-    if kind == "link":
-        @functools.wraps(method)
-        def link(self, *args, **kwargs):
-            return self.apply_calibration(method(self, *args, **kwargs))
-        wrapped = link
-    else:
-        @functools.wraps(method)
-        def pipe(self, *args, **kwargs):
-            for result in method(self, *args, **kwargs):
-                yield self.apply_calibration(result)
-        wrapped = pipe
-    wrapped._mel_calibrated = True
-    return wrapped
-
-
 class Linker:
-    """Subclasses set `name` and implement `link`; `pipe` may be overridden to batch.
+    """Subclasses set `name` and implement `_link`; `_pipe` may be overridden to batch. Callers use
+    the public `link` and `pipe`, which the subclasses leave alone.
 
-    Calibrated confidence, for every linker: each result a subclass's `link` or `pipe` returns goes
+    Calibrated confidence, for every linker: `link` and `pipe` pass each result of `_link` / `_pipe`
     through `apply_calibration`, which sets `Candidate.probability` from the scores with the
     linker's `calibration` (mel.calibration: found by itself on first use, beside its checkpoint or
     under models/calibration/<name>@<kb>; None: probabilities stay None) and, when `nil_threshold`
@@ -55,12 +36,10 @@ class Linker:
 
     name = "linker"
     nil_threshold: float | None = None  # set with mel.calibration.use_calibration(linker, ..., nil=True)
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        for kind in ("link", "pipe"):
-            if kind in cls.__dict__:
-                setattr(cls, kind, _calibrated(cls.__dict__[kind], kind))
+    # whether `link(..., exclude_sample_id=ID)` keeps sample ID out of what the linker draws on (GEMEL:
+    # its demonstration pool); such a linker implements `_link_excluding`. mel.calibration uses it on a
+    # train slice that is also the pool.
+    excludes_samples: bool = False
 
     def __init__(self, kb, preset):
         self.kb = kb
@@ -86,12 +65,12 @@ class Linker:
         if cal is None or not isinstance(result, LinkResult):
             return result
         probs = cal.probabilities([c.score for c in result.candidates])
-        for c, p in zip(result.candidates, probs):
+        for c, p in zip(result.candidates, probs, strict=True):
             c.probability = round(min(max(float(p), 0.0), 1.0), 6)
         threshold = self.nil_threshold
         if threshold is None:
             return result
-        top = result.candidates[0].probability if result.candidates else 0.0
+        top = (result.candidates[0].probability or 0.0) if result.candidates else 0.0
         note = f"NIL: the best candidate's probability {top:.3f} is below the threshold {threshold:.3f}"
         if top < threshold:
             result.prediction = None
@@ -103,19 +82,37 @@ class Linker:
         """The models this linker uses (role -> spec); shown in results and the UI."""
         return {}
 
-    def link(self, mention: Mention, k: int = 20) -> LinkResult:
-        raise NotImplementedError
+    def link(self, mention: Mention, k: int = 20, exclude_sample_id: str | None = None) -> LinkResult:
+        """Link one mention: the `k` best candidates, calibrated. `exclude_sample_id` (only for a linker
+        with `excludes_samples`) keeps that sample out of what the linker draws on."""
+        if exclude_sample_id is None:
+            return self.apply_calibration(self._link(mention, k))
+        if not self.excludes_samples:
+            raise InputError(f"the {self.name} linker draws on no samples: exclude_sample_id does not apply to it")
+        return self.apply_calibration(self._link_excluding(mention, k, exclude_sample_id))
 
     def pipe(self, mentions: Iterable[Mention], k: int = 20, batch_size: int = 32) -> Iterator[LinkResult]:
+        """`link` for many mentions, in order (a batching linker runs `batch_size` at a time)."""
+        for result in self._pipe(mentions, k, batch_size):
+            yield self.apply_calibration(result)
+
+    def _link(self, mention: Mention, k: int) -> LinkResult:
+        raise NotImplementedError
+
+    def _link_excluding(self, mention: Mention, k: int, sample_id: str | None) -> LinkResult:
+        raise NotImplementedError(f"{type(self).__name__} sets excludes_samples but has no _link_excluding")
+
+    def _pipe(self, mentions: Iterable[Mention], k: int, batch_size: int) -> Iterator[LinkResult]:
         check_k(k)
         for mention in mentions:
-            yield self.link(mention, k=k)
+            yield self._link(mention, k)
 
     def result(self, mention: Mention, ranked: list[tuple[int, float]], *, source: str, timings: dict,
                details: LinkDetails | None = None) -> LinkResult:
         """A LinkResult from (kb idx, score) pairs, best first; the top one is the prediction."""
         entities = self.kb.entities_at([idx for idx, _ in ranked])
-        candidates = [Candidate(entity, float(score), source) for entity, (_, score) in zip(entities, ranked)]
+        candidates = [Candidate(entity, float(score), source)
+                      for entity, (_, score) in zip(entities, ranked, strict=True)]
         return LinkResult(
             linker=self.name, mention=mention,
             prediction=candidates[0].entity if candidates else None,
@@ -127,10 +124,13 @@ class Linker:
 class BatchLinker(Linker):
     """A linker that works a batch at a time: subclasses implement `_link_batch(mentions, k)`."""
 
-    def link(self, mention: Mention, k: int = 20) -> LinkResult:
-        return next(self.pipe([mention], k=k, batch_size=1))
-
     def pipe(self, mentions: Iterable[Mention], k: int = 20, batch_size: int = 64) -> Iterator[LinkResult]:
+        return super().pipe(mentions, k=k, batch_size=batch_size)  # a larger default batch
+
+    def _link(self, mention: Mention, k: int) -> LinkResult:
+        return next(self._pipe([mention], k, 1))
+
+    def _pipe(self, mentions: Iterable[Mention], k: int, batch_size: int) -> Iterator[LinkResult]:
         check_k(k)
         require_whole("batch_size", batch_size, 1)
         batch: list[Mention] = []
@@ -149,7 +149,7 @@ class BatchLinker(Linker):
 class Stopwatch:
     """Named stage timings in milliseconds: `with sw("encode"): ...`; `sw.timings` at the end."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.timings: dict[str, float] = {}
         self._start = time.perf_counter()
 

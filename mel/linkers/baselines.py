@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+from collections.abc import Iterator
 
-from ..types import ExactDetails, LinkDetails, Mention
+from ..types import ExactDetails, LinkDetails, LinkResult, Mention
 from .base import BatchLinker, Linker, Stopwatch, check_k, check_mention
 
 
@@ -28,7 +29,7 @@ def stable_hash(entity_id: str) -> str:
 class ExactLinker(Linker):
     name = "exact"
 
-    def link(self, mention: Mention, k: int = 20):
+    def _link(self, mention: Mention, k: int) -> LinkResult:
         check_mention(mention)
         check_k(k)
         sw = Stopwatch()
@@ -37,7 +38,7 @@ class ExactLinker(Linker):
             entities = self.kb.entities_at([idx for idx, _ in matches])
             context = _words(mention.caption) - _words(mention.text)
             keyed = []
-            for (idx, kind), entity in zip(matches, entities):
+            for (idx, kind), entity in zip(matches, entities, strict=True):
                 overlap = len(context & _words(entity.description))
                 keyed.append(((kind != "name", -overlap, stable_hash(entity.id)), idx, overlap, kind))
             keyed.sort()
@@ -50,7 +51,7 @@ class ExactLinker(Linker):
 class BM25Linker(Linker):
     name = "bm25"
 
-    def link(self, mention: Mention, k: int = 20):
+    def _link(self, mention: Mention, k: int) -> LinkResult:
         check_mention(mention)  # k is checked by kb.search_bm25
         sw = Stopwatch()
         with sw("fts5"):
@@ -84,7 +85,7 @@ class DenseLinker(BatchLinker):
         return mention.text if self.query == "mention" else f"{mention.text}. {mention.caption}"
 
 
-    def _link_batch(self, mentions: list[Mention], k: int):
+    def _link_batch(self, mentions: list[Mention], k: int) -> Iterator[LinkResult]:
         t0 = time.perf_counter()
         vectors = self.encoder.encode([self.query_text(m) for m in mentions])
         t1 = time.perf_counter()
@@ -92,7 +93,8 @@ class DenseLinker(BatchLinker):
         t2 = time.perf_counter()
         n = len(mentions)  # batch cost is shared evenly: per-mention latency is amortised
         timings = {"encode": (t1 - t0) * 1000 / n, "search": (t2 - t1) * 1000 / n, "total": (t2 - t0) * 1000 / n}
-        for mention, row_scores, row_ids in zip(mentions, scores, ids):
-            found = [(i, s) for i, s in zip(row_ids.tolist(), row_scores.tolist()) if i >= 0]  # -1: padding
+        for mention, row_scores, row_ids in zip(mentions, scores, ids, strict=True):
+            found = [(i, s) for i, s in zip(row_ids.tolist(), row_scores.tolist(), strict=True)
+                     if i >= 0]  # -1: padding
             yield self.result(mention, found, source="dense",
                               timings=dict(timings), details=LinkDetails(batch_size=n))
