@@ -2,6 +2,7 @@
 
     python app.py                                   # demo KB + demo pool, preset auto, http://127.0.0.1:7860
     python app.py --kb data/wikimel.sqlite --pool data/wikimel-train.jsonl --preset offline
+    python app.py --generator gemel                 # GEMEL as in the paper: generates over the whole KB
     MEL_AUTH="alice:secret,bob:pw2" MEL_ADMINS=alice python app.py --host 0.0.0.0
 
 Who annotates:
@@ -51,13 +52,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", default=os.environ.get("MEL_PRESET", "auto"), help="auto | offline | small | paper")
     p.add_argument("--device", default=None, help="override the preset's device (cpu, cuda)")
     p.add_argument("--data-dir", default=None, help="where annotations.sqlite and the uploaded images are kept")
-    p.add_argument("--generator", default="gemel", help="the generative linker (gemel: the paper's whole-KB trie; gemel+bm25, "
-                   "gemel+dense, gemel+dim: the LLM over another linker's top-k, more accurate with a small LLM; "
-                   "'' = off)")
+    p.add_argument("--generator", default=os.environ.get("MEL_GENERATOR", "gemel+bm25"),
+                   help="the generative linker (default gemel+bm25, or $MEL_GENERATOR: the LLM scores BM25's top 20, "
+                        "more accurate with a small LLM; gemel: GEMEL as in the paper, generates over the whole KB; "
+                        "gemel+dense, gemel+dim: the LLM over that linker's top 20; '' = off)")
     p.add_argument("--ranker", default="dim", help="the ranking linker (dim; dense/bm25 for a quick look)")
     p.add_argument("--opt", action="append", default=[],
                    help="linker option ROLE.key=value, ROLE = generator or ranker (e.g. generator.n_demos=8)")
     p.add_argument("--no-live-pool", action="store_true", help="corrections do not join the demonstration pool")
+    p.add_argument("--nil", action="store_true",
+                   help="a calibrated linker answers NIL when its best candidate's probability is below the "
+                        "threshold chosen on train (models/calibration/<linker>@<kb>; mel calibrate)")
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link")
@@ -111,7 +116,7 @@ def main(argv=None) -> None:
     generator_options, ranker_options = linker_options(args.opt)
     config = ServiceConfig(kb=args.kb, pool=args.pool, preset=args.preset, device=args.device, data_dir=args.data_dir,
                            generator=args.generator, ranker=args.ranker, generator_options=generator_options,
-                           ranker_options=ranker_options, live_pool=not args.no_live_pool)
+                           ranker_options=ranker_options, live_pool=not args.no_live_pool, nil=args.nil)
     service = LinkService(config)
     try:
         service.load(progress=lambda f, d: print(f"[app] {f:4.0%} {d}", file=sys.stderr))

@@ -1075,7 +1075,8 @@ MAX_CANDIDATES_STORED = 20
 
 def _prediction_row(mention_id: str, result: LinkResult | dict, kb: str, shown_to: str) -> dict:
     if isinstance(result, LinkResult):
-        candidates = [{"id": c.entity.id, "name": c.entity.name, "score": c.score}
+        # the calibrated probability the annotator was shown (None without a calibration) is kept with it
+        candidates = [{"id": c.entity.id, "name": c.entity.name, "score": c.score, "probability": c.probability}
                       for c in result.candidates[:MAX_CANDIDATES_STORED]]
         return {
             "mention_id": mention_id, "linker": result.linker,

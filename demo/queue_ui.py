@@ -173,7 +173,7 @@ class QueueScreens:
         if view is not None:
             self._prepare_after(q, view.task.position)
         return render_task(view, project=q.project.name, message=message, ok=ok, nonce=nonce, undo_id=undo_id,
-                           describe=self.describe(q))
+                           describe=self.describe(q), calibrations=self.service.calibrations())
 
     def _do(self, q: AnnotationQueue, annotator: str, cmd: dict):
         action = cmd.get("action")

@@ -5,12 +5,15 @@ Everything shown here comes from users, datasets or KB files, so every piece of 
 the functions take what the service returned (LinkView, annotations.queue.TaskView) and return
 strings, so they are fast and testable on their own.
 
-Confidences on the task screen are probabilities, comparable between the two linkers: each
-linker's candidate scores through a softmax at the temperature that linker's scores are made for
-(`RANKER_TEMPERATURES`; DIM's scores are logits, GEMEL's are sequence log-probabilities, cosine
-similarities of the dense baseline need a small temperature). A softmax over the shown candidates
-is the linker's probability that the answer is among them, not a calibrated probability of being
-right; the screen says so.
+Confidences (the Link tab and the task screen): where a linker is calibrated (mel.calibration: a
+temperature and a "none of these" option fitted on a train slice) its candidates carry
+`probability`, shown as "calibrated probability" with a tooltip saying how it was fitted (and its
+ECE where recorded); a NIL answered because the best probability is under the threshold is shown
+as NIL with the result's note. Where no calibration applies (a custom KB), the candidate scores go
+through a softmax at the temperature that linker's scores are made for (`RANKER_TEMPERATURES`;
+DIM's scores are logits, GEMEL's are sequence log-probabilities, cosines of the dense baseline
+need a small temperature), labelled as an uncalibrated relative confidence: the linker's share
+among its own candidates, not a probability of being right.
 """
 from __future__ import annotations
 
@@ -20,11 +23,24 @@ import html
 import io
 import json
 import math
+from pathlib import Path
 
 from PIL import Image, ImageDraw
 
 from mel.errors import MELError
 from mel.types import NIL, DimDetails, GemelDetails, details_from_dict
+
+CALIBRATED = "calibrated probability"
+UNCALIBRATED = "relative confidence (uncalibrated)"
+CALIBRATED_HOW = ('temperature scaling with a "none of these" option, fitted on a train slice '
+                  "(python -m mel calibrate)")
+# What each generator does, for the panel's title and the status line (`--generator` of app.py).
+GENERATOR_MODES = {"gemel": "whole KB, as in the paper",
+                   "gemel+bm25": "the LLM scores BM25's top 20",
+                   "gemel+dense": "the LLM scores the dense top 20",
+                   "gemel+dim": "the LLM scores DIM's top 20",
+                   "gemel-free": "free generation, no trie"}
+WHOLE_KB_SWITCH = "python app.py --generator gemel"
 
 THUMBNAIL = 256
 TASK_IMAGE = (360, 240)   # the task screen's image, at most (width, height) in pixels
@@ -57,24 +73,75 @@ def _clip(text: str, n: int) -> str:
 
 
 # -- the Link tab ----------------------------------------------------------------------------------
+def generator_title(name: str) -> str:
+    """GEMEL (name: what it does), e.g. GEMEL (gemel+bm25: the LLM scores BM25's top 20)."""
+    mode = GENERATOR_MODES.get(name)
+    return f"GEMEL ({name}: {mode})" if mode else f"GEMEL ({name})"
+
+
+def confidences(candidates, summary: dict | None, kind: str) -> tuple[list[float | None], bool, str]:
+    """(a confidence per candidate, whether they are calibrated, the tooltip saying what they are).
+
+    `candidates`: mel Candidates or dicts with "score" (and "probability"), best first; `summary`:
+    mel.calibration.calibration_summary of the linker (None: unknown). Calibrated: the candidates'
+    own `probability`; else a softmax of the scores at RANKER_TEMPERATURES[kind]."""
+    def get(c, key):
+        return c.get(key) if isinstance(c, dict) else getattr(c, key, None)
+    probs = [get(c, "probability") for c in candidates]
+    if any(isinstance(p, (int, float)) for p in probs):
+        about = (summary or {}).get("about") or CALIBRATED_HOW
+        threshold = (summary or {}).get("nil_threshold")
+        nil = f"; answers NIL when the best is below {threshold:.3f}" if isinstance(threshold, (int, float)) else ""
+        return probs, True, f"{CALIBRATED}: {about}{nil}"
+    temperature = RANKER_TEMPERATURES.get(kind, 1.0)
+    scores = [get(c, "score") for c in candidates]
+    why = (summary or {}).get("about") or "no calibrated probability came with these candidates"
+    return (probabilities(scores, temperature), False,
+            f"{UNCALIBRATED}: softmax of the scores (T = {temperature:g}) over its {len(scores)} candidates, "
+            f"not a probability of being right; {why}")
+
+
+def _why_nil(note: str) -> str:
+    """A result's note shown after the word NIL (without saying "NIL: " twice)."""
+    return note[len("NIL: "):] if note.startswith("NIL: ") else note
+
+
+def _p_label(calibrated: bool, tooltip: str) -> str:
+    return (f'<span class="mel-p-label" title="{_attr(tooltip)}" data-calibrated="{str(calibrated).lower()}">'
+            f'{CALIBRATED if calibrated else UNCALIBRATED}</span>')
+
+
 def render_generator(view) -> str:
     panel = view.generator
     if panel is None:
         return '<div class="mel-panel"><h4>GEMEL</h4><span class="mel-note">turned off</span></div>'
     if panel.result is None:
-        return (f'<div class="mel-panel"><h4>GEMEL ({_esc(panel.linker)})</h4>'
+        return (f'<div class="mel-panel"><h4>{_esc(generator_title(panel.linker))}</h4>'
                 f'<span class="mel-error">unavailable: {_esc(panel.error)}</span></div>')
     g = view.generated
-    details = panel.result.details
-    notes = [details.note] if details.note else []
+    result = panel.result
+    details = result.details
+    nil = result.prediction is None
+    notes = [details.note] if details.note and not nil else []
     if isinstance(details, GemelDetails):
         notes += [n for n in (details.visual_note, details.demonstrations_note) if n]
         amb = details.ambiguity
         if amb is not None:
             notes.append(f"the name {amb.name} fits {len(amb.entity_ids)} entities; chose {amb.chosen} ({amb.rule})")
-    return (f'<div class="mel-panel" id="mel-gemel-result"><h4>GEMEL ({_esc(panel.linker)})</h4>'
-            f'<div>generated: <b>{_esc(g["generated"])}</b></div>'
-            f'<div>entity: <b>{_esc(g["name"])}</b> <code>{_esc(g["id"])}</code> · score {_score(g["score"])}</div>'
+    probs, calibrated, tooltip = confidences(result.candidates, panel.calibration, "gemel")
+    if nil:
+        entity = ('<div id="mel-gemel-nil">entity: <b>NIL</b> (not in the KB)'
+                  + (f': <span class="mel-note">{_esc(_why_nil(details.note))}</span>' if details.note else "")
+                  + "</div>")
+        confidence = ""
+    else:
+        entity = (f'<div>entity: <b>{_esc(g["name"])}</b> <code>{_esc(g["id"])}</code> · score {_score(g["score"])}'
+                  f"</div>")
+        p = next((q for c, q in zip(result.candidates, probs, strict=True) if c.entity.id == g["id"]), None)
+        confidence = (f'<div class="mel-confidence">{_p_label(calibrated, tooltip)}: '
+                      f'<b class="mel-p" data-p="{_attr(p)}">{_pct(p)}</b></div>')
+    return (f'<div class="mel-panel" id="mel-gemel-result"><h4>{_esc(generator_title(result.linker))}</h4>'
+            f'<div>generated: <b>{_esc(g["generated"])}</b></div>{entity}{confidence}'
             f'<div class="mel-note">{_esc(g["description"])}</div>'
             + "".join(f'<div class="mel-note">{_esc(n)}</div>' for n in notes) + "</div>")
 
@@ -98,14 +165,37 @@ def render_ranker_note(view) -> str:
         parts.append(f'<span class="mel-note">{_esc(panel.note)}</span>')
     if panel.error:
         parts.append(f'<span class="mel-error">{_esc(panel.linker)} failed: {_esc(panel.error)}</span>')
-    details = panel.result.details if panel.result is not None else None
+    result = panel.result
+    details = result.details if result is not None else None
+    if result is not None and result.prediction is None and result.candidates:
+        parts.append('<span id="mel-ranker-nil"><b>NIL</b> (not in the KB)'
+                     + (f": {_esc(_why_nil(details.note))}" if details is not None and details.note else "")
+                     + "</span>")
     if isinstance(details, DimDetails) and details.protocol:
         parts.append(f'<span class="mel-note">protocol: {_esc(details.protocol)}</span>')
+    if result is not None and result.candidates:
+        _, calibrated, tooltip = confidences(result.candidates, panel.calibration, linker_kind(panel.linker))
+        parts.append(f'<span class="mel-note">p: {_p_label(calibrated, tooltip)}</span>')
     return "<div>" + " · ".join(parts) + "</div>" if parts else ""
 
 
+def candidate_headers(view) -> list[str]:
+    """The ranked table's columns: the last says whether p is calibrated."""
+    r = view.ranker.result
+    calibrated = r is not None and confidences(r.candidates, view.ranker.calibration, "")[1]
+    return ["rank", "name", "id", "description", "score", "calibrated p" if calibrated else "p (uncalibrated)"]
+
+
 def candidate_rows(view) -> list[list]:
-    return [[c["rank"], c["name"], c["id"], _clip(c["description"], 160), round(c["score"], 4)] for c in view.ranked]
+    r = view.ranker.result
+    probs = confidences(r.candidates, view.ranker.calibration, linker_kind(view.ranker.linker))[0] if r else []
+    return [[c["rank"], c["name"], c["id"], _clip(c["description"], 160), round(c["score"], 4),
+             None if p is None else round(p, 4)] for c, p in zip(view.ranked, probs, strict=True)]
+
+
+def candidate_table(view) -> dict:
+    """The ranked table's value (gr.Dataframe): its rows and headers."""
+    return {"data": candidate_rows(view), "headers": candidate_headers(view)}
 
 
 @functools.lru_cache(maxsize=1)
@@ -153,10 +243,15 @@ def status_html(describe: dict) -> str:
         return "ready" if s == "ok" else ("off" if s == "off" else f"unavailable: {s}")
     ranker = (rank["linker"] if rank["linker"] == rank["wanted"]
               else f"{rank['wanted']} unavailable ({rank['status']}); using {rank['linker']}")
+    name = gen.get("linker") or ""
+    generator = f"{generator_title(name)}: {state(gen['status'])}" if name else "GEMEL: off"
+    switch = (f' <span class="mel-note" id="mel-generator-switch">(the paper\'s whole-KB generation: '
+              f"<code>{_esc(WHOLE_KB_SWITCH)}</code>)</span>" if name and name != "gemel" else "")
     return (f'<div class="mel-note">preset <b>{_esc(describe["preset"])}</b> on {_esc(describe["device"])}'
             + (f" ({_esc(describe['reason'])})" if describe.get("reason") else "")
             + f' · KB {_esc(describe["kb"])}, {describe["kb_size"]:,} entities · pool {_esc(describe["pool"])}'
-            f' · GEMEL: {_esc(state(gen["status"]))} · ranking: {_esc(ranker if rank["status"] != "ok" else ranker + " ready")}</div>')
+            f' · <span id="mel-generator">{_esc(generator)}</span>{switch}'
+            f' · ranking: {_esc(ranker if rank["status"] != "ok" else ranker + " ready")}</div>')
 
 
 # -- the Annotate tab --------------------------------------------------------------------------------
@@ -217,7 +312,31 @@ def _details(pred):
         return None
 
 
-def _gemel_panel(pred, describe) -> tuple[str, str | None]:
+def _task_confidences(pred, kind: str, calibrations) -> tuple[list[float | None], bool, str]:
+    """`confidences` of a stored prediction: its candidates' "probability" when the store kept them,
+    else computed from the scores with `calibrations[pred.linker]` (a mel Calibration) when given."""
+    cal = (calibrations or {}).get(pred.linker)
+    fitted_kb = cal.fitted_on.get("kb") if cal is not None else None
+    if fitted_kb and getattr(pred, "kb", "") and Path(str(pred.kb)).name != Path(str(fitted_kb)).name:
+        cal = None  # fitted on another KB's scores: its probabilities would mean nothing here
+    candidates = pred.candidates
+    summary = None
+    if cal is not None:
+        from mel.calibration import describe_calibration
+        summary = {"about": describe_calibration(cal)}
+        if not any(isinstance(c.get("probability"), (int, float)) for c in candidates):
+            probs = cal.probabilities([c.get("score") if isinstance(c.get("score"), (int, float)) else -math.inf
+                                       for c in candidates])
+            candidates = [{**c, "probability": float(q)} for c, q in zip(candidates, probs, strict=True)]
+    return confidences(candidates, summary, kind)
+
+
+def _nil_reason(details) -> str:
+    note = getattr(details, "note", "") if details is not None else ""
+    return f'<div class="mel-note mel-q-nil">{_esc(_clip(_why_nil(note), 200))}</div>' if note else ""
+
+
+def _gemel_panel(pred, describe, calibrations=None) -> tuple[str, str | None]:
     if pred is None:
         return ('<section class="mel-q-panel mel-q-gemel"><h3>GEMEL</h3><p class="mel-note">no prediction yet '
                 '(the linker is off or failed)</p></section>', None)
@@ -225,17 +344,17 @@ def _gemel_panel(pred, describe) -> tuple[str, str | None]:
         return (f'<section class="mel-q-panel mel-q-gemel"><h3>GEMEL ({_esc(pred.linker)})</h3>'
                 f'<p class="mel-error">failed: {_esc(_clip(pred.error, 200))}</p></section>', None)
     details = _details(pred)
-    scores = [c.get("score") for c in pred.candidates]
-    probs = probabilities(scores, RANKER_TEMPERATURES["gemel"])
+    probs, calibrated, tooltip = _task_confidences(pred, "gemel", calibrations)
     entity = pred.entity_id if pred.entity_id not in (None, NIL) else None
     p = next((q for c, q in zip(pred.candidates, probs, strict=True) if c.get("id") == entity), None)
     if entity is None:
-        answer = '<div class="mel-q-entity"><b>NIL</b> <span class="mel-note">(no KB entity)</span></div>'
+        answer = ('<div class="mel-q-entity"><b>NIL</b> <span class="mel-note">(no KB entity)</span></div>'
+                  + _nil_reason(details))
     else:
         answer = (f'<div class="mel-q-entity"><b>{_esc(pred.entity_name)}</b> <code>{_esc(entity)}</code> '
-                  f'<span class="mel-q-p" title="softmax of GEMEL\'s beam log-probabilities (T = 1) over its '
-                  f'{len(scores)} beams">p {_pct(p)}</span></div>'
-                  f'<div class="mel-q-desc">{_esc(_clip(describe(entity), 140))}</div>')
+                  f'<span class="mel-q-p" title="{_attr(tooltip)}" data-p="{_attr(p)}">p {_pct(p)}</span></div>'
+                  f'<div class="mel-q-desc">{_esc(_clip(describe(entity), 140))}</div>'
+                  f'<div class="mel-note mel-q-plabel">p: {_p_label(calibrated, tooltip)}</div>')
     extra = []
     if isinstance(details, GemelDetails):
         if details.generated is not None:
@@ -252,7 +371,7 @@ def _gemel_panel(pred, describe) -> tuple[str, str | None]:
             + "".join(extra) + "</section>", entity)
 
 
-def _dim_panel(pred, describe) -> tuple[str, list[str]]:
+def _dim_panel(pred, describe, calibrations=None) -> tuple[str, list[str]]:
     if pred is None:
         return ('<section class="mel-q-panel mel-q-dim"><h3>DIM</h3><p class="mel-note">no prediction yet</p>'
                 '</section>', [])
@@ -261,9 +380,8 @@ def _dim_panel(pred, describe) -> tuple[str, list[str]]:
                 f'<p class="mel-error">failed: {_esc(_clip(pred.error, 200))}</p></section>', [])
     details = _details(pred)
     kind = linker_kind(pred.linker)
-    temperature = RANKER_TEMPERATURES.get(kind, 1.0)
     shown = pred.candidates[:MAX_DIM_SHOWN]
-    probs = probabilities([c.get("score") for c in pred.candidates], temperature)
+    probs, calibrated, tooltip = _task_confidences(pred, kind, calibrations)
     cue = ""
     if isinstance(details, DimDetails):
         if details.cue is not None and details.cue.text:
@@ -279,10 +397,12 @@ def _dim_panel(pred, describe) -> tuple[str, list[str]]:
                     f'<kbd>{key}</kbd><span class="mel-q-name"><b>{_esc(c.get("name"))}</b> '
                     f'<code>{_esc(c.get("id"))}</code></span>'
                     f'<span class="mel-q-desc">{_esc(_clip(describe(c.get("id")), 110))}</span>'
-                    f'<span class="mel-q-p">{_pct(p)}</span></li>')
+                    f'<span class="mel-q-p" data-p="{_attr(p)}">{_pct(p)}</span></li>')
     label = "DIM" if kind == "dim" else f"{_esc(pred.linker)} (DIM unavailable)"
-    note = (f'<div class="mel-note mel-q-plabel">p: softmax of the scores (T = {temperature:g}) over its top '
-            f'{len(pred.candidates)}</div>')
+    note = f'<div class="mel-note mel-q-plabel">p: {_p_label(calibrated, tooltip)}</div>'
+    if pred.entity_id in (None, NIL) and pred.candidates:  # NIL below the threshold: the candidates stay
+        cue += '<div class="mel-q-entity"><b>NIL</b> <span class="mel-note">(no KB entity)</span></div>' + \
+            _nil_reason(details)
     return (f'<section class="mel-q-panel mel-q-dim"><h3>{label} <kbd>1</kbd>–<kbd>0</kbd></h3>{cue}'
             f'<ol class="mel-q-cands">{"".join(rows) or "<li class=mel-note>no candidates</li>"}</ol>{note}</section>',
             [str(c.get("id")) for c in shown])
@@ -307,10 +427,13 @@ def render_message(message: str = "", ok: bool = True) -> str:
 
 
 def render_task(view, *, project: str, message: str = "", ok: bool = True, nonce: str = "",
-                undo_id: int | None = None, describe=lambda entity_id: "", empty: str = "") -> str:
+                undo_id: int | None = None, describe=lambda entity_id: "", empty: str = "",
+                calibrations=None) -> str:
     """The task screen of a TaskView (None: nothing left). `describe(entity_id)` gives a KB
     description; `nonce` is the token of the command this answers (the page unlocks on it).
-    `empty`: why there is no task, when not because everything is decided (the message says more)."""
+    `empty`: why there is no task, when not because everything is decided (the message says more).
+    `calibrations` ({linker name: mel Calibration}, e.g. LinkService.calibrations()): probabilities
+    for stored predictions whose candidates do not carry them, and the tooltip saying how."""
     common = f'data-project="{_attr(project)}" data-nonce="{_attr(nonce)}"'
     if view is None and empty:
         return (f'<div id="mel-q-view" class="mel-q" data-state="none" data-task-id="" {common}>'
@@ -325,8 +448,8 @@ def render_task(view, *, project: str, message: str = "", ok: bool = True, nonce
     task = view.task
     m = task.mention
     gemel_pred, dim_pred = split_predictions(view)
-    gemel_html, gemel_entity = _gemel_panel(gemel_pred, describe)
-    dim_html, dim_ids = _dim_panel(dim_pred, describe)
+    gemel_html, gemel_entity = _gemel_panel(gemel_pred, describe, calibrations)
+    dim_html, dim_ids = _dim_panel(dim_pred, describe, calibrations)
     if gemel_pred is None or dim_pred is None or not dim_ids:
         agree = ""
     elif gemel_entity is not None and gemel_entity == dim_ids[0]:
@@ -400,6 +523,7 @@ def render_preannotation(status: dict, state: str) -> str:
     return f'<div class="mel-panel" id="mel-preannotate-status"><b>{_esc(state)}</b>{"".join(parts)}</div>'
 
 
-__all__ = ["render_generator", "render_cue", "render_ranker_note", "candidate_rows", "gallery_items",
+__all__ = ["render_generator", "render_cue", "render_ranker_note", "candidate_rows", "candidate_headers",
+           "candidate_table", "confidences", "generator_title", "gallery_items",
            "counter_html", "status_html", "render_task", "render_search_results", "render_import_report",
            "render_preannotation", "probabilities", "image_data_uri", "split_predictions"]

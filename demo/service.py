@@ -12,6 +12,13 @@ candidates). A linker that cannot be built here (missing checkpoint, model not d
 is reported as unavailable with the reason; the ranking panel then falls back to the dense
 baseline and says so, instead of the app refusing to start.
 
+The generator is `gemel+bm25` by default (the LLM scores BM25's top 20: more accurate with the
+small offline LLM than generating over the whole KB: WikiMEL dev H@1 0.7650 vs 0.5100 on the first
+200 mentions); `generator="gemel"` is the paper's whole-KB generation. Each panel carries what its
+confidences are (`PanelResult.calibration`, mel.calibration.calibration_summary): calibrated
+probabilities where the linker has a calibration for this KB, else none; with `nil=True` a
+calibrated linker answers NIL below its calibration's threshold (the result's note says so).
+
 Every mention linked, every prediction shown and every correction goes to the annotation
 store (annotations.AnnotationStore). With `live_pool` on, a correction joins GEMEL's
 demonstration pool before the next link retrieves demonstrations, and an undone one leaves it:
@@ -106,7 +113,7 @@ class ServiceConfig:
     preset: str = "auto"
     device: str | None = None
     data_dir: str | None = None         # where annotations.sqlite and images/ live
-    generator: str = "gemel"            # the generative panel's linker ("" = off)
+    generator: str = "gemel+bm25"       # the generative panel's linker ("gemel": whole KB, the paper's; "" = off)
     ranker: str = "dim"                 # the ranking panel's linker
     fallback_ranker: str = "dense"      # used when `ranker` cannot be built here
     generator_options: dict = field(default_factory=dict)
@@ -114,6 +121,7 @@ class ServiceConfig:
     k: int = 10                         # candidates shown
     live_pool: bool = True              # corrections join the demonstration pool at once
     warm_up: bool = True                # run each linker once at load, so the first user link is fast
+    nil: bool = False                   # calibrated linkers answer NIL below their calibration's threshold
 
 
 @dataclass
@@ -126,6 +134,7 @@ class PanelResult:
     error: str | None = None
     note: str = ""                   # e.g. "DIM is unavailable (...): showing the dense baseline"
     prediction_id: int | None = None
+    calibration: dict | None = None  # what its probabilities are (mel.calibration.calibration_summary)
 
 
 @dataclass
@@ -148,7 +157,8 @@ class LinkView:
         if r is None:
             return []
         return [{"rank": i, "id": c.entity.id, "name": c.entity.name, "description": c.entity.description,
-                 "score": c.score, "source": c.source} for i, c in enumerate(r.candidates, start=1)]
+                 "score": c.score, "probability": c.probability, "source": c.source}
+                for i, c in enumerate(r.candidates, start=1)]
 
     @property
     def generated(self) -> dict | None:
@@ -157,9 +167,12 @@ class LinkView:
             return None
         r = g.result
         text = r.details.generated if isinstance(r.details, GemelDetails) else None
+        chosen = next((c for c in r.candidates if r.prediction and c.entity.id == r.prediction.id), None)
         return {"generated": text if text is not None else (r.prediction.name if r.prediction else ""),
                 "id": r.prediction.id if r.prediction else NIL, "name": r.prediction.name if r.prediction else "NIL",
-                "description": r.prediction.description if r.prediction else "", "score": r.score}
+                "description": r.prediction.description if r.prediction else "", "score": r.score,
+                "probability": chosen.probability if chosen is not None else None,
+                "note": r.details.note}
 
     def to_dict(self) -> dict:
         def panel(p: PanelResult | None):
@@ -168,6 +181,7 @@ class LinkView:
             return {"linker": p.linker, "error": p.error, "note": p.note, "prediction_id": p.prediction_id,
                     "prediction": (p.result.prediction.to_dict() if p.result and p.result.prediction else None),
                     "score": p.result.score if p.result else None,
+                    "result_note": p.result.details.note if p.result else "", "calibration": p.calibration,
                     "timings": p.result.timings if p.result else {}}
         return {"mention_id": self.mention_id, "mention": self.mention.to_dict(), "text": self.mention.text,
                 "image_sha256": self.image_sha256, "generator": panel(self.generator), "generated": self.generated,
@@ -264,7 +278,7 @@ class LinkService:
             self.status["generator"] = "off"
             return
         try:
-            self.generator = build_linker(name, self.kb, self.preset, **self._pool_options())
+            self.generator = self._use_nil(build_linker(name, self.kb, self.preset, **self._pool_options()))
             self.status["generator"] = "ok"
         except Exception as exc:  # any failure: show why, keep the app up (logged with traceback)
             log.warning("generative linker %r unavailable", name, exc_info=not isinstance(exc, MELError))
@@ -279,14 +293,35 @@ class LinkService:
     def _load_ranker(self) -> None:
         from mel.linkers import build_linker
         try:
-            self.ranker = build_linker(self.config.ranker, self.kb, self.preset, **self.config.ranker_options)
+            self.ranker = self._use_nil(build_linker(self.config.ranker, self.kb, self.preset,
+                                                     **self.config.ranker_options))
             self.ranker_name = self.config.ranker
             self.status["ranker"] = "ok"
         except Exception as exc:
             log.warning("ranking linker %r unavailable", self.config.ranker, exc_info=not isinstance(exc, MELError))
             self.status["ranker"] = _why(exc)
-            self.ranker = build_linker(self.config.fallback_ranker, self.kb, self.preset)  # must work: it is the baseline
+            # must work: it is the baseline
+            self.ranker = self._use_nil(build_linker(self.config.fallback_ranker, self.kb, self.preset))
             self.ranker_name = self.config.fallback_ranker
+
+    def _use_nil(self, linker):
+        """With `nil`, `linker` answers NIL below its calibration's threshold (when it has both)."""
+        cal = linker.calibration if self.config.nil else None
+        if cal is not None and cal.nil_threshold is not None:
+            from mel.calibration import use_calibration
+            use_calibration(linker, cal, nil=True)
+        return linker
+
+    def calibrations(self) -> dict:
+        """{linker name: its mel Calibration} of the app's linkers and the projects' ones built so
+        far (render_task shows stored predictions' probabilities with them)."""
+        linkers = [self.generator, self.ranker] + [s.linker for s in list(self._project_linkers.values())]
+        out = {}
+        for linker in linkers:
+            cal = getattr(linker, "calibration", None) if linker is not None else None
+            if cal is not None:
+                out.setdefault(linker.name, cal)
+        return out
 
     def _warm_up(self) -> None:
         """One link per linker on a bundled example: lazy models, tries and caches load now."""
@@ -384,7 +419,8 @@ class LinkService:
                     self._apply_pool_ops()  # corrections saved or undone since the last link
                     scope = self.pool_scope(annotator)
                 with scope:
-                    return PanelResult(role, name, result=linker.link(mention, k=self.config.k))
+                    result = linker.link(mention, k=self.config.k)
+            return PanelResult(role, name, result=result, calibration=_calibration_summary(linker))
         except MELError as exc:
             return PanelResult(role, name, error=str(exc))
         except Exception as exc:  # one linker failing must not hide the other's result
@@ -504,13 +540,20 @@ class LinkService:
             key = (project.kb_stamp, name)
             with self._load_lock:
                 if key not in self._project_linkers:
+                    shares_pool = False
                     if same_kb and name == self.config.generator and self.generator is not None:
                         linker = self.generator
                     elif same_kb and name == self.ranker_name and self.ranker is not None:
                         linker = self.ranker
+                    elif same_kb and name.startswith("gemel") and self.pool() is not None:
+                        # another GEMEL than the Link tab's (the project's "gemel" while the tab runs
+                        # gemel+bm25): the same demonstration pool, with the live corrections
+                        linker = self._use_nil(build_linker(name, self.kb, self.preset, pool=self.pool()))
+                        shares_pool = True
                     else:
-                        linker = build_linker(name, self._kb_of(project), self.preset)
-                    self._project_linkers[key] = SerializedLinker(linker, self, generator=linker is self.generator)
+                        linker = self._use_nil(build_linker(name, self._kb_of(project), self.preset))
+                    self._project_linkers[key] = SerializedLinker(linker, self,
+                                                                  generator=linker is self.generator or shares_pool)
             out[name] = self._project_linkers[key]
         return out
 
@@ -699,6 +742,16 @@ class SerializedLinker:
 # -- helpers ---------------------------------------------------------------------------------------
 def _ms(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1000, 1)
+
+
+def _calibration_summary(linker) -> dict | None:
+    """What `linker`'s probabilities are (mel.calibration.calibration_summary); None if unknown."""
+    from mel.calibration import calibration_summary
+    try:
+        return calibration_summary(linker)
+    except Exception:  # a display aid: never fails a link
+        log.warning("no calibration summary for %s", getattr(linker, "name", linker), exc_info=True)
+        return None
 
 
 def _why(exc: BaseException) -> str:

@@ -62,6 +62,7 @@ from .render import (
     _clip,
     _esc,
     candidate_rows,
+    candidate_table,
     counter_html,
     gallery_items,
     render_cue,
@@ -552,9 +553,11 @@ def _link_panel(service: LinkService) -> LinkPanel:
                 gemel_html = gr.HTML(label="GEMEL", elem_id="mel-gemel")
                 cue_html = gr.HTML(label="expert cue", elem_id="mel-cue")
             ranker_note = gr.HTML(label="ranking notes", elem_id="mel-ranker-note")
-            dim_table = gr.Dataframe(headers=["rank", "name", "id", "description", "score"],
-                                     datatype=["number", "str", "str", "str", "number"], interactive=False,
-                                     wrap=True, max_height=320, column_widths=["7%", "22%", "20%", "41%", "10%"],
+            # p: the calibrated probability, or an uncalibrated relative confidence; the header says which
+            dim_table = gr.Dataframe(headers=["rank", "name", "id", "description", "score", "p"],
+                                     datatype=["number", "str", "str", "str", "number", "number"], interactive=False,
+                                     wrap=True, max_height=320,
+                                     column_widths=["5%", "19%", "17%", "35%", "11%", "13%"],
                                      label="DIM: ranked candidates (click a row to choose it)", elem_id="mel-dim")
             demos = gr.Gallery(label="GEMEL: retrieved demonstrations (most similar first)", columns=4,
                                height=220, allow_preview=True, elem_id="mel-demos")
@@ -654,7 +657,7 @@ def _wire_linking(service: LinkService, access: Access, current: gr.State, link:
                                     "accept_dim": view.ranker.prediction_id}}
         result = view.to_dict()
         return (highlight_html(text, s, e), render_generator(view), render_cue(view), render_ranker_note(view),
-                candidate_rows(view), gr.update(choices=choices, value=choices[0][1] if choices else None),
+                candidate_table(view), gr.update(choices=choices, value=choices[0][1] if choices else None),
                 gallery_items(view), view.timings, view.preset, result, state, view.mention.text, s, e, "")
 
     link_event = dict(fn=on_link, inputs=[link.image, link.caption, link.mention, link.start, link.end],

@@ -25,7 +25,8 @@ Where a calibration lives: a directory holding config.json (Calibration.save / C
   and is not applied to other models (a retrained head): probabilities are then None, with a warning.
 - A head or mapper directory may hold its own: <checkpoint>/calibration/config.json is looked up
   first for DIM (`checkpoint`) and GEMEL (`feature_mapper`).
-- Any linker: `use_calibration(linker, DIR_or_Calibration, nil=True)`; CLI `mel eval --calibration DIR`.
+- Any linker: `use_calibration(linker, DIR_or_Calibration, nil=True)`; CLI `mel link|eval --calibration DIR`
+  (`mel link --nil` answers NIL below the threshold). `calibration_summary(linker)` says which applies.
 """
 from __future__ import annotations
 
@@ -217,6 +218,55 @@ def use_calibration(linker, calibration: "Calibration | str | Path | None", *, n
             raise InputError(f"a NIL threshold is a probability in [0, 1], got {nil!r}")
         linker.nil_threshold = float(nil)
     return linker
+
+
+# -- saying what a linker's probabilities are (mel link, the app) ---------------------------------
+def calibration_key(linker) -> str:
+    """<linker>@<kb stem>: the name of the linker's shipped default under models/calibration/."""
+    kb_path = getattr(getattr(linker, "kb", None), "path", None)
+    return f"{linker.name}@{Path(kb_path).stem}" if kb_path is not None else str(linker.name)
+
+
+def describe_calibration(cal: Calibration) -> str:
+    """How `cal` was fitted, in one sentence: the method, the slice, the ECE when it is recorded."""
+    b = cal.none_logit
+    method = (f"temperature scaling (T {cal.temperature:.4g}) with a \"none of these\" option (logit {b:.4g})"
+              if b is not None and math.isfinite(b) else f"temperature scaling (T {cal.temperature:.4g})")
+    on = cal.fitted_on or {}
+    where = " ".join(str(on[key]) for key in ("dataset", "split") if on.get(key)) or "a train slice"
+    n = f", {on['n']:,} mentions" if isinstance(on.get("n"), int) else ""
+    kb = f", KB {on['kb']}" if on.get("kb") else ""
+    text = f"{method}, fitted on {where}{n}{kb}"
+    train = (cal.metrics or {}).get("train") or {}
+    if isinstance(train.get("ece_after"), (int, float)):
+        before = train.get("ece_before")
+        text += f"; ECE {train['ece_after']:.4f} on that slice" + (
+            f" ({before:.4f} before)" if isinstance(before, (int, float)) else "")
+    return text
+
+
+def missing_calibration(linker) -> str:
+    """Why `linker` gives no probabilities, and the command that fits a calibration for it."""
+    key = calibration_key(linker)
+    kb_path = getattr(getattr(linker, "kb", None), "path", None)
+    from .paths import display_path
+    kb = display_path(kb_path) if kb_path is not None else "KB.sqlite"
+    return (f"no calibration for {key}; fit one with python -m mel calibrate --format FORMAT --data DIR --split train "
+            f"--kb {kb} --linker {linker.name} --out models/calibration/{key}")
+
+
+def calibration_summary(linker) -> dict:
+    """What `linker`'s probabilities are, for a UI or a report: {"calibrated", "key", "about" (a
+    sentence: how they were fitted, or why there are none), "ece", "nil_threshold" (the threshold in
+    use: None never answers NIL), "calibration_nil_threshold" (the one chosen on train)}."""
+    cal = getattr(linker, "calibration", None)
+    key = calibration_key(linker)
+    if cal is None:
+        return {"calibrated": False, "key": key, "about": missing_calibration(linker), "ece": None,
+                "nil_threshold": None, "calibration_nil_threshold": None}
+    train = (cal.metrics or {}).get("train") or {}
+    return {"calibrated": True, "key": key, "about": describe_calibration(cal), "ece": train.get("ece_after"),
+            "nil_threshold": getattr(linker, "nil_threshold", None), "calibration_nil_threshold": cal.nil_threshold}
 
 
 # -- fitting --------------------------------------------------------------------------------------
@@ -467,4 +517,5 @@ def loads_scored(text: str) -> list[Scored]:
 
 __all__ = ["Calibration", "Scored", "candidate_probabilities", "fit_temperature", "expected_calibration_error",
            "reliability_bins", "calibration_report", "removed_golds", "choose_nil_threshold", "nil_decisions",
-           "use_calibration", "default_calibration", "model_fingerprint", "reliability_diagram", "collect", "fit"]
+           "use_calibration", "default_calibration", "model_fingerprint", "reliability_diagram", "collect", "fit",
+           "calibration_key", "describe_calibration", "missing_calibration", "calibration_summary"]

@@ -5,7 +5,7 @@
     python -m mel kb build --format wikimel --source DIR --out wikimel.sqlite --preset offline
     python -m mel kb search wikimel.sqlite "Bianca Ryan"
     python -m mel kb info wikimel.sqlite
-    python -m mel link --kb wikimel.sqlite --linker dense --caption "..." --mention "..." [--image IMG]
+    python -m mel link --kb wikimel.sqlite --linker dense --caption "..." --mention "..." [--image IMG] [--nil]
     python -m mel eval --format wikimel --data DIR --split dev --kb wikimel.sqlite --linker dense --json out.json
 
 Other modules add subcommands (train, annotations, bench, batch, dim) through `COMMANDS`; what
@@ -42,10 +42,17 @@ COMMANDS: dict[str, str] = {
 
 # -- models / data ------------------------------------------------------------------------------
 def cmd_models(args):
-    from .presets import PRESETS, describe
+    """Each preset's models with their parameters, dtype and estimated memory, and whether it fits here
+    (a named preset is shown even when it does not fit; `auto` shows the one it would pick)."""
+    from .memory import available_memory, estimate_preset, format_estimate
+    from .presets import PRESETS, describe, get_preset
     names = [args.preset] if args.preset != "all" else list(PRESETS)
     for name in names:
-        print(describe(resolve_preset(argparse.Namespace(preset=name, device=args.device))))
+        preset = get_preset(name, device=args.device, check_memory=name == "auto")
+        if preset.reason:
+            print(f"[mel] {preset.reason}", file=sys.stderr)
+        print(describe(preset))
+        print(format_estimate(estimate_preset(preset), available_memory(preset.device)))
 
 
 def cmd_data_info(args):
@@ -117,15 +124,68 @@ def cmd_link(args):
         load_image(args.image, name=f"the image {args.image}")  # refused here, whichever linker runs
     kb = KnowledgeBase(args.kb)
     linker = build_linker(args.linker, kb, resolve_preset(args), **_options(args))
+    calibrate(linker, args)
     result = linker.link(mention, k=args.k)
     if args.json:
+        if linker.calibration is None:  # the JSON's "probability" fields are null: say why, beside it
+            print(f"[mel] probabilities: none ({_missing(linker)})", file=sys.stderr)
         print(result.to_json())
         return
     pred = result.prediction
     print(f"mention: {mention.text!r}  ->  {pred.name + ' (' + pred.id + ')' if pred else 'NIL'}  "
           f"[{args.linker}, preset {result.preset}, {result.timings.get('total', 0):.0f} ms]")
+    if result.details.note:
+        print(f"  note: {result.details.note}")
+    print(probabilities_line(linker))
     for rank, c in enumerate(result.candidates[:10], start=1):
-        print(f"{rank:3d}. {c.score:8.3f}  {c.entity.id:<12} {c.entity.name}")
+        p = "" if c.probability is None else f"  p={c.probability:.4f}"
+        print(f"{rank:3d}. {c.score:8.3f}{p}  {c.entity.id:<12} {c.entity.name}")
+
+
+def _missing(linker) -> str:
+    from .calibration import missing_calibration
+    return missing_calibration(linker)
+
+
+def probabilities_line(linker) -> str:
+    """What the p= values of `mel link` are: calibrated (how, and the NIL rule in use), or none and why."""
+    from .calibration import describe_calibration
+    cal = linker.calibration
+    if cal is None:
+        return f"probabilities: none ({_missing(linker)})"
+    if linker.nil_threshold is not None:
+        nil = f"NIL below p {linker.nil_threshold:.3f}"
+    elif cal.nil_threshold is not None:
+        nil = f"NIL off (--nil: NIL below the threshold chosen on train, p {cal.nil_threshold:.3f})"
+    else:
+        nil = "NIL off (--nil-threshold T to answer NIL below p T)"
+    return f"probabilities: calibrated, {describe_calibration(cal)}; {nil}"
+
+
+def calibrate(linker, args) -> None:
+    """`--calibration DIR`, `--nil` and `--nil-threshold T` (link and eval) applied to `linker`:
+    DIR replaces the calibration it finds by itself; NIL below a threshold needs a calibration."""
+    from .calibration import use_calibration
+    if args.calibration:
+        use_calibration(linker, args.calibration)
+    threshold = args.nil_threshold
+    if threshold is None and not getattr(args, "nil", False):
+        return
+    if linker.calibration is None:
+        raise InputError(f"NIL below a probability needs calibrated probabilities: {_missing(linker)} "
+                         f"(and pass --calibration DIR)")
+    use_calibration(linker, linker.calibration, nil=True if threshold is None else threshold)
+
+
+def add_calibration_args(p, *, nil_flag: bool, threshold_help: str) -> None:
+    """The calibration options of link and eval (applied by `calibrate`)."""
+    p.add_argument("--calibration", help="calibration directory (default: the linker's own, if any: "
+                                         "models/calibration/<linker>@<kb>; fit one with mel calibrate)")
+    if nil_flag:
+        p.add_argument("--nil", action="store_true",
+                       help="answer NIL when the best candidate's probability is below the calibration's "
+                            "threshold (chosen on train)")
+    p.add_argument("--nil-threshold", type=float, default=None, help=threshold_help)
 
 
 def _options(args) -> dict:
@@ -149,11 +209,8 @@ def cmd_eval(args):
           file=sys.stderr)
     print(f"[mel] {data.report.rules_line()}", file=sys.stderr)
     linker = build_linker(args.linker, kb, resolve_preset(args), **_options(args))
-    from .calibration import removed_golds, use_calibration
-    if args.calibration:
-        use_calibration(linker, args.calibration)
-    if args.nil_threshold is not None:
-        use_calibration(linker, linker.calibration, nil=args.nil_threshold)
+    from .calibration import removed_golds
+    calibrate(linker, args)
     if args.nil_share and linker.calibration is None:
         raise InputError(f"--nil-share needs a calibrated {linker.name}: none found for this KB; fit one with "
                          f"`python -m mel calibrate ... --out DIR` and pass --calibration DIR")
@@ -230,7 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", help="path of the image that goes with the caption")
     p.add_argument("-k", type=int, default=20)
     p.add_argument("--opt", action="append", help="linker option key=value (repeatable)")
-    p.add_argument("--json", action="store_true", help="print the LinkResult as JSON")
+    p.add_argument("--json", action="store_true", help="print the LinkResult as JSON (with each candidate's probability)")
+    add_calibration_args(p, nil_flag=True, threshold_help="answer NIL when the best candidate's probability is "
+                                                          "below this (implies --nil)")
     add_preset_args(p)
     p.set_defaults(func=cmd_link)
 
@@ -247,12 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the report to this JSON file")
     p.add_argument("--predictions", help="write one JSON line per mention to this file")
     p.add_argument("--quiet", action="store_true")
-    p.add_argument("--calibration", help="calibration directory (default: the linker's own, if any; mel calibrate)")
+    add_calibration_args(p, nil_flag=False, threshold_help="answer NIL below this probability (default: the "
+                                                           "calibration's, chosen on train)")
     p.add_argument("--nil-share", type=float, default=0.0,
                    help="NIL-aware metrics with this seeded share of the split's golds out of the KB (e.g. 0.1)")
     p.add_argument("--nil-seed", type=int, default=0, help="seed of the golds taken out (--nil-share)")
-    p.add_argument("--nil-threshold", type=float, default=None,
-                   help="answer NIL below this probability (default: the calibration's, chosen on train)")
     add_preset_args(p)
     p.set_defaults(func=cmd_eval)
 
