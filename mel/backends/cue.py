@@ -7,7 +7,13 @@ and encodes the answer with the CLIP text tower. Providers here:
                                                           per face: dlib + face-api.js's age/gender network), and
                                                           the top ImageNet labels only when no face is found
     load_cue_provider("imagenet-labels")                  offline: top-5 ImageNet labels (packaged Lite0)
-    load_cue_provider("blip2:Salesforce/blip2-opt-2.7b")  BLIP-2 through transformers (hub id or local dir)
+    load_cue_provider("blip2:Salesforce/blip2-opt-2.7b")  BLIP-2 through transformers (hub id or local dir);
+                                                          float16 on CUDA, bfloat16 on CPU (3.7B parameters:
+                                                          7.5 GB instead of 15 GB in float32)
+    load_cue_provider("blip:Salesforce/blip-image-captioning-base")
+                                                          BLIP (224M parameters, 0.9 GB in float32): a caption
+                                                          of the image; a VQA checkpoint (blip-vqa-base) answers
+                                                          DIM's question instead. The `small` preset's cue
 
 Every provider caches its cues per (image content hash, provider, question): a small in-memory
 dict plus one JSON file per cue under `cache_dir("cues")` (no pickle), so a cue is computed once.
@@ -22,7 +28,7 @@ import tempfile
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from PIL import Image
@@ -235,10 +241,10 @@ class PersonCueProvider(_CachedCueProvider):
         self.device, self.k = device, k
         self.labels = ImageNetLabelCueProvider(device, k=k, use_disk_cache=False)
         self.note = ""
+        self.analyzer: Any = None
         try:
             self.analyzer = load_face_analyzer(device)
         except ModelUnavailableError as e:
-            self.analyzer = None
             self.note = f"no face detection, ImageNet labels instead: {e}"
             log.warning("person cue: %s", self.note)
         if self.analyzer is not None and self.analyzer.age_gender is None:
@@ -282,9 +288,10 @@ class Blip2CueProvider(_CachedCueProvider):
         self.default_question = question
         self.max_new_tokens = int(max_new_tokens)
         self.name = f"blip2:{ref}" + ("" if self.max_new_tokens == 20 else f"@{self.max_new_tokens}")
-        kwargs = {"dtype": torch.float16} if torch.device(device).type == "cuda" else {}
-        model = from_pretrained(Blip2ForConditionalGeneration, ref, f"BLIP-2 model {ref}", **kwargs)
-        self.model = _frozen(model, device)
+        # float16 on CUDA; bfloat16 on CPU, which halves the 15 GB of the float32 checkpoint
+        dtype = torch.float16 if torch.device(device).type == "cuda" else torch.bfloat16
+        model = from_pretrained(Blip2ForConditionalGeneration, ref, f"BLIP-2 model {ref}", dtype=dtype)
+        self.model: Any = _frozen(model, device)  # a transformers model (generate, config...)
         self.processor = from_pretrained(Blip2Processor, ref, f"BLIP-2 processor {ref}")
         self.tokenizer = self.processor.tokenizer
         self._sync_image_tokens()
@@ -340,15 +347,81 @@ class Blip2CueProvider(_CachedCueProvider):
         return Cue(text=text, provider=self.name, scores=[], question=question)
 
 
+def plain_question(question: str) -> str:
+    """DIM's BLIP-2 prompt "Question: X Answer:" as the bare question X that BLIP's VQA model was
+    trained on ("who are the characters in the picture?")."""
+    q = question.strip()
+    if q.lower().startswith("question:"):
+        q = q[len("question:"):]
+    if q.lower().endswith("answer:"):
+        q = q[: -len("answer:")]
+    return q.strip()
+
+
+class BlipCueProvider(_CachedCueProvider):
+    """BLIP through transformers, a cue model a CPU can hold and run: 224M parameters for
+    Salesforce/blip-image-captioning-base and 361M for Salesforce/blip-vqa-base, against BLIP-2's
+    3.7B. The checkpoint's config says which it is:
+
+    captioning (BlipForConditionalGeneration)  a caption of the image ("a man in a suit standing at a
+        podium"); the question is not used: a captioning model's text input is the start of the
+        caption, not a question, so every question gets the same cue.
+    VQA (BlipForQuestionAnswering)  the answer to DIM's question, asked as BLIP was trained
+        ("who are the characters in the picture?", see plain_question).
+
+    Weights in float16 on CUDA and float32 on CPU (0.9 GB for the captioning base); greedy decoding,
+    at most 20 new tokens by default."""
+
+    def __init__(
+        self,
+        ref: str,
+        device: str = "cpu",
+        question: str = DIM_QUESTION,
+        max_new_tokens: int = 20,
+        use_disk_cache: bool = True,
+    ):
+        from transformers import AutoConfig, BlipForConditionalGeneration, BlipForQuestionAnswering, BlipProcessor
+
+        super().__init__(use_disk_cache)
+        self.ref, self.device = ref, device
+        self.max_new_tokens = int(max_new_tokens)
+        config = from_pretrained(AutoConfig, ref, f"BLIP config {ref}")
+        if getattr(config, "model_type", "") != "blip":
+            raise CheckpointError(f"{ref} is a {getattr(config, 'model_type', '') or 'unknown'} model, not BLIP "
+                                  f"(expected model_type 'blip'; BLIP-2 checkpoints take 'blip2:{ref}')")
+        self.vqa = "BlipForQuestionAnswering" in (getattr(config, "architectures", None) or [])
+        self.uses_question = self.vqa
+        self.default_question = question if self.vqa else ""
+        self.name = f"blip:{ref}" + ("" if self.max_new_tokens == 20 else f"@{self.max_new_tokens}")
+        cls = BlipForQuestionAnswering if self.vqa else BlipForConditionalGeneration
+        dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
+        model = from_pretrained(cls, ref, f"BLIP model {ref}", config=config, dtype=dtype)
+        self.model: Any = _frozen(model, device)  # a transformers model (generate, config...)
+        self.processor = from_pretrained(BlipProcessor, ref, f"BLIP processor {ref}")
+
+    def _compute(self, image: Image.Image, question: str) -> Cue:
+        dtype = next(self.model.parameters()).dtype
+        with torch.inference_mode():
+            if self.vqa:
+                inputs = self.processor(images=image, text=plain_question(question), return_tensors="pt")
+            else:
+                inputs = self.processor(images=image, return_tensors="pt")
+            inputs = {k: v.to(self.device) for k, v in inputs.items()}
+            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1)
+        text = self.processor.tokenizer.decode(out[0], skip_special_tokens=True).strip()
+        return Cue(text=text, provider=self.name, scores=[], question=question if self.vqa else "")
+
+
 # -----------------------------------------------------------------------------
 # factory
 
-CUE_PROVIDER_SPECS = ("faces", "imagenet-labels", "blip2:<hub id or dir>")
+CUE_PROVIDER_SPECS = ("faces", "imagenet-labels", "blip:<hub id or dir>", "blip2:<hub id or dir>")
 
 
 def load_cue_provider(spec: str, device: str = "cpu", *, use_disk_cache: bool = True, **kwargs) -> CueProvider:
     """A CueProvider for `spec` (see CUE_PROVIDER_SPECS). Extra keyword arguments go to the
-    provider (blip2: question, max_new_tokens; imagenet-labels and faces: k)."""
+    provider (blip, blip2: question, max_new_tokens; imagenet-labels and faces: k)."""
     kind, ref = _split_spec(spec)
     device = _check_device(device)
     if kind in ("imagenet-labels", "imagenet"):
@@ -363,4 +436,8 @@ def load_cue_provider(spec: str, device: str = "cpu", *, use_disk_cache: bool = 
         if not ref:
             raise InputError(f"cue spec {spec!r} needs a model, e.g. 'blip2:Salesforce/blip2-opt-2.7b'")
         return Blip2CueProvider(ref, device, use_disk_cache=use_disk_cache, **kwargs)
+    if kind == "blip":
+        if not ref:
+            raise InputError(f"cue spec {spec!r} needs a model, e.g. 'blip:Salesforce/blip-image-captioning-base'")
+        return BlipCueProvider(ref, device, use_disk_cache=use_disk_cache, **kwargs)
     raise InputError(f"unknown cue provider {spec!r}; expected one of {', '.join(CUE_PROVIDER_SPECS)}")
