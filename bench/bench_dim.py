@@ -8,7 +8,8 @@ Measures, in ONE run with warm encoders:
     wall clock around the call); target < 100 ms;
   * throughput: `linker.pipe` over text-only mentions (mentions/s); target >= 50;
   * quality, whole-KB protocol: Hits@1/5/10/20 and MRR of dim and of the baselines exact, bm25,
-    dense on the same examples (target: dim Hits@1 >= 0.80 on WikiMEL dev and above every baseline);
+    dense on the same examples, every mention counted (`--unlocated context`, as `mel eval`)
+    (target: dim Hits@1 >= 0.80 on WikiMEL dev and above every baseline);
   * DIM's candidate recall@k (is the gold among the generator's first k candidates at all);
   * DIM's candidate-list protocol (gold inside a 100-candidate list), labelled as inflated.
 """
@@ -42,6 +43,7 @@ from mel.evaluate import evaluate  # noqa: E402
 from mel.kb import KnowledgeBase  # noqa: E402
 from mel.linkers import build_linker  # noqa: E402
 from mel.paths import display_path  # noqa: E402
+from mel.types import NOT_LOCATED  # noqa: E402
 
 BASELINES = ("exact", "bm25", "dense")
 
@@ -79,9 +81,14 @@ def main(argv=None) -> int:
     ap.add_argument("--format", default="wikimel")
     ap.add_argument("--data", required=True)
     ap.add_argument("--split", default="dev")
+    ap.add_argument("--unlocated", choices=("context", "skip"), default="context",
+                    help="mentions no rule finds in their caption: linked by their string with the caption as "
+                         "context and counted, as `mel eval` does (default), or left out (figures before #15)")
     ap.add_argument("--kb", required=True)
     add_preset_args(ap)
     ap.add_argument("--checkpoint", default=None, help="DIM head (default: the shipped one for the preset)")
+    ap.add_argument("--compare", action="append", default=[], metavar="DIR",
+                    help="another DIM head to measure on the same examples (whole-KB quality only; repeatable)")
     ap.add_argument("--limit", type=int, default=None, help="only the first N examples for the quality part")
     ap.add_argument("--latency-n", type=int, default=200, help="mentions timed one by one (0 = skip)")
     ap.add_argument("--throughput-n", type=int, default=1000, help="text-only mentions for throughput (0 = skip)")
@@ -97,12 +104,13 @@ def main(argv=None) -> int:
     apply_threads(args.threads)
     preset = resolve_preset(args)
     kb = KnowledgeBase(args.kb)
-    split = load_dataset(args.format, args.data, args.split)
+    split = load_dataset(args.format, args.data, args.split, unlocated=args.unlocated)
     examples = split.examples[: args.limit] if args.limit else split.examples
-    text_only = [ex.mention for ex in split.examples if not ex.mention.image]
+    text_only = [ex.mention for ex in split.examples if not ex.mention.image and ex.located != NOT_LOCATED]
     opts = {"checkpoint": args.checkpoint} if args.checkpoint else {}
     dim = build_linker("dim", kb, preset, keep_pool=True, **opts)
-    out = {"dataset": args.format, "split": args.split, "kb": kb.path.name, "kb_size": kb.size, "n": len(examples),
+    out = {"dataset": args.format, "split": args.split, "unlocated": args.unlocated, "kb": kb.path.name,
+           "kb_size": kb.size, "n": len(examples),
            "preset": preset.name, "checkpoint": display_path(dim.checkpoint), "command": script_command(__file__, argv)}
 
     for m in text_only[:5]:  # warm-up: load the encoders, fill caches
@@ -118,6 +126,10 @@ def main(argv=None) -> int:
     for name in [b for b in args.baselines.split(",") if b]:
         out["quality"][name], _ = quality(build_linker(name, kb, preset), examples, args.batch_size)
         print(f"{name}: {out['quality'][name]}", flush=True)
+    for other in args.compare:
+        name = f"dim ({display_path(other)})"
+        out["quality"][name], _ = quality(build_linker("dim", kb, preset, checkpoint=other), examples, args.batch_size)
+        print(f"{name}: {out['quality'][name]}", flush=True)
     out["quality"]["dim"], rows = quality(dim, examples, args.batch_size)
     print(f"dim: {out['quality']['dim']}", flush=True)
 
@@ -125,7 +137,8 @@ def main(argv=None) -> int:
     out["dim_candidate_recall"] = candidate_recall(pools, [ex.gold_id if ex.gold_id in kb else None for ex in examples],
                                                    ks=(1, 10, 20, 50, 100))
     print(f"dim candidate recall: {out['dim_candidate_recall']}", flush=True)
-    best_baseline = max((v["hits@1"], k) for k, v in out["quality"].items() if k != "dim") if len(out["quality"]) > 1 else (0, "")
+    baselines = [(v["hits@1"], k) for k, v in out["quality"].items() if not k.startswith("dim")]
+    best_baseline = max(baselines) if baselines else (0, "")
     out["dim_above_every_baseline"] = out["quality"]["dim"]["hits@1"] > best_baseline[0]
 
     if args.list_size:

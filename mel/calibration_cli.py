@@ -61,25 +61,14 @@ def train_slice(examples, limit: int | None, seed: int, linker=None, fmt: str = 
 
 def _checkpoint_holdout(linker, examples, fmt: str, split: str):
     """The examples of the training records a DIM head did not train on, when it was trained on
-    `fmt`/`split`; None when the head was trained elsewhere (every example is unseen)."""
+    `fmt`/`split` (alone or as one dataset of a joint head); None when the head was trained elsewhere
+    (every example is unseen)."""
     ckpt = getattr(linker, "checkpoint", None)
     if ckpt is None or not (Path(ckpt) / "config.json").is_file():
         return None
+    from .dim.train import heldout_examples
     cfg = json.loads((Path(ckpt) / "config.json").read_text(encoding="utf-8"))
-    trained = cfg.get("train", {})
-    if trained.get("dataset") != fmt or trained.get("split") != split:
-        return None
-    from .dim.train import DimTrainConfig, split_holdout
-    fraction = trained.get("holdout", DimTrainConfig.holdout)
-    # the head's training read the split with the rules of its time: exact / NFC / case-insensitive only
-    old = [e for e in examples if e.located in ("exact", "nfc", "casefold") and e.gold_id in linker.kb]
-    _, held = split_holdout(old, fraction, trained.get("seed", 42))
-    expected = cfg.get("heldout", {}).get("n")
-    if expected is not None and len(held) != expected:
-        raise InputError(f"cannot reproduce the held-out records of {ckpt} ({len(held)} mentions, the head says "
-                         f"{expected}): calibrate on a split the head did not train on")
-    records = {e.sample_id.split("#")[0] for e in held}
-    return [e for e in examples if e.sample_id.split("#")[0] in records]
+    return heldout_examples(cfg, examples, fmt, split, linker.kb)
 
 
 def run(args) -> None:

@@ -1,8 +1,12 @@
 """Train DIM's fusion head (N-pair loss, in-batch + hard negatives) on frozen, cached features.
 
     python -m mel train dim --format wikimel --data DIR --kb wikimel.sqlite --preset offline --out runs/dim
+    python -m mel train dim --format wikimel,richpedia --data DIR1,DIR2 --kb wikimel.sqlite,richpedia.sqlite \
+        --preset offline --out runs/dim-joint      # one head for several datasets, each with its own KB
 
     trainer = DimTrainer(DimTrainConfig(epochs=4), kb, preset, "runs/dim", train=examples, dev=dev_examples)
+    trainer = DimTrainer(config, None, preset, "runs/dim-joint", datasets=[TrainingSet("wikimel", kb1, train1, dev1),
+                                                                           TrainingSet("richpedia", kb2, train2, dev2)])
     result = trainer.run(resume=False)      # the CLI is a thin shell over this; flags = DimTrainConfig's fields
 
 Same conventions as the GEMEL trainer: AdamW, linear warm-up, gradient clipping, a fixed seed,
@@ -19,6 +23,15 @@ epochs then take about a minute on a CPU.
 The figures printed each epoch are the linker's whole-KB Hits@k on the cached features (the same
 candidates and scores `python -m mel eval --linker dim` computes; a gold outside the candidate
 pool is a miss).
+
+A joint head (several datasets): each dataset's mentions are featurised against ITS OWN KB (candidate
+pools, FTS hard negatives, pair features; cached per dataset as for one), each KB keeps its own
+entity table, and a batch holds one dataset's mentions (the batches of all datasets interleaved at
+random), so candidates and in-batch negatives are always rows of the batch's own KB. 5% of each
+dataset's training records are held out; the epoch is chosen on the mean of their held-out Hits@1
+(each dataset counts the same), and config.json records each dataset, its KB and its figures.
+The pair features are per-mention or per-entity quantities (BM25 divided by the mention's best
+score, reciprocal ranks, cosines of the frozen encoders), so they mean the same in every KB.
 """
 from __future__ import annotations
 
@@ -34,7 +47,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -305,32 +318,99 @@ def evaluate_split(model: DimFusion, s: SplitFeatures, table: EntityTable, batch
     return out
 
 
+@dataclass
+class TrainingSet:
+    """One dataset of a training run: its mentions and the KB they link against. A joint run takes
+    several (`python -m mel train dim --format a,b --data A,B --kb a.sqlite,b.sqlite`); each is
+    featurised against its own KB (candidates, hard negatives, pair features, entity table)."""
+
+    name: str
+    kb: Any
+    train: list[Example]
+    dev: list[Example] = field(default_factory=list)
+    data: dict = field(default_factory=dict)  # what the examples are (dataset, split), recorded in config.json
+
+
+@dataclass
+class DatasetPart:
+    """A TrainingSet inside the trainer: its held-out records split off and, once `prepare`d, its
+    cached features (rows index ITS KB) and its KB's entity table."""
+
+    name: str
+    kb: Any
+    data: dict
+    train: list[Example]
+    holdout: list[Example]
+    dev: list[Example]
+    extractor: FeatureExtractor | None = None
+    tr: SplitFeatures | None = None
+    tr_path: Path | None = None
+    ho: SplitFeatures | None = None
+    dv: SplitFeatures | None = None
+    table: EntityTable | None = None
+    recall: dict = field(default_factory=dict)
+
+
+def mean_figures(per_dataset: dict[str, dict]) -> dict:
+    """The unweighted mean of each dataset's Hits@k / MRR (each dataset counts the same), n summed."""
+    keys = [k for k in next(iter(per_dataset.values())) if k != "n"]
+    out = {k: round(float(np.mean([f[k] for f in per_dataset.values()])), 4) for k in keys}
+    return {**out, "n": sum(f["n"] for f in per_dataset.values()), "mean_over": list(per_dataset)}
+
+
 class DimTrainer:
-    """DIM's head training: `DimTrainer(config, kb, preset, out, train=examples, dev=examples).run(resume=...)`.
+    """DIM's head training: `DimTrainer(config, kb, preset, out, train=examples, dev=examples).run(resume=...)`,
+    or on several datasets at once: `DimTrainer(config, None, preset, out, datasets=[TrainingSet(...), ...])`.
 
-    The training mentions whose gold is not in the KB are skipped, `config.holdout` of the training
-    records is held out to choose the epoch, and every feature is cached under `cache_dir`; `run()`
-    trains, publishes the best epoch's head to `out` and returns the history."""
+    The training mentions whose gold is not in their KB are skipped, `config.holdout` of each
+    dataset's training records is held out to choose the epoch (on the mean held-out Hits@1 over the
+    datasets), and every feature is cached under `cache_dir`, per dataset; `run()` trains, publishes
+    the best epoch's head to `out` and returns the history. A batch holds the mentions of ONE dataset
+    (the batches of the datasets are interleaved), so its candidates and in-batch negatives all come
+    from that dataset's KB: the same entity in two KBs is never its own negative."""
 
-    def __init__(self, config: DimTrainConfig, kb, preset, out: str | Path, *, train: list[Example],
-                 dev: list[Example] = (), state_dir: str | Path | None = None, cache_dir: str | Path | None = None,
+    def __init__(self, config: DimTrainConfig, kb, preset, out: str | Path, *, train: list[Example] | None = None,
+                 dev: list[Example] = (), datasets: list[TrainingSet] | None = None,
+                 state_dir: str | Path | None = None, cache_dir: str | Path | None = None,
                  data: dict | None = None, progress: bool = True):
-        self.config, self.kb, self.preset = config, kb, preset
+        if datasets is None:
+            if kb is None or train is None:
+                raise InputError("DimTrainer needs kb and train (one dataset) or datasets=[TrainingSet, ...]")
+            data = data or {}
+            datasets = [TrainingSet(data.get("dataset") or kb.path.stem, kb, list(train), list(dev), data)]
+        elif kb is not None or train is not None:
+            raise InputError("give DimTrainer either kb/train/dev or datasets, not both")
+        names = [d.name for d in datasets]
+        if not datasets or len(set(names)) < len(names):
+            raise InputError(f"DimTrainer needs datasets with distinct names, got {names}")
+        self.config, self.preset = config, preset
         self.out = check_checkpoint_target(out)
         self.state_dir = check_checkpoint_target(state_dir) if state_dir else self.out.with_name(self.out.name + STATE_SUFFIX)
         self.cache = Path(cache_dir) if cache_dir else default_cache_dir("dim-features")
-        self.data = data or {}  # what the examples are (dataset, split), recorded in config.json
+        # what the examples are (dataset, split), recorded in config.json
+        self.data = data if data is not None else datasets[0].data if len(datasets) == 1 else {
+            "dataset": ",".join(names), "split": ",".join(dict.fromkeys(str(d.data.get("split", "")) for d in datasets))}
         self.progress = progress
         seed_everything(config.seed)
-        in_kb = [ex for ex in train if ex.gold_id in kb]
+        self.parts = [self._part(d) for d in datasets]
+
+    def _part(self, d: TrainingSet) -> DatasetPart:
+        in_kb = [ex for ex in d.train if ex.gold_id in d.kb]
         if not in_kb:
-            raise InputError(f"none of the {len(train)} training mentions has its gold entity in {kb.path.name}: "
-                             f"is it the KB of this dataset?")
-        if len(in_kb) < len(train):
-            print(f"[dim] {len(train) - len(in_kb)} training mentions have no gold in the KB and are skipped",
-                  file=sys.stderr)
-        self.train_examples, self.holdout_examples = split_holdout(in_kb, config.holdout, config.seed)
-        self.dev_examples = list(dev)
+            raise InputError(f"none of the {len(d.train)} training mentions of {d.name} has its gold entity in "
+                             f"{d.kb.path.name}: is it the KB of this dataset?")
+        if len(in_kb) < len(d.train):
+            print(f"[dim] {self._label(d.name)}{len(d.train) - len(in_kb)} training mentions have no gold in the KB and "
+                  f"are skipped", file=sys.stderr)
+        train, holdout = split_holdout(in_kb, self.config.holdout, self.config.seed)
+        return DatasetPart(d.name, d.kb, d.data, train, holdout, list(d.dev))
+
+    @property
+    def joint(self) -> bool:
+        return len(self.parts) > 1
+
+    def _label(self, name: str) -> str:
+        return f"{name}: " if getattr(self, "parts", None) and self.joint else ""
 
     def head_config(self, extractor: FeatureExtractor) -> FusionConfig:
         c, pair = self.config, self.config.pair_features
@@ -346,21 +426,37 @@ class DimTrainer:
         return hashlib.sha256(json.dumps([features_file, asdict(fcfg), recipe, self.config.holdout],
                                          sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-    def run(self, resume: bool = False, keep_state: bool = False, command: str = "") -> dict:
-        cfg, kb, preset, out, state_dir = self.config, self.kb, self.preset, self.out, self.state_dir
-        extractor = FeatureExtractor(kb, preset, use_image=cfg.image, use_cue=cfg.cue, cue_question=cfg.cue_question)
-        ccfg = CandidateConfig(n_bm25=cfg.n_bm25, n_dense=cfg.n_dense, n_dense_mention=cfg.n_dense_mention)
-        tr, tr_path, dv, ho = self._split_features(extractor, CandidateGenerator(kb, ccfg))
-        recall = self._dev_candidate_recall(dv)
+    def candidate_config(self) -> CandidateConfig:
+        cfg = self.config
+        return CandidateConfig(n_bm25=cfg.n_bm25, n_dense=cfg.n_dense, n_dense_mention=cfg.n_dense_mention)
 
-        fcfg = self.head_config(extractor)
+    def prepare(self) -> list[DatasetPart]:
+        """Every dataset's (cached) features against its own KB, its dev candidate recall and its KB's
+        entity table; returns the parts (also `self.parts`)."""
+        cfg, ccfg = self.config, self.candidate_config()
+        for part in self.parts:
+            part.extractor = FeatureExtractor(part.kb, self.preset, use_image=cfg.image, use_cue=cfg.cue,
+                                              cue_question=cfg.cue_question)
+            part.tr, part.tr_path, part.dv, part.ho = self._split_features(part, CandidateGenerator(part.kb, ccfg))
+            part.recall = self._dev_candidate_recall(part)
+        dims = {(p.extractor.text_dim, p.extractor.image_dim) for p in self.parts}
+        if len(dims) > 1:
+            raise InputError(f"the datasets' features differ in size {sorted(dims)}: use one preset for all KBs")
+        for part in self.parts:
+            part.table = EntityTable(part.extractor, part.kb.size)
+        return self.parts
+
+    def run(self, resume: bool = False, keep_state: bool = False, command: str = "") -> dict:
+        cfg, out, state_dir = self.config, self.out, self.state_dir
+        parts = self.prepare()
+        fcfg = self.head_config(parts[0].extractor)
         model = DimFusion(fcfg)
-        table = EntityTable(extractor, kb.size)
-        steps_per_epoch = math.ceil(len(tr) / cfg.batch_size / cfg.grad_accum)
+        n_batches = sum(math.ceil(len(p.tr) / cfg.batch_size) for p in parts)
+        steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
         total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
         optimizer, scheduler = make_optimizer_and_scheduler(model.parameters(), cfg, total)
 
-        fingerprint = self.fingerprint(tr_path.name, fcfg)
+        fingerprint = self.fingerprint("+".join(p.tr_path.name for p in parts), fcfg)
         for line in recover_training_dirs(out, state_dir):  # finish or undo a save that a kill cut short
             print(f"[dim] {line}", file=sys.stderr)
         step, start_epoch, best, history = 0, 0, {"hits@1": -1.0}, []
@@ -370,23 +466,17 @@ class DimTrainer:
             step, start_epoch, best, history = info["step"], info["epoch"], info.get("best", best), info.get("history", [])
             run_id = info.get("run_id", run_id)
 
-        # the epoch is chosen on held-out TRAINING mentions, so the dev figures stay untuned
-        selected_on = "heldout" if ho is not None else "dev" if dv is not None else None
+        # the epoch is chosen on held-out TRAINING mentions (mean Hits@1 over the datasets), so the dev
+        # figures stay untuned
+        selected_on = ("heldout" if any(p.ho is not None for p in parts)
+                       else "dev" if any(p.dv is not None for p in parts) else None)
         for epoch in range(start_epoch, cfg.epochs):
-            step, losses = self._train_epoch(model, tr, table, optimizer, scheduler, epoch, step)
-            entry = {"epoch": epoch + 1, "step": step, "loss": round(float(np.mean(losses)), 4)}
-            if ho is not None:
-                entry["heldout"] = evaluate_split(model, ho, table)
-            if dv is not None:
-                entry["dev"] = evaluate_split(model, dv, table)
+            step, losses = self._train_epoch(model, optimizer, scheduler, epoch, step)
+            entry = {"epoch": epoch + 1, "step": step, "loss": round(float(np.mean(losses)), 4), **self._evaluate(model)}
             history.append(entry)
-            print(f"[dim] {json.dumps(entry)}", file=sys.stderr)
+            self._print_epoch(entry)
             metric = entry[selected_on]["hits@1"] if selected_on else -entry["loss"]
-            extra = {"dev": entry.get("dev", {}), "heldout": entry.get("heldout", {}), "selected_on": selected_on,
-                     "dev_candidate_recall": recall, "epoch": epoch + 1,
-                     "train": {**asdict(cfg), "n_train": len(tr), **self.data},
-                     "candidates": asdict(ccfg), "kb": {"path": kb.path.name, "size": kb.size},
-                     "preset": preset.name, "command": command, "run_id": run_id}
+            extra = self._checkpoint_facts(entry, selected_on, epoch, command, run_id)
             improved = metric > best.get("hits@1", -1.0) or selected_on is None
             if improved:
                 best = {"hits@1": metric, "epoch": epoch + 1}
@@ -403,33 +493,80 @@ class DimTrainer:
             remove_written(state_dir)
         print(f"[dim] best epoch {best.get('epoch')} ({selected_on} hits@1 {best.get('hits@1')}); head written to {out}",
               file=sys.stderr)
+        recall = parts[0].recall if not self.joint else {p.name: p.recall for p in parts}
         return {"best": best, "history": history, "out": str(out), "dev_candidate_recall": recall}
 
-    def _split_features(self, extractor: FeatureExtractor, generator: CandidateGenerator):
-        """The (cached) features of the training, dev and held-out mentions: (train, train cache path, dev or
-        None, held-out or None)."""
+    def _evaluate(self, model: DimFusion) -> dict:
+        """This epoch's held-out and dev figures: one dataset's as they are; for several, the mean over the
+        datasets as "heldout" / "dev" and each dataset's under "by_dataset"."""
+        by_dataset = {}
+        for p in self.parts:
+            figures = {}
+            if p.ho is not None:
+                figures["heldout"] = evaluate_split(model, p.ho, p.table)
+            if p.dv is not None:
+                figures["dev"] = evaluate_split(model, p.dv, p.table)
+            by_dataset[p.name] = figures
+        if not self.joint:
+            return by_dataset[self.parts[0].name]
+        entry: dict = {}
+        for split in ("heldout", "dev"):
+            per = {name: f[split] for name, f in by_dataset.items() if split in f}
+            if per:
+                entry[split] = mean_figures(per)
+        entry["by_dataset"] = by_dataset
+        return entry
+
+    def _print_epoch(self, entry: dict) -> None:
+        print(f"[dim] {json.dumps({k: v for k, v in entry.items() if k != 'by_dataset'})}", file=sys.stderr)
+        for name, figures in entry.get("by_dataset", {}).items():
+            said = ", ".join(f"{split} hits@1 {f['hits@1']:.4f} mrr {f['mrr']:.4f} (n={f['n']})"
+                             for split, f in figures.items())
+            print(f"[dim]   epoch {entry['epoch']} {name}: {said}", file=sys.stderr)
+
+    def _checkpoint_facts(self, entry: dict, selected_on: str | None, epoch: int, command: str, run_id: str) -> dict:
+        """What config.json records beside the weights (one dataset: as before; several: each one's KB,
+        sizes and figures under "datasets")."""
+        cfg, parts = self.config, self.parts
+        extra = {"dev": entry.get("dev", {}), "heldout": entry.get("heldout", {}), "selected_on": selected_on,
+                 "dev_candidate_recall": parts[0].recall if not self.joint else {p.name: p.recall for p in parts},
+                 "epoch": epoch + 1, "train": {**asdict(cfg), "n_train": sum(len(p.tr) for p in parts), **self.data},
+                 "candidates": asdict(self.candidate_config()),
+                 "kb": ({"path": parts[0].kb.path.name, "size": parts[0].kb.size} if not self.joint
+                        else [{"path": p.kb.path.name, "size": p.kb.size} for p in parts]),
+                 "preset": self.preset.name, "command": command, "run_id": run_id}
+        if self.joint:
+            by_dataset = entry.get("by_dataset", {})
+            extra["datasets"] = [{"name": p.name, **p.data, "kb": {"path": p.kb.path.name, "size": p.kb.size},
+                                  "n_train": len(p.tr), "n_heldout": len(p.holdout), **by_dataset.get(p.name, {}),
+                                  "dev_candidate_recall": p.recall} for p in parts]
+        return extra
+
+    def _split_features(self, part: DatasetPart, generator: CandidateGenerator):
+        """The (cached) features of one dataset's training, dev and held-out mentions, against its own KB:
+        (train, train cache path, dev or None, held-out or None)."""
         cfg, t0 = self.config, time.perf_counter()
 
         def features(examples, training: bool):
-            return cached_split_features(examples, self.kb, self.preset, extractor, generator, training=training,
+            return cached_split_features(examples, part.kb, self.preset, part.extractor, generator, training=training,
                                          n_hard=cfg.n_hard if training else 0, width=cfg.train_pool if training else None,
                                          cache=self.cache, progress=self.progress)
 
-        tr, tr_path = features(self.train_examples, training=True)
-        dv = features(self.dev_examples, training=False)[0] if self.dev_examples else None
-        ho = features(self.holdout_examples, training=False)[0] if self.holdout_examples else None
-        print(f"[dim] features: train {len(tr)} x {tr.cand.shape[1]} candidates, held-out {len(ho) if ho else 0}, "
-              f"dev {len(dv) if dv else 0} "
+        tr, tr_path = features(part.train, training=True)
+        dv = features(part.dev, training=False)[0] if part.dev else None
+        ho = features(part.holdout, training=False)[0] if part.holdout else None
+        print(f"[dim] {self._label(part.name)}features: train {len(tr)} x {tr.cand.shape[1]} candidates, held-out "
+              f"{len(ho) if ho else 0}, dev {len(dv) if dv else 0} "
               f"({time.perf_counter() - t0:.0f} s; cache {tr_path.parent})", file=sys.stderr)
         return tr, tr_path, dv, ho
 
-    @staticmethod
-    def _dev_candidate_recall(dv: SplitFeatures | None) -> dict:
+    def _dev_candidate_recall(self, part: DatasetPart) -> dict:
+        dv = part.dv
         if dv is None:
             return {}
         dev_pool = [s[v].tolist() for s, v in zip(dv.cand, dv.valid, strict=True)]
         recall = candidate_recall(dev_pool, [g if g >= 0 else None for g in dv.gold])
-        print(f"[dim] dev candidate recall: {recall}", file=sys.stderr)
+        print(f"[dim] {self._label(part.name)}dev candidate recall: {recall}", file=sys.stderr)
         return recall
 
     def _resume(self, fingerprint: str, model: DimFusion, optimizer, scheduler) -> dict:
@@ -450,8 +587,19 @@ class DimTrainer:
         print(f"[dim] resumed at epoch {info['epoch']}, step {info['step']}", file=sys.stderr)
         return info
 
-    def _train_epoch(self, model: DimFusion, tr: SplitFeatures, table: EntityTable, optimizer, scheduler,
-                     epoch: int, step: int) -> tuple[int, list[float]]:
+    def _epoch_batches(self, rng: np.random.Generator) -> list[tuple[DatasetPart, np.ndarray]]:
+        """This epoch's batches: each dataset's training rows shuffled and cut into batches; with several
+        datasets the batches are then interleaved at random, each holding one dataset's mentions."""
+        bs = self.config.batch_size
+        batches = []
+        for part in self.parts:
+            order = rng.permutation(len(part.tr))
+            batches += [(part, order[start:start + bs]) for start in range(0, len(order), bs)]
+        if self.joint:
+            batches = [batches[j] for j in rng.permutation(len(batches))]
+        return batches
+
+    def _train_epoch(self, model: DimFusion, optimizer, scheduler, epoch: int, step: int) -> tuple[int, list[float]]:
         """One epoch over the training features (stops early at `max_steps`); returns (step, losses)."""
         from tqdm.auto import tqdm
 
@@ -460,28 +608,13 @@ class DimTrainer:
         rng = np.random.default_rng([cfg.seed, epoch])
         torch.manual_seed(cfg.seed * 1000 + epoch)
         model.train()
-        order = rng.permutation(len(tr))
+        batches = self._epoch_batches(rng)
         losses: list[float] = []
-        bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not self.progress)
-        for i, start in enumerate(bar):
-            rows = order[start:start + cfg.batch_size]
-            cols = sample_training_columns(tr, rows, cfg.train_width, rng)
-            idxs = torch.from_numpy(np.take_along_axis(tr.cand[rows], cols, 1))
-            valid = torch.from_numpy(np.take_along_axis(tr.valid[rows], cols, 1))
-            # a padding column may repeat; keep each real column once
-            valid &= torch.from_numpy(_first_occurrence(cols))
-            pair = torch.from_numpy(np.take_along_axis(tr.pair[rows], cols[..., None], 1))
-            gold_pos = torch.zeros(len(rows), dtype=torch.long)  # column 0 is the gold by construction
-            gold_pos[torch.from_numpy(tr.gold_pos[rows] < 0)] = -1
-            text, image, mask = table.gather(idxs)
-            scores, m, e = score(model, _mention_tensors(tr.feats, rows), text, image, mask, pair, valid)
-            loss = candidate_n_pair_loss(scores, gold_pos, valid)
-            if cfg.in_batch_weight > 0 and len(rows) > 1:
-                loss = loss + cfg.in_batch_weight * in_batch_n_pair_loss(model.in_batch_scores(m, e[:, 0]),
-                                                                         torch.from_numpy(tr.gold[rows]))
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not self.progress)
+        for i, (part, rows) in enumerate(bar):
+            loss = self._batch_loss(model, part, rows, rng)
             (loss / cfg.grad_accum).backward()
-            if (i + 1) % cfg.grad_accum == 0 or start + cfg.batch_size >= len(order):
+            if (i + 1) % cfg.grad_accum == 0 or i + 1 == len(batches):
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
@@ -493,6 +626,25 @@ class DimTrainer:
                 break
         bar.close()
         return step, losses
+
+    def _batch_loss(self, model: DimFusion, part: DatasetPart, rows: np.ndarray, rng: np.random.Generator):
+        """The N-pair loss of one batch of `part`'s training rows, its candidates gathered from its own KB."""
+        cfg, tr = self.config, part.tr
+        cols = sample_training_columns(tr, rows, cfg.train_width, rng)
+        idxs = torch.from_numpy(np.take_along_axis(tr.cand[rows], cols, 1))
+        valid = torch.from_numpy(np.take_along_axis(tr.valid[rows], cols, 1))
+        # a padding column may repeat; keep each real column once
+        valid &= torch.from_numpy(_first_occurrence(cols))
+        pair = torch.from_numpy(np.take_along_axis(tr.pair[rows], cols[..., None], 1))
+        gold_pos = torch.zeros(len(rows), dtype=torch.long)  # column 0 is the gold by construction
+        gold_pos[torch.from_numpy(tr.gold_pos[rows] < 0)] = -1
+        text, image, mask = part.table.gather(idxs)
+        scores, m, e = score(model, _mention_tensors(tr.feats, rows), text, image, mask, pair, valid)
+        loss = candidate_n_pair_loss(scores, gold_pos, valid)
+        if cfg.in_batch_weight > 0 and len(rows) > 1:
+            loss = loss + cfg.in_batch_weight * in_batch_n_pair_loss(model.in_batch_scores(m, e[:, 0]),
+                                                                     torch.from_numpy(tr.gold[rows]))
+        return loss
 
 
 def _publish_best(model: DimFusion, out: Path, extra: dict, save_dtype: str) -> None:
@@ -535,6 +687,40 @@ def split_holdout(examples, fraction: float, seed: int):
             [ex for ex in examples if ex.sample_id.split("#")[0] in held])
 
 
+def heldout_examples(payload: dict, examples, fmt: str, split: str, kb) -> list[Example] | None:
+    """The examples of the training records a head (`payload`: its config.json) held out and never trained
+    on, when `fmt`/`split` is (one of) the data it was trained on; None when it was not (all are unseen).
+
+    `examples`: the split as evaluation reads it (every mention kept). The trainer read it without the
+    mentions no rule locates, kept those whose gold is in the KB and held records out with
+    `split_holdout`; that is redone here and must give the held-out size the head records (heads trained
+    before the `words` locating rule read the split with exact / NFC / case-insensitive matches only)."""
+    from ..types import LOCATE_RULES, NOT_LOCATED
+    trained = payload.get("train", {})
+    if "datasets" in payload:  # a joint head: each dataset's records were held out apart
+        expected = {d.get("n_heldout") for d in payload["datasets"] if d.get("dataset") == fmt and d.get("split") == split}
+    elif trained.get("dataset") == fmt and trained.get("split") == split:
+        expected = {payload.get("heldout", {}).get("n")}
+    else:
+        expected = set()
+    if not expected:
+        return None
+    fraction, seed = trained.get("holdout", DimTrainConfig.holdout), trained.get("seed", DimTrainConfig.seed)
+    sizes, found = [], set()
+    for located in (lambda e: e.located != NOT_LOCATED, lambda e: e.located in LOCATE_RULES[:3]):
+        pool = [e for e in examples if located(e) and e.gold_id in kb]
+        _, held = split_holdout(pool, fraction, seed) if pool else ([], [])
+        sizes.append(len(held))
+        if None in expected or len(held) in expected:
+            found.add(frozenset(e.sample_id.split("#")[0] for e in held))
+    if len(found) != 1:
+        said = " or ".join(str(n) for n in sorted(expected, key=str))
+        raise InputError(f"cannot reproduce the records the head held out of {fmt}/{split} ({' or '.join(map(str, sizes))} "
+                         f"mentions, the head says {said}): calibrate on a split the head did not train on")
+    records = found.pop()
+    return [e for e in examples if e.sample_id.split("#")[0] in records]
+
+
 def _first_occurrence(cols: np.ndarray) -> np.ndarray:
     keep = np.zeros(cols.shape, bool)
     for r, row in enumerate(cols):
@@ -549,21 +735,38 @@ CONFIG = DimTrainConfig
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..cli_kit import add_preset_args, add_threads_arg, count_arg
-    p.add_argument("--format", required=True, help="dataset format (wikimel, richpedia, wikidiverse, mimic, gemel, jsonl)")
-    p.add_argument("--data", required=True, help="dataset directory")
-    p.add_argument("--kb", required=True, help="the KB built from the dataset (python -m mel kb build)")
+    p.add_argument("--format", required=True, help="dataset format (wikimel, richpedia, wikidiverse, mimic, gemel, "
+                                                    "jsonl); a joint head: one per dataset, comma-separated")
+    p.add_argument("--data", required=True, help="dataset directory; a joint head: one per dataset, comma-separated")
+    p.add_argument("--kb", required=True, help="the KB built from the dataset (python -m mel kb build); a joint "
+                                                "head: each dataset's own KB, comma-separated, in --data's order")
     add_preset_args(p)
-    p.add_argument("--out", required=True, help="checkpoint directory to write (best dev epoch)")
+    p.add_argument("--out", required=True, help="checkpoint directory to write (best held-out epoch)")
     p.add_argument("--state-dir", default=None, help="where resumable state goes (default: OUT.trainer_state)")
     p.add_argument("--train-split", default="train")
     p.add_argument("--dev-split", default="dev", help="'' to train without a dev split")
-    p.add_argument("--limit", type=count_arg, default=None, help="only the first N training mentions")
+    p.add_argument("--limit", type=count_arg, default=None, help="only the first N training mentions (of each dataset)")
     p.add_argument("--dev-limit", type=count_arg, default=None)
     p.add_argument("--cache-dir", default=None, help="feature cache directory (default: $MEL_CACHE/dim-features)")
     add_threads_arg(p, subcommand=True)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.trainer_state/")
     p.add_argument("--keep-state", action="store_true", help="keep OUT.trainer_state/ after the run")
+
+
+def dataset_args(args) -> list[tuple[str, str, str, str]]:
+    """(name, format, data dir, KB path) per dataset named by --format/--data/--kb (comma-separated
+    lists; one --format serves every --data). Names are the formats, numbered when one repeats."""
+    def split(value: str) -> list[str]:
+        return [v.strip() for v in value.split(",") if v.strip()]
+    formats, dirs, kbs = split(args.format), split(args.data), split(args.kb)
+    if len(formats) == 1:
+        formats *= len(dirs)
+    if not dirs or not len(formats) == len(dirs) == len(kbs):
+        raise InputError(f"--format, --data and --kb name one entry per dataset (comma-separated), got "
+                         f"{len(formats)}, {len(dirs)} and {len(kbs)}")
+    names = formats if len(set(formats)) == len(formats) else [f"{f}{i + 1}" for i, f in enumerate(formats)]
+    return list(zip(names, formats, dirs, kbs, strict=True))
 
 
 def run(args) -> None:
@@ -575,11 +778,12 @@ def run(args) -> None:
             check_checkpoint_target(target)
     config = config_from_args(DimTrainConfig, args)
     preset = resolve_preset(args)
-    kb = KnowledgeBase(args.kb)
-    train_examples = load_dataset(args.format, args.data, args.train_split).examples
-    dev_examples = load_dataset(args.format, args.data, args.dev_split).examples if args.dev_split else []
-    trainer = DimTrainer(config, kb, preset, args.out, train=train_examples[: args.limit or None],
-                         dev=dev_examples[: args.dev_limit or None], state_dir=args.state_dir, cache_dir=args.cache_dir,
-                         data={"dataset": args.format, "split": args.train_split}, progress=not args.quiet)
+    datasets = []
+    for name, fmt, folder, kb_path in dataset_args(args):
+        train = load_dataset(fmt, folder, args.train_split).examples[: args.limit or None]
+        dev = load_dataset(fmt, folder, args.dev_split).examples[: args.dev_limit or None] if args.dev_split else []
+        datasets.append(TrainingSet(name, KnowledgeBase(kb_path), train, dev, {"dataset": fmt, "split": args.train_split}))
+    trainer = DimTrainer(config, None, preset, args.out, datasets=datasets, state_dir=args.state_dir,
+                         cache_dir=args.cache_dir, progress=not args.quiet)
     result = trainer.run(resume=args.resume, keep_state=args.keep_state, command=getattr(args, "command_line", ""))
     print(json.dumps({"best": result["best"], "out": result["out"]}, indent=2))
