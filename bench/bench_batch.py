@@ -1,17 +1,16 @@
-"""Benchmark batch linking on Ray Data and the pieces for 10M-entity KBs.
+"""Benchmark batch linking on Ray Data.
 
-    RAY_AUTH_MODE=token MEL_THREADS=1 python bench/bench_batch.py --sections scaling,growth,kbbuild,ivfpq
+    RAY_AUTH_MODE=token MEL_THREADS=1 python bench/bench_batch.py --sections scaling,growth
 
 Sections (each result is merged into results/bench_batch.json; the plot is results/bench_batch.png):
   scaling  mentions/s of dense and DIM in 1 process (Linker.pipe, no Ray) and on a local 2-worker Ray
            cluster (a head and a `ray start --address` worker, 1 CPU each, on this machine), the same
            input, side by side in one run: the ratio and the scaling efficiency (ratio / 2)
   growth   wall time of `batch link` on the 2-worker cluster as the input grows (--growth-sizes for
-           bm25/dense, --dim-sizes for DIM)
-  kbbuild  peak RSS of `mel kb build --format jsonl` (streamed) at two KB sizes, in child processes
-  ivfpq    the faiss-ivfpq engine on synthetic unit vectors: build time, index memory, recall@20
-           against exact search on 100 queries (--ivfpq "1000000x384,10000000x64")
+           bm25/dense, --dim-sizes for DIM), with the load average when each job ended (shared machine)
 Synthetic data: a KB of --kb-size entities with made-up names, mentions that name them in captions.
+The pieces for 10M-entity KBs (the faiss-ivfpq index, the streamed KB build's memory) are measured by
+bench/bench_index_scale.py.
 """
 from __future__ import annotations
 
@@ -22,7 +21,6 @@ import random
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,9 +123,18 @@ def section_scaling(args, tmp: Path, cluster, out: dict):
         "ratio / 2. Same input, same run, same machine; both Ray nodes are on this machine")}
 
 
+GROWTH_NOTE = (
+    "wall_s = `batch link` wall seconds (Ray join, actor start, model loading, reading, linking, writing Parquet) on "
+    "the local 2-worker cluster, KB of --kb-size synthetic entities, --part-size max(1000, n/50). The machine is "
+    "shared: load_average (1, 5, 15 min, at the end of each job) says how busy it was; rows with similar loads "
+    "compare best. The plot's dashed line is cost proportional to n through the largest point.")
+
+
 def section_growth(args, tmp: Path, cluster, out: dict):
     kb = build_kb(tmp, args.kb_size)
-    rows = out.setdefault("growth", {"rows": []})["rows"]
+    growth = out.setdefault("growth", {"rows": []})
+    growth["note"] = GROWTH_NOTE
+    rows = growth["rows"]
     plan = [(linker, n) for n in args.growth_sizes for linker in ("bm25", "dense")]
     plan += [("dim", n) for n in args.dim_sizes]
     for linker, n in plan:
@@ -137,94 +144,10 @@ def section_growth(args, tmp: Path, cluster, out: dict):
                 "--preset", "offline", "--address", cluster.address, "--num-workers", "2",
                 "--part-size", str(max(1000, n // 50)))
         row = {"linker": linker, "n": n, "wall_s": s["seconds"], "mentions_per_s": s["mentions_per_s"],
-               "steady_mentions_per_s": s.get("steady_mentions_per_s"), "first_result_s": s.get("first_result_s")}
+               "steady_mentions_per_s": s.get("steady_mentions_per_s"), "first_result_s": s.get("first_result_s"),
+               "load_average": [round(x, 2) for x in os.getloadavg()]}
         print(json.dumps(row), flush=True)
         rows[:] = [r for r in rows if (r["linker"], r["n"]) != (linker, n)] + [row]
-        save(args, out)
-
-
-def section_kbbuild(args, tmp: Path, out: dict):
-    rows = []
-    for n in args.kb_build_sizes:
-        src = write_kb_jsonl(tmp / f"kb-{n}.jsonl", n)
-        for dense in (False, True):
-            cmd = [sys.executable, "-m", "mel", "kb", "build", "--format", "jsonl", "--source", src, "--out",
-                   tmp / f"kb-{n}-{dense}.sqlite", "--quiet"] + (["--preset", "offline", "--no-images"] if dense
-                                                                 else ["--no-dense"])
-            if dense and n > args.kb_build_dense_max:
-                continue
-            t0 = time.perf_counter()
-            proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL)
-            _, status, usage = os.wait4(proc.pid, 0)
-            if status:
-                raise RuntimeError(f"kb build failed: {cmd}")
-            row = {"n_entities": n, "dense": dense, "seconds": round(time.perf_counter() - t0, 1),
-                   "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-    out["kb_build"] = {"rows": rows, "note": "peak RSS of the whole `mel kb build` process (Python, SQLite, and "
-                                              "the encoder when dense)"}
-
-
-def section_ivfpq(args, tmp: Path, out: dict):
-    rows = out.setdefault("ivfpq", {"rows": []})["rows"]
-    for spec in args.ivfpq:
-        n, d = (int(x) for x in spec.split("x"))
-        code = f"""
-import json, os, time, resource, numpy as np, sys
-from mel.index import DenseIndex, write_vectors_file
-n, d, tmp = {n}, {d}, {str(tmp)!r}
-basis = np.random.default_rng(42).standard_normal((48, d)).astype(np.float32)
-centres = np.random.default_rng(43).standard_normal((4096, 48)).astype(np.float32)
-def synth(rows, seed):
-    rng = np.random.default_rng(seed)
-    x = (centres[rng.integers(0, 4096, rows)] + 0.5 * rng.standard_normal((rows, 48)).astype(np.float32)) @ basis
-    x += 0.3 * rng.standard_normal((rows, d)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-raw, path = f"{{tmp}}/vec-{n}x{d}.f32", f"{{tmp}}/vec-{n}x{d}.safetensors"
-t0 = time.perf_counter()
-with open(raw, "wb") as f:
-    for s in range(0, n, 200_000):
-        f.write(synth(min(200_000, n - s), 1000 + s).tobytes())
-write_vectors_file(path, raw, n, d, {{"encoder": "synthetic"}}); os.unlink(raw)
-gen_s = time.perf_counter() - t0
-def rss_mb():  # anonymous resident memory: the memory-mapped float vectors (page cache) are not counted
-    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("RssAnon:")) / 1024
-before = rss_mb()
-t0 = time.perf_counter()
-index, _ = DenseIndex.load(path, engine="faiss-ivfpq")
-build_s = time.perf_counter() - t0
-after = rss_mb()
-q = synth(100, 7)
-t0 = time.perf_counter(); _, got = index.search(q, 20); search_ms = (time.perf_counter() - t0) * 1000 / len(q)
-vec = index.vectors
-best_s = np.full((100, 20), -np.inf, np.float32); best_i = np.zeros((100, 20), np.int64)
-for s in range(0, n, 500_000):
-    sims = q @ np.asarray(vec[s:s + 500_000]).T
-    top = np.argpartition(-sims, 19, axis=1)[:, :20]
-    cs = np.concatenate([best_s, np.take_along_axis(sims, top, 1)], 1); ci = np.concatenate([best_i, top + s], 1)
-    o = np.argsort(-cs, 1)[:, :20]; best_s = np.take_along_axis(cs, o, 1); best_i = np.take_along_axis(ci, o, 1)
-recall = float(np.mean([len(set(a) & set(b)) / 20 for a, b in zip(got, best_i)]))
-top1 = float(np.mean([b[0] in a for a, b in zip(got, best_i)]))
-mem = index.memory_bytes()
-print(json.dumps({{"n": n, "dim": d, "generate_s": round(gen_s, 1), "build_s": round(build_s, 1),
-    "index_memory_mb": round(mem / 2**20, 1), "rss_anon_growth_mb": round(after - before, 1),
-    "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-    "float_vectors_mb_on_disk": round(n * d * 4 / 2**20, 1), "recall_at_20": round(recall, 4),
-    "top1_in_top20": round(top1, 4), "search_ms_per_query": round(search_ms, 2), "rerank": index.rerank,
-    "nprobe": index._faiss_index.nprobe, "nlist": index._faiss_index.nlist}}))
-os.unlink(path)
-"""
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-        if proc.returncode:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            continue
-        row = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(json.dumps(row), flush=True)
-        rows[:] = [r for r in rows if (r["n"], r["dim"]) != (n, d)] + [row]
-        out["ivfpq"]["note"] = ("synthetic unit vectors near a 48-dimensional subspace in 4096 clusters; index memory = "
-                                "faiss IVF-PQ structure (d/8-byte codes + list ids) + our ids; the float vectors stay "
-                                "in the file (memory-mapped) and only the re-ranked shortlist is read")
         save(args, out)
 
 
@@ -248,6 +171,9 @@ def plot(args, out: dict):
     for linker in sorted({r["linker"] for r in rows}):
         pts = sorted((r["n"], r["wall_s"]) for r in rows if r["linker"] == linker)
         ax.loglog([p[0] for p in pts], [p[1] for p in pts], "o-", label=linker)
+    n_max, s_max = max((r["n"], r["wall_s"]) for r in rows)
+    n_min = min(r["n"] for r in rows if r["n"] * 100 >= n_max)
+    ax.loglog([n_min, n_max], [s_max * n_min / n_max, s_max], "--", color="grey", lw=1, label="proportional to n")
     ax.set_xlabel("mentions")
     ax.set_ylabel("wall seconds (2-worker local Ray)")
     ax.set_title("batch link: cost growth with input size")
@@ -260,23 +186,18 @@ def plot(args, out: dict):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", default="scaling,growth,kbbuild,ivfpq")
+    p.add_argument("--sections", default="scaling,growth")
     p.add_argument("--kb-size", type=int, default=5000)
     p.add_argument("--scaling-n", type=int, default=4000, help="mentions for the dense scaling ratio")
     p.add_argument("--dim-scaling-n", type=int, default=300, help="mentions for the DIM scaling ratio")
     p.add_argument("--growth-sizes", default="10000,100000,1000000")
     p.add_argument("--dim-sizes", default="300,1000,3000")
-    p.add_argument("--kb-build-sizes", default="50000,500000")
-    p.add_argument("--kb-build-dense-max", type=int, default=50000, help="largest KB also built with embeddings")
-    p.add_argument("--ivfpq", default="1000000x384,10000000x64")
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     p.add_argument("--json", default=str(REPO / "results" / "bench_batch.json"))
     p.add_argument("--plot", default=str(REPO / "results" / "bench_batch.png"))
     args = p.parse_args()
     args.growth_sizes = [int(x) for x in args.growth_sizes.split(",") if x]
     args.dim_sizes = [int(x) for x in args.dim_sizes.split(",") if x]
-    args.kb_build_sizes = [int(x) for x in args.kb_build_sizes.split(",") if x]
-    args.ivfpq = [x for x in args.ivfpq.split(",") if x]
     os.environ.setdefault("MEL_THREADS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from mel.batch.cluster import LocalCluster, token_env
@@ -292,11 +213,6 @@ def main():
                     if name in sections:
                         (section_scaling if name == "scaling" else section_growth)(args, tmp, cluster, out)
                         save(args, out)
-        if "kbbuild" in sections:
-            section_kbbuild(args, tmp, out)
-            save(args, out)
-        if "ivfpq" in sections:
-            section_ivfpq(args, tmp, out)
     save(args, out)
 
 
