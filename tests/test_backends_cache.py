@@ -125,3 +125,43 @@ def test_two_threads_get_one_model_and_a_loaded_one_never_waits_for_a_build():
         assert builds == ["small", "big"]  # built once although asked twice at the same time
     finally:
         slow.cache_clear()
+
+
+def test_a_forked_child_can_load_while_a_parent_thread_holds_the_build_lock():
+    """A fork (the kill-sweep tests, multiprocessing) while an app thread is loading a model must not
+    leave the child's cache locked forever."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from mel.backends.cache import ModelCache
+
+    cache = ModelCache()
+    loading = threading.Event()
+
+    def slow():
+        loading.set()
+        time.sleep(3)
+        return 1
+
+    thread = threading.Thread(target=lambda: cache.get(("slow",), slow))
+    thread.start()
+    loading.wait(5)
+    pid = os.fork()
+    if pid == 0:  # the child: build another model, then leave at once
+        cache.get(("other",), lambda: 2)
+        os._exit(0)
+    try:
+        for _ in range(100):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                assert os.waitstatus_to_exitcode(status) == 0
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError("the forked child waited forever on the cache's lock")
+    finally:
+        thread.join()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import os
 import sys
 import threading
 from typing import Any, Callable, TypeVar
@@ -33,6 +34,13 @@ class ModelCache:
 
     def __init__(self):
         self._models: dict[tuple, Any] = {}
+        self._new_locks()
+        # a fork while another thread holds a lock (an app thread loading a model) would leave the
+        # child's copy locked forever: the child starts with fresh locks
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._new_locks)
+
+    def _new_locks(self) -> None:
         self._lock = threading.Lock()    # guards _models; held only for dictionary operations
         self._build = threading.RLock()  # one build at a time; re-entrant for loaders that load models
 
