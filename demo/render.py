@@ -146,6 +146,19 @@ def render_generator(view) -> str:
             + "".join(f'<div class="mel-note">{_esc(n)}</div>' for n in notes) + "</div>")
 
 
+# How each cue provider obtains its text, shown under the cue (the provider's name comes first).
+CUE_HOW = {
+    "faces": ("faces found by dlib's detector; each face's apparent gender and age guessed by face-api.js's "
+              "age/gender network; ImageNet labels (EfficientNet-Lite0) when no face is found"),
+    "faces (no age/gender)": "faces found by dlib's detector, counted without apparent age/gender",
+    "faces (labels only)": "ImageNet labels (EfficientNet-Lite0): the face models are not installed",
+    "imagenet-labels": "the top ImageNet labels of EfficientNet-Lite0",
+    "blip2": "BLIP-2 answering the question below",
+    "blip": "a BLIP caption of the photo",
+}
+APPARENT = "Apparent attributes read from the pixels of this photo, never facts about a person."
+
+
 def render_cue(view) -> str:
     cue = view.cue
     if not cue:
@@ -153,9 +166,21 @@ def render_cue(view) -> str:
     if cue.get("error"):
         return (f'<div class="mel-panel"><h4>Expert cue</h4><span class="mel-note">{_esc(cue["error"])}</span>'
                 f' <span class="mel-note">({_esc(cue.get("provider"))})</span></div>')
+    provider = str(cue.get("provider") or "")
+    how = CUE_HOW.get(provider) or CUE_HOW.get(provider.split(":", 1)[0], "")
     question = f'<div class="mel-note">asked: {_esc(cue["question"])}</div>' if cue.get("question") else ""
+    faces = [f for f in cue.get("faces") or [] if f.get("gender") or f.get("age") is not None]
+    face_rows = "".join(
+        f"<li>face {i}: apparently {_esc(f.get('gender') or 'unknown gender')}"
+        + (f" (p {f['gender_probability']:.2f})" if f.get("gender_probability") is not None else "")
+        + (f", about {f['age']:.0f} years" if f.get("age") is not None else "") + "</li>"
+        for i, f in enumerate(faces, start=1))
+    apparent = (f'<ul class="mel-cue-faces">{face_rows}</ul><div class="mel-note">{APPARENT}</div>'
+                if faces else "")
+    note = f'<div class="mel-note">{_esc(cue["note"])}</div>' if cue.get("note") else ""
     return (f'<div class="mel-panel" id="mel-cue-result"><h4>Expert cue</h4><div><b>{_esc(cue.get("text"))}</b></div>'
-            f'<div class="mel-note">provider: {_esc(cue.get("provider"))}</div>{question}</div>')
+            f'{apparent}<div class="mel-note">provider: {_esc(provider)}' + (f": {_esc(how)}" if how else "")
+            + f"</div>{question}{note}</div>")
 
 
 def render_ranker_note(view) -> str:

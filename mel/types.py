@@ -244,12 +244,41 @@ class FeatureMask(_JSONMixin):
 
 
 @dataclass
+class ApparentFace(_JSONMixin):
+    """One face the person cue found in the photo. Gender and age are what a network guesses from
+    pixels (apparent attributes), never facts about a person."""
+
+    box: list[int]                            # left, top, right, bottom, in the photo's pixels
+    score: float = 0.0                        # detector confidence
+    gender: str | None = None                 # apparent: "female" / "male"; None without the age/gender model
+    gender_probability: float | None = None   # the network's probability for `gender`
+    age: float | None = None                  # apparent age in years
+    age_range: list[int] | None = None        # the decade shown in the cue text, e.g. [30, 40]
+
+    @classmethod
+    def of(cls, face: dict) -> "ApparentFace":
+        """From a face dict of the face models (extra keys such as the 128-d embedding are dropped)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in face.items() if k in names})
+
+
+@dataclass
 class ExpertCue(_JSONMixin):
-    """The expert cue DIM used: a short text about the image and the provider that wrote it."""
+    """The expert cue DIM used: a short text about the image, the provider that wrote it, the faces
+    it found (the person cue; empty for other providers or when there is none) and why it fell back,
+    when it did (e.g. the face models are missing and the cue is ImageNet labels)."""
 
     text: str
     provider: str = ""
     question: str = ""
+    faces: list[ApparentFace] = field(default_factory=list)
+    note: str = ""
+
+    @classmethod
+    def _build(cls, data: dict):
+        data = dict(data)
+        data["faces"] = [ApparentFace.from_dict(f) for f in data.get("faces", [])]
+        return _from_dict(cls, data)
 
 
 @dataclass

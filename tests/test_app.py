@@ -250,3 +250,21 @@ def test_export_and_backup_are_for_admins_only(running, alice):
     conn = sqlite3.connect(copy)
     assert conn.execute("SELECT count(*) FROM corrections WHERE entity_id = 'demo:phil-collins'").fetchone()[0] >= 1
     conn.close()
+
+
+def test_the_cue_panel_lists_apparent_faces_and_says_they_are_no_facts():
+    from types import SimpleNamespace
+
+    from demo.render import APPARENT
+    cue = {"text": "a photo of one person, apparently a woman aged about 30-40", "provider": "faces", "question": "",
+           "note": "", "faces": [{"box": [1, 2, 3, 4], "gender": "female", "gender_probability": 0.89, "age": 31.9,
+                                  "age_range": [30, 40]}]}
+    html_text = render_cue(SimpleNamespace(cue=cue))
+    assert "apparently female (p 0.89), about 32 years" in html_text and APPARENT in html_text
+    assert "face-api.js" in html_text and "dlib" in html_text  # how the cue was obtained
+    labels = render_cue(SimpleNamespace(cue={"text": "espresso, coffee mug", "provider": "faces", "faces": [],
+                                             "note": "no face detection, ImageNet labels instead: dlib missing"}))
+    assert APPARENT not in labels and "ImageNet labels instead" in labels  # no face: no apparent attributes
+    blip = render_cue(SimpleNamespace(cue={"text": "an astronaut", "provider": "blip2:Salesforce/blip2-opt-2.7b",
+                                           "question": "Who is this?"}))
+    assert "BLIP-2 answering" in blip and "asked: Who is this?" in blip

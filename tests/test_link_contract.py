@@ -14,6 +14,7 @@ from mel.spans import resolve_mention, resolve_span
 from mel.types import (
     DETAILS_KINDS,
     Ambiguity,
+    ApparentFace,
     Beam,
     Candidate,
     CandidateScores,
@@ -59,6 +60,10 @@ GEMEL = GemelDetails(
     ("gemel+bm25", GEMEL),
     ("dim", DimDetails(protocol="whole-kb", n_candidates=40, feature_mask=FeatureMask(image=True, cue=True),
                        cue=ExpertCue("tabby cat", "imagenet-labels"), batch_size=8, pool=["Q1", "Q2"])),
+    ("dim", DimDetails(protocol="whole-kb", n_candidates=9, feature_mask=FeatureMask(image=True, cue=True),
+                       cue=ExpertCue("a photo of one person, apparently a woman aged about 30-40", "faces",
+                                     faces=[ApparentFace([10, 20, 110, 140], 1.2, "female", 0.89, 31.9, [30, 40])],
+                                     note=""))),
     ("exact", ExactDetails(n_exact_matches=2)),
     ("bm25", LinkDetails()),
 ])
@@ -166,3 +171,16 @@ def test_the_cli_link_uses_the_resolver(tmp_path, hashing_encoder, capsys):
     assert out["mention"]["start"] == 12 and out["details"]["kind"] == "exact"
     assert main(base + ["--start", "3", "--end", "9", "--mention", "Collins"]) == 2
     assert "disagree" in capsys.readouterr().err
+
+
+def test_a_cue_keeps_its_faces_typed_and_drops_what_is_not_a_face_attribute():
+    from mel.dim.linker import expert_cue
+    record = {"text": "a photo of one person", "provider": "faces", "question": "", "note": "",
+              "faces": [{"box": [1, 2, 3, 4], "score": 0.9, "gender": "male", "gender_probability": 0.7,
+                         "age": 40.2, "age_range": [40, 50], "embedding": [0.1] * 128}]}
+    cue = expert_cue(record)
+    assert cue.faces == [ApparentFace([1, 2, 3, 4], 0.9, "male", 0.7, 40.2, [40, 50])]
+    assert "embedding" not in cue.to_dict()["faces"][0]  # the 128-d vector stays inside DIM
+    assert ExpertCue.from_dict({"text": "tabby cat", "provider": "imagenet-labels"}).faces == []  # older records
+    with pytest.raises(InputError, match="ApparentFace"):
+        ExpertCue.from_dict({"text": "x", "faces": [{"box": [0, 0, 1, 1], "height": 3}]})

@@ -205,7 +205,8 @@ class FeatureExtractor:
             rows = list(loaded)
             for i in rows:
                 c = self.cue_provider.cue(loaded[i], question=self.cue_question)
-                cues[i] = {"text": c.text, "provider": c.provider, "question": c.question}
+                cues[i] = {"text": c.text, "provider": c.provider, "question": c.question,
+                           "note": getattr(c, "note", "")}
                 if getattr(c, "faces", None) or str(c.provider) == "faces":
                     cues[i]["faces"] = list(c.faces)  # the person cue looked for faces (an empty list: none)
                 if getattr(c, "note", "") and notes[i] is None:

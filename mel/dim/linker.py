@@ -22,7 +22,7 @@ from ..errors import CheckpointError, InputError, KBError
 from ..linkers.base import BatchLinker, Stopwatch
 from ..paths import REPO_ROOT, display_path
 from ..training import load_pretrained_dir
-from ..types import Candidate, DimDetails, ExpertCue, FeatureMask, LinkResult, Mention
+from ..types import ApparentFace, Candidate, DimDetails, ExpertCue, FeatureMask, LinkResult, Mention
 from .candidates import CandidateConfig, CandidateGenerator, CandidatePool, load_candidate_lists
 from .features import FeatureExtractor
 from .model import DimFusion, FusionConfig
@@ -50,6 +50,12 @@ def shipped_checkpoint(preset_name: str) -> Path:
         raise CheckpointError(f"the shipped DIM head {path} is missing; reinstall the project or train one with "
                               f"`python -m mel train dim ...` and pass checkpoint=DIR")
     return path
+
+
+def expert_cue(cue: dict) -> ExpertCue:
+    """The typed cue of one mention, from the feature extractor's cue record."""
+    return ExpertCue(cue["text"], cue["provider"], cue.get("question", ""),
+                     faces=[ApparentFace.of(f) for f in cue.get("faces") or []], note=cue.get("note", ""))
 
 
 def load_head(path: str | Path, device: str = "cpu") -> tuple[DimFusion, dict]:
@@ -167,7 +173,7 @@ class DimLinker(BatchLinker):
                 protocol=self.protocol if self.protocol == "whole-kb" else "candidate-list (gold usually included)",
                 n_candidates=n_valid,
                 feature_mask=FeatureMask(image=bool(feats.image_mask[i]), cue=bool(feats.cue_mask[i])),
-                cue=ExpertCue(cue["text"], cue["provider"], cue.get("question", "")) if cue is not None else None,
+                cue=expert_cue(cue) if cue is not None else None,
                 batch_size=n, note=feats.notes[i] or "")
             if self.protocol == "whole-kb" and self.keep_pool:  # lets a caller measure candidate recall
                 details.pool = [e.id for e in self.kb.entities_at(pool.idxs)]
