@@ -35,6 +35,7 @@ class BundledExample:
     start: int
     end: int
     why: str
+    gold: str = ""      # the right KB id ("NIL": not in the KB); "" when nobody said
 
 
 def package_image(ref: str) -> Path:
@@ -78,8 +79,17 @@ def bundled_examples() -> list[BundledExample]:
         if span is None:  # a broken asset is a bug in this repository, say which one
             raise InputError(f"{EXAMPLES_FILE.name}: mention {item['mention']!r} is not in {item['caption']!r}")
         image = str(package_image(item["image"])) if item.get("image") else None
-        out.append(BundledExample(image, item["caption"], item["mention"], span[0], span[1], item.get("why", "")))
+        out.append(BundledExample(image, item["caption"], item["mention"], span[0], span[1], item.get("why", ""),
+                                  item.get("gold", "")))
     return out
+
+
+def bundled_gold_examples():
+    """The bundled examples as labelled `mel.types.Example`s against the demo KB (benchmarks, tests)."""
+    from mel.types import Example, Mention
+    return [Example(Mention(ex.caption, ex.start, ex.end, image=ex.image, id=f"demo-{i}"), ex.gold,
+                    sample_id=f"demo-{i}", dataset="demo", split="demo", located="exact")
+            for i, ex in enumerate(bundled_examples()) if ex.gold]
 
 
 def demo_kb_path(text_encoder_name: str) -> Path:

@@ -117,3 +117,29 @@ def test_an_approximate_engine_that_finds_fewer_rows_pads_with_minus_one():
     assert missing.any() and (ids == -1)[missing].all() and np.isneginf(scores[missing]).all()
     assert (ids[~missing] >= 100).all() and np.isfinite(scores[~missing]).all()
     assert ids[:, 0].tolist() == [100, 101, 102, 103]  # each row finds itself first
+
+
+@pytest.mark.slow
+def test_photo_ablations_ask_each_question_on_every_photo_of_a_set(tmp_path, shared_data):
+    """The demo set (the bundled photos) with DIM's variants: same n in every row, the rows that turn the
+    photo off really see no image, and the Markdown lists them; an unknown set is a clear error."""
+    import argparse
+
+    from mel.bench.report import markdown_ablations
+    from mel.bench.runs import photo_ablations
+    from mel.errors import InputError
+    from mel.presets import get_preset
+    args = argparse.Namespace(photos="demo", no_photo_gemel=True, data_root=str(shared_data), kb_dir=str(tmp_path),
+                              progress=False)
+    res = photo_ablations(args, get_preset("offline"))
+    (demo,) = res["sets"]
+    rows = {r["linker"]: r for r in demo["rows"]}
+    assert demo["n"] == 4 and all(r["n"] == 4 for r in demo["rows"])  # every bundled example with a KB gold
+    assert rows["dim"]["n_with_image"] == 4 and rows["dim"]["gold_rank_changed"] == 0
+    assert {"dim:use_image=false", "dim:use_cue=false", "dim:use_image=false,use_cue=false"} <= set(rows)
+    md = markdown_ablations({"dataset": "wikimel", "preset": "offline", "command": "x", "seed": 0, "kb": "k",
+                             "kb_size": 1, "n_dev_examples": 0, "n_with_image": 0, "generative_subset": 0,
+                             "n_with_image_in_subset": 0, "rows": [], "photos": res})
+    assert "## Photos: demo (n = 4" in md and "DIM, text only" in md
+    with pytest.raises(InputError, match="unknown photo set"):
+        photo_ablations(argparse.Namespace(**{**vars(args), "photos": "flickr"}), get_preset("offline"))

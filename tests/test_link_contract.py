@@ -184,3 +184,11 @@ def test_a_cue_keeps_its_faces_typed_and_drops_what_is_not_a_face_attribute():
     assert ExpertCue.from_dict({"text": "tabby cat", "provider": "imagenet-labels"}).faces == []  # older records
     with pytest.raises(InputError, match="ApparentFace"):
         ExpertCue.from_dict({"text": "x", "faces": [{"box": [0, 0, 1, 1], "height": 3}]})
+
+
+def test_dim_disable_visual_takes_known_groups_only():
+    from mel.dim.linker import _visual_groups
+    assert _visual_groups("face_sex+face_age") == {"face_sex", "face_age"} == _visual_groups("face_sex, face_age")
+    assert _visual_groups(()) == set() and _visual_groups(["image_text"]) == {"image_text"}
+    with pytest.raises(InputError, match="unknown visual feature group.*choose from image_text"):
+        _visual_groups("face_size")

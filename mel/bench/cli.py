@@ -60,6 +60,12 @@ def add_parser(sub) -> None:
     def ablation_args(p):
         p.add_argument("--dataset", default="wikimel")
 
+    def photo_args(p):
+        p.add_argument("--photos", default="wikimel,richpedia,demo",
+                       help="also ask the image and cue questions on every photo of these sets "
+                            "(wikimel, richpedia, demo; '' = none)")
+        p.add_argument("--no-photo-gemel", action="store_true", help="DIM rows only on the photo sets")
+
     def scale_args(p):
         p.add_argument("--sizes", default="10000,100000,1000000")
         p.add_argument("--engines", default="numpy,faiss-flat,faiss-ivf,faiss-hnsw")
@@ -72,6 +78,7 @@ def add_parser(sub) -> None:
     common(p)
     p = kinds.add_parser("ablations", help="image, expert cue, number of demonstrations, trie vs free generation")
     ablation_args(p)
+    photo_args(p)
     common(p)
     p = kinds.add_parser("scale", help="KB build and search cost at growing KB sizes (synthetic entities)")
     scale_args(p)
@@ -80,7 +87,7 @@ def add_parser(sub) -> None:
     ablation_args(p)
     common(p)
     p = kinds.add_parser("all", help="quality, ablations, scale and reference in turn: all of results/ in one command")
-    for add in (quality_args, ablation_args, scale_args):
+    for add in (quality_args, ablation_args, photo_args, scale_args):
         add(p)
     common(p)
     p = kinds.add_parser("report", help="re-render Markdown and PNG from the bench_*.json under --out")

@@ -76,6 +76,13 @@ def markdown_ablations(res: dict) -> str:
     for r in res["rows"]:
         lines.append(f"| {r['question']} | {r['variant']} | `{r['linker']}` | {r['n']:,} | {_fmt(r['hits@1'])} | "
                      f"{_fmt(r['hits@5'])} | {_fmt(r['mrr'])} | {_fmt(r['latency_ms_p50'], 1)} |")
+    for photo_set in res.get("photos", {}).get("sets", []):
+        lines += ["", f"## Photos: {photo_set['set']} (n = {photo_set['n']}, KB {photo_set['kb']} "
+                      f"{photo_set['kb_size']:,} entities)", "", photo_set["note"] + ".", "",
+                  "| variant | linker | H@1 | MRR | gold rank changed vs the linker's first row |",
+                  "|---|---|---:|---:|---:|"]
+        lines += [f"| {r['variant']} | `{r['linker']}` | {_fmt(r['hits@1'])} | {_fmt(r['mrr'])} | "
+                  f"{r['gold_rank_changed']} |" for r in photo_set["rows"]]
     return "\n".join(lines) + "\n"
 
 

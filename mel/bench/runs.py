@@ -52,13 +52,15 @@ def open_kb(fmt: str, data_root: Path, kb_dir: Path, preset, progress: bool) -> 
                 "kb_built_in_this_run_s": built}
 
 
-def evaluate_spec(spec: str, kb, preset, examples, *, fmt: str, data_dir: Path, progress: bool) -> tuple[dict, list]:
-    """Evaluate one linker spec; returns (row, per-mention ranks)."""
+def evaluate_spec(spec: str, kb, preset, examples, *, fmt: str, data_dir: Path, progress: bool,
+                  pool_options: dict | None = None) -> tuple[dict, list]:
+    """Evaluate one linker spec; returns (row, per-mention ranks). GEMEL's demonstrations come from the
+    dataset's train split, or from `pool_options` (e.g. {"pool": "pool.jsonl"}) when given."""
     from ..evaluate import evaluate
     from ..linkers import build_linker
     name, options = parse_linker(spec)
     if is_generative(name):
-        options = {"pool_data": str(data_dir), "pool_format": fmt, **options}
+        options = {**(pool_options or {"pool_data": str(data_dir), "pool_format": fmt}), **options}
     with PeakRSS() as rss:
         t0 = time.perf_counter()
         linker = build_linker(name, kb, preset, **options)
@@ -244,9 +246,92 @@ def bench_ablations(args) -> dict:
         out["rows"].append(entry)
         print(f"  {question:<15} {variant:<30} n={row['n']:>5} H@1 {row['hits@1']:.4f} MRR {row['mrr']:.4f} "
               f"p50 {row['latency_ms_p50']} ms", flush=True)
+    if args.photos:
+        out["photos"] = photo_ablations(args, preset)
     out["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     return out
 
+
+# -- the same questions on every photo the project has ------------------------------------------------
+# WikiMEL ships 35 mention photos (train and dev), RichpediaMEL 9 entity photos, WikiDiverse none; the
+# demo's examples use the photos scikit-image and matplotlib ship. Too few for a dev-split figure, so
+# every one is used, each set reported on its own with its n.
+PHOTO_SETS = ("wikimel", "richpedia", "demo")
+
+
+def photo_variants(preset, generative: bool) -> list[tuple[str, str]]:
+    """(variant, linker spec): DIM with everything, without the image, the cue, both, and each visual
+    group its shipped head has; GEMEL (+bm25, the app's default) with and without visual tokens."""
+    from ..dim.linker import load_head, shipped_checkpoint
+    groups = load_head(shipped_checkpoint(preset.name))[0].config.visual_feature_names
+    rows = [("DIM, everything", "dim"), ("DIM without the image", "dim:use_image=false"),
+            ("DIM without the cue", "dim:use_cue=false"), ("DIM, text only", "dim:use_image=false,use_cue=false")]
+    rows += [(f"DIM without {g}", f"dim:disable_visual={g}") for g in groups]
+    if generative:
+        rows += [("GEMEL+bm25 with visual tokens", "gemel+bm25"),
+                 ("GEMEL+bm25 without visual tokens", "gemel+bm25:use_images=false")]
+    return rows
+
+
+def _photo_sets(names: list[str], data_root: Path, kb_dir: Path, preset, progress: bool):
+    """(name, note, fmt, kb, kb_meta, examples, pool options) for each requested set that has photos."""
+    import dataclasses
+
+    from ..datasets import load_dataset
+    for fmt in [n for n in names if n in ("wikimel", "richpedia")]:
+        kb, kb_meta = open_kb(fmt, data_root, kb_dir, preset, progress)
+        for split in ("train", "dev"):
+            examples = load_dataset(fmt, data_root / fmt, split).examples
+            if fmt == "wikimel":
+                with_photo = [ex for ex in examples if ex.mention.image]
+                note = f"WikiMEL {split}: every mention whose sample has a photo"
+            else:  # a caption with its gold's KB photo: what a photo of that person adds to the text
+                photos = {ex.gold_id: kb.get(ex.gold_id).images for ex in examples if ex.gold_id in kb}
+                with_photo = [dataclasses.replace(ex, mention=dataclasses.replace(ex.mention, image=photos[ex.gold_id][0]))
+                              for ex in examples if photos.get(ex.gold_id)]
+                note = (f"RichpediaMEL {split}: mentions of the entities that have a KB photo, given that photo "
+                        f"(face_sim is off here: it would compare the photo with itself)")
+            if with_photo:
+                yield f"{fmt}-{split}", note, fmt, kb, kb_meta, with_photo, None
+    if "demo" in names:
+        try:  # the demo's assets live in the app package, beside the library
+            from demo.bundled import POOL_FILE, bundled_gold_examples, ensure_demo_kb
+        except ImportError as exc:
+            print(f"[bench] the demo set is skipped: {exc}", file=sys.stderr)
+            return
+        from ..kb import KnowledgeBase
+        path = ensure_demo_kb(preset)
+        kb = KnowledgeBase(path)
+        examples = [ex for ex in bundled_gold_examples() if ex.gold_id != "NIL"]
+        yield ("demo", "the app's bundled examples (scikit-image and matplotlib photos) against the demo KB",
+               "demo", kb, {"kb": path.name, "kb_size": kb.size}, examples, {"pool": str(POOL_FILE)})
+
+
+def photo_ablations(args, preset) -> dict:
+    names = [n for n in args.photos.split(",") if n]
+    unknown = [n for n in names if n not in PHOTO_SETS]
+    if unknown:
+        from ..errors import InputError
+        raise InputError(f"unknown photo set(s) {unknown}; choose from {', '.join(PHOTO_SETS)}")
+    sets = []
+    variants = photo_variants(preset, generative=not args.no_photo_gemel)
+    for name, note, fmt, kb, kb_meta, examples, pool in _photo_sets(names, Path(args.data_root), Path(args.kb_dir),
+                                                                  preset, args.progress):
+        entry = {"set": name, "note": note, **kb_meta, "n": len(examples), "rows": []}
+        full: dict[str, list] = {}
+        for variant, spec in variants:
+            if name.startswith("richpedia") and spec.startswith("dim"):
+                spec += (",disable_visual=face_sim" if ":" in spec else ":disable_visual=face_sim")
+            row, ranks = evaluate_spec(spec, kb, preset, examples, fmt=fmt, data_dir=Path(args.data_root) / fmt,
+                                       progress=args.progress, pool_options=pool)
+            base = full.setdefault(spec.split(":")[0], ranks)  # the linker's first row is its "everything"
+            entry["rows"].append({"variant": variant, "linker": spec, "n": row["n"], "hits@1": row["hits@1"],
+                                  "mrr": row["mrr"], "n_with_image": row["n_with_image"],
+                                  "gold_rank_changed": sum(a != b for a, b in zip(ranks, base, strict=True))})
+            print(f"  photos {name:<15} {variant:<34} n={row['n']:>4} H@1 {row['hits@1']:.4f} "
+                  f"(gold rank changed for {entry['rows'][-1]['gold_rank_changed']})", flush=True)
+        sets.append(entry)
+    return {"sets": sets}
 
 
 def bench_scale(args) -> dict:

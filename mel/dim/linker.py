@@ -26,7 +26,7 @@ from ..types import ApparentFace, Candidate, DimDetails, ExpertCue, FeatureMask,
 from .candidates import CandidateConfig, CandidateGenerator, CandidatePool, load_candidate_lists
 from .features import FeatureExtractor
 from .model import DimFusion, FusionConfig
-from .pairs import PAIR_FEATURES
+from .pairs import PAIR_FEATURES, VISUAL_GROUPS
 from .pipeline import EntityFactsCache, candidate_batch
 
 PROTOCOLS = ("whole-kb", "candidate-list")
@@ -58,6 +58,17 @@ def expert_cue(cue: dict) -> ExpertCue:
                      faces=[ApparentFace.of(f) for f in cue.get("faces") or []], note=cue.get("note", ""))
 
 
+def _visual_groups(value: str | list[str] | tuple[str, ...]) -> set[str]:
+    """`disable_visual` ("face_sex,face_age", "face_sex+face_age" inside a linker list, or a list) as a set of
+    known visual groups (ablations)."""
+    names = [v.strip() for v in (value.replace("+", ",").split(",") if isinstance(value, str) else value) if v.strip()]
+    unknown = [n for n in names if n not in VISUAL_GROUPS]
+    if unknown:
+        raise InputError(f"unknown visual feature group(s) {unknown} in disable_visual; choose from "
+                         f"{', '.join(VISUAL_GROUPS)}")
+    return set(names)
+
+
 def load_head(path: str | Path, device: str = "cpu") -> tuple[DimFusion, dict]:
     model, payload = load_pretrained_dir(DimFusion, FusionConfig, path)
     names = tuple(model.config.pair_feature_names)
@@ -73,7 +84,8 @@ class DimLinker(BatchLinker):
     def __init__(self, kb, preset, checkpoint: str | Path | None = None, protocol: str = "whole-kb",
                  candidate_file: str | Path | None = None, n_bm25: int | None = None, n_dense: int | None = None,
                  n_dense_mention: int | None = None, use_image: bool = True, use_cue: bool = True,
-                 cue_question: str | None = None, keep_pool: bool = False, text_encoder=None):
+                 cue_question: str | None = None, keep_pool: bool = False, text_encoder=None,
+                 disable_visual: str | list[str] | tuple[str, ...] = ()):
         super().__init__(kb, preset)
         if protocol not in PROTOCOLS:
             raise InputError(f"unknown protocol {protocol!r}; choose 'whole-kb' (rank against the whole KB) or "
@@ -93,6 +105,7 @@ class DimLinker(BatchLinker):
         self.extractor = FeatureExtractor(kb, preset, use_image=use_image, use_cue=use_cue, cue_question=cue_question,
                                           image_dim=cfg.image_dim, text_encoder=text_encoder,
                                           visual_features=cfg.visual_feature_names)
+        self.extractor.disabled_visual = _visual_groups(disable_visual)
         if self.extractor.text_dim != cfg.text_dim:
             raise CheckpointError(f"the DIM head expects {cfg.text_dim}-d text features, the encoder gives "
                                   f"{self.extractor.text_dim}-d; use the preset the head was trained with")
