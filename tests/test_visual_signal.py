@@ -312,10 +312,15 @@ def test_dim_with_visual_features_masked_equals_dim_without_them():
     assert torch.equal(changed[0], base[0]) and not torch.allclose(changed[1], base[1])
 
 
-def test_the_shipped_head_still_loads_without_visual_features():
+def test_the_shipped_head_loads_with_its_trained_visual_terms():
+    # `python -m mel train dim-visual` (mel.dim.visual_train): linear terms only, biases kept at 0, the fit
+    # and its weights recorded in config.json
     from mel.dim.linker import load_head
-    model, _ = load_head(Path(__file__).resolve().parents[1] / "models" / "dim-offline")
-    assert model.config.visual_feature_names == () and len(model.visual) == 0
+    model, payload = load_head(Path(__file__).resolve().parents[1] / "models" / "dim-offline")
+    names = tuple(model.config.visual_feature_names)
+    assert names and set(names) <= set(VISUAL_GROUPS) and set(model.visual) == set(names)
+    assert all(layer.bias.item() == 0.0 for layer in model.visual.values())
+    assert set(payload["visual_terms"]["weights"]) == set(names) and payload["visual_terms"]["error_model"]
 
 
 def test_unknown_visual_group_is_refused():
