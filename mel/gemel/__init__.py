@@ -6,7 +6,9 @@
 
 Modules:
     mapper   FeatureMapper (Linear d_vision -> k x d_embed visual tokens), the only trained part
-    prompt   the paper's prompt template and its assembly into input embeddings
+    features the image vector the mapper maps: the image encoder's (paper) or the ConSE vector
+    prompt   the paper's prompt template (and the `cue` variant, beyond the paper) and its assembly
+             into input embeddings
     demos    DemonstrationPool: in-context examples retrieved by mention embedding
     trie     TokenTrie: prefix trie over the KB's names in the LLM's tokens (cached on disk)
     decode   constrained beam search with the KV cache; exhaustive scoring of a candidate set

@@ -23,6 +23,15 @@ Options (the fields of GemelConfig, also taken as keyword arguments of GemelLink
   mapper          a feature-mapper directory; default: the one shipped for the preset (models/gemel-offline
                   for `offline`), else none. "none" turns visual tokens off. Without a mapper, or for a
                   mention without an image, the prompt has no visual tokens (stated in `details`).
+  image_feature   the image vector the mapper maps and multimodal retrieval compares (mel.gemel.features):
+                  "encoder" (the preset's image encoder, the paper's choice) or "conse" (the ConSE vector,
+                  text-aligned, beyond the paper). Default: what the mapper was trained on (its config), else
+                  "encoder"; a value that differs from the mapper's is refused.
+  prompt          "paper" (the paper's prompt) or "cue" (beyond the paper: the expert cue's text, e.g. "a
+                  photo of one person, apparently a woman aged about 30-40" or ImageNet labels, as an
+                  `[Image]...` line in every segment with an image; see mel.gemel.prompt). Default: the prompt
+                  the mapper was trained with (its config), else "paper". `prompt=paper` is the paper's.
+  use_images      False: the image is not used at all (no visual tokens, no cue).
   candidates      None: beam search over a trie of ALL KB names (the paper). "dense" | "bm25" | "dim" |
                   "hybrid" (bm25 + dense): the trie holds only the names of that linker's `top_k`
                   candidates, for KBs too large for a full trie; with `rank="all"` (the default in this
@@ -91,8 +100,9 @@ from ..types import (
 )
 from .decode import DecodeConfig, FreeVocabulary, Hypothesis, beam_search, score_groups
 from .demos import Demonstration, DemonstrationPool, load_pool_examples
+from .features import check_image_feature, image_feature_encoder
 from .mapper import FeatureMapper
-from .prompt import PromptBuilder, Segment, embed_prompt
+from .prompt import PromptBuilder, Segment, check_style, embed_prompt
 from .trie import TokenTrie, kb_trie
 
 # the feature mapper shipped for a preset (trained with `python -m mel train gemel`, see its README)
@@ -153,7 +163,8 @@ class ImageFeatures:
 
 
 def resolve_mapper(spec, preset, d_embed: int) -> tuple[FeatureMapper | None, str, str]:
-    """(mapper or None, where it came from, a note for the user)."""
+    """(mapper or None, where it came from, a note for the user). The image encoder it was trained on
+    is checked by the linker (`check_mapper_encoder`), which knows the image feature in use."""
     if spec is None:
         path = SHIPPED_MAPPERS.get(getattr(preset, "name", ""))
         if path is None or not (path / "config.json").exists():
@@ -166,13 +177,24 @@ def resolve_mapper(spec, preset, d_embed: int) -> tuple[FeatureMapper | None, st
     if isinstance(spec, str) and spec.lower() in ("none", "off", "false", ""):
         return None, "", "visual tokens turned off (mapper=none)"
     mapper, _ = FeatureMapper.from_pretrained(spec, d_embed=d_embed)
-    for role in ("image_encoder", "llm"):
-        trained_for, used = getattr(mapper.config, role), getattr(preset, role, "")
-        if trained_for and used and trained_for != used:
-            raise CheckpointError(f"feature mapper {spec} was trained for {role} {trained_for!r} but preset "
-                                  f"{preset.name!r} uses {used!r}; use its preset, pass mapper=none, or train a "
-                                  f"mapper for this preset")
+    trained_for, used = mapper.config.llm, getattr(preset, "llm", "")
+    if trained_for and used and trained_for != used:
+        raise CheckpointError(f"feature mapper {spec} was trained for llm {trained_for!r} but preset "
+                              f"{preset.name!r} uses {used!r}; use its preset, pass mapper=none, or train a "
+                              f"mapper for this preset")
     return mapper, str(spec), ""
+
+
+def check_mapper_encoder(mapper: FeatureMapper, source: str, preset, encoder, spec: str) -> None:
+    """The mapper must map the vectors of the encoder it was trained on (same spec when both are known, same width)."""
+    trained_for = mapper.config.image_encoder
+    if trained_for and spec and trained_for != spec:
+        raise CheckpointError(f"feature mapper {source} was trained for image_encoder {trained_for!r} but preset "
+                              f"{preset.name!r} gives {spec!r} (image_feature={mapper.config.image_feature}); use "
+                              f"its preset, pass mapper=none, or train a mapper for this preset")
+    if encoder.dim != mapper.config.d_vision:
+        raise CheckpointError(f"feature mapper {source} maps {mapper.config.d_vision}-d features but {spec} gives "
+                              f"{encoder.dim}-d ones; use the mapper's preset or train a mapper for this one")
 
 
 @dataclass
@@ -202,6 +224,8 @@ class GemelConfig:
     max_new_tokens: int = 32
     length_penalty: float = 0.0
     constrained: bool = True
+    image_feature: str | None = None  # None: the mapper's (its config), else "encoder"
+    prompt: str | None = None         # None: the mapper's (its config), else "paper"
     max_caption_chars: int | None = 500
     use_images: bool = True
     trie_cache: bool = True
@@ -216,6 +240,10 @@ class GemelConfig:
 
     def __post_init__(self):
         _check_option_values(self)
+        if self.image_feature is not None:
+            check_image_feature(self.image_feature)
+        if self.prompt is not None:
+            check_style(self.prompt)
         if self.candidates is not None and self.candidates not in CANDIDATE_SOURCES:
             raise InputError(f"candidates must be None (whole-KB trie) or one of {CANDIDATE_SOURCES}, got "
                              f"{self.candidates!r}")
@@ -309,17 +337,24 @@ class GemelLinker(Linker):
         self.d_embed = int(self.model.get_input_embeddings().embedding_dim)
 
         self.mapper, self.mapper_source, self.visual_note = resolve_mapper(mapper, preset, self.d_embed)
+        trained = self.mapper.config if self.mapper is not None else None
+        self.image_feature = config.image_feature or (trained.image_feature if trained is not None else "encoder")
+        if trained is not None and self.image_feature != trained.image_feature:
+            raise CheckpointError(f"feature mapper {self.mapper_source} was trained on image_feature="
+                                  f"{trained.image_feature} but image_feature={self.image_feature} was asked for; "
+                                  f"leave image_feature out, or give a mapper trained on it")
+        self.prompt_style = config.prompt or (trained.prompt if trained is not None else "paper")
         self.images: ImageFeatures | None = None
         if self.mapper is not None:
             self.mapper.to(self.llm.device)
-            encoder = preset.backend("image_encoder")
-            if encoder.dim != self.mapper.config.d_vision:
-                raise CheckpointError(f"feature mapper {self.mapper_source} maps {self.mapper.config.d_vision}-d "
-                                      f"features but {preset.image_encoder} gives {encoder.dim}-d ones; use the mapper's "
-                                      f"preset or train a mapper for this one")
+            encoder, spec = image_feature_encoder(preset, self.image_feature)
+            check_mapper_encoder(self.mapper, self.mapper_source, preset, encoder, spec)
             self.images = ImageFeatures(encoder)
+        self.cues = preset.backend("cue") if self.prompt_style == "cue" and self.use_images else None
+        self._cue_texts: OrderedDict[str, str | None] = OrderedDict()
         n_tokens = self.mapper.n_tokens if self.mapper is not None else 0
-        self.builder = PromptBuilder(self.tokenizer, n_image_tokens=n_tokens, max_caption_chars=config.max_caption_chars)
+        self.builder = PromptBuilder(self.tokenizer, n_image_tokens=n_tokens, max_caption_chars=config.max_caption_chars,
+                                     style=self.prompt_style)
 
         self.pool, self.pool_description = self._make_pool(pool, config.pool_format, config.pool_data,
                                                            config.pool_split, config.retrieval, config.progress)
@@ -353,7 +388,7 @@ class GemelLinker(Linker):
             return None, what
         image_encoder = self.images.encoder if (retrieval == "multimodal" and self.images is not None) else None
         if retrieval == "multimodal" and image_encoder is None:
-            image_encoder = self.preset.backend("image_encoder")
+            image_encoder, _ = image_feature_encoder(self.preset, self.image_feature)
         built = DemonstrationPool(examples, self.preset.backend("mention_encoder"), key=retrieval,
                                   image_encoder=image_encoder, progress=progress)
         return built, what
@@ -374,7 +409,12 @@ class GemelLinker(Linker):
         out = {"llm": self.preset.llm, "mention_encoder": self.preset.mention_encoder}
         if self.mapper is not None:
             out["image_encoder"] = self.preset.image_encoder
+            if self.image_feature != "encoder":
+                out["image_feature"] = str(getattr(self.images.encoder, "name", self.image_feature)) \
+                    if self.images is not None else self.image_feature
             out["feature_mapper"] = display_path(self.mapper_source)
+        if self.cues is not None:
+            out["cue"] = self.preset.cue
         for src, linker in self.retrievers.items():
             out.update({f"candidates.{src}.{k}": v for k, v in linker.models().items()})
         return out
@@ -396,6 +436,21 @@ class GemelLinker(Linker):
             if ex.gold_id not in self._answers:
                 self._answers[ex.gold_id] = names[ex.gold_id] if ex.gold_id in names else (ex.gold_name or ex.gold_id)
 
+    def cue_text(self, image) -> str | None:
+        """The expert cue's text for an image (`prompt="cue"` only; None otherwise or when unreadable)."""
+        if self.cues is None or not image:
+            return None
+        key = str(image)
+        if key not in self._cue_texts:
+            from ..imageio import load_image
+            try:
+                self._cue_texts[key] = self.cues.cue(load_image(image)).text or None
+            except InputError:
+                self._cue_texts[key] = None
+            if len(self._cue_texts) > IMAGE_CACHE_SIZE:
+                self._cue_texts.popitem(last=False)
+        return self._cue_texts[key]
+
     def segments(self, mention: Mention, demos: list[Demonstration], query_features=None) -> list[Segment]:
         self._learn_answers([d.example for d in demos])
         segs = []
@@ -403,8 +458,8 @@ class GemelLinker(Linker):
         for demo in demos:
             m = demo.example.mention
             feats = images(m.image, strict=False) if images is not None and m.image else None  # unreadable: text only
-            segs.append(Segment(m.caption, m.text, self.answer_of(demo.example), feats))
-        segs.append(Segment(mention.caption, mention.text, None, query_features))
+            segs.append(Segment(m.caption, m.text, self.answer_of(demo.example), feats, self.cue_text(m.image)))
+        segs.append(Segment(mention.caption, mention.text, None, query_features, self.cue_text(mention.image)))
         return segs
 
     # -- linking -----------------------------------------------------------------------------
@@ -533,12 +588,18 @@ class GemelLinker(Linker):
 
     def _visual_note(self, mention: Mention, query_features) -> str:
         if self.mapper is None:
-            return self.visual_note
+            cue = self.cue_text(mention.image)
+            return self.visual_note + (f"; prompt 'cue' (beyond the paper): the cue {cue!r} in the segment"
+                                       if cue else "")
         if not self.use_images:
             return "visual tokens turned off (use_images=False)"
         if not mention.image:
             return "the mention has no image: its segment has no visual tokens"
-        return f"{self.mapper.n_tokens} visual tokens from the image"
+        feature = "the ConSE vector of" if self.image_feature == "conse" else "the image encoder's features of"
+        note = f"{self.mapper.n_tokens} visual tokens from {feature} the image"
+        if self.cues is not None:
+            note += f"; prompt 'cue' (beyond the paper): the cue {self.cue_text(mention.image)!r} in the segment"
+        return note
 
     def _free_text(self, h: Hypothesis) -> str:
         return self.tokenizer.decode(h.tokens, skip_special_tokens=True).split("\n")[0].strip()

@@ -26,12 +26,25 @@ class MapperConfig:
     n_tokens: int = 4          # visual prefix tokens per image (paper: 4)
     image_encoder: str = ""    # spec of the encoder the mapper was trained on (checked at load)
     llm: str = ""              # spec of the LLM it was trained for (checked at load)
+    # which image vector it maps (mel.gemel.features): "encoder" (the preset's image encoder) or "conse"
+    # (the text-aligned ConSE vector); an old checkpoint without the field was trained on "encoder"
+    image_feature: str = "encoder"
+    # the prompt it was trained with (mel.gemel.prompt.PROMPT_STYLES): "paper", or "cue" (beyond the paper);
+    # the linker's default prompt when this mapper is used. Old checkpoints: "paper"
+    prompt: str = "paper"
 
     def __post_init__(self):
         for name in ("d_vision", "d_embed", "n_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise CheckpointError(f"MapperConfig.{name} must be a positive integer, got {value!r}")
+        from .features import IMAGE_FEATURES
+        from .prompt import PROMPT_STYLES
+        if self.image_feature not in IMAGE_FEATURES:
+            raise CheckpointError(f"MapperConfig.image_feature must be one of {IMAGE_FEATURES}, got "
+                                  f"{self.image_feature!r}")
+        if self.prompt not in PROMPT_STYLES:
+            raise CheckpointError(f"MapperConfig.prompt must be one of {PROMPT_STYLES}, got {self.prompt!r}")
 
 
 class FeatureMapper(nn.Module):

@@ -14,6 +14,16 @@ demonstration, in the training target and in the decoding trie (`encode_answer` 
 definition). For byte-level BPE tokenizers (OPT, SmolLM2) this is identical to tokenising the
 joined text, because `]` and a letter never merge.
 
+A second prompt, `prompt="cue"`, is NOT the paper's (it is labelled so wherever it is used): in
+each segment that has an image, the expert cue's text about that image (mel.backends.cue: the
+offline preset's "faces" cue, e.g. "a photo of one person, apparently a woman aged about 30-40",
+or the top ImageNet labels when no face is found) comes first, after the visual tokens:
+
+    [Image]{cue}\n[Text]{caption}\n[Question]What does {mention} mentioned in the text refer to?\n[Answer]{name}\n
+
+A segment without an image (or without a cue) reads exactly as in the paper's prompt, and
+`prompt="paper"` (the default) never shows a cue.
+
 Two normalisations, both stated: newlines inside a caption become spaces (they would break the
 `[Text]`/`[Question]` layout), and a caption longer than `max_caption_chars` is cut to a window
 around the mention (long news captions would otherwise dominate latency).
@@ -29,6 +39,8 @@ import torch
 from ..errors import InputError
 
 SEGMENT_TEMPLATE = "[Text]{caption}\n[Question]What does {mention} mentioned in the text refer to?\n[Answer]"
+CUE_TEMPLATE = "[Image]{cue}\n"  # `cue` prompt only (beyond the paper): before [Text] in a segment with an image
+PROMPT_STYLES = ("paper", "cue")
 ANSWER_SEPARATOR = "\n"
 IMAGE_MARKER = "<image>"  # how image tokens show in the rendered (human-readable) prompt
 IGNORE_INDEX = -100       # label of tokens that carry no loss (torch's CrossEntropy default)
@@ -42,6 +54,7 @@ class Segment:
     mention: str
     answer: str | None = None
     image: np.ndarray | None = None  # image feature vector (d_vision,), None = no visual tokens
+    cue: str | None = None           # the expert cue's text about the image (shown in the `cue` prompt only)
 
     @property
     def has_image(self) -> bool:
@@ -61,18 +74,36 @@ def clean_caption(caption: str, mention: str, max_chars: int | None = None) -> s
     return text
 
 
-def segment_text(segment: Segment, max_caption_chars: int | None = None) -> str:
-    """The text of one segment; a demonstration includes its answer and the separator."""
-    text = SEGMENT_TEMPLATE.format(caption=clean_caption(segment.caption, segment.mention, max_caption_chars),
+def check_style(style: str) -> str:
+    if style not in PROMPT_STYLES:
+        raise InputError(f"prompt must be one of {PROMPT_STYLES} ('paper': the paper's prompt; 'cue': the expert "
+                         f"cue's text in each segment with an image, beyond the paper), got {style!r}")
+    return style
+
+
+def segment_body(segment: Segment, max_caption_chars: int | None = None, style: str = "paper") -> str:
+    """A segment's text up to `[Answer]` (its answer excluded); with style "cue", the cue line first."""
+    body = SEGMENT_TEMPLATE.format(caption=clean_caption(segment.caption, segment.mention, max_caption_chars),
                                    mention=segment.mention)
+    cue = " ".join((segment.cue or "").split())  # one line: a newline would break the layout
+    if style == "cue" and cue:
+        body = CUE_TEMPLATE.format(cue=cue) + body
+    return body
+
+
+def segment_text(segment: Segment, max_caption_chars: int | None = None, style: str = "paper") -> str:
+    """The text of one segment; a demonstration includes its answer and the separator."""
+    text = segment_body(segment, max_caption_chars, style)
     if segment.answer is not None:
         text += segment.answer + ANSWER_SEPARATOR
     return text
 
 
-def render_prompt(segments: list[Segment], n_image_tokens: int, max_caption_chars: int | None = None) -> str:
+def render_prompt(segments: list[Segment], n_image_tokens: int, max_caption_chars: int | None = None,
+                  style: str = "paper") -> str:
     """The whole prompt as text, image tokens shown as `<image>` markers (for display and tests)."""
-    return "".join(IMAGE_MARKER * n_image_tokens * seg.has_image + segment_text(seg, max_caption_chars)
+    check_style(style)
+    return "".join(IMAGE_MARKER * n_image_tokens * seg.has_image + segment_text(seg, max_caption_chars, style)
                    for seg in segments)
 
 
@@ -114,8 +145,9 @@ class TokenizedPrompt:
 class PromptBuilder:
     """Turns segments into token ids with image slots, for one tokenizer."""
 
-    def __init__(self, tokenizer, n_image_tokens: int = 4, max_caption_chars: int | None = 500):
+    def __init__(self, tokenizer, n_image_tokens: int = 4, max_caption_chars: int | None = 500, style: str = "paper"):
         self.tokenizer = tokenizer
+        self.style = check_style(style)
         self.n_image_tokens = n_image_tokens
         self.max_caption_chars = max_caption_chars
         self.prefix = leading_special_ids(tokenizer)
@@ -124,8 +156,10 @@ class PromptBuilder:
         # image slots hold a placeholder id; their embeddings are replaced by the mapper's output
         self.placeholder = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
 
-    def build(self, segments: list[Segment], target: str | None = None, use_images: bool = True) -> TokenizedPrompt:
-        """`segments[-1]` is the query (answer None). `target`: the query's gold name (training)."""
+    def build(self, segments: list[Segment], target: str | None = None, use_images: bool = True,
+              use_cues: bool = True) -> TokenizedPrompt:
+        """`segments[-1]` is the query (answer None). `target`: the query's gold name (training).
+        `use_images=False`: no visual tokens; `use_cues=False`: no cue lines (they only show in the `cue` style)."""
         if not segments or segments[-1].answer is not None:
             raise InputError("the last prompt segment must be the query (a segment without an answer)")
         ids: list[int] = list(self.prefix)
@@ -134,9 +168,8 @@ class PromptBuilder:
             if seg.has_image and use_images:
                 slots.append((len(ids), i))
                 ids += [self.placeholder] * self.n_image_tokens
-            body = SEGMENT_TEMPLATE.format(caption=clean_caption(seg.caption, seg.mention, self.max_caption_chars),
-                                           mention=seg.mention)
-            ids += encode_answer(self.tokenizer, body)
+            shown = seg if use_cues else Segment(seg.caption, seg.mention, seg.answer, seg.image)
+            ids += encode_answer(self.tokenizer, segment_body(shown, self.max_caption_chars, self.style))
             if seg.answer is not None:
                 ids += encode_answer(self.tokenizer, seg.answer) + self.separator
         labels = None
@@ -144,9 +177,10 @@ class PromptBuilder:
             answer = encode_answer(self.tokenizer, target) + [self.eos]
             labels = [IGNORE_INDEX] * len(ids) + answer
             ids += answer
-        shown = [s if (s.has_image and use_images) else Segment(s.caption, s.mention, s.answer, None) for s in segments]
+        shown = [Segment(s.caption, s.mention, s.answer, s.image if use_images else None, s.cue if use_cues else None)
+                 for s in segments]
         return TokenizedPrompt(ids, slots, labels, self.n_image_tokens if use_images else 0,
-                               render_prompt(shown, self.n_image_tokens, self.max_caption_chars))
+                               render_prompt(shown, self.n_image_tokens, self.max_caption_chars, self.style))
 
 
 def embed_prompt(embed_tokens, prompt: TokenizedPrompt, segments: list[Segment], mapper=None,

@@ -55,6 +55,7 @@ from ..training import (
 from ..training.checkpoint import STATE_FILE
 from ..types import NIL, Example
 from .demos import DemonstrationPool
+from .features import image_feature_encoder
 from .linker import ImageFeatures
 from .mapper import FeatureMapper, MapperConfig
 from .prompt import IGNORE_INDEX, PromptBuilder, Segment, embed_prompt
@@ -73,6 +74,12 @@ class GemelTrainConfig(TrainConfig):
     retrieval: Literal["mention", "multimodal"] = field(default="mention", metadata={
         "help": "how demonstrations are retrieved: the mention's embedding, or mention + caption + image"})
     n_image_tokens: int = field(default=4, metadata={"help": "visual tokens per image"})
+    image_feature: Literal["encoder", "conse"] = field(default="encoder", metadata={
+        "help": "the image vector the mapper maps: the preset's image encoder (the paper's), or the text-aligned "
+                "ConSE vector (mel.gemel.features); recorded in the mapper's config"})
+    prompt: Literal["paper", "cue"] = field(default="paper", metadata={
+        "help": "the paper's prompt, or 'cue' (beyond the paper): the expert cue's text in each segment with an "
+                "image (mel.gemel.prompt); recorded in the mapper's config"})
     max_caption_chars: int | None = field(default=500, metadata={"help": "captions are cut to this length"})
     examples: ExampleChoice = field(default="with-image", metadata={
         "help": "which examples train: with an image in the prompt, with a query image, or all"})
@@ -129,18 +136,21 @@ class MapperTrainer:
         for p in self.model.parameters():  # frozen, whatever the loader did
             p.requires_grad_(False)
         self.model.eval()  # no dropout: the LLM is a fixed function of its inputs
-        self.image_encoder = preset.backend("image_encoder")
+        self.image_encoder, encoder_spec = image_feature_encoder(preset, self.config.image_feature)
         d_embed = int(self.model.get_input_embeddings().embedding_dim)
         mapper_config = MapperConfig(d_vision=int(self.image_encoder.dim), d_embed=d_embed,
-                                     n_tokens=self.config.n_image_tokens, image_encoder=preset.image_encoder,
-                                     llm=preset.llm)
+                                     n_tokens=self.config.n_image_tokens, image_encoder=encoder_spec,
+                                     llm=preset.llm, image_feature=self.config.image_feature,
+                                     prompt=self.config.prompt)
+        self.cues = preset.backend("cue") if self.config.prompt == "cue" else None
         self.mapper = FeatureMapper(mapper_config).to(self.llm.device)
         if init is not None:
             loaded, _ = FeatureMapper.from_pretrained(init, d_vision=mapper_config.d_vision, d_embed=d_embed)
             self.mapper.load_state_dict(loaded.state_dict())
         self.mapper.train()
         self.initial_state = {k: v.detach().clone() for k, v in self.mapper.state_dict().items()}
-        self.builder = PromptBuilder(self.llm.tokenizer, self.config.n_image_tokens, self.config.max_caption_chars)
+        self.builder = PromptBuilder(self.llm.tokenizer, self.config.n_image_tokens, self.config.max_caption_chars,
+                                     style=self.config.prompt)
         self.images = ImageFeatures(self.image_encoder, size=1 << 16)
         self.items, self.data_report = self._prepare(examples, pool_examples)
         if not self.items:
@@ -151,6 +161,16 @@ class MapperTrainer:
     def _answer(self, example: Example) -> str | None:
         idx = self.kb.idx_of(example.gold_id) if example.gold_id != NIL else None
         return self.kb.entity_at(idx).name if idx is not None else None
+
+    def _cue(self, image) -> str | None:
+        """The expert cue's text for an image (prompt 'cue' only; None when unreadable)."""
+        if self.cues is None or not image:
+            return None
+        from ..imageio import load_image
+        try:
+            return self.cues.cue(load_image(image)).text or None
+        except InputError:
+            return None
 
     def _prepare(self, examples: list[Example], pool_examples: list[Example] | None):
         report = {"n_examples": len(examples), "n_gold_not_in_kb": 0, "n_without_image": 0}
@@ -174,8 +194,8 @@ class MapperTrainer:
             for d in ds:
                 m = d.example.mention
                 segs.append(Segment(m.caption, m.text, self._answer(d.example) or d.example.gold_name or d.example.gold_id,
-                                    self.images(m.image, strict=False) if m.image else None))
-            segs.append(Segment(ex.mention.caption, ex.mention.text, None, query_img))
+                                    self.images(m.image, strict=False) if m.image else None, self._cue(m.image)))
+            segs.append(Segment(ex.mention.caption, ex.mention.text, None, query_img, self._cue(ex.mention.image)))
             has_any = any(s.has_image for s in segs)
             if (self.config.examples == "with-image" and not has_any) or \
                (self.config.examples == "with-query-image" and query_img is None):
@@ -194,16 +214,17 @@ class MapperTrainer:
         return answer_loss(self.model, embeds, prompt.labels)
 
     @torch.no_grad()
-    def item_losses(self, use_images: bool = True, state: dict | None = None) -> list[float]:
+    def item_losses(self, use_images: bool = True, state: dict | None = None, use_cues: bool | None = None) -> list[float]:
         """The answer loss of every training item with the current mapper (or `state`), or with no
-        visual tokens at all (`use_images=False`)."""
+        visual tokens at all (`use_images=False`); `use_cues` (prompt 'cue'; default: as `use_images`)."""
+        use_cues = use_images if use_cues is None else use_cues
         current = {k: v.detach().clone() for k, v in self.mapper.state_dict().items()}
         if state is not None:
             self.mapper.load_state_dict(state)
         try:
             out = []
             for item in self.items:
-                prompt = self.builder.build(item.segments, target=item.answer, use_images=use_images)
+                prompt = self.builder.build(item.segments, target=item.answer, use_images=use_images, use_cues=use_cues)
                 embeds = embed_prompt(self.llm.embed_tokens, prompt, item.segments,
                                       self.mapper if use_images else None, device=self.llm.device)
                 out.append(float(answer_loss(self.model, embeds, prompt.labels)))
@@ -216,6 +237,8 @@ class MapperTrainer:
         (does the mapper help at all on what it saw? There is no image-bearing dev set to ask)."""
         rows = {"trained_mapper": self.item_losses(), "initial_mapper": self.item_losses(state=self.initial_state),
                 "no_visual_tokens": self.item_losses(use_images=False)}
+        if self.config.prompt == "cue":  # no_visual_tokens has no cue either: the image is not used at all
+            rows["cue_without_visual_tokens"] = self.item_losses(use_images=False, use_cues=True)
         query_img = [i for i, it in enumerate(self.items) if it.segments[-1].has_image]
         report = {"n_items": len(self.items), "n_items_with_query_image": len(query_img)}
         for name, losses in rows.items():
