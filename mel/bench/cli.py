@@ -65,6 +65,7 @@ def add_parser(sub) -> None:
                        help="also ask the image and cue questions on every photo of these sets "
                             "(wikimel, richpedia, demo; '' = none)")
         p.add_argument("--no-photo-gemel", action="store_true", help="DIM rows only on the photo sets")
+        p.add_argument("--photos-only", action="store_true", help="skip the dev-split questions (write to another --out)")
 
     def scale_args(p):
         p.add_argument("--sizes", default="10000,100000,1000000")

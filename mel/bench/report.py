@@ -162,6 +162,8 @@ def plot_quality(res: dict, out: Path) -> list[Path]:
 
 
 def plot_ablations(res: dict, out: Path) -> list[Path]:
+    if not res["rows"]:  # --photos-only: the photo sets are tables only
+        return []
     plt = _plt()
     fig, ax = plt.subplots(figsize=(9, 4.5))
     labels = [f"{r['variant']} (n={r['n']:,})" for r in res["rows"]]
