@@ -92,7 +92,7 @@ def bench_quality(args) -> dict:
     linkers = args.linkers.split(",")
     for fmt in args.datasets.split(","):
         data_dir = data_root / fmt
-        split = load_dataset(fmt, data_dir, "dev")
+        split = load_dataset(fmt, data_dir, "dev", unlocated="context")  # every mention counts in n
         kb, kb_meta = open_kb(fmt, data_root, kb_dir, preset, args.progress)
         examples = split.examples[: args.limit] if args.limit else split.examples
         g = args.generative_limit or len(examples)
@@ -192,7 +192,7 @@ def bench_reference(args) -> dict:
     preset = resolve_preset(args)
     seed_everything(args.seed)
     fmt, data_root = args.dataset, Path(args.data_root)
-    examples = load_dataset(fmt, data_root / fmt, "dev").examples
+    examples = load_dataset(fmt, data_root / fmt, "dev", unlocated="context").examples
     kb, kb_meta = open_kb(fmt, data_root, Path(args.kb_dir), preset, args.progress)
     out = {"kind": "reference", **run_meta(args, preset), "dataset": fmt, **kb_meta}
     out.update(physical_reference(kb, preset, examples, data_root / fmt, fmt))
@@ -224,7 +224,7 @@ def bench_ablations(args) -> dict:
     seed_everything(args.seed)
     fmt, data_root = args.dataset, Path(args.data_root)
     data_dir = data_root / fmt
-    split = load_dataset(fmt, data_dir, "dev")
+    split = load_dataset(fmt, data_dir, "dev", unlocated="context")
     kb, kb_meta = open_kb(fmt, data_root, Path(args.kb_dir), preset, args.progress)
     examples = split.examples
     g = min(args.generative_limit or len(examples), len(examples))
