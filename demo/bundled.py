@@ -141,5 +141,5 @@ def examples_for(service, n: int = MAX_EXAMPLES) -> list[BundledExample]:
             if project.kb_stamp == kb_stamp(kb):
                 for task in list_tasks(service.store, project, limit=4 * n):
                     take(task.mention, f"task of {project.name}")
-    found.sort(key=lambda e: e.image is None)  # the image decides: those with one first
+    found.sort(key=lambda e: e.image is None)  # those with a photo first
     return found[:n]

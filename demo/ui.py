@@ -545,11 +545,11 @@ def _link_panel(service: LinkService) -> LinkPanel:
             link_btn = gr.Button("Link  (Ctrl+Enter)", variant="primary", elem_id="mel-link")
             if examples:  # from the KB that is loaded (demo/bundled.py examples_for)
                 gr.Examples([[e.image, e.caption, e.mention, e.start, e.end] for e in examples],
-                            inputs=[image, caption, mention, start, end], label="Examples: the image decides",
+                            inputs=[image, caption, mention, start, end], label="Examples: ambiguous names, each with a photo",
                             example_labels=[f"{e.mention}: {e.why}" for e in examples])
             highlighted = gr.HTML(label="highlighted mention", elem_id="mel-highlight")
         with gr.Column(scale=6):
-            with gr.Row():
+            with gr.Row(elem_id="mel-panels"):
                 gemel_html = gr.HTML(label="GEMEL", elem_id="mel-gemel")
                 cue_html = gr.HTML(label="expert cue", elem_id="mel-cue")
             ranker_note = gr.HTML(label="ranking notes", elem_id="mel-ranker-note")

@@ -67,6 +67,10 @@ def markdown_reference(res: dict) -> str:
 
 
 def markdown_ablations(res: dict) -> str:
+    if not res["rows"]:  # --photos-only
+        lines = [f"# Ablations on every photo ({res.get('preset')} preset)", "",
+                 f"Command: `{res['command']}` (commit {res.get('git_commit')}, seed {res['seed']})."]
+        return _markdown_photos(res, lines)
     lines = [f"# Ablations on {res['dataset']} dev ({res.get('preset')} preset)", "",
              f"Command: `{res['command']}` (commit {res.get('git_commit')}, seed {res['seed']}). KB {res['kb']} "
              f"{res['kb_size']:,} entities. DIM rows: all {res['n_dev_examples']:,} dev mentions ({res['n_with_image']} "
@@ -76,6 +80,10 @@ def markdown_ablations(res: dict) -> str:
     for r in res["rows"]:
         lines.append(f"| {r['question']} | {r['variant']} | `{r['linker']}` | {r['n']:,} | {_fmt(r['hits@1'])} | "
                      f"{_fmt(r['hits@5'])} | {_fmt(r['mrr'])} | {_fmt(r['latency_ms_p50'], 1)} |")
+    return _markdown_photos(res, lines)
+
+
+def _markdown_photos(res: dict, lines: list[str]) -> str:
     for photo_set in res.get("photos", {}).get("sets", []):
         lines += ["", f"## Photos: {photo_set['set']} (n = {photo_set['n']}, KB {photo_set['kb']} "
                       f"{photo_set['kb_size']:,} entities)", "", photo_set["note"] + ".", "",

@@ -307,6 +307,20 @@ def _photo_sets(names: list[str], data_root: Path, kb_dir: Path, preset, progres
                "demo", kb, {"kb": path.name, "kb_size": kb.size}, examples, {"pool": str(POOL_FILE)})
 
 
+def _also_disable(spec: str, group: str) -> str:
+    """`spec` with the visual `group` switched off too: dim -> dim:disable_visual=G, and
+    dim:disable_visual=A -> dim:disable_visual=A+G (one option, so neither is lost)."""
+    name, _, opts = spec.partition(":")
+    parts = [o for o in opts.split(",") if o]
+    for i, o in enumerate(parts):
+        if o.startswith("disable_visual="):
+            parts[i] = f"{o}+{group}"
+            break
+    else:
+        parts.append(f"disable_visual={group}")
+    return f"{name}:{','.join(parts)}"
+
+
 def _readable(paths: list[str]) -> list[str]:
     """The photos that open (RichpediaMEL ships an empty Q23.jpg); the others are left out, and said so."""
     from ..errors import InputError
@@ -335,7 +349,7 @@ def photo_ablations(args, preset) -> dict:
         full: dict[str, list] = {}
         for variant, spec in variants:
             if name.startswith("richpedia") and spec.startswith("dim"):
-                spec += (",disable_visual=face_sim" if ":" in spec else ":disable_visual=face_sim")
+                spec = _also_disable(spec, "face_sim")
             row, ranks = evaluate_spec(spec, kb, preset, examples, fmt=fmt, data_dir=Path(args.data_root) / fmt,
                                        progress=args.progress, pool_options=pool)
             base = full.setdefault(spec.split(":")[0], ranks)  # the linker's first row is its "everything"
