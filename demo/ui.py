@@ -665,7 +665,16 @@ def _wire_linking(service: LinkService, access: Access, current: gr.State, link:
                                fix.dim_choice, link.demos, link.timings, link.models, link.raw, current,
                                link.mention, link.start, link.end, fix.ack],
                       concurrency_limit=1, concurrency_id="link")
-    link.link_btn.click(api_name="link", **link_event)
+    linked = link.link_btn.click(api_name="link", **link_event)
+    # What the correction keys act on is the last link on screen. A failed link, or a new caption,
+    # photo or mention typed after it, ends it: the keys then ask for a link instead of saving a
+    # label for the mention linked before (which would replace that mention's right label).
+    def forget_last_link():
+        return None
+
+    linked.failure(forget_last_link, None, [current], queue=False, api_visibility="private")
+    for changed in (link.caption.change, link.image.change, link.mention.input):
+        changed(forget_last_link, None, [current], queue=False, api_visibility="private", show_progress="hidden")
 
     def on_row(state, evt: gr.SelectData):
         if not state or not isinstance(evt.index, (list, tuple)):
