@@ -80,7 +80,22 @@ class LocalCluster:
             time.sleep(1)
         raise RuntimeError(f"the local Ray cluster did not reach {n_nodes} nodes in {self.timeout_s:.0f} s")
 
+    def _disconnect_driver(self):
+        """ray.shutdown() in this process when it is a driver of this cluster. It must come before the
+        nodes stop: a driver whose raylet dies ends its whole process with exit code 1 a moment later."""
+        ray = sys.modules.get("ray")
+        if ray is None or not ray.is_initialized():
+            return
+        try:
+            gcs = ray.get_runtime_context().gcs_address
+        except Exception:  # noqa: BLE001 - a half-torn-down runtime: disconnect all the same
+            gcs = self.address
+        if str(gcs).rsplit(":", 1)[-1] == self.address.rsplit(":", 1)[-1]:  # Ray names the host by another address
+            ray.shutdown()
+
     def stop(self):
+        if self.procs:
+            self._disconnect_driver()
         for p in reversed(self.procs):
             if p.poll() is None:
                 try:
