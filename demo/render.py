@@ -23,6 +23,7 @@ import html
 import io
 import json
 import math
+import time
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -204,18 +205,33 @@ def render_ranker_note(view) -> str:
     return "<div>" + " · ".join(parts) + "</div>" if parts else ""
 
 
+def candidate_key(rank: int) -> str:
+    """The key that chooses the candidate of this rank (1-based): "1".."9", "0" for the 10th, "" after."""
+    return str(rank % 10) if 1 <= rank <= MAX_DIM_SHOWN else ""
+
+
+def candidate_choices(view) -> list[tuple[str, str]]:
+    """The DIM choice radio's (label, entity id), each label led by the key that chooses it."""
+    out = []
+    for c in view.ranked:
+        key = candidate_key(c["rank"])
+        lead = f"[{key}] " if key else f"{c['rank']}. "
+        out.append((f"{lead}{c['name']} ({c['id']})", c["id"]))
+    return out
+
+
 def candidate_headers(view) -> list[str]:
-    """The ranked table's columns: the last says whether p is calibrated."""
+    """The ranked table's columns: the key that chooses a row first, the last says whether p is calibrated."""
     r = view.ranker.result
     calibrated = r is not None and confidences(r.candidates, view.ranker.calibration, "")[1]
-    return ["rank", "name", "id", "description", "score", "calibrated p" if calibrated else "p (uncalibrated)"]
+    return ["key", "name", "id", "description", "score", "calibrated p" if calibrated else "p (uncalibrated)"]
 
 
 def candidate_rows(view) -> list[list]:
     r = view.ranker.result
     probs = confidences(r.candidates, view.ranker.calibration, linker_kind(view.ranker.linker))[0] if r else []
-    return [[c["rank"], c["name"], c["id"], _clip(c["description"], 160), round(c["score"], 4),
-             None if p is None else round(p, 4)] for c, p in zip(view.ranked, probs, strict=True)]
+    return [[candidate_key(c["rank"]) or str(c["rank"]), c["name"], c["id"], _clip(c["description"], 160),
+             round(c["score"], 4), None if p is None else round(p, 4)] for c, p in zip(view.ranked, probs, strict=True)]
 
 
 def candidate_table(view) -> dict:
@@ -252,13 +268,32 @@ def gallery_items(view) -> list[tuple[Image.Image, str]]:
     return items
 
 
+COUNTER_HOW = ("mentions decided: distinct mentions (tasks) whose latest decision by you stands in the annotation "
+               "database; saving a mention again changes its decision, not this count. saves: every save, "
+               "re-saves included")
+
+
 def counter_html(annotator: str | None, counts: dict, is_admin: bool) -> str:
+    """Who is annotating and how far: distinct mentions decided (LinkService.counts "decided*",
+    as the store holds them), then the saves behind them."""
     if not annotator:
         return '<span class="mel-note">Not logged in: linking works, saving corrections needs a login.</span>'
     role = " (admin)" if is_admin else ""
-    return (f'<span id="mel-counter">Annotating as <b>{_esc(annotator)}</b>{role}: <b>{counts["total"]}</b> corrections '
-            f'({counts["linked"]} linked, {counts["nil"]} NIL, {counts["skip"]} skipped'
-            + (f", {counts['undone']} undone" if counts.get("undone") else "") + ")</span>")
+    decided, skipped = counts.get("decided", 0), counts.get("decided_skip", 0)
+    return (f'<span id="mel-counter" title="{_attr(COUNTER_HOW)}">Annotating as <b>{_esc(annotator)}</b>{role}: '
+            f'<b id="mel-decided" data-decided="{decided}">{decided}</b> '
+            f'mention{"" if decided == 1 else "s"} decided ({counts.get("decided_linked", 0)} linked, '
+            f'{counts.get("decided_nil", 0)} NIL)' + (f", {skipped} skipped" if skipped else "")
+            + f' <span class="mel-note">· {counts.get("total", 0)} save{"" if counts.get("total", 0) == 1 else "s"}'
+            + (f", {counts['undone']} undone" if counts.get("undone") else "") + "</span></span>")
+
+
+def refusal_html(message: str, element_id: str, *, escaped: bool = False) -> str:
+    """What was refused and what to do, in one place (a status area, role="alert"); `escaped`:
+    `message` is HTML-escaped already (a gr.Error's message). data-n changes with every message."""
+    text = message if escaped else _esc(message)
+    return (f'<div id="{_attr(element_id)}" class="mel-refusal mel-error" role="alert" '
+            f'data-n="{time.monotonic_ns()}">{text}</div>')
 
 
 def status_html(describe: dict) -> str:
@@ -549,6 +584,7 @@ def render_preannotation(status: dict, state: str) -> str:
 
 
 __all__ = ["render_generator", "render_cue", "render_ranker_note", "candidate_rows", "candidate_headers",
-           "candidate_table", "confidences", "generator_title", "gallery_items",
+           "candidate_table", "candidate_key", "candidate_choices", "refusal_html", "confidences", "generator_title",
+           "gallery_items",
            "counter_html", "status_html", "render_task", "render_search_results", "render_import_report",
            "render_preannotation", "probabilities", "image_data_uri", "split_predictions"]

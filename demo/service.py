@@ -52,7 +52,7 @@ from typing import Any, Callable
 from annotations import FORMATS, AnnotationStore, NotAllowedError, export_corrections
 from annotations.store import ACTIONS, LINK_ACTIONS
 from mel.errors import InputError, MELError
-from mel.spans import resolve_mention
+from mel.spans import resolve_mention, resolve_span
 from mel.types import NIL, DimDetails, Entity, Example, GemelDetails, LinkResult, Mention, check_typed_text
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,44 @@ def check_id(value, field: str, hint: str) -> str:
         if ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F:
             raise InputError(f"{field} contains the control character U+{ord(ch):04X} at position {i}; {hint}")
     return value
+
+
+IMAGE_FORMATS = "JPEG, PNG, WebP, GIF, BMP or TIFF"
+
+
+def check_upload(path) -> None:
+    """Decode an uploaded file with PIL (mel.imageio) as soon as it arrives; InputError if it is not
+    an image this app reads, saying so and which formats work (a text file renamed to .png, a
+    truncated photo, a decompression bomb). The caller keeps everything else the user entered."""
+    from mel.imageio import load_image
+    if path is None:
+        return
+    name = Path(str(path)).name
+    try:
+        load_image(str(path), name=f"the file {name!r}")
+    except InputError as exc:
+        raise InputError(f"{exc}. It was not attached: upload a photo in {IMAGE_FORMATS} format "
+                         f"(your caption and mention are kept)") from None
+
+
+def locate_mention(caption, mention, start, end) -> tuple[int, int]:
+    """The span the Link button would link, checked as LinkService.link checks it (InputError with
+    what was wrong and what to do: no caption, a mention not in the caption, a span too long)."""
+    s, e = resolve_span(caption, mention, start, end)
+    resolve_mention(caption, None, s, e)
+    return s, e
+
+
+def retarget_offsets(caption, mention, start, end) -> tuple[int | None, int | None]:
+    """start / end after the user typed `mention`: kept where they still hold that text (a
+    highlighted second occurrence stays the second), else where the typed text first occurs in
+    the caption (any case), else cleared (None, None): never the stale span of an old highlight."""
+    if not isinstance(caption, str) or not isinstance(mention, str) or not mention.strip() or not caption.strip():
+        return None, None
+    try:
+        return resolve_span(caption, mention, start, end)
+    except (MELError, TypeError, ValueError, OverflowError):
+        return None, None
 
 
 def check_search_k(k) -> int:
@@ -519,9 +557,28 @@ class LinkService:
         return undone
 
     def counts(self, annotator: str | None = None) -> dict:
+        """An annotator's counts: saves ("total" standing, "linked", "nil", "skip", "undone", as
+        AnnotationStore.counts_by_annotator) and the distinct mentions they decided (`decided`).
+        annotator=None: the save counts of everyone, by annotator."""
         counts = self.store.counts_by_annotator()
+        if annotator is None:
+            return counts
         empty = {"total": 0, "linked": 0, "nil": 0, "skip": 0, "undone": 0}
-        return counts.get(annotator, empty) if annotator is not None else counts
+        return {**counts.get(annotator, empty), **self.decided(annotator)}
+
+    def decided(self, annotator: str) -> dict:
+        """Distinct mentions (a project task is one mention) whose latest standing decision by
+        `annotator` is in the store, by what it is: {"decided": linked + NIL, "decided_linked",
+        "decided_nil", "decided_skip"}. Saving a mention again changes its decision, not the
+        count; an undone decision leaves it (or the decision before it counts again)."""
+        rows = self.store.db.execute(
+            "SELECT action, count(*) FROM corrections WHERE id IN (SELECT max(id) FROM corrections "
+            "WHERE annotator = ? AND undone_at IS NULL GROUP BY mention_id) GROUP BY action", (annotator,)).fetchall()
+        by = {"linked": 0, "nil": 0, "skip": 0}
+        for action, n in rows:
+            by["linked" if action in LINK_ACTIONS else action] += int(n)
+        return {"decided": by["linked"] + by["nil"], "decided_linked": by["linked"], "decided_nil": by["nil"],
+                "decided_skip": by["skip"]}
 
     # -- linkers for annotation projects --------------------------------------------------------
     def project_linkers(self, project) -> dict[str, "SerializedLinker"]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import contextvars
+import functools
 import hmac
 import logging
 import math
@@ -61,16 +62,27 @@ from .queue_ui import (
 from .render import (
     _clip,
     _esc,
+    candidate_choices,
     candidate_rows,
     candidate_table,
     counter_html,
     gallery_items,
+    refusal_html,
     render_cue,
     render_generator,
     render_ranker_note,
     status_html,
 )
-from .service import MAX_QUERY_CHARS, LinkService, LinkView, ServiceConfig
+from .service import (
+    IMAGE_FORMATS,
+    MAX_QUERY_CHARS,
+    LinkService,
+    LinkView,
+    ServiceConfig,
+    check_upload,
+    locate_mention,
+    retarget_offsets,
+)
 from .spans import highlight_html, resolve_span, span_from_selection
 
 __all__ = ["Access", "LoginGuard", "DownloadVault", "AppGuard", "build_demo", "serve_options", "launch_options",
@@ -472,6 +484,7 @@ class LinkPanel:
     start: gr.Number
     end: gr.Number
     link_btn: gr.Button
+    status: gr.HTML          # what the Link button (or an upload) refused and what to do: one place
     highlighted: gr.HTML
     gemel_html: gr.HTML
     cue_html: gr.HTML
@@ -543,6 +556,7 @@ def _link_panel(service: LinkService) -> LinkPanel:
                 end = checked_offset(gr.Number(label="end", precision=0, minimum=0, scale=1, elem_id="mel-end"),
                                      "end")
             link_btn = gr.Button("Link  (Ctrl+Enter)", variant="primary", elem_id="mel-link")
+            status = gr.HTML(elem_id="mel-link-status", padding=False)
             if examples:  # from the KB that is loaded (demo/bundled.py examples_for)
                 gr.Examples([[e.image, e.caption, e.mention, e.start, e.end] for e in examples],
                             inputs=[image, caption, mention, start, end], label="Examples: ambiguous names, each with a photo",
@@ -554,11 +568,14 @@ def _link_panel(service: LinkService) -> LinkPanel:
                 cue_html = gr.HTML(label="expert cue", elem_id="mel-cue")
             ranker_note = gr.HTML(label="ranking notes", elem_id="mel-ranker-note")
             # p: the calibrated probability, or an uncalibrated relative confidence; the header says which
-            dim_table = gr.Dataframe(headers=["rank", "name", "id", "description", "score", "p"],
-                                     datatype=["number", "str", "str", "str", "number", "number"], interactive=False,
+            # Column widths in pixels (690 in all: about the column's width at 1366 px): on a phone the
+            # table keeps readable columns and scrolls sideways instead of squeezing them to 60 px
+            dim_table = gr.Dataframe(headers=["key", "name", "id", "description", "score", "p"],
+                                     datatype=["str", "str", "str", "str", "number", "number"], interactive=False,
                                      wrap=True, max_height=320,
-                                     column_widths=["5%", "19%", "17%", "35%", "11%", "13%"],
-                                     label="DIM: ranked candidates (click a row to choose it)", elem_id="mel-dim")
+                                     column_widths=["40px", "150px", "130px", "210px", "76px", "84px"],
+                                     label="DIM: ranked candidates (click a row, or press its key, to choose it)",
+                                     elem_id="mel-dim")
             demos = gr.Gallery(label="GEMEL: retrieved demonstrations (most similar first)", columns=4,
                                height=220, allow_preview=True, elem_id="mel-demos")
             with gr.Accordion("Timings, preset and models", open=False):
@@ -566,7 +583,7 @@ def _link_panel(service: LinkService) -> LinkPanel:
                 models = gr.JSON(label="preset and models", elem_id="mel-models")
             with gr.Accordion("Raw result (JSON)", open=False):
                 raw = gr.JSON(label="link result", elem_id="mel-raw")
-    return LinkPanel(info, image, caption, mention, start, end, link_btn, highlighted, gemel_html, cue_html,
+    return LinkPanel(info, image, caption, mention, start, end, link_btn, status, highlighted, gemel_html, cue_html,
                      ranker_note, dim_table, demos, timings, models, raw)
 
 
@@ -578,7 +595,8 @@ def _correction_panel(service: LinkService) -> CorrectionPanel:
             nil_btn = gr.Button("NIL: not in KB  [n]", elem_id="mel-nil")
             skip_btn = gr.Button("Not sure / skip  [s]", elem_id="mel-skip")
             undo_btn = gr.Button("Undo my last  [u]", elem_id="mel-undo")
-        dim_choice = gr.Radio(label="DIM candidate to accept (keys 1-9)", choices=[], elem_id="mel-dim-choice")
+        dim_choice = gr.Radio(label="DIM candidate to accept (keys 1-9, 0 for the 10th; then d)", choices=[],
+                              value=None, elem_id="mel-dim-choice")
         with gr.Row():
             search_box = gr.Textbox(label="Search the KB  [/]", scale=4, elem_id="mel-search",
                                     max_length=MAX_QUERY_CHARS)
@@ -639,33 +657,8 @@ def _wire_linking(service: LinkService, access: Access, current: gr.State, link:
                         [link.mention, link.start, link.end], js=SELECTION_JS, api_visibility="private",
                         show_progress="hidden", trigger_mode="always_last")
 
-    tracker = gr.Progress()  # Gradio finds the progress tracker by on_link's default: one per app, as before
+    linked = _wire_link_button(service, access, current, link, fix)
 
-    @guarded
-    def on_link(image_path, caption_text, mention_text, start_char, end_char, request: gr.Request,
-                profile: gr.OAuthProfile | None = None, progress=tracker):
-        annotator = access.annotator(request, profile) or ""
-        text = caption_text
-        check_offsets(start_char, end_char)
-        s, e = resolve_span(text, mention_text, start_char, end_char)
-        view = service.link(text, s, e, image_path, annotator=annotator, progress=lambda f, d: progress(f, desc=d))
-        choices = [(f"{c['rank']}. {c['name']} ({c['id']})", c["id"]) for c in view.ranked]
-        state = {"mention_id": view.mention_id, "text": view.mention.text,
-                 "generator": view.generated, "ranked": [(c["id"], c["name"]) for c in view.ranked],
-                 # the predictions on screen: a correction names the one it accepts
-                 "prediction_ids": {"accept_gemel": view.generator.prediction_id if view.generator else None,
-                                    "accept_dim": view.ranker.prediction_id}}
-        result = view.to_dict()
-        return (highlight_html(text, s, e), render_generator(view), render_cue(view), render_ranker_note(view),
-                candidate_table(view), gr.update(choices=choices, value=choices[0][1] if choices else None),
-                gallery_items(view), view.timings, view.preset, result, state, view.mention.text, s, e, "")
-
-    link_event = dict(fn=on_link, inputs=[link.image, link.caption, link.mention, link.start, link.end],
-                      outputs=[link.highlighted, link.gemel_html, link.cue_html, link.ranker_note, link.dim_table,
-                               fix.dim_choice, link.demos, link.timings, link.models, link.raw, current,
-                               link.mention, link.start, link.end, fix.ack],
-                      concurrency_limit=1, concurrency_id="link")
-    linked = link.link_btn.click(api_name="link", **link_event)
     # What the correction keys act on is the last link on screen. A failed link, or a new caption,
     # photo or mention typed after it, ends it: the keys then ask for a link instead of saving a
     # label for the mention linked before (which would replace that mention's right label).
@@ -673,7 +666,7 @@ def _wire_linking(service: LinkService, access: Access, current: gr.State, link:
         return None
 
     linked.failure(forget_last_link, None, [current], queue=False, api_visibility="private")
-    for changed in (link.caption.change, link.image.change, link.mention.input):
+    for changed in (link.caption.change, link.image.change):
         changed(forget_last_link, None, [current], queue=False, api_visibility="private", show_progress="hidden")
 
     def on_row(state, evt: gr.SelectData):
@@ -683,11 +676,122 @@ def _wire_linking(service: LinkService, access: Access, current: gr.State, link:
         return state["ranked"][row][0] if 0 <= row < len(state["ranked"]) else gr.skip()
 
     link.dim_table.select(on_row, [current], [fix.dim_choice], api_visibility="undocumented", queue=False)
+    _wire_typed_inputs(link, current)
+
+
+def _wire_typed_inputs(link: LinkPanel, current: gr.State) -> None:
+    """A mention typed by hand moves the offsets with it; an upload is decoded as it arrives."""
+    # A mention typed by hand: the offsets of an earlier highlight no longer apply. They follow the
+    # typed text (kept where they still hold it, else its first occurrence), or are cleared.
+    def on_mention_typed(caption_text, mention_text, start_char, end_char):
+        s, e = retarget_offsets(caption_text, mention_text, start_char, end_char)
+        return s, e, None
+
+    link.mention.input(on_mention_typed, [link.caption, link.mention, link.start, link.end],
+                       [link.start, link.end, current], queue=False, api_visibility="private",
+                       show_progress="hidden", trigger_mode="always_last")
+
+    # An upload is decoded at once: a file that is not an image is refused there, with the formats
+    # that work, and taken off; the caption, mention and offsets stay as typed.
+    def on_upload(image_path):
+        try:
+            check_upload(image_path)
+        except MELError as exc:
+            return None, refusal_html(str(exc), "mel-upload-refused")
+        except Exception:
+            log.exception("checking an upload failed")
+            return None, refusal_html(f"the file could not be read as an image; upload a photo in "
+                                      f"{IMAGE_FORMATS} format (your caption and mention are kept)",
+                                      "mel-upload-refused")
+        return gr.skip(), ""
+
+    link.image.upload(on_upload, [link.image], [link.image, link.status], api_visibility="private",
+                      concurrency_limit=SEARCH_SLOTS, concurrency_id="upload", show_progress="minimal")
+
+
+def _wire_link_button(service: LinkService, access: Access, current: gr.State, link: LinkPanel,
+                      fix: CorrectionPanel):
+    """The Link button (and /link); returns the link event, for what follows a failure."""
+    # The Link button: a quick check first (no queue), which writes what is wrong and what to do
+    # in the status line under the button and ends the last link; a silent gate then stops the
+    # chain, so that no result panel is marked as failed. Only a checked link is queued (/link:
+    # API callers call it directly and get its errors as errors).
+    def on_check(caption_text, mention_text, start_char, end_char):
+        try:
+            check_offsets(start_char, end_char)
+            locate_mention(caption_text, mention_text, start_char, end_char)
+        except MELError as exc:
+            return refusal_html(str(exc), "mel-link-refused"), "refused", None
+        return "", "checked", gr.skip()
+
+    def on_gate(attempt):
+        if attempt == "refused":  # said in the status line already: nothing to show again
+            raise gr.Error("refused", visible=False, print_exception=False)
+
+    tracker = gr.Progress()  # Gradio finds the progress tracker by on_link's default: one per app
+
+    def on_link(image_path, caption_text, mention_text, start_char, end_char, attempt, request: gr.Request,
+                profile: gr.OAuthProfile | None = None, progress=tracker):
+        try:
+            return guarded(link_outputs)(image_path, caption_text, mention_text, start_char, end_char, request,
+                                         profile, progress)
+        except gr.Error as err:
+            if attempt != "checked":  # an API call: the error is the answer
+                raise
+            # after the check (an unreadable photo, a failure): said once in the status line
+            return (*[gr.skip()] * 10, None, gr.skip(), gr.skip(), gr.skip(), gr.skip(),
+                    refusal_html(str(err.message), "mel-link-refused", escaped=True))
+
+    def link_outputs(image_path, caption_text, mention_text, start_char, end_char, request, profile, progress):
+        annotator = access.annotator(request, profile) or ""
+        text = caption_text
+        check_offsets(start_char, end_char)
+        s, e = resolve_span(text, mention_text, start_char, end_char)
+        view = service.link(text, s, e, image_path, annotator=annotator, progress=lambda f, d: progress(f, desc=d))
+        state = {"mention_id": view.mention_id, "text": view.mention.text,
+                 "generator": view.generated, "ranked": [(c["id"], c["name"]) for c in view.ranked],
+                 # the predictions on screen: a correction names the one it accepts
+                 "prediction_ids": {"accept_gemel": view.generator.prediction_id if view.generator else None,
+                                    "accept_dim": view.ranker.prediction_id}}
+        result = view.to_dict()
+        # nothing chosen for the annotator: the DIM choice waits for a click or a key
+        return (highlight_html(text, s, e), render_generator(view), render_cue(view), render_ranker_note(view),
+                candidate_table(view), gr.update(choices=candidate_choices(view), value=None),
+                gallery_items(view), view.timings, view.preset, result, state, view.mention.text, s, e, "", "")
+
+    attempt = gr.State(None)  # "checked" / "refused": what on_check found for this click
+    link_event = dict(fn=on_link, inputs=[link.image, link.caption, link.mention, link.start, link.end, attempt],
+                      outputs=[link.highlighted, link.gemel_html, link.cue_html, link.ranker_note, link.dim_table,
+                               fix.dim_choice, link.demos, link.timings, link.models, link.raw, current,
+                               link.mention, link.start, link.end, fix.ack, link.status],
+                      concurrency_limit=1, concurrency_id="link")
+    checked = link.link_btn.click(on_check, [link.caption, link.mention, link.start, link.end],
+                                  [link.status, attempt, current], queue=False, api_visibility="private",
+                                  show_progress="hidden")
+    gate = checked.then(on_gate, [attempt], None, queue=False, api_visibility="private", show_progress="hidden")
+    return gate.success(api_name="link", **link_event)
 
 
 def _wire_corrections(service: LinkService, access: Access, who: gr.HTML, current: gr.State,
                       fix: CorrectionPanel) -> None:
-    """The correction buttons (and undo): each saves for the mention linked last, then acknowledges it."""
+    """The correction buttons (and undo): each saves for the mention linked last, then acknowledges it.
+
+    A refusal (nothing linked, nothing chosen, not logged in) is said in the acknowledgement line,
+    which is where the annotator looks for "saved", and nothing is saved; the counter is left as is.
+    """
+    def inline(fn):
+        """Run `fn` guarded; a refusal becomes the acknowledgement line's message (not an error on
+        every output)."""
+        run = guarded(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return run(*args, **kwargs)
+            except gr.Error as err:
+                return refusal_html(str(err.message), "mel-ack-refused", escaped=True), gr.skip()
+        return wrapper
+
     def save(action: str, state, entity_id, live, request, profile):
         annotator = access.annotator(request, profile)
         if not state:
@@ -701,32 +805,35 @@ def _wire_corrections(service: LinkService, access: Access, who: gr.HTML, curren
                    f'({_esc(ACTION_LABELS[action])}) at {_esc(ack_.created)}</div>')
         return message, counter_html(annotator, service.counts(annotator), access.is_admin(annotator))
 
-    @guarded
+    @inline
     def on_accept_gemel(state, live, request: gr.Request, profile: gr.OAuthProfile | None = None):
         gen = (state or {}).get("generator")
         if state and (not gen or gen["id"] in (None, "NIL")):
             raise gr.Error("GEMEL gave no entity for this mention: pick a DIM candidate, search, or mark NIL")
         return save("accept_gemel", state, gen["id"] if gen else None, live, request, profile)
 
-    @guarded
+    @inline
     def on_accept_dim(state, choice, live, request: gr.Request, profile: gr.OAuthProfile | None = None):
+        if state and not choice:  # nothing is pre-selected: the annotator chooses
+            raise gr.Error("choose a candidate first: click a row of DIM's table or press its key (1-9, 0 for "
+                           "the 10th), then d; nothing was saved")
         return save("accept_dim", state, choice, live, request, profile)
 
-    @guarded
+    @inline
     def on_pick(state, choice, live, request: gr.Request, profile: gr.OAuthProfile | None = None):
-        if not choice:
-            raise gr.Error("search the KB and select a result first")
+        if state and not choice:
+            raise gr.Error("choose a candidate first: search the KB and click a result; nothing was saved")
         return save("search", state, choice, live, request, profile)
 
-    @guarded
+    @inline
     def on_nil(state, live, request: gr.Request, profile: gr.OAuthProfile | None = None):
         return save("nil", state, None, live, request, profile)
 
-    @guarded
+    @inline
     def on_skip(state, live, request: gr.Request, profile: gr.OAuthProfile | None = None):
         return save("skip", state, None, live, request, profile)
 
-    @guarded
+    @inline
     def on_undo(request: gr.Request, profile: gr.OAuthProfile | None = None):
         annotator = access.annotator(request, profile)
         undone = service.undo(annotator)
@@ -752,7 +859,7 @@ def _wire_search(service: LinkService, fix: CorrectionPanel) -> None:
     def on_search(query):
         found = service.search(query, k=10)
         choices = [(f"{e.name} ({e.id}): {_clip(e.description, 90)}", e.id) for e in found]
-        return gr.update(choices=choices, value=choices[0][1] if choices else None,
+        return gr.update(choices=choices, value=None,  # nothing chosen until the annotator clicks one
                          label=f"Search results ({len(choices)})" if choices else "Search results: none found")
 
     for trigger in (fix.search_btn.click, fix.search_box.submit):

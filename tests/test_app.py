@@ -268,3 +268,76 @@ def test_the_cue_panel_lists_apparent_faces_and_says_they_are_no_facts():
     blip = render_cue(SimpleNamespace(cue={"text": "an astronaut", "provider": "blip2:Salesforce/blip2-opt-2.7b",
                                            "question": "Who is this?"}))
     assert "BLIP-2 answering" in blip and "asked: Who is this?" in blip
+
+
+# -- the review of the Link tab by an annotator (fast parts; the browser parts: test_e2e_link_review.py)
+def test_a_typed_mention_moves_the_offsets_or_clears_them():
+    from demo.service import retarget_offsets
+    caption = "Collins met Collins at the bar."
+    assert retarget_offsets(caption, "Collins", 12, 19) == (12, 19)   # the highlight still holds it: kept
+    assert retarget_offsets(caption, "bar", 12, 19) == (27, 30)       # typed over the highlight: follows the text
+    assert retarget_offsets(caption, "Coll", 12, 19) == (0, 4)        # not the old span: the first occurrence
+    assert retarget_offsets(caption, "Hopper", 12, 19) == (None, None)  # not in the caption: cleared, never stale
+    assert retarget_offsets(caption, "", 12, 19) == (None, None)
+    assert retarget_offsets("", "Collins", 0, 7) == (None, None)
+
+
+def test_the_link_check_says_what_is_wrong_and_what_to_do():
+    from demo.service import locate_mention
+    assert locate_mention("Hopper at the podium.", "Hopper", None, None) == (0, 6)
+    with pytest.raises(InputError, match="does not occur in the caption; select it"):
+        locate_mention("Hopper at the podium.", "Collins", None, None)
+    with pytest.raises(InputError, match="caption is empty: type or paste"):
+        locate_mention("", "Collins", None, None)
+    with pytest.raises(InputError, match="no mention: select it"):
+        locate_mention("Hopper at the podium.", "", None, None)
+
+
+def test_an_upload_that_is_not_an_image_is_refused_with_the_formats_that_work(tmp_path):
+    from PIL import Image
+
+    from demo.service import check_upload
+    fake = tmp_path / "notes.png"
+    fake.write_text("shopping list: milk, eggs\n")
+    with pytest.raises(InputError, match=r"'notes\.png' is not an image.*JPEG, PNG, WebP, GIF, BMP or TIFF.*kept"):
+        check_upload(fake)
+    real = tmp_path / "photo.png"
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(real)
+    check_upload(real)   # no error
+    check_upload(None)
+
+
+def test_every_shown_candidate_has_its_key_and_none_is_chosen_for_the_annotator():
+    from types import SimpleNamespace
+
+    from demo.render import candidate_choices, candidate_key
+    assert [candidate_key(r) for r in range(1, 12)] == ["1", "2", "3", "4", "5", "6", "7", "8", "9", "0", ""]
+    ranked = [{"rank": i, "id": f"demo:{i}", "name": f"Name {i}"} for i in range(1, 11)]
+    labels = [label for label, _ in candidate_choices(SimpleNamespace(ranked=ranked))]
+    assert labels[0] == "[1] Name 1 (demo:1)" and labels[9] == "[0] Name 10 (demo:10)"
+    view = _view()
+    assert candidate_rows(view)[0][0] == "1"   # the table's first column is the key too
+
+
+def test_the_counter_counts_distinct_decided_mentions_as_the_store_has_them(tmp_path):
+    from annotations import AnnotationStore
+    from demo.service import LinkService, ServiceConfig
+    service = LinkService(ServiceConfig(data_dir=str(tmp_path)))
+    service.store = AnnotationStore(tmp_path)
+    a = service.store.record_mention(Mention.from_text("Collins sang.", "Collins"))
+    b = service.store.record_mention(Mention.from_text("Hopper spoke.", "Hopper"))
+    c = service.store.record_mention(Mention.from_text("Java at dawn.", "Java"))
+    for mid, entity, action in [(a, "demo:phil-collins", "search"), (a, "demo:phil-collins", "search"),
+                                (a, "NIL", "nil"), (b, "demo:grace-hopper", "accept_dim"), (c, None, "skip")]:
+        service.store.record_correction("alice", mid, entity, action)
+    service.store.record_correction("bob", b, "NIL", "nil")        # another annotator's: not alice's count
+    counts = service.counts("alice")
+    assert counts["total"] == 5                                   # saves, as before
+    assert (counts["decided"], counts["decided_linked"], counts["decided_nil"], counts["decided_skip"]) == (2, 1, 1, 1)
+    html_text = counter_html("alice", counts, False)
+    assert ">2</b> mentions decided (1 linked, 1 NIL), 1 skipped" in html_text and "5 saves" in html_text
+    assert "distinct mentions" in html_text                       # the tooltip says what is counted
+    service.store.undo_last("alice")                              # the skip of c: c is no longer decided
+    service.store.undo_last("alice")                              # b's link undone: b is no longer alice's
+    counts = service.counts("alice")
+    assert (counts["decided"], counts["decided_linked"], counts["decided_nil"], counts["decided_skip"]) == (1, 0, 1, 0)

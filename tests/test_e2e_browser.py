@@ -67,7 +67,9 @@ def test_upload_select_link_correct_and_find_it_in_sqlite(browser, running, tmp_
     # correct: search the KB, pick "Falcon 9"
     page.locator("#mel-search input, #mel-search textarea").first.fill("Falcon 9")
     page.click("#mel-search-btn")
-    page.wait_for_selector("#mel-search-results input[type=radio]:checked")
+    page.wait_for_selector("#mel-search-results input[type=radio]")
+    assert page.locator("#mel-search-results input:checked").count() == 0   # nothing chosen for the annotator
+    page.locator("#mel-search-results label").filter(has_text="Falcon 9").first.click()
     page.click("#mel-pick")
     page.wait_for_selector("#mel-ack-ok")
     assert "Falcon 9" in page.inner_text("#mel-ack-ok")
@@ -86,12 +88,14 @@ def test_upload_select_link_correct_and_find_it_in_sqlite(browser, running, tmp_
     page.locator("h2").first.click()
     page.keyboard.press("n")
     page.wait_for_selector("text=link a mention first")
+    refused = page.get_attribute("#mel-ack-refused", "data-n")
     page.locator("#mel-mention input, #mel-mention textarea").first.fill("Pippen")
     page.click("#mel-link")
-    page.wait_for_selector("text=does not occur in the caption")
+    page.wait_for_selector("#mel-link-refused:has-text('does not occur in the caption')")
     page.locator("h2").first.click()
     page.keyboard.press("g")
-    page.wait_for_function("() => document.body.innerText.split('link a mention first').length > 2")
+    page.wait_for_function(f"() => document.querySelector('#mel-ack-refused').dataset.n !== '{refused}' && "
+                           "document.querySelector('#mel-ack-refused').textContent.includes('link a mention first')")
 
     shot_dir = Path(os.environ.get("MEL_SCREENSHOT_DIR") or tmp_path)
     shot_dir.mkdir(parents=True, exist_ok=True)

@@ -24,9 +24,9 @@
       if (box) { box.focus(); e.preventDefault(); }
       return;
     }
-    if (/^[1-9]$/.test(e.key)) {  // choose DIM candidate N
+    if (/^[0-9]$/.test(e.key)) {  // choose DIM candidate N (1-9; 0 is the 10th), as its label says
       const radios = document.querySelectorAll('#mel-dim-choice input[type=radio]');
-      const r = radios[Number(e.key) - 1];
+      const r = radios[e.key === '0' ? 9 : Number(e.key) - 1];
       if (r) { r.click(); e.preventDefault(); }
     }
   });

@@ -286,7 +286,8 @@ def _photo_sets(names: list[str], data_root: Path, kb_dir: Path, preset, progres
                 with_photo = [ex for ex in examples if ex.mention.image]
                 note = f"WikiMEL {split}: every mention whose sample has a photo"
             else:  # a caption with its gold's KB photo: what a photo of that person adds to the text
-                photos = {ex.gold_id: _readable(kb.get(ex.gold_id).images[:1]) for ex in examples if ex.gold_id in kb}
+                golds = {ex.gold_id for ex in examples if ex.gold_id in kb}  # each KB photo opened once
+                photos = {gid: _readable(kb.get(gid).images[:1]) for gid in golds}
                 with_photo = [dataclasses.replace(ex, mention=dataclasses.replace(ex.mention, image=photos[ex.gold_id][0]))
                               for ex in examples if photos.get(ex.gold_id)]
                 note = (f"RichpediaMEL {split}: mentions of the entities that have a readable KB photo, given that "

@@ -1,0 +1,175 @@
+"""The Link tab as an annotator uses it, in headless Chromium (the points of a browser review):
+a refused link says what is wrong once, in the status line, and marks no result panel as failed;
+a file that is not an image is refused at upload and nothing typed is lost; typing a mention moves
+the offsets with it; nothing is chosen for the annotator ("d" with nothing chosen saves nothing);
+every shown candidate has its key (0 for the 10th); the candidates are readable on a phone; the
+counter counts distinct decided mentions, and every save it reports is in SQLite.
+"""
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+MENTION_BOX = "#mel-mention input, #mel-mention textarea"
+# Gradio's own "Error" badge, drawn on an output by its status tracker when an event fails
+FAILED_OUTPUTS_JS = """() => [...document.querySelectorAll('.error')]
+    .filter(e => !String(e.className).includes('toast') && e.closest('[id^="mel-"]'))
+    .map(e => e.closest('[id^="mel-"]').id)"""
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory):
+    from conftest import launch_app
+    app = launch_app(tmp_path_factory.mktemp("e2e-link-review"))
+    yield app
+    app.close()
+
+
+@pytest.fixture
+def page(browser, running):
+    from conftest import APP_USERS
+    page = browser.new_page(viewport={"width": 1400, "height": 1700})
+    page.set_default_timeout(60_000)
+    page.goto(running.url, wait_until="load")
+    page.locator("input[type=text]").first.fill("bob")
+    page.locator("input[type=password]").first.fill(APP_USERS["bob"])
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#mel-caption textarea")
+    page.wait_for_selector("#mel-counter")
+    yield page
+    page.close()
+
+
+def _type(page, caption: str, mention: str) -> None:
+    page.locator("#mel-caption textarea").fill(caption)
+    page.locator(MENTION_BOX).first.fill(mention)
+
+
+def _link(page) -> None:
+    page.click("#mel-link")
+    page.wait_for_selector("#mel-gemel-result", timeout=180_000)
+    page.wait_for_selector("#mel-dim-choice input[type=radio]")
+
+
+def _rows(running, annotator: str) -> list[tuple]:
+    conn = sqlite3.connect(running.data_dir / "annotations.sqlite")
+    rows = conn.execute("SELECT mention_id, action, entity_id, undone_at FROM corrections WHERE annotator = ? "
+                        "ORDER BY id", (annotator,)).fetchall()
+    conn.close()
+    return rows
+
+
+def test_a_refused_link_says_why_once_and_marks_no_output_as_failed(page):
+    for caption, mention, said in [("Hopper at the podium.", "Collins", "does not occur in the caption"),
+                                   ("", "Collins", "caption is empty")]:
+        _type(page, caption, mention)
+        page.click("#mel-link")
+        page.wait_for_selector(f"text={said}")
+        page.wait_for_timeout(500)  # what a failed event would draw, drawn by now
+        assert page.evaluate(FAILED_OUTPUTS_JS) == []          # no result panel marked as failed
+        assert page.locator(".toast-body").count() == 0       # said once: in the status line only
+        status = page.inner_text("#mel-link-status")
+        assert said in status and ("select it in the caption" in status or not caption)
+    _type(page, "Hopper at the podium.", "Hopper")            # a good link clears the status line
+    _link(page)
+    assert page.inner_text("#mel-link-status").strip() == ""
+
+
+def test_a_file_that_is_not_an_image_is_refused_at_upload_and_nothing_typed_is_lost(page, tmp_path):
+    fake = tmp_path / "holiday.png"
+    fake.write_text("this is a text file, not a photo\n")
+    _type(page, "Collins met Collins at the bar.", "Collins")
+    page.set_input_files("#mel-image input[type=file]", str(fake))
+    page.wait_for_selector("#mel-upload-refused")
+    said = page.inner_text("#mel-upload-refused")
+    assert "holiday.png" in said and "not an image" in said and "JPEG, PNG" in said
+    assert page.locator("#mel-caption textarea").input_value() == "Collins met Collins at the bar."
+    assert page.locator(MENTION_BOX).first.input_value() == "Collins"
+    page.wait_for_function("() => !document.querySelector('#mel-image img')")  # not attached
+    assert page.evaluate(FAILED_OUTPUTS_JS) == []
+
+
+def test_typing_a_mention_after_a_highlight_moves_or_clears_the_offsets(page):
+    caption = "Collins met Collins at the bar."
+    page.locator("#mel-caption textarea").fill(caption)
+    page.evaluate("""() => { const t = document.querySelector('#mel-caption textarea'); t.focus();
+                             t.setSelectionRange(12, 19); t.dispatchEvent(new Event('select', {bubbles: true})); }""")
+    page.wait_for_function("() => document.querySelector('#mel-start input').value === '12'")
+    box = page.locator(MENTION_BOX).first
+    box.fill("")
+    box.press_sequentially("bar")
+    page.wait_for_function("() => document.querySelector('#mel-start input').value === '27'")
+    assert page.locator("#mel-end input").input_value() == "30"
+    box.press_sequentially("tender")                       # "bartender" is not in the caption: no stale span
+    page.wait_for_function("() => document.querySelector('#mel-start input').value === ''")
+    assert page.locator("#mel-end input").input_value() == ""
+
+
+def test_nothing_is_chosen_for_the_annotator_and_every_candidate_has_a_key(page, running):
+    _type(page, "Hopper at the podium.", "Hopper")
+    _link(page)
+    radios = page.locator("#mel-dim-choice input[type=radio]")
+    assert radios.count() == 10
+    assert page.locator("#mel-dim-choice input:checked").count() == 0
+    labels = page.locator("#mel-dim-choice label").all_inner_texts()
+    assert [label.strip()[:3] for label in labels] == [f"[{k}]" for k in "1234567890"]
+    before = len(_rows(running, "bob"))
+    page.locator("h2").first.click()
+    page.keyboard.press("d")                                # nothing chosen: nothing saved
+    page.wait_for_selector("#mel-ack-refused:has-text('choose a candidate first')")
+    assert len(_rows(running, "bob")) == before
+    assert page.evaluate(FAILED_OUTPUTS_JS) == []
+    page.locator("#mel-search input, #mel-search textarea").first.fill("Hopper")
+    page.click("#mel-search-btn")
+    page.wait_for_selector("#mel-search-results input[type=radio]")
+    assert page.locator("#mel-search-results input:checked").count() == 0
+    page.click("#mel-pick")
+    page.wait_for_function("() => document.querySelectorAll('#mel-ack-refused').length === 1 && "
+                           "document.querySelector('#mel-ack-refused').textContent.includes('search the KB')")
+    assert len(_rows(running, "bob")) == before
+    page.locator("h2").first.click()
+    page.keyboard.press("0")                                # the 10th candidate, by its key
+    assert radios.nth(9).is_checked()
+    tenth = radios.nth(9).get_attribute("value")
+    page.keyboard.press("d")
+    page.wait_for_selector("#mel-ack-ok")
+    rows = _rows(running, "bob")
+    assert len(rows) == before + 1 and rows[-1][1:] == ("accept_dim", tenth, None)
+
+
+def test_the_candidates_are_readable_on_a_phone(page):
+    _type(page, "Hopper at the podium.", "Hopper")
+    _link(page)
+    page.set_viewport_size({"width": 412, "height": 915})
+    page.wait_for_timeout(800)
+    widths = page.evaluate("""() => Object.fromEntries([1, 3].map(col => [col, Math.min(...[...document
+        .querySelectorAll(`#mel-dim [data-col="${col}"]`)].map(c => c.getBoundingClientRect().width))]))""")
+    assert widths["1"] >= 120 and widths["3"] >= 200, widths   # names and descriptions in readable columns
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= 412  # the page itself does not scroll
+
+
+def test_the_counter_counts_decided_mentions_not_saves_and_every_save_is_in_sqlite(page, running):
+    _type(page, "Collins sang the opening number.", "Collins")
+    _link(page)
+    page.locator("h2").first.click()
+    for _ in range(2):                                       # the same mention saved twice
+        page.keyboard.press("n")
+        page.wait_for_selector("#mel-ack-ok")
+        page.wait_for_timeout(300)
+    page.locator("#mel-search input, #mel-search textarea").first.fill("Phil Collins")
+    page.click("#mel-search-btn")
+    page.wait_for_selector("#mel-search-results input[type=radio]")
+    page.locator("#mel-search-results input[type=radio]").first.check()
+    page.click("#mel-pick")
+    page.wait_for_function("() => document.querySelector('#mel-ack-ok').textContent.includes('Phil Collins')")
+    rows = _rows(running, "bob")
+    standing = [r for r in rows if r[3] is None]
+    decided = len({r[0] for r in standing})
+    page.wait_for_function(f"() => document.querySelector('#mel-decided').dataset.decided === '{decided}'")
+    counter = page.inner_text("#mel-counter")
+    assert f"{decided} mention" in counter and f"{len(standing)} saves" in counter
+    assert len(standing) > decided                          # saves of one mention counted once
+    assert "distinct mentions" in page.get_attribute("#mel-counter", "title")
