@@ -45,6 +45,24 @@ def hashing_encoder():
     return HashingTextEncoder()
 
 
+def wait_for_child(pid: int, timeout_s: float = 300) -> int:
+    """os.waitpid(pid)'s status, or a test failure when the forked child is still running after
+    timeout_s: a child that waits forever on a lock it copied from another thread (a hung fork) must
+    fail the test, not hang the whole run until CI kills it without a word."""
+    import signal
+    import time
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    pytest.fail(f"the forked child {pid} was still running after {timeout_s:.0f} s (hung on a lock copied at "
+                f"fork?); run the forking tests in a pytest process of their own: pytest -m forks tests")
+
+
 # -- the browser tests' chromium (Debian's; `playwright install` cannot download its own here) -----
 CHROMIUM = os.environ.get("MEL_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

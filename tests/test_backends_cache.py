@@ -127,6 +127,7 @@ def test_two_threads_get_one_model_and_a_loaded_one_never_waits_for_a_build():
         slow.cache_clear()
 
 
+@pytest.mark.forks
 def test_a_forked_child_can_load_while_a_parent_thread_holds_the_build_lock():
     """A fork (the kill-sweep tests, multiprocessing) while an app thread is loading a model must not
     leave the child's cache locked forever."""

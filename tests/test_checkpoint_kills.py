@@ -19,7 +19,7 @@ import traceback
 
 import pytest
 import torch
-from conftest import HashingTextEncoder
+from conftest import HashingTextEncoder, wait_for_child
 from safetensors.torch import load_file
 
 from mel.errors import CheckpointError
@@ -28,6 +28,7 @@ from mel.presets import Preset
 
 HIDDEN_LEFTOVER = (".tmp-", ".new-", ".old-")
 forks = pytest.mark.skipif(not hasattr(os, "fork"), reason="the kill tests fork a child and SIGKILL it")
+pytestmark = pytest.mark.forks  # `make test` runs this module in a pytest process of its own
 
 
 # -- killing a run at its k-th filesystem step --------------------------------------------------------
@@ -79,7 +80,7 @@ def _run_killed_at(k: int, root: pathlib.Path, fn) -> str | None:
             log.write_text(traceback.format_exc())
         finally:
             os._exit(code)
-    _, status = os.waitpid(pid, 0)
+    status = wait_for_child(pid)
     if os.WIFSIGNALED(status):
         assert os.WTERMSIG(status) == signal.SIGKILL
         return log.read_text()

@@ -20,6 +20,7 @@ import threading
 import numpy as np
 import pytest
 import sqlite_utils
+from conftest import wait_for_child
 from PIL import Image
 
 from mel.errors import KBError
@@ -28,6 +29,7 @@ from mel.kb import KnowledgeBase, build_kb, entity_text, sidecar
 from mel.types import Entity
 
 needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="kills a forked build with SIGKILL")
+pytestmark = pytest.mark.forks  # `make test` runs this module in a pytest process of its own
 
 OLD_WORDS = ["amber", "basalt", "cobalt", "dune"]
 NEW_WORDS = ["ember", "fjord", "glacier", "harbor", "iris", "juniper"]  # longer: its rows run past the old KB
@@ -129,7 +131,7 @@ def run_killed_at(step: int, work, patch=()) -> bool:
             os._exit(0)
         except BaseException:
             os._exit(3)
-    _, status = os.waitpid(pid, 0)
+    status = wait_for_child(pid)
     if os.WIFSIGNALED(status):
         assert os.WTERMSIG(status) == signal.SIGKILL
         return True
