@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from mel.datasets import load_dataset  # noqa: E402
 from mel.dim.linker import DimLinker  # noqa: E402
 from mel.dim.pairs import VISUAL_GROUPS  # noqa: E402
-from mel.dim.pipeline import candidate_batch  # noqa: E402
+from mel.dim.visual_train import linker_rows  # noqa: E402
 from mel.kb import KnowledgeBase  # noqa: E402
 from mel.presets import get_preset  # noqa: E402
 from mel.types import Example, Mention  # noqa: E402
@@ -37,23 +37,13 @@ DEMO_GOLD = {"Collins": "demo:eileen-collins", "Hopper": "demo:grace-hopper", "F
 
 
 def collect(lk: DimLinker, examples) -> list[dict]:
-    lk.extractor.visual_features = tuple(lk.model.config.visual_feature_names)
-    lk.extractor.disabled_visual = set()
     rows = []
-    for ex in examples:
-        ms = [ex.mention]
-        feats = lk.extractor.mention_features(ms)
-        pools = lk.generator.generate([m.text for m in ms], feats.context, feats.mention)
-        cb = candidate_batch(ms, feats, pools, lk.extractor, lk.facts)
-        with torch.inference_mode():
-            m = lk.model.encode_mentions(**feats.tensors())
-            e = lk._entity_embeddings(cb.idxs, cb.valid)
-            base = lk.model.score_candidates(m, e, torch.from_numpy(cb.pair))[0]
-        vis, vmask = lk.extractor.visual_pair_features(ms, feats, cb.idxs, cb.valid)
-        n = int(cb.valid[0].sum())
-        ents = lk.kb.entities_at([int(i) for i in cb.idxs[0, :n]])
+    for row in linker_rows(lk, examples, lk.model.config.visual_feature_names):
+        ex, feats = row.example, row.feats
+        n = int(row.valid.sum())
+        ents = lk.kb.entities_at([int(i) for i in row.idxs[:n]])
         faces = [(f.get("gender"), f.get("gender_probability"), f.get("age")) for f in (feats.faces[0] or [])]
-        rows.append({"base": base[:n], "vis": torch.from_numpy(vis[0, :n]), "mask": torch.from_numpy(vmask[0, :n]),
+        rows.append({"base": row.base[:n], "vis": torch.from_numpy(row.vis[:n]), "mask": torch.from_numpy(row.mask[:n]),
                      "ids": [x.id for x in ents], "names": [x.name for x in ents], "gold": ex.gold_id,
                      "sample": ex.sample_id, "split": ex.split, "faces": faces, "cue": (feats.cues[0] or {}).get("text")})
     return rows

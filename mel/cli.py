@@ -84,6 +84,18 @@ def cmd_kb_info(args):
     print(json.dumps(KnowledgeBase(args.kb).info(), indent=2, ensure_ascii=False))
 
 
+def cmd_kb_prior(args):
+    from .kb import build_link_prior
+    info = build_link_prior(args.kb, args.format, args.data, args.split, command=getattr(args, "command_line", ""))
+    print(f"{args.kb}: link prior from {info['dataset']}/{info['split']} ({info['n_records']:,} records, "
+          f"{info['n_mentions']:,} mentions): {info['n_counted']:,} counted, {info['n_pairs']:,} (mention, entity) "
+          f"pairs over {info['n_entities']:,} entities; {info['n_not_in_kb']:,} mentions whose gold is not in the KB "
+          f"({info['ids_not_in_kb']} ids, e.g. {', '.join(info['examples_not_in_kb'][:5]) or '-'}), "
+          f"{info['n_nil']} NIL, {info['n_empty_mention']} empty")
+    if args.json:
+        print(json.dumps(info, indent=2, ensure_ascii=False))
+
+
 def cmd_kb_search(args):
     from .kb import KnowledgeBase
     from .linkers.base import check_k
@@ -271,6 +283,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=10)
     add_preset_args(p)
     p.set_defaults(func=cmd_kb_search)
+
+    p = kb.add_parser("prior", help="count a link prior (mention -> entity) from a dataset's TRAIN annotations "
+                                    "into the KB (DIM's prior terms); a rebuild replaces it")
+    p.add_argument("--kb", required=True, help="the dataset's KB (written in place, in one transaction)")
+    p.add_argument("--format", required=True, help="wikimel | richpedia | wikidiverse | mimic | gemel | jsonl")
+    p.add_argument("--data", required=True, help="the dataset directory")
+    p.add_argument("--split", default="train", help="train only (RichpediaMEL: train without the carved dev)")
+    p.add_argument("--json", action="store_true", help="also print the provenance as JSON")
+    p.set_defaults(func=cmd_kb_prior)
 
     from .dim import enrich as dim_enrich  # import-light: the LLM loads only when the command runs
     p = kb.add_parser("enrich", help="write a copy of a KB whose descriptions an LLM rewrote (DIM; off by default)")

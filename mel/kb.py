@@ -286,6 +286,44 @@ class KnowledgeBase:
         index, _ = self.dense(kind)
         return index.search(query_vectors, k)
 
+    # -- link prior (see build_link_prior) -------------------------------------------------------
+    def link_prior_info(self) -> dict | None:
+        """The provenance of the KB's link prior (dataset, split, counts, date), None when it has none."""
+        info = self.meta.get("link_prior")
+        if not info:
+            return None
+        if not self._query("SELECT name FROM sqlite_master WHERE type='table' AND name='link_prior'"):
+            raise KBError(f"{self.path} says it has a link prior but has no link_prior table; rebuild it with "
+                          f"`python -m mel kb prior --kb {self.path} ...`")
+        return info
+
+    def has_link_prior(self) -> bool:
+        if not hasattr(self, "_has_prior"):
+            self._has_prior = self.link_prior_info() is not None
+        return self._has_prior
+
+    def link_prior_counts(self, keys: Iterable[str]) -> dict[str, dict[int, int]]:
+        """{normalised mention: {KB idx: count}} for `keys` (link_prior_key of the mention text); {} per unseen key."""
+        keys = list(dict.fromkeys(keys))
+        out: dict[str, dict[int, int]] = {k: {} for k in keys}
+        if not keys or not self.has_link_prior():
+            return out
+        for start in range(0, len(keys), SQL_PARAMS_PER_QUERY):
+            chunk = keys[start:start + SQL_PARAMS_PER_QUERY]
+            rows = self._query(f"SELECT norm, entity_idx, count FROM link_prior WHERE norm IN "
+                               f"({','.join('?' * len(chunk))})", chunk)
+            for norm, idx, count in rows:
+                out[norm][int(idx)] = int(count)
+        return out
+
+    def link_prior_entity_counts(self) -> dict[int, int]:
+        """{KB idx: how many counted annotations link to it} (loaded once)."""
+        if not hasattr(self, "_prior_entity"):
+            rows = self._query("SELECT entity_idx, SUM(count) FROM link_prior GROUP BY entity_idx") \
+                if self.has_link_prior() else []
+            self._prior_entity = {int(i): int(c) for i, c in rows}
+        return self._prior_entity
+
 
 # -- building ----------------------------------------------------------------------------------
 def build_kb(entities: Iterable[Entity], out: str | Path, *, text_encoder=None, image_encoder=None,
@@ -541,3 +579,97 @@ def build_dataset_kb(format: str, source: str | Path, out: str | Path, *, preset
     command += ["--limit", str(limit)] if limit else []
     return build_kb(entities, out, text_encoder=text_encoder, image_encoder=image_encoder, source_format=format,
                     batch_size=batch_size, progress=progress, build_command=" ".join(command))
+
+
+# -- link prior (issue #15): how often a dataset's TRAIN annotations link a mention string to an entity ----------
+# Stored inside the KB file: `link_prior(norm, entity_idx, count)` and the provenance under the meta key
+# `link_prior` (dataset, split, counts, date, command). Written in one transaction: a failed or interrupted
+# build leaves the KB as it was, a rebuild replaces the table whole. A KB without it works as before.
+LINK_PRIOR_TABLE = "link_prior"
+LINK_PRIOR_META = "link_prior"
+
+
+def link_prior_key(mention_text: str) -> str:
+    """The mention string a link prior is keyed by: normalize_name (case, accents, punctuation)."""
+    return normalize_name(mention_text)
+
+
+def count_link_prior(examples, kb: "KnowledgeBase") -> tuple[dict[tuple[str, int], int], dict]:
+    """{(normalised mention, KB idx): count} over `examples` (NIL golds and empty mentions skipped) and a
+    report: how many were counted, and the golds not in the KB (counted, with examples, never dropped silently)."""
+    from .types import NIL
+    examples = list(examples)
+    idx_of = kb.idxs_of(ex.gold_id for ex in examples if ex.gold_id != NIL)
+    pairs: dict[tuple[str, int], int] = {}
+    missing: dict[str, int] = {}
+    n_nil = n_empty = 0
+    for ex in examples:
+        key = link_prior_key(ex.mention.text)
+        if ex.gold_id == NIL:
+            n_nil += 1
+        elif not key:
+            n_empty += 1
+        elif ex.gold_id not in idx_of:
+            missing[ex.gold_id] = missing.get(ex.gold_id, 0) + 1
+        else:
+            pairs[(key, idx_of[ex.gold_id])] = pairs.get((key, idx_of[ex.gold_id]), 0) + 1
+    report = {"n_mentions": len(examples), "n_records": len({str(ex.sample_id).split("#")[0] for ex in examples}),
+              "n_counted": sum(pairs.values()), "n_nil": n_nil, "n_empty_mention": n_empty,
+              "n_not_in_kb": sum(missing.values()), "ids_not_in_kb": len(missing),
+              "examples_not_in_kb": sorted(missing)[:10], "n_pairs": len(pairs),
+              "n_entities": len({idx for _, idx in pairs}), "n_mention_strings": len({k for k, _ in pairs})}
+    return pairs, report
+
+
+def write_link_prior(kb_path: str | Path, pairs: dict[tuple[str, int], int], provenance: dict) -> dict:
+    """Replace the KB's link prior by `pairs` ({(key, idx): count}) and `provenance`, in ONE transaction
+    (an exception or a killed process leaves the previous table, or none, untouched). Returns the provenance."""
+    path = Path(kb_path)
+    kb = KnowledgeBase(path)  # refuses what is not a KB of this schema
+    bad = [(k, i, c) for (k, i), c in pairs.items() if not 0 <= int(i) < kb.size or int(c) < 1 or not k]
+    if bad:
+        raise InputError(f"{len(bad)} link-prior rows name no entity of {path.name} or have no count, e.g. {bad[:3]}")
+    provenance = {**provenance, "table": LINK_PRIOR_TABLE, "kb_build_id": kb.build_id,
+                  "created": provenance.get("created") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    conn = sqlite3.connect(str(path), timeout=LOCK_WAIT_S, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(f"DROP TABLE IF EXISTS {LINK_PRIOR_TABLE}")
+            conn.execute(f"CREATE TABLE {LINK_PRIOR_TABLE} (norm TEXT NOT NULL, entity_idx INTEGER NOT NULL, "
+                         f"count INTEGER NOT NULL, PRIMARY KEY (norm, entity_idx))")
+            conn.executemany(f"INSERT INTO {LINK_PRIOR_TABLE} VALUES (?, ?, ?)",
+                             sorted((k, int(i), int(c)) for (k, i), c in pairs.items()))
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                         (LINK_PRIOR_META, json.dumps(provenance)))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    except sqlite3.OperationalError as exc:
+        raise KBError(f"cannot write the link prior into {path} ({exc}); is another process writing it?") from exc
+    finally:
+        conn.close()
+    return provenance
+
+
+def build_link_prior(kb_path: str | Path, format: str, data: str | Path, split: str = "train", *,
+                     command: str = "") -> dict:
+    """Count the link prior of `format`/`data`/`split` (every mention, unlocated ones by their string; RichpediaMEL's
+    train excludes the dev the reader carves) and store it in the KB. Only a TRAIN split is accepted: a prior
+    counted on dev would hand the linker the dev answers."""
+    from .datasets import available_splits, load_dataset
+    from .paths import display_path
+    if split != "train":
+        raise InputError(f"the link prior is counted on the train split only (got {split!r}): counting the split "
+                         f"you evaluate on gives the linker its answers")
+    if split not in available_splits(format, data):
+        raise InputError(f"{data} has no {split!r} split for format {format!r} (it has {available_splits(format, data)})")
+    kb = KnowledgeBase(kb_path)
+    examples = load_dataset(format, data, split, unlocated="context").examples
+    pairs, report = count_link_prior(examples, kb)
+    if not pairs:
+        raise InputError(f"none of the {len(examples)} {format}/{split} mentions links to an entity of "
+                         f"{Path(kb_path).name} ({report['n_not_in_kb']} golds are not in it): is it this dataset's KB?")
+    provenance = {"dataset": format, "data": display_path(Path(data)), "split": split, **report, "command": command}
+    return write_link_prior(kb_path, pairs, provenance)

@@ -28,6 +28,7 @@ from .features import FeatureExtractor
 from .model import DimFusion, FusionConfig
 from .pairs import PAIR_FEATURES, VISUAL_GROUPS
 from .pipeline import EntityFactsCache, candidate_batch
+from .prior import prior_pair_features
 
 PROTOCOLS = ("whole-kb", "candidate-list")
 ENTITY_CACHE_SIZE = 200_000  # fused entity embeddings kept in memory (512 floats each)
@@ -85,7 +86,7 @@ class DimLinker(BatchLinker):
                  candidate_file: str | Path | None = None, n_bm25: int | None = None, n_dense: int | None = None,
                  n_dense_mention: int | None = None, use_image: bool = True, use_cue: bool = True,
                  cue_question: str | None = None, keep_pool: bool = False, text_encoder=None,
-                 disable_visual: str | list[str] | tuple[str, ...] = ()):
+                 disable_visual: str | list[str] | tuple[str, ...] = (), use_prior: bool = True):
         super().__init__(kb, preset)
         if protocol not in PROTOCOLS:
             raise InputError(f"unknown protocol {protocol!r}; choose 'whole-kb' (rank against the whole KB) or "
@@ -121,6 +122,7 @@ class DimLinker(BatchLinker):
         self.generator = CandidateGenerator(kb, c)
         self.candidate_lists = load_candidate_lists(candidate_file) if candidate_file else None
         self.keep_pool = keep_pool
+        self.use_prior = bool(use_prior)  # False: ignore the KB's link prior (ablations)
         self.facts = EntityFactsCache(kb)
         self._entity_cache: dict[int, torch.Tensor] = {}
         self.dev_figures = payload.get("dev", {})
@@ -166,8 +168,9 @@ class DimLinker(BatchLinker):
                 e = self._entity_embeddings(cb.idxs, cb.valid)
                 pair = torch.from_numpy(cb.pair).to(self.device) if self.model.pair_mlp is not None else None
                 visual, visual_mask = self.extractor.visual_pair_features(mentions, feats, cb.idxs, cb.valid)
+                prior, prior_mask = self._prior_features(mentions, cb.idxs, cb.valid)
                 logits = self.model.score_candidates(m, e, pair, torch.from_numpy(visual).to(self.device),
-                                                      torch.from_numpy(visual_mask).to(self.device))
+                                                      torch.from_numpy(visual_mask).to(self.device), prior, prior_mask)
                 logits = logits.masked_fill(~torch.from_numpy(cb.valid).to(self.device), float("-inf"))
             scores = logits.float().cpu().numpy()
         with sw("results"):
@@ -196,6 +199,14 @@ class DimLinker(BatchLinker):
             yield LinkResult(linker=self.name, mention=mention, prediction=candidates[0].entity if candidates else None,
                              score=candidates[0].score if candidates else None, candidates=candidates,
                              timings=dict(timings), preset=self.preset.name, models=self.models(), details=details)
+
+    def _prior_features(self, mentions: list[Mention], idxs: np.ndarray, valid: np.ndarray):
+        """The link-prior features (mel.dim.prior) when the head uses them and the KB has a link prior, else
+        (None, None): the head then adds nothing."""
+        if self.model.prior is None or not self.use_prior or not self.kb.has_link_prior():
+            return None, None
+        values, mask = prior_pair_features(self.kb, [m.text for m in mentions], idxs, valid)
+        return torch.from_numpy(values).to(self.device), torch.from_numpy(mask).to(self.device)
 
     def _entity_embeddings(self, idxs: np.ndarray, valid: np.ndarray) -> torch.Tensor:
         """(b, c, out_dim) fused entity embeddings. The head is in eval mode, so an entity's

@@ -16,6 +16,7 @@ projected the same way, masked mean, Linear(d, out_dim)  ->  entity embedding.
 
     score = exp(logit_scale) * cos(mention, entity)  +  pair_mlp(pair features)
             + sum over visual groups g present for the pair:  w_g . x_g + b_g
+            + w_prior . prior(mention, entity)   when the KB has a link prior (`mel.dim.prior`)
 
 The visual terms (beyond the paper; `mel.dim.pairs.VISUAL_GROUPS`) score what the photo says
 about a candidate: the ConSE image vector against the entity text, the faces' apparent gender
@@ -43,6 +44,7 @@ from torch import nn
 from ..errors import InputError
 from ..training.common import check_number, check_whole
 from .pairs import VISUAL_GROUPS, visual_columns
+from .prior import PRIOR_FEATURES, prior_columns
 
 # the order of the mention-side feature tokens (index = feature-type embedding row)
 MENTION_FEATURES = ("context", "mention", "image", "cue")
@@ -67,6 +69,7 @@ class FusionConfig:
     cue_provider: str = ""
     pair_feature_names: tuple[str, ...] | list[str] = ()
     visual_feature_names: tuple[str, ...] | list[str] = ()  # visual groups the head expects (() = none)
+    prior_feature_names: tuple[str, ...] | list[str] = ()   # link-prior features the head uses (() = none)
 
     def __post_init__(self):
         check_whole(self, text_dim=1, image_dim=1, cue_dim=1, d_model=1, n_heads=1, ffn_dim=1, out_dim=1,
@@ -79,6 +82,11 @@ class FusionConfig:
         unknown = [g for g in self.visual_feature_names if g not in VISUAL_GROUPS]
         if unknown:
             raise InputError(f"unknown visual feature group(s) {unknown}; this version knows {list(VISUAL_GROUPS)}")
+        self.prior_feature_names = tuple(self.prior_feature_names)
+        unknown = [g for g in self.prior_feature_names if g not in PRIOR_FEATURES]
+        if unknown or len(set(self.prior_feature_names)) < len(self.prior_feature_names):
+            raise InputError(f"unknown or repeated link-prior feature(s) {list(self.prior_feature_names)}; this "
+                             f"version knows {list(PRIOR_FEATURES)}")
 
 
 class FeatureProjection(nn.Sequential):
@@ -150,6 +158,11 @@ class DimFusion(nn.Module):
         for layer in self.visual.values():
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        # the link-prior term (issue #15): one linear term over `prior_feature_names`, zero at initialisation
+        self.prior = nn.Linear(len(c.prior_feature_names), 1) if c.prior_feature_names else None
+        if self.prior is not None:
+            nn.init.zeros_(self.prior.weight)
+            nn.init.zeros_(self.prior.bias)
 
     # -- the two towers ------------------------------------------------------------------------
     def encode_mentions(self, context: torch.Tensor, mention: torch.Tensor, image: torch.Tensor,
@@ -208,13 +221,25 @@ class DimFusion(nn.Module):
             total = total + layer(x).squeeze(-1).masked_fill(~present, 0.0)
         return total
 
+    def prior_scores(self, prior: torch.Tensor | None, prior_mask: torch.Tensor | None) -> torch.Tensor | float:
+        """prior (b, c, N_PRIOR_FEATURES), prior_mask (b, c) bool -> (b, c) or 0. A masked pair (a KB without a
+        link prior) adds exactly 0 (masked_fill, so a NaN cannot leak)."""
+        if self.prior is None or prior is None or prior_mask is None:
+            return 0.0
+        present = prior_mask.bool()
+        x = prior[..., prior_columns(self.config.prior_feature_names)].masked_fill(~present[..., None], 0.0)
+        return self.prior(x).squeeze(-1).masked_fill(~present, 0.0)
+
     def score_candidates(self, mention_emb: torch.Tensor, entity_emb: torch.Tensor,
                          pair_features: torch.Tensor | None = None, visual: torch.Tensor | None = None,
-                         visual_mask: torch.Tensor | None = None) -> torch.Tensor:
+                         visual_mask: torch.Tensor | None = None, prior: torch.Tensor | None = None,
+                         prior_mask: torch.Tensor | None = None) -> torch.Tensor:
         """mention_emb (b, o), entity_emb (b, c, o), pair_features (b, c, f), optional visual
-        features (b, c, v) with group masks (b, c, g) -> scores (b, c)."""
+        features (b, c, v) with group masks (b, c, g), optional link-prior features (b, c, p) with their
+        mask (b, c) -> scores (b, c)."""
         cos = torch.einsum("bo,bco->bc", mention_emb, entity_emb)
-        return self.scale() * cos + self.pair_scores(pair_features) + self.visual_scores(visual, visual_mask)
+        return (self.scale() * cos + self.pair_scores(pair_features) + self.visual_scores(visual, visual_mask)
+                + self.prior_scores(prior, prior_mask))
 
     def in_batch_scores(self, mention_emb: torch.Tensor, entity_emb: torch.Tensor) -> torch.Tensor:
         """Every mention against every gold entity of the batch (b, b): the embedding part only."""

@@ -27,31 +27,31 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..errors import CheckpointError, InputError
-from .model import DimFusion, FusionConfig
+from ..errors import InputError
+from . import frozen_terms
+from .frozen_terms import (
+    FrozenBaseTrainer,
+    base_scores,
+    extended_head,
+    fit_term,
+    float_list,
+    frozen_entity_embeddings,
+    gold_figures,
+)
+from .model import DimFusion
 from .pairs import N_VISUAL_FEATURES, VISUAL_GROUPS, MentionContext, face_age_gap, face_sex_match
 from .pipeline import EntityFactsCache
 
 FACE_GROUPS = ("face_sex", "face_age")
-
-
-def _floats(text: str, name: str, low: float, high: float | None) -> list[float]:
-    try:
-        values = [float(v) for v in str(text).split(",") if v.strip()]
-    except ValueError as exc:
-        raise InputError(f"--{name} must be comma-separated numbers, got {text!r}") from exc
-    if not values or any(not math.isfinite(v) or v < low or (high is not None and v > high) for v in values):
-        raise InputError(f"--{name} needs numbers in [{low}, {high if high is not None else 'inf'}], got {text!r}")
-    return values
 
 
 @dataclass
@@ -85,10 +85,10 @@ class VisualTrainConfig:
         return [g.strip() for g in self.groups.split(",") if g.strip()]
 
     def rate_list(self) -> list[float]:
-        return _floats(self.face_rates, "face-rates", 0.0, 1.0)
+        return float_list(self.face_rates, "face-rates", 0.0, 1.0)
 
     def l2_list(self) -> list[float]:
-        values = _floats(self.l2, "l2", 0.0, None)
+        values = float_list(self.l2, "l2", 0.0)
         if min(values) <= 0:
             raise InputError(f"--l2 values must be > 0 (got {self.l2!r}): without a prior the weights of a group whose "
                              f"rows are all linked right already (image_text on the few real photos) grow without bound")
@@ -157,32 +157,6 @@ class VisualRows:
         return len(self.gold)
 
 
-def frozen_entity_embeddings(model: DimFusion, table, batch: int = 4096) -> torch.Tensor:
-    """(kb_size, out_dim): every entity of a trainer EntityTable through the frozen head."""
-    out = []
-    with torch.inference_mode():
-        for s in range(0, len(table.text), batch):
-            idx = torch.arange(s, min(s + batch, len(table.text)))
-            text, image, mask = table.gather(idx)
-            out.append(model.encode_entities(text, image, mask))
-    return torch.cat(out)
-
-
-def base_scores(model: DimFusion, split, entity_emb: torch.Tensor, batch: int = 512) -> torch.Tensor:
-    """(n, w) frozen-head scores of cached SplitFeatures rows (-inf on padding)."""
-    out = []
-    model.eval()
-    with torch.inference_mode():
-        for s in range(0, len(split), batch):
-            rows = np.arange(s, min(s + batch, len(split)))
-            m = model.encode_mentions(**split.feats.rows(rows).tensors())
-            idx = torch.from_numpy(split.cand[rows]).clamp_min(0)
-            scores = model.score_candidates(m, entity_emb[idx], torch.from_numpy(split.pair[rows])
-                                            if model.pair_mlp is not None else None)
-            out.append(scores.masked_fill(~torch.from_numpy(split.valid[rows]), float("-inf")))
-    return torch.cat(out)
-
-
 def _true_age(caption_years: list[int], birth: int | None) -> float | None:
     return float(min(caption_years) - birth) if caption_years and birth is not None else None
 
@@ -234,12 +208,24 @@ def _face_features(faces, years, cand_facts, groups, vis, mask, gi) -> None:
                 vis[j, col["face_age_gap"]], mask[j, gi["face_age"]] = v, True
 
 
-def real_rows(linker, examples, groups: list[str], source: str = "") -> VisualRows:
-    """Mentions with a real photo, through the linker's own path (its candidates, features and faces)."""
+@dataclass
+class LinkerRow:
+    """One mention through the linker's own path: its candidates, the head's base scores, its visual features."""
+    example: object         # the mel.types.Example
+    feats: object           # its mel.dim.features.MentionFeatures (one row: faces, cues...)
+    idxs: np.ndarray        # (w,) candidate KB indices
+    valid: np.ndarray       # (w,) bool, False on padding
+    base: torch.Tensor      # (w,) the head's scores without visual terms (padding NOT masked)
+    vis: np.ndarray         # (w, N_VISUAL_FEATURES)
+    mask: np.ndarray        # (w, len(VISUAL_GROUPS)) bool
+
+
+def linker_rows(linker, examples, groups) -> Iterator[LinkerRow]:
+    """Each example's mention, one at a time, through the linker's candidates, features and faces, with the
+    visual groups `groups` computed (none disabled)."""
     from .pipeline import candidate_batch
     linker.extractor.visual_features = tuple(groups)
     linker.extractor.disabled_visual = set()
-    parts = []
     for ex in examples:
         ms = [ex.mention]
         feats = linker.extractor.mention_features(ms)
@@ -251,11 +237,19 @@ def real_rows(linker, examples, groups: list[str], source: str = "") -> VisualRo
             pair = torch.from_numpy(cb.pair) if linker.model.pair_mlp is not None else None
             base = linker.model.score_candidates(m, e, pair)[0]
         vis, vmask = linker.extractor.visual_pair_features(ms, feats, cb.idxs, cb.valid)
-        gold = linker.kb.idx_of(ex.gold_id)
-        hits = np.flatnonzero((cb.idxs[0] == gold) & cb.valid[0]) if gold is not None else np.zeros(0, np.int64)
+        yield LinkerRow(ex, feats, cb.idxs[0], cb.valid[0], base, vis[0], vmask[0])
+
+
+def real_rows(linker, examples, groups: list[str], source: str = "") -> VisualRows:
+    """Mentions with a real photo, through the linker's own path (`linker_rows`); a mention whose gold is not
+    among its candidates is left out."""
+    parts = []
+    for row in linker_rows(linker, examples, groups):
+        gold = linker.kb.idx_of(row.example.gold_id)
+        hits = np.flatnonzero((row.idxs == gold) & row.valid) if gold is not None else np.zeros(0, np.int64)
         if len(hits):
-            base = base.masked_fill(~torch.from_numpy(cb.valid[0]), float("-inf"))
-            parts.append((base, torch.from_numpy(vis[0]), torch.from_numpy(vmask[0]), int(hits[0])))
+            base = row.base.masked_fill(~torch.from_numpy(row.valid), float("-inf"))
+            parts.append((base, torch.from_numpy(row.vis), torch.from_numpy(row.mask), int(hits[0])))
     return _stack(parts, source)
 
 
@@ -275,15 +269,7 @@ def _stack(parts, source: str) -> VisualRows:
 # -- the head and the fit ---------------------------------------------------------------------------
 def visual_head(base: DimFusion, groups: list[str]) -> DimFusion:
     """A head with `groups`' visual terms (zero) and every other parameter copied from `base`, frozen."""
-    cfg = FusionConfig(**{**asdict(base.config), "visual_feature_names": tuple(groups)})
-    head = DimFusion(cfg)
-    state = {k: v for k, v in base.state_dict().items() if not k.startswith("visual.")}
-    missing, unexpected = head.load_state_dict(state, strict=False)
-    if unexpected or any(not k.startswith("visual.") for k in missing):
-        raise CheckpointError(f"the base head does not fit the visual head: missing {missing}, unexpected {unexpected}")
-    for name, p in head.named_parameters():
-        p.requires_grad_(name.startswith("visual.") and name.endswith(".weight"))
-    return head.eval()
+    return extended_head(base, "visual.", visual_feature_names=tuple(groups))
 
 
 def rows_loss(head: DimFusion, chunks: list[VisualRows]) -> tuple[torch.Tensor, int]:
@@ -301,39 +287,13 @@ def fit_visual(head: DimFusion, chunks: list[VisualRows], l2: float, steps: int,
     """The visual weights only (biases stay 0), from zero, minimising the summed cross-entropy + l2 * |w|^2
     (a prior: a group seen on few rows, like image_text on the real photos, is shrunk more than one seen on
     many). The problem is convex in the weights; L-BFGS (strong Wolfe line search) for up to `steps` steps."""
-    params = [p for p in head.parameters() if p.requires_grad]
-    with torch.no_grad():
-        for p in params:
-            p.zero_()
-    n = sum(len(c) for c in chunks)
-    if not n or not params:
-        return head
-    opt = torch.optim.LBFGS(params, lr=lr, max_iter=steps, tolerance_grad=1e-9, tolerance_change=1e-12,
-                            history_size=20, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss, _ = rows_loss(head, chunks)
-        total = (loss + l2 * sum((p ** 2).sum() for p in params)) / n
-        total.backward()
-        return total
-
-    opt.step(closure)
-    return head
+    return fit_term(head, lambda: rows_loss(head, chunks)[0], sum(len(c) for c in chunks), l2, steps, lr)
 
 
 def evaluate_rows(head: DimFusion | None, chunks: list[VisualRows]) -> dict:
     """Mean cross-entropy and Hits@1 of the gold, with the visual terms (head) or without (None)."""
-    ce, ok, n = 0.0, 0, 0
-    with torch.no_grad():
-        for c in chunks:
-            if not len(c):
-                continue
-            scores = c.base + (head.visual_scores(c.vis, c.mask) if head is not None else 0.0)
-            ce += float(torch.nn.functional.cross_entropy(scores, c.gold, reduction="sum"))
-            ok += int((scores.argmax(1) == c.gold).sum())
-            n += len(c)
-    return {"ce": round(ce / n, 5) if n else None, "hits@1": round(ok / n, 4) if n else None, "n": n}
+    return gold_figures((c.base + (head.visual_scores(c.vis, c.mask) if head is not None else 0.0), c.gold)
+                        for c in chunks if len(c))
 
 
 def weights_of(head: DimFusion) -> dict:
@@ -353,36 +313,24 @@ class VisualData:
     counts: dict
 
 
-class VisualTrainer:
+class VisualTrainer(FrozenBaseTrainer):
     """`VisualTrainer(config, base_dir, datasets, preset, error_model, out).run()`; `datasets` are
     `mel.dim.train.TrainingSet`s (train split only), featurised with the base head's recipe."""
 
+    prefix, report_key = "visual.", "visual_terms"
+    config: VisualTrainConfig
+
     def __init__(self, config: VisualTrainConfig, base_dir: str | Path, datasets, preset, error_model: FaceErrorModel,
                  out: str | Path, *, cache_dir: str | Path | None = None, progress: bool = False):
-        from ..training import check_checkpoint_target
-        from .linker import load_head
-        self.base_dir = Path(base_dir)
-        if not (self.base_dir / "config.json").is_file() or not (self.base_dir / "model.safetensors").is_file():
-            raise InputError(f"--base {self.base_dir}: not a DIM head (config.json + model.safetensors); "
-                             f"train one with `python -m mel train dim`")
-        self.config, self.preset, self.em = config, preset, error_model
-        self.groups = config.group_list()
-        self.out = check_checkpoint_target(out)
-        if self.out.resolve() == self.base_dir.resolve():
-            raise InputError("--out must differ from --base (the base is read while OUT is written); copy it after")
-        self.base, self.payload = load_head(self.base_dir)
-        self.datasets, self.cache_dir, self.progress = datasets, cache_dir, progress
+        super().__init__(config, base_dir, datasets, preset, out, cache_dir=cache_dir, progress=progress)
+        self.em, self.groups = error_model, config.group_list()
 
-    def _base_trainer(self):
-        from .train import DimTrainConfig, DimTrainer
-        known = DimTrainConfig.__dataclass_fields__
-        recipe = {k: v for k, v in self.payload.get("train", {}).items() if k in known}
-        return DimTrainer(DimTrainConfig(**recipe), None, self.preset, self.out.with_name(self.out.name + ".base-rows"),
-                          datasets=self.datasets, cache_dir=self.cache_dir, progress=self.progress)
+    def term_weights(self, head: DimFusion) -> dict:
+        return weights_of(head)
 
     def collect(self) -> VisualData:
         from .linker import DimLinker
-        trainer = self._base_trainer()
+        trainer = self.base_trainer(self.datasets)
         parts = trainer.prepare()
         cfg = self.config
         sims: dict = {r: [] for r in cfg.rate_list()}
@@ -440,55 +388,25 @@ class VisualTrainer:
         self.save(head, report)
         return report
 
-    def save(self, head: DimFusion, report: dict) -> Path:
-        from ..training.checkpoint import save_pretrained_dir
-        shipped = head.to({"float16": torch.float16, "float32": torch.float32}[self.config.save_dtype])
-        extra = {k: v for k, v in self.payload.items() if k not in ("model_type", "config")}
-        extra["weights_dtype"] = self.config.save_dtype
-        extra["visual_terms"] = {**report, "weights": weights_of(shipped)}  # as stored (rounded to save_dtype)
-        return save_pretrained_dir(shipped, shipped.config, self.out, extra=extra)
-
 
 # -- CLI: `python -m mel train dim-visual` ------------------------------------------------------------
 CONFIG = VisualTrainConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..cli_kit import add_preset_args, add_threads_arg
-    p.add_argument("--base", required=True, help="the DIM head to extend (kept frozen), e.g. models/dim-offline")
-    p.add_argument("--error-model", required=True, help="JSON of the face error model (bench/face_error_model.py)")
-    p.add_argument("--format", required=True, help="dataset format(s), comma-separated, as for `train dim`")
-    p.add_argument("--data", required=True, help="dataset directories, comma-separated")
-    p.add_argument("--kb", required=True, help="each dataset's KB, comma-separated, in --data's order")
-    add_preset_args(p)
-    p.add_argument("--out", required=True, help="checkpoint directory to write (not --base)")
-    p.add_argument("--train-split", default="train")
-    p.add_argument("--cache-dir", default=None, help="feature cache of `train dim` (default: $MEL_CACHE/dim-features)")
-    add_threads_arg(p, subcommand=True)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    frozen_terms.add_arguments(p, "each dataset's KB, comma-separated, in --data's order",
+                               ("--error-model", "JSON of the face error model (bench/face_error_model.py)"))
 
 
 def run(args) -> None:
-    from ..cli_kit import config_from_args, resolve_preset
-    from ..datasets import load_dataset
-    from ..kb import KnowledgeBase
-    from .train import TrainingSet, dataset_args
+    from ..cli_kit import config_from_args
     config = config_from_args(VisualTrainConfig, args)
     if not (Path(args.base) / "config.json").is_file():
         raise InputError(f"--base {args.base}: no DIM head there (config.json missing)")
     em = FaceErrorModel.load(args.error_model)
-    entries = dataset_args(args)
-    for _, _, folder, kb_path in entries:
-        for what, path in (("--data", folder), ("--kb", kb_path)):
-            if not Path(path).exists():
-                raise InputError(f"{what} {path} does not exist")
-    preset = resolve_preset(args)
-    datasets = [TrainingSet(name, KnowledgeBase(kb_path), load_dataset(fmt, folder, args.train_split).examples, [],
-                            {"dataset": fmt, "split": args.train_split})
-                for name, fmt, folder, kb_path in entries]
+    preset, datasets = frozen_terms.load_training_sets(args)
     trainer = VisualTrainer(config, args.base, datasets, preset, em, args.out, cache_dir=args.cache_dir,
                             progress=not args.quiet)
     report = trainer.run(command=getattr(args, "command_line", ""))
-    saved = json.loads((Path(args.out) / "config.json").read_text())["visual_terms"]["weights"]
-    summary = {k: report[k] for k in ("chosen", "heldout_without_visual_terms", "heldout_with_visual_terms")}
-    print(json.dumps({**summary, "weights": saved, "out": str(args.out)}, indent=2))
+    frozen_terms.print_summary(args, report, "visual_terms",
+                               ("chosen", "heldout_without_visual_terms", "heldout_with_visual_terms"))

@@ -1,0 +1,221 @@
+"""What the trainers of extra terms on a FROZEN DIM head share: `python -m mel train dim-visual`
+(mel.dim.visual_train, the visual terms) and `python -m mel train dim-prior` (mel.dim.prior_train, the link-prior term).
+
+Both copy every tensor of `--base` unchanged, add one kind of linear term (its tensors under one prefix: `visual.`,
+`prior.`), fit that term's weights alone (biases stay 0) from zero by L-BFGS on the summed cross-entropy of the gold
++ l2 * |w|^2, and score their rows with the base head on `python -m mel train dim`'s cached features (the base's
+own recipe, so the same cache key). Here: the two commands' shared flags, input checks and dataset loading, the
+frozen base (loading it, the head with a new term, its scores, the save and the bit-for-bit check) and the fit.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError, InputError
+from .model import DimFusion, FusionConfig
+
+
+def float_list(text: str, flag: str, low: float, high: float | None = None, *, above: bool = False,
+               need: str = "") -> list[float]:
+    """The comma-separated finite numbers of `--flag`, each in [low, high] (low itself refused when `above`);
+    `need` says what is expected in the error (default: the interval)."""
+    try:
+        values = [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError as exc:
+        raise InputError(f"--{flag} must be comma-separated numbers, got {text!r}") from exc
+    if not values or any(not math.isfinite(v) or v < low or (above and v == low) or (high is not None and v > high)
+                         for v in values):
+        need = need or f"numbers in [{low}, {high if high is not None else 'inf'}]"
+        raise InputError(f"--{flag} needs {need}, got {text!r}")
+    return values
+
+
+# -- the frozen base -----------------------------------------------------------------------------------
+def extended_head(base: DimFusion, prefix: str, **config) -> DimFusion:
+    """A head with `config` changed (the new term's feature names), the new term (tensors `prefix`*, zero) and
+    every other parameter copied from `base`; only the term's weights (`prefix`*.weight) are trainable."""
+    head = DimFusion(FusionConfig(**{**asdict(base.config), **config}))
+    state = {k: v for k, v in base.state_dict().items() if not k.startswith(prefix)}
+    missing, unexpected = head.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith(prefix) for k in missing):
+        raise CheckpointError(f"the base head does not fit the {prefix.rstrip('.')} head: missing {missing}, "
+                              f"unexpected {unexpected}")
+    for name, p in head.named_parameters():
+        p.requires_grad_(name.startswith(prefix) and name.endswith(".weight"))
+    return head.eval()
+
+
+def frozen_entity_embeddings(model: DimFusion, table, batch: int = 4096) -> torch.Tensor:
+    """(kb_size, out_dim): every entity of a trainer EntityTable through the frozen head."""
+    out = []
+    with torch.inference_mode():
+        for s in range(0, len(table.text), batch):
+            idx = torch.arange(s, min(s + batch, len(table.text)))
+            text, image, mask = table.gather(idx)
+            out.append(model.encode_entities(text, image, mask))
+    return torch.cat(out)
+
+
+def base_scores(model: DimFusion, split, entity_emb: torch.Tensor, batch: int = 512) -> torch.Tensor:
+    """(n, w) frozen-head scores of cached SplitFeatures rows (-inf on padding)."""
+    out = []
+    model.eval()
+    with torch.inference_mode():
+        for s in range(0, len(split), batch):
+            rows = np.arange(s, min(s + batch, len(split)))
+            m = model.encode_mentions(**split.feats.rows(rows).tensors())
+            idx = torch.from_numpy(split.cand[rows]).clamp_min(0)
+            scores = model.score_candidates(m, entity_emb[idx], torch.from_numpy(split.pair[rows])
+                                            if model.pair_mlp is not None else None)
+            out.append(scores.masked_fill(~torch.from_numpy(split.valid[rows]), float("-inf")))
+    return torch.cat(out)
+
+
+# -- the fit -------------------------------------------------------------------------------------------
+def fit_term(head: DimFusion, summed_loss: Callable[[], torch.Tensor], n: int, l2: float, steps: int,
+             lr: float = 1.0) -> DimFusion:
+    """The head's trainable weights, from zero, minimising (summed_loss() + l2 * |w|^2) / n over `n` rows (a
+    prior: whatever the row count). The problem is convex in the weights; L-BFGS (strong Wolfe line search) for up
+    to `steps` steps. No rows (n = 0): the weights stay zero."""
+    params = [p for p in head.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p in params:
+            p.zero_()
+    if not n or not params:
+        return head
+    opt = torch.optim.LBFGS(params, lr=lr, max_iter=steps, tolerance_grad=1e-9, tolerance_change=1e-12,
+                            history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        total = (summed_loss() + l2 * sum((p ** 2).sum() for p in params)) / n
+        total.backward()
+        return total
+
+    opt.step(closure)
+    return head
+
+
+def gold_figures(scored: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """Mean cross-entropy of the gold (over the rows whose gold is in the pool) and Hits@1 (over every row: a gold
+    of -1, outside the pool, is a miss) of (scores (n, w), gold (n,)) chunks."""
+    ce, ok, n, n_in = 0.0, 0, 0, 0
+    with torch.no_grad():
+        for scores, gold in scored:
+            inside = gold >= 0
+            if bool(inside.any()):
+                ce += float(torch.nn.functional.cross_entropy(scores[inside], gold[inside], reduction="sum"))
+            ok += int(((scores.argmax(1) == gold) & inside).sum())
+            n, n_in = n + len(gold), n_in + int(inside.sum())
+    return {"ce": round(ce / n_in, 5) if n_in else None, "hits@1": round(ok / n, 4) if n else None, "n": n}
+
+
+# -- the stage -----------------------------------------------------------------------------------------
+class FrozenBaseTrainer:
+    """The frame of a trainer of one new term on a frozen base head: `--base` loaded (`self.base`, its config.json
+    `self.payload`), `--out` checked, the base's rows (`base_trainer`), the save and the check that the base's
+    tensors were kept. A subclass names the term's tensor `prefix`, its `report_key` in config.json and
+    `term_weights(head)` (the term's weights, for the report)."""
+
+    prefix = ""
+    report_key = ""
+
+    def __init__(self, config, base_dir: str | Path, datasets, preset, out: str | Path, *,
+                 cache_dir: str | Path | None = None, progress: bool = False):
+        from ..training import check_checkpoint_target
+        from .linker import load_head
+        self.base_dir = Path(base_dir)
+        if not (self.base_dir / "config.json").is_file() or not (self.base_dir / "model.safetensors").is_file():
+            raise InputError(f"--base {self.base_dir}: not a DIM head (config.json + model.safetensors); "
+                             f"train one with `python -m mel train dim`")
+        self.config, self.preset, self.datasets = config, preset, datasets
+        self.out = check_checkpoint_target(out)
+        if self.out.resolve() == self.base_dir.resolve():
+            raise InputError("--out must differ from --base (the base is read while OUT is written); copy it after")
+        self.base, self.payload = load_head(self.base_dir)
+        self.cache_dir, self.progress = cache_dir, progress
+
+    def term_weights(self, head: DimFusion) -> dict:
+        raise NotImplementedError
+
+    def base_trainer(self, datasets):
+        """`python -m mel train dim`'s trainer with the base head's recipe on `datasets` (its held-out split and
+        feature cache; it never writes a head: its OUT is OUT.base-rows)."""
+        from .train import DimTrainConfig, DimTrainer
+        known = DimTrainConfig.__dataclass_fields__
+        recipe = {k: v for k, v in self.payload.get("train", {}).items() if k in known}
+        return DimTrainer(DimTrainConfig(**recipe), None, self.preset, self.out.with_name(self.out.name + ".base-rows"),
+                          datasets=datasets, cache_dir=self.cache_dir, progress=self.progress)
+
+    def save(self, head: DimFusion, report: dict) -> Path:
+        """The head in `save_dtype`, the base's config.json entries kept, the report under `report_key` with the
+        weights as stored (rounded to save_dtype)."""
+        from ..training.checkpoint import save_pretrained_dir
+        shipped = head.to({"float16": torch.float16, "float32": torch.float32}[self.config.save_dtype])
+        extra = {k: v for k, v in self.payload.items() if k not in ("model_type", "config")}
+        extra["weights_dtype"] = self.config.save_dtype
+        extra[self.report_key] = {**report, "weights": self.term_weights(shipped)}
+        return save_pretrained_dir(shipped, shipped.config, self.out, extra=extra)
+
+    def check_frozen(self) -> bool:
+        """Every tensor of the base file is in the saved one with the same dtype and bytes; only `prefix`* were added."""
+        from safetensors.numpy import load_file
+        old, new = load_file(str(self.base_dir / "model.safetensors")), load_file(str(self.out / "model.safetensors"))
+        changed = [k for k, v in old.items() if k not in new or new[k].dtype != v.dtype or new[k].tobytes() != v.tobytes()]
+        added = sorted(set(new) - set(old))
+        if changed or any(not k.startswith(self.prefix) for k in added):
+            raise CheckpointError(f"the base tensors changed ({changed}) or unexpected tensors were added ({added})")
+        return True
+
+
+# -- CLI ---------------------------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser, kb_help: str, *required: tuple[str, str]) -> None:
+    """The flags of every `python -m mel train dim-*` command on a frozen base; `required` (flag, help) pairs come
+    right after --base."""
+    from ..cli_kit import add_preset_args, add_threads_arg
+    p.add_argument("--base", required=True, help="the DIM head to extend (kept frozen), e.g. models/dim-offline")
+    for flag, text in required:
+        p.add_argument(flag, required=True, help=text)
+    p.add_argument("--format", required=True, help="dataset format(s), comma-separated, as for `train dim`")
+    p.add_argument("--data", required=True, help="dataset directories, comma-separated")
+    p.add_argument("--kb", required=True, help=kb_help)
+    add_preset_args(p)
+    p.add_argument("--out", required=True, help="checkpoint directory to write (not --base)")
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--cache-dir", default=None, help="feature cache of `train dim` (default: $MEL_CACHE/dim-features)")
+    add_threads_arg(p, subcommand=True)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def load_training_sets(args, **load) -> tuple:
+    """(preset, datasets): the `mel.dim.train.TrainingSet`s (--train-split only, `load` passed to `load_dataset`)
+    named by --format/--data/--kb, after checking that every path exists."""
+    from ..cli_kit import resolve_preset
+    from ..datasets import load_dataset
+    from ..kb import KnowledgeBase
+    from .train import TrainingSet, dataset_args
+    entries = dataset_args(args)
+    for _, _, folder, kb_path in entries:
+        for what, path in (("--data", folder), ("--kb", kb_path)):
+            if not Path(path).exists():
+                raise InputError(f"{what} {path} does not exist")
+    preset = resolve_preset(args)
+    datasets = [TrainingSet(name, KnowledgeBase(kb_path), load_dataset(fmt, folder, args.train_split, **load).examples,
+                            [], {"dataset": fmt, "split": args.train_split})
+                for name, fmt, folder, kb_path in entries]
+    return preset, datasets
+
+
+def print_summary(args, report: dict, report_key: str, keys: Iterable[str]) -> None:
+    """`keys` of the report and the term's weights as saved in OUT/config.json, as JSON on stdout."""
+    summary = {k: report[k] for k in keys}
+    saved = json.loads((Path(args.out) / "config.json").read_text())[report_key]["weights"]
+    print(json.dumps({**summary, "weights": saved, "out": str(args.out)}, indent=2))
