@@ -252,6 +252,20 @@ def open_or_create_project(store: AnnotationStore, name: str, *, kb: str | Path 
     return (attach_kb(store, project, kb) if kb else project), False
 
 
+def discard_empty_project(store: AnnotationStore, project: Project | str) -> bool:
+    """Delete `project` if it has no task (a project created for an import that then failed, so that
+    no empty project is left in everyone's project pickers); True when it was deleted."""
+    project = get_project(store, project)
+
+    def discard(conn) -> bool:
+        if conn.execute("SELECT 1 FROM tasks WHERE project_id = ? LIMIT 1", (project.id,)).fetchone():
+            return False
+        conn.execute("DELETE FROM queue_cursors WHERE project_id = ?", (project.id,))
+        conn.execute("DELETE FROM projects WHERE id = ?", (project.id,))
+        return True
+    return bool(store._write("discard the empty project", discard))
+
+
 def attach_kb(store: AnnotationStore, project: Project | str, kb: str | Path) -> Project:
     """Set the project's KB (first time), or refresh its build stamp when the same file was rebuilt.
     A different KB file is refused: the project's predictions and decisions refer to the first one."""
@@ -598,5 +612,5 @@ def _image_file(name: str | None, folder: Path) -> str | None:
 
 __all__ = ["PROJECTS_SCHEMA_VERSION", "TASK_FORMATS", "TASK_FIELDS", "ProjectSettings", "Project", "Task",
            "Progress", "MalformedRecord", "ImportReport", "list_projects", "get_project", "create_project",
-           "open_or_create_project", "attach_kb", "update_settings", "kb_stamp", "get_task", "list_tasks",
+           "open_or_create_project", "discard_empty_project", "attach_kb", "update_settings", "kb_stamp", "get_task", "list_tasks",
            "task_id_for", "progress", "assigned_share", "import_tasks", "require_projects_schema"]

@@ -16,12 +16,13 @@ import json
 import sys
 from pathlib import Path
 
-from mel.errors import InputError
+from mel.errors import InputError, MELError
 
 from .projects import (
     DEFAULT_BATCH_SIZE,
     TASK_FIELDS,
     TASK_FORMATS,
+    discard_empty_project,
     get_project,
     import_tasks,
     list_projects,
@@ -111,8 +112,13 @@ def cmd_import(args) -> None:
             settings = project.settings
             settings.guidelines = guidelines
             project = update_settings(store, project, settings)
-        report = import_tasks(store, project, args.format, args.data, split=args.split, limit=args.limit,
-                              images=args.images, batch_size=args.batch_size)
+        try:
+            report = import_tasks(store, project, args.format, args.data, split=args.split, limit=args.limit,
+                                  images=args.images, batch_size=args.batch_size)
+        except MELError:
+            if created:  # nothing imported: leave no empty project behind
+                discard_empty_project(store, project)
+            raise
         done = progress(store, project)
     if args.json:
         print(json.dumps({**report.__dict__, "malformed": [m.__dict__ for m in report.malformed]},

@@ -789,16 +789,20 @@ class AnnotationStore:
         correction_id, total = self._write("save the correction", insert)
         return Ack(correction_id, mention_id, annotator, action, entity_id, entity_name or "", created, total)
 
-    def undo_last(self, annotator: str) -> dict | None:
+    def undo_last(self, annotator: str, *, include_tasks: bool = True) -> dict | None:
         """Undo `annotator`'s most recent standing correction (never anyone else's).
 
+        include_tasks=False: only a correction of a free-form mention (the Link tab's, the API's),
+        never a project task's decision, which its queue undoes (annotations.queue: it also moves
+        the annotator's cursor back and refuses a decision a review sent back).
         Returns the undone correction (as a dict) or None when there is nothing to undo.
         """
         annotator = _check_annotator(annotator)
+        only_free = "" if include_tasks else "AND task_id IS NULL "
 
         def undo(conn):
             row = conn.execute("SELECT id FROM corrections WHERE annotator = ? AND undone_at IS NULL "
-                               "ORDER BY id DESC LIMIT 1", (annotator,)).fetchone()
+                               f"{only_free}ORDER BY id DESC LIMIT 1", (annotator,)).fetchone()
             if row is None:
                 return None
             conn.execute("UPDATE corrections SET undone_at = ? WHERE id = ? AND annotator = ?",

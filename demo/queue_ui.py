@@ -41,6 +41,7 @@ from annotations import NotAllowedError
 from annotations.preannotate import ensure_predictions, preannotate, preannotation_status
 from annotations.projects import (
     ProjectSettings,
+    discard_empty_project,
     get_project,
     import_tasks,
     list_projects,
@@ -178,6 +179,9 @@ class QueueScreens:
     def _do(self, q: AnnotationQueue, annotator: str, cmd: dict):
         action = cmd.get("action")
         if action in DECISIONS:
+            if not cmd.get("task_id"):  # "Nothing left" on screen: a decision key has no task to decide
+                raise InputError("there is no task on screen to decide: every task assigned to you is decided "
+                                 "(← goes back through your decisions, u undoes the last); nothing was saved")
             entity_id = cmd.get("entity_id") or None
             if action == "accept_gemel" and not entity_id:
                 raise InputError("GEMEL gave no entity for this task: pick a DIM candidate (1-0), search (/) or "
@@ -574,8 +578,15 @@ def _import_upload(service: LinkService, screens: QueueScreens, project_name, k,
                 settings = ProjectSettings(**{**settings.__dict__, "annotations_per_task": int(k)})
             project = update_settings(store, project, settings)
             screens.forget(project.name)
-        result = import_tasks(store, project, "csv" if suffix == ".csv" else "tasks-jsonl", tasks_path,
-                              images=folder)
+        try:
+            result = import_tasks(store, project, "csv" if suffix == ".csv" else "tasks-jsonl", tasks_path,
+                                  images=folder)
+        except MELError as exc:
+            if created:  # nothing imported: no empty project is left in the pickers
+                discard_empty_project(store, project)
+                screens.forget(project.name)
+            # the file as the admin named it, not the server's temporary path (/tmp/gradio/<hash>/...)
+            raise InputError(str(exc).replace(str(tasks_path), tasks_path.name)) from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return _named_as_uploaded(result, tasks_path), project

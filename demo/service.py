@@ -551,7 +551,8 @@ class LinkService:
     def undo(self, annotator: str | None) -> dict | None:
         if not annotator:
             raise NotAllowedError("log in to undo: only your own corrections can be undone")
-        undone = self.store.undo_last(annotator)
+        # the Link tab's (and /undo's) corrections only: a project decision is undone in its queue
+        undone = self.store.undo_last(annotator, include_tasks=False)
         if undone is not None:
             self._queue_pool_op(("remove", undone["id"]))
         return undone

@@ -66,6 +66,7 @@ from annotations.store import AnnotationStore, NotAllowedError
 from mel.errors import InputError
 from mel.types import NIL, check_typed_text
 
+from .render import refusal_html
 from .spans import highlight_html
 
 try:  # Access and guarded live in demo/access.py (split out of demo/ui.py)
@@ -521,9 +522,6 @@ def build_review_tab(team: Team) -> dict:
     _wire_review_navigation(team, screen, draw)
     _wire_review_saves(team, screen, draw)
     _wire_review_search(team, screen)
-    # a saved review clears the comment box (the next task needs its own)
-    for button in (main.final, main.pick, main.nil, main.send_back):
-        button.click(lambda: "", None, [main.comment], api_visibility="private", queue=False)
     return screen.by_name()
 
 
@@ -654,6 +652,29 @@ def _wire_review_navigation(team: Team, screen: ReviewScreen, draw: Callable[...
     screen.main.nxt.click(step(+1), [screen.state, side.include], drawn, **_REVIEW_EVENTS)
 
 
+def _review_refused(screen: ReviewScreen, message: str) -> tuple:
+    """Nothing chosen, no comment...: said once, in the acknowledgement line (where the reviewer looks
+    for "saved"); the task stays as it is and no other output is marked as failed."""
+    return (*[gr.skip()] * (len(screen.drawn) - 1), refusal_html(message, "mel-review-refused"))
+
+
+def _chosen(value) -> str:
+    if not value:
+        raise InputError("choose one of the choices first (keys 1-9), or search the KB, or set NIL; nothing was "
+                         "saved")
+    return value
+
+
+def _picked(value) -> str:
+    if not value:
+        raise InputError("search the KB and select a result first; nothing was saved")
+    return value
+
+
+def _clear_comment_once_saved(ack):
+    return "" if 'id="mel-review-ack-ok"' in (ack or "") else gr.skip()
+
+
 def _wire_review_saves(team: Team, screen: ReviewScreen, draw: Callable[..., tuple]) -> None:
     """Set final (a choice, a search result, or NIL) and Send back: saved with the click's token and
     the ids seen on screen, then the next task is drawn with the acknowledgement (or the task as it is
@@ -661,13 +682,16 @@ def _wire_review_saves(team: Team, screen: ReviewScreen, draw: Callable[..., tup
     def save(st, include_reviewed, request, profile, act: Callable[[ReviewQueue, dict], Any]):
         user = team.require_reviewer(team.user(request, profile))
         if not (st or {}).get("task"):
-            raise gr.Error("open a task first (pick a project, or click a row of the list)")
+            return _review_refused(screen, "open a task first (pick a project, or click a row of the list); "
+                                           "nothing was saved")
         review = team.review(user, st["project"])
         try:
             saved = act(review, st)
         except StaleTaskError as exc:  # the screen was out of date: show the task as it is now
             return draw(user, st["project"], include_reviewed, st["task"],
                         note=f'<div class="mel-team-warn" id="mel-review-stale">{_esc(exc)}</div>')
+        except InputError as exc:
+            return _review_refused(screen, str(exc))
         return draw(user, st["project"], include_reviewed, after=st.get("position"), note=ack_html(saved))
 
     def finalize_with(entity_id_of: Callable[..., str]):
@@ -680,16 +704,6 @@ def _wire_review_saves(team: Team, screen: ReviewScreen, draw: Callable[..., tup
             return save(st, include_reviewed, request, profile, act)
         return on_final
 
-    def chosen(value) -> str:
-        if not value:
-            raise gr.Error("choose one of the choices first (keys 1-9), or search the KB, or set NIL")
-        return value
-
-    def picked(value) -> str:
-        if not value:
-            raise gr.Error("search the KB and select a result first")
-        return value
-
     @guarded
     def on_send_back(st, include_reviewed, comment, token, request: gr.Request, profile: gr.OAuthProfile | None = None):
         def act(review, st):
@@ -698,13 +712,20 @@ def _wire_review_saves(team: Team, screen: ReviewScreen, draw: Callable[..., tup
         return save(st, include_reviewed, request, profile, act)
 
     main, state, include, token, drawn = screen.main, screen.state, screen.side.include, screen.token, screen.drawn
-    main.final.click(finalize_with(chosen), [state, include, main.choices, main.comment, token], drawn, js=TOKEN_JS,
-                     **_REVIEW_EVENTS)
-    main.pick.click(finalize_with(picked), [state, include, main.results, main.comment, token], drawn, js=TOKEN_JS,
-                    **_REVIEW_EVENTS)
-    main.nil.click(finalize_with(lambda _: NIL), [state, include, main.choices, main.comment, token], drawn,
-                   js=TOKEN_JS, **_REVIEW_EVENTS)
-    main.send_back.click(on_send_back, [state, include, main.comment, token], drawn, js=TOKEN_JS, **_REVIEW_EVENTS)
+    saves = [
+        main.final.click(finalize_with(_chosen), [state, include, main.choices, main.comment, token], drawn,
+                         js=TOKEN_JS, **_REVIEW_EVENTS),
+        main.pick.click(finalize_with(_picked), [state, include, main.results, main.comment, token], drawn,
+                        js=TOKEN_JS, **_REVIEW_EVENTS),
+        main.nil.click(finalize_with(lambda _: NIL), [state, include, main.choices, main.comment, token], drawn,
+                       js=TOKEN_JS, **_REVIEW_EVENTS),
+        main.send_back.click(on_send_back, [state, include, main.comment, token], drawn, js=TOKEN_JS,
+                             **_REVIEW_EVENTS)]
+    # a saved review clears the comment box (the next task needs its own); a refused or out-of-date
+    # one keeps what the reviewer typed
+    for saved in saves:
+        saved.success(_clear_comment_once_saved, [main.ack], [main.comment], api_visibility="private",
+                      queue=False, show_progress="hidden")
 
 
 def _wire_review_search(team: Team, screen: ReviewScreen) -> None:

@@ -837,7 +837,8 @@ def _wire_corrections(service: LinkService, access: Access, who: gr.HTML, curren
     def on_undo(request: gr.Request, profile: gr.OAuthProfile | None = None):
         annotator = access.annotator(request, profile)
         undone = service.undo(annotator)
-        message = ("Nothing of yours to undo." if undone is None else
+        message = ("Nothing of yours to undo here (a project task's decision is undone in the Annotate tab)."
+                   if undone is None else
                    f'<div id="mel-undo-ok">Undone #{undone["id"]}: {_esc(ACTION_LABELS[undone["action"]])}'
                    + (f' → {_esc(undone["entity_name"])}' if undone["entity_name"] else "") + "</div>")
         return message, counter_html(annotator, service.counts(annotator), access.is_admin(annotator))
@@ -916,7 +917,8 @@ def _add_link_api(service: LinkService, access: Access) -> None:
 
     @guarded
     def undo(request: gr.Request = None, profile: gr.OAuthProfile | None = None) -> dict:
-        """Undo your own most recent correction; returns it (empty when there was none)."""
+        """Undo your own most recent correction of a linked mention (a project task's decision is undone
+        in the Annotate tab's queue); returns it (empty when there was none)."""
         return service.undo(access.annotator(request, profile)) or {}
 
     @guarded

@@ -341,3 +341,33 @@ def test_the_counter_counts_distinct_decided_mentions_as_the_store_has_them(tmp_
     service.store.undo_last("alice")                              # b's link undone: b is no longer alice's
     counts = service.counts("alice")
     assert (counts["decided"], counts["decided_linked"], counts["decided_nil"], counts["decided_skip"]) == (1, 0, 1, 0)
+
+
+def test_the_link_tabs_undo_never_undoes_a_project_decision(tmp_path):
+    """`u` on the Link tab (and /undo) undoes the annotator's last Link-tab correction, never a
+    decision they made in the Annotate tab's queue: that one stood, and its queue (cursor, history,
+    progress) would not know it was withdrawn."""
+    import json
+
+    from annotations import AnnotationStore
+    from annotations.projects import create_project, import_tasks
+    from annotations.queue import AnnotationQueue
+    from demo.service import LinkService, ServiceConfig
+    service = LinkService(ServiceConfig(data_dir=str(tmp_path)))
+    service.store = store = AnnotationStore(tmp_path)
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(json.dumps({"caption": "Hopper spoke at the academy.", "mention": "Hopper"}) + "\n")
+    create_project(store, "p")
+    import_tasks(store, "p", "tasks-jsonl", tasks)
+    queue = AnnotationQueue(store, "p")
+    link_tab = store.record_correction("alice", store.record_mention(Mention.from_text("Collins sang.", "Collins")),
+                                       "NIL", "nil")
+    task = queue.next_task("alice").task.id
+    decided = queue.decide("alice", task, "nil", token="t1")       # after the Link-tab correction
+
+    undone = service.undo("alice")
+    assert undone is not None and undone["id"] == link_tab.correction_id
+    assert store.correction(decided.correction_id)["undone_at"] is None
+    assert service.undo("alice") is None                          # nothing of alice's left on the Link tab
+    assert store.correction(decided.correction_id)["undone_at"] is None
+    assert queue.undo("alice") is not None                        # the queue still undoes its own

@@ -294,3 +294,65 @@ def test_someone_taken_off_the_team_neither_sees_nor_decides_the_task_left_on_sc
     assert service.store.corrections(annotator="rita") == []
     assert 'data-state="task"' in screens.handle("ann1", {"project": "teamed", "action": "next"})
     screens.close()
+
+
+def test_a_refused_import_leaves_no_empty_project_and_names_the_uploaded_file(tmp_path, capsys):
+    """A tasks file the importer refuses (an unknown header, not UTF-8) created the project anyway:
+    an empty project was left in every project picker, and the error named the server's temporary
+    path of the upload. Now the new project is taken back (an existing one is kept), in the app and
+    the CLI, and the error names the file as uploaded."""
+    from types import SimpleNamespace
+
+    from annotations import AnnotationStore
+    from annotations.projects import list_projects
+    from demo.queue_ui import _import_upload
+    from mel.cli import main
+    from mel.errors import MELError
+    upload = tmp_path / "gradio" / ("ab" * 32) / "tasks.csv"
+    upload.parent.mkdir(parents=True)
+    with AnnotationStore(tmp_path / "data") as store:
+        service = SimpleNamespace(store=store, kb=SimpleNamespace(path=None))
+        screens = SimpleNamespace(forget=lambda name: None)
+
+        def names():
+            return [p.name for p in list_projects(store)]
+        for content in (b"just text\n", b"\xff\xfe\x00garbage\n"):
+            upload.write_bytes(content)
+            with pytest.raises(MELError) as info:
+                _import_upload(service, screens, "p", None, str(upload), None, "")
+            assert "tasks.csv" in str(info.value) and str(upload.parent) not in str(info.value), str(info.value)
+            assert names() == []
+        upload.write_text("caption,mention\nHopper painted the diner.,Hopper\n", encoding="utf-8")
+        report, _project = _import_upload(service, screens, "p", None, str(upload), None, "")
+        assert report.n_imported == 1 and names() == ["p"]
+        upload.write_text("just text\n", encoding="utf-8")
+        with pytest.raises(MELError):
+            _import_upload(service, screens, "p", None, str(upload), None, "")
+        assert names() == ["p"]                                  # an existing project stays, with its task
+
+    assert main(["annotations", "import", "--db", str(tmp_path / "data"), "--project", "cli", "--format", "csv",
+                 "--data", str(upload)]) == 2
+    assert "the header must name columns" in capsys.readouterr().err
+    with AnnotationStore(tmp_path / "data") as store:
+        assert [p.name for p in list_projects(store)] == ["p"]
+
+
+@pytest.mark.slow
+def test_decision_keys_with_nothing_left_say_so(service, tmp_path):
+    """With every task decided ("Nothing left" on screen) a decision key sent no task id and was
+    answered "GEMEL gave no entity for this task" or "task_id is missing ...; reload the page":
+    neither is what happened. It says there is no task to decide, and saves nothing."""
+    from demo.queue_ui import QueueScreens
+    _fast_demo_project(service, "done-1", 1, tmp_path)
+    screens = QueueScreens(service)
+    first = screens.handle("erin", {"project": "done-1", "action": "next"})
+    task_id = re.search(r'data-task-id="([^"]+)"', first).group(1)
+    done = screens.handle("erin", {"project": "done-1", "action": "nil", "task_id": task_id, "token": "e1"})
+    assert 'data-state="done"' in done and 'data-task-id=""' in done
+    for i, cmd in enumerate([{"action": "accept_gemel", "entity_id": ""}, {"action": "nil"}, {"action": "skip"},
+                             {"action": "accept_dim", "entity_id": "demo:grace-hopper"}]):
+        html = screens.handle("erin", {"project": "done-1", "task_id": "", "token": f"x{i}", "shown": [], **cmd})
+        assert "no task on screen to decide" in html and "mel-q-ack err" in html, (cmd, html[:300])
+        assert "reload the page" not in html and "GEMEL gave no entity" not in html
+    assert [r["client_token"] for r in service.store.corrections(annotator="erin")] == ["e1"]
+    screens.close()

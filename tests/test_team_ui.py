@@ -385,3 +385,41 @@ def test_review_screen_rendering_escapes_and_offers_every_choice(tmp_path):
         opts = choices_of(item)
         assert [v for _, v in opts] == ["demo:eileen-collins", NIL, "demo:phil-collins", "demo:joan-collins"]
         assert "ann1" in opts[0][0] and "GEMEL" in opts[0][0] and "DIM" in opts[2][0]
+
+
+@pytest.mark.slow
+def test_a_refused_review_is_said_in_the_ack_line_and_keeps_the_comment(app):
+    """Set final with nothing chosen, "the selected search result" with none, Send back without a
+    comment: said once in the acknowledgement line, with no output marked as failed (no gr.Error,
+    which Gradio draws as an "Error" badge on every output), nothing saved; the comment the reviewer
+    typed is cleared only after a save."""
+    import gradio as gr
+    by_button = {}
+    for block_fn in app.demo.fns.values():
+        for block_id, _event in block_fn.targets or []:
+            elem_id = getattr(app.demo.blocks.get(block_id), "elem_id", None)
+            if elem_id and getattr(block_fn.fn, "__name__", "") in ("on_final", "on_send_back"):
+                by_button[elem_id] = block_fn.fn
+    # what empties the comment box after a click on a save button
+    clearers = [b for b in app.demo.fns.values() if [getattr(o, "elem_id", None) for o in b.outputs] ==
+                ["mel-review-comment"] and b.fn is not None]
+    assert clearers
+
+    def comment_after(ack):
+        return [b.fn(*[ack] * len(b.inputs)) for b in clearers]
+    st = {"project": PROJECT, "task": app.task_ids[0], "order": app.task_ids, "decision_ids": [], "review_id": None}
+    rita = gr.Request(username="rita")
+    store = app.store
+    before = store.db.execute("SELECT count(*) FROM reviews").fetchone()[0]
+    for button, args, said in [
+            ("mel-review-final", (None, "a comment"), "choose one of the choices first"),
+            ("mel-review-pick", (None, "a comment"), "select a result first"),
+            ("mel-review-send-back", ("",), "needs a comment")]:
+        out = by_button[button](dict(st), False, *args, f"tok-{uuid.uuid4().hex}", request=rita)
+        assert said in out[-1] and 'id="mel-review-refused"' in out[-1], (button, out[-1])
+        assert all(o == gr.skip() for o in out[:-1]), (button, out[:-1])   # the task stays as it is
+        assert all(c == gr.skip() for c in comment_after(out[-1]))        # the typed comment stays
+    out = by_button["mel-review-final"]({}, False, "demo:eileen-collins", "", "tok-x", request=rita)
+    assert "open a task first" in out[-1]
+    assert store.db.execute("SELECT count(*) FROM reviews").fetchone()[0] == before
+    assert comment_after('<div class="mel-team-ok" id="mel-review-ack-ok">saved</div>') == [""] * len(clearers)
