@@ -13,6 +13,19 @@ log-likelihood of the gold (the "none" option when the gold is not among the can
 scipy's L-BFGS-B. Plain temperature scaling over the candidates alone would give the top of a
 one-candidate list probability 1, right or wrong; b is what lets a whole-KB linker say "maybe none".
 
+Methods (`Calibration.method`, `fit(method=...)`, `mel calibrate --method`; the default is the first,
+and a config.json without the newer fields loads as it and gives the same probabilities):
+- `temperature+none`: T and b as above (NLL of the gold among candidates + "none").
+- `temperature+none:top1`: the same formula, T and b fitted instead by the NLL of "the top candidate
+  is the gold" (a binary outcome per mention): what ECE and the NIL threshold look at.
+- `...+isotonic` (either of the two): then an isotonic map of the top candidate's probability
+  (scikit-learn's IsotonicRegression on the train slice, stored as the points of a piecewise-linear
+  non-decreasing map in `top_map`, kept within [1/(2n), 1 - 1/(2n)]); the other candidates keep their
+  share of the rest (scaled by (1 - q0) / (1 - p0)), and the top one never drops below the second.
+- `auto`: each of the four is fitted on 4/5 of the train slice and measured on the other fifth (5
+  folds, by a seeded hash of the sample id, pooled), and the one with the lowest pooled ECE is fitted
+  on the whole slice; the figures are kept in `fitted_on["selection"]`. Nothing is chosen on dev.
+
 NIL: with a threshold t, a linker whose best candidate has p < t answers NIL (prediction None,
 the candidates and their probabilities kept). t is chosen on the same train slice, with a share of
 the golds removed from the KB (query-time view, seeded), to maximise NIL-aware accuracy.
@@ -67,6 +80,26 @@ def candidate_probabilities(scores: Sequence[float], temperature: float = 1.0,
     return e / total
 
 
+def apply_top_map(p: np.ndarray, top_map: dict) -> np.ndarray:
+    """Probabilities `p` (best candidate first) with the first one mapped by `top_map` (piecewise
+    linear through its points, flat outside) and the others scaled to share the rest as before; the
+    first is kept at least as high as the second."""
+    if p.size == 0:
+        return p
+    p0 = float(p[0])
+    q0 = float(np.interp(p0, top_map["x"], top_map["y"]))
+    q = p.astype(np.float64).copy()
+    rest = 1.0 - p0
+    if p.size > 1:
+        scale = (1.0 - q0) / rest if rest > 1e-12 else 0.0
+        q[1:] = p[1:] * scale
+        if q[1] > q0:  # keep the order: q0 = q1 = p1 / (1 - p0 + p1), the rest scaled alike
+            q0 = float(p[1] / (rest + p[1])) if rest + p[1] > 0 else q0
+            q[1:] = p[1:] * ((1.0 - q0) / rest if rest > 1e-12 else 0.0)
+    q[0] = q0
+    return q
+
+
 @dataclass
 class Calibration:
     """Temperature scaling with a "none of these" logit, and an optional NIL threshold."""
@@ -75,7 +108,8 @@ class Calibration:
     temperature: float = 1.0
     none_logit: float = -math.inf  # b; -inf: plain softmax over the candidates
     nil_threshold: float | None = None  # p of the best candidate below which the linker answers NIL
-    method: str = "temperature+none"
+    method: str = "temperature+none"  # see METHODS; "auto" is resolved when fitting
+    top_map: dict | None = None  # {"x": [...], "y": [...]}: isotonic map of the top probability (+isotonic)
     fingerprint: str = ""  # of the linker's models when fitted (model_fingerprint); "" matches any
     fitted_on: dict = field(default_factory=dict)  # dataset, split, n, seed, kb, kb_size, nil_share, command
     metrics: dict = field(default_factory=dict)  # train: nll / ece before and after, nil accuracy
@@ -86,10 +120,19 @@ class Calibration:
             raise InputError(f"a calibration's temperature must be a positive number, got {self.temperature!r}")
         if self.nil_threshold is not None and not 0 <= self.nil_threshold <= 1:
             raise InputError(f"a NIL threshold is a probability in [0, 1], got {self.nil_threshold!r}")
+        if self.top_map is not None:
+            x, y = (self.top_map or {}).get("x"), (self.top_map or {}).get("y")
+            if (not isinstance(x, list) or not isinstance(y, list) or len(x) != len(y) or not x
+                    or any(b < a for a, b in zip(x, x[1:], strict=False))
+                    or any(b < a for a, b in zip(y, y[1:], strict=False))
+                    or not all(0 <= v <= 1 for v in x + y)):
+                raise InputError("a calibration's top_map is {\"x\": [...], \"y\": [...]}: as many non-decreasing "
+                                 "probabilities in each")
 
     def probabilities(self, scores: Sequence[float]) -> np.ndarray:
         b = None if self.none_logit is None or not math.isfinite(self.none_logit) else self.none_logit
-        return candidate_probabilities(scores, self.temperature, b)
+        p = candidate_probabilities(scores, self.temperature, b)
+        return apply_top_map(p, self.top_map) if self.top_map else p
 
     # -- files ---------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -232,6 +275,10 @@ def describe_calibration(cal: Calibration) -> str:
     b = cal.none_logit
     method = (f"temperature scaling (T {cal.temperature:.4g}) with a \"none of these\" option (logit {b:.4g})"
               if b is not None and math.isfinite(b) else f"temperature scaling (T {cal.temperature:.4g})")
+    if ":top1" in (cal.method or ""):
+        method += " fitted on whether the top candidate is right"
+    if cal.top_map:
+        method += ", then an isotonic map of the top candidate's probability"
     on = cal.fitted_on or {}
     where = " ".join(str(on[key]) for key in ("dataset", "split") if on.get(key)) or "a train slice"
     n = f", {on['n']:,} mentions" if isinstance(on.get("n"), int) else ""
@@ -349,6 +396,98 @@ def fit_temperature(scored: Sequence[Scored], *, none_option: bool = True) -> tu
     return float(math.exp(res.x[0])), -math.inf
 
 
+def _top_rows(scored: Sequence[Scored]) -> list[tuple[np.ndarray, bool]]:
+    rows = []
+    for r in scored:
+        if not r.ids:
+            continue
+        s = np.asarray(r.scores, dtype=np.float64)
+        rows.append((np.where(np.isfinite(s), s, -1e9), r.ids[0] == r.gold_id))
+    return rows
+
+
+def _top1_nll(params: np.ndarray, rows: list[tuple[np.ndarray, bool]]) -> float:
+    log_t, b = params
+    t = math.exp(log_t)
+    total = 0.0
+    for s, right in rows:
+        z = s / t
+        m = max(z.max(), b)
+        p0 = math.exp(z[0] - m) / (np.exp(z - m).sum() + math.exp(b - m))
+        p0 = min(max(p0, 1e-12), 1 - 1e-12)
+        total -= math.log(p0) if right else math.log(1.0 - p0)
+    return total / max(len(rows), 1)
+
+
+def fit_temperature_top1(scored: Sequence[Scored]) -> tuple[float, float]:
+    """(T, b) of the same formula, minimising the mean NLL of "the top candidate is the gold"."""
+    from scipy.optimize import minimize
+
+    rows = _top_rows(scored)
+    if not rows:
+        raise InputError("nothing to fit a calibration on: no mention with a candidate")
+    res = minimize(_top1_nll, np.array([0.0, 0.0]), args=(rows,), method="L-BFGS-B",
+                   bounds=[(-9.0, 9.0), (-50.0, 50.0)])
+    return float(math.exp(res.x[0])), float(res.x[1])
+
+
+def fit_top_map(confidence: Sequence[float] | np.ndarray, correct: Sequence[bool] | np.ndarray) -> dict:
+    """Isotonic regression (scikit-learn) of "the top candidate is right" on its probability, as the
+    points of a non-decreasing piecewise-linear map kept within [1/(2n), 1 - 1/(2n)]."""
+    from sklearn.isotonic import IsotonicRegression
+
+    conf = np.asarray(confidence, dtype=np.float64)
+    ok = np.asarray(correct, dtype=np.float64)
+    if conf.size == 0:
+        raise InputError("nothing to fit an isotonic map on: no mention")
+    eps = 1.0 / (2 * conf.size)
+    iso = IsotonicRegression(y_min=eps, y_max=1.0 - eps, out_of_bounds="clip").fit(conf, ok)
+    x = [round(float(v), 6) for v in iso.X_thresholds_]
+    y = [round(float(v), 6) for v in iso.y_thresholds_]
+    return {"x": x, "y": y}
+
+
+METHODS = ("temperature+none", "temperature+none:top1", "temperature+none+isotonic", "temperature+none:top1+isotonic")
+AUTO_FOLDS = 5
+
+
+def fit_method(scored: Sequence[Scored], method: str, linker_name: str = "") -> Calibration:
+    """A Calibration of `method` (one of METHODS) fitted on `scored`; no NIL threshold, no record."""
+    if method not in METHODS:
+        raise InputError(f"unknown calibration method {method!r}: one of {', '.join(METHODS)} or auto")
+    t, b = fit_temperature_top1(scored) if ":top1" in method else fit_temperature(scored)
+    cal = Calibration(linker=linker_name, temperature=round(t, 6), none_logit=round(b, 6), method=method)
+    if method.endswith("+isotonic"):
+        conf, ok = top_confidences(scored, cal)
+        cal.top_map = fit_top_map(conf, ok)
+    return cal
+
+
+def choose_method(scored: Sequence[Scored], seed: int = 0, methods: Sequence[str] = METHODS,
+                  folds: int = AUTO_FOLDS) -> tuple[str, dict]:
+    """(method, figures): the method whose out-of-fold top-candidate probabilities (each fold fitted
+    on the other folds of `scored`, folds by sha256(seed, sample id)) have the lowest pooled ECE; ties
+    go to the earlier (simpler) one."""
+    from .datasets.common import stable_hash
+    fold = [int(stable_hash(seed, f"calibration-fold:{r.sample_id or i}")[:8], 16) % folds
+            for i, r in enumerate(scored)]
+    figures = {}
+    for method in methods:
+        conf = np.zeros(len(scored))
+        ok = np.zeros(len(scored), dtype=bool)
+        for k in range(folds):
+            held = [i for i, f in enumerate(fold) if f == k]
+            if not held:
+                continue
+            cal = fit_method([r for r, f in zip(scored, fold, strict=True) if f != k], method)
+            c, o = top_confidences([scored[i] for i in held], cal)
+            conf[held], ok[held] = c, o
+        figures[method] = round(expected_calibration_error(conf, ok), 4)
+    best = min(methods, key=lambda m: (figures[m], methods.index(m)))
+    return best, {"criterion": f"pooled out-of-fold ECE ({folds} folds of the train slice, seed {seed})",
+                  "ece": figures, "chosen": best}
+
+
 # -- measuring ------------------------------------------------------------------------------------
 def top_confidences(scored: Sequence[Scored], calibration: Calibration | None,
                     removed=frozenset()) -> tuple[np.ndarray, np.ndarray]:
@@ -367,7 +506,8 @@ def top_confidences(scored: Sequence[Scored], calibration: Calibration | None,
     return np.asarray(conf), np.asarray(correct, dtype=bool)
 
 
-def expected_calibration_error(confidence: Sequence[float], correct: Sequence[bool], n_bins: int = ECE_BINS) -> float:
+def expected_calibration_error(confidence: Sequence[float] | np.ndarray, correct: Sequence[bool] | np.ndarray,
+                               n_bins: int = ECE_BINS) -> float:
     """ECE: sum over `n_bins` equal-width confidence bins of (share of mentions in the bin) x
     |accuracy - mean confidence| in it. Bin i holds (i/n, (i+1)/n]; the first also holds 0."""
     conf = np.asarray(confidence, dtype=np.float64)
@@ -432,7 +572,7 @@ def nil_decisions(scored: Sequence[Scored], calibration: Calibration, threshold:
     """(gold, prediction) per mention on the KB view without `removed`: the gold is NIL when it was
     removed; the prediction is None (NIL) when the best candidate's probability is below `threshold`."""
     from .types import NIL
-    out = []
+    out: list[tuple[str, str | None]] = []
     for r in scored:
         v = r.view(removed) if removed else r
         gold = NIL if r.gold_id in removed else r.gold_id
@@ -461,7 +601,7 @@ def choose_nil_threshold(scored: Sequence[Scored], calibration: Calibration, rem
 
 
 # -- the diagram ----------------------------------------------------------------------------------
-def reliability_diagram(curves: dict[str, tuple[Sequence[float], Sequence[bool]]], path: str | Path,
+def reliability_diagram(curves: dict[str, tuple], path: str | Path,
                         title: str = "") -> Path:
     """A reliability diagram (accuracy against confidence, 15 bins; bar width: share of mentions) of
     one or more {label: (confidence, correct)}, written as a PNG."""
@@ -491,12 +631,17 @@ def reliability_diagram(curves: dict[str, tuple[Sequence[float], Sequence[bool]]
 
 
 def fit(scored: Sequence[Scored], linker, *, nil_share: float = 0.1, seed: int = 0,
-        fitted_on: dict | None = None) -> Calibration:
-    """Fit T and b on `scored` (a train slice), then the NIL threshold on the same slice with a
-    seeded `nil_share` of its golds out of the KB (0: no threshold)."""
-    t, b = fit_temperature(scored)
-    cal = Calibration(linker=linker.name, temperature=round(t, 6), none_logit=round(b, 6),
-                      fingerprint=model_fingerprint(linker), fitted_on=dict(fitted_on or {}))
+        fitted_on: dict | None = None, method: str = "temperature+none") -> Calibration:
+    """Fit `method` (METHODS, or "auto": chosen on folds of `scored`; default: T and b by the NLL of
+    the gold) on `scored` (a train slice), then the NIL threshold on the same slice with a seeded
+    `nil_share` of its golds out of the KB (0: no threshold)."""
+    fitted_on = dict(fitted_on or {})
+    if method == "auto":
+        method, selection = choose_method(scored, seed)
+        fitted_on["selection"] = selection
+    cal = fit_method(scored, method, linker.name)
+    cal.fingerprint = model_fingerprint(linker)
+    cal.fitted_on = fitted_on
     cal.metrics = {"train": calibration_report(scored, cal)}
     if nil_share:
         removed = removed_golds([r.gold_id for r in scored], nil_share, seed)
@@ -515,7 +660,8 @@ def loads_scored(text: str) -> list[Scored]:
     return [Scored(**json.loads(line)) for line in text.splitlines() if line.strip()]
 
 
-__all__ = ["Calibration", "Scored", "candidate_probabilities", "fit_temperature", "expected_calibration_error",
+__all__ = ["Calibration", "Scored", "candidate_probabilities", "apply_top_map", "fit_temperature",
+           "fit_temperature_top1", "fit_top_map", "fit_method", "choose_method", "METHODS", "expected_calibration_error",
            "reliability_bins", "calibration_report", "removed_golds", "choose_nil_threshold", "nil_decisions",
            "use_calibration", "default_calibration", "model_fingerprint", "reliability_diagram", "collect", "fit",
            "calibration_key", "describe_calibration", "missing_calibration", "calibration_summary"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 from .cli_kit import add_preset_args, check_output_file, count_arg, resolve_preset
@@ -35,12 +36,22 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--nil-share", type=float, default=0.1,
                    help="share of the slice's golds taken out of the KB to choose the NIL threshold (0: none)")
+    p.add_argument("--method", default="temperature+none", choices=["temperature+none", "temperature+none:top1",
+                   "temperature+none+isotonic", "temperature+none:top1+isotonic", "auto"],
+                   help="how the probabilities are fitted (mel.calibration); 'auto' chooses among the four by "
+                        "out-of-fold ECE on the train slice (default: temperature+none, as before)")
     p.add_argument("--out", required=True, help="calibration directory to write (config.json)")
     p.add_argument("--measure-split", help="also measure ECE / NIL metrics on this split (e.g. dev)")
     p.add_argument("--measure-limit", type=count_arg, default=0, help="first N mentions of it (0: all)")
     p.add_argument("--json", help="write the measurement (train and measure split) to this JSON file")
     p.add_argument("--plot", help="write a reliability diagram PNG of the measure split")
     p.add_argument("--save-scores", help="write every mention's candidates and scores (JSONL) to this prefix")
+    p.add_argument("--scores", help="read the candidates and scores of the train slice (and of the measure split) "
+                   "from PREFIX.<split>.jsonl written by --save-scores, instead of running the linker on every "
+                   "mention; they must be of the same mentions, and the linker is re-run on the first "
+                   "--verify-scores of each file, which must give the same candidates and scores")
+    p.add_argument("--verify-scores", type=int, default=10,
+                   help="with --scores: mentions of each file re-run and compared (default 10)")
     p.add_argument("--quiet", action="store_true")
     add_preset_args(p)
     p.set_defaults(func=run)
@@ -71,6 +82,30 @@ def _checkpoint_holdout(linker, examples, fmt: str, split: str):
     return heldout_examples(cfg, examples, fmt, split, linker.kb)
 
 
+def load_scores(path: str, examples, linker, args, log) -> list:
+    """The scores of `examples` saved by an earlier run (--save-scores), checked: the same mentions in
+    the same order, and the linker re-run now on the first --verify-scores gives the same candidates
+    and scores (to 1e-6). Anything else is an InputError: run without --scores."""
+    from .calibration import collect, loads_scored
+    try:
+        scored = loads_scored(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError) as exc:
+        raise InputError(f"cannot read saved scores {path}: {exc}") from None
+    want = [(ex.sample_id, ex.gold_id) for ex in examples]
+    if [(r.sample_id, r.gold_id) for r in scored] != want:
+        raise InputError(f"{path} holds other mentions than this run's {len(want)} (another slice, seed or limit)")
+    n = min(max(args.verify_scores, 0), len(scored))
+    again = collect(linker, examples[:n], k=args.k, batch_size=args.batch_size, progress=False)
+    for old, new in zip(scored[:n], again, strict=True):
+        if old.ids != new.ids or len(old.scores) != len(new.scores) or any(
+                abs(a - b) > 1e-6 for a, b in zip(old.scores, new.scores, strict=True)
+                if not (a == b or (a != a and b != b))):
+            raise InputError(f"{path}: the linker now gives other candidates or scores for {old.sample_id!r} than "
+                             f"those saved (other models or code?); run without --scores")
+    log(f"[mel] {len(scored)} mentions' scores read from {path}; the first {n} re-run: identical")
+    return scored
+
+
 def run(args) -> None:
     from .calibration import (
         calibration_report,
@@ -99,30 +134,55 @@ def run(args) -> None:
     examples, how = train_slice(data.examples, args.limit, args.seed, linker, args.format, args.split)
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     log(f"[mel] calibrating {linker.name} on {how}; KB {kb.path.name}: {kb.size:,} entities")
-    scored = collect(linker, examples, k=args.k, batch_size=args.batch_size, progress=not args.quiet)
+    t0 = time.perf_counter()
+    if args.scores:
+        scored = load_scores(f"{args.scores}.{args.split}.jsonl", examples, linker, args, log)
+    else:
+        scored = collect(linker, examples, k=args.k, batch_size=args.batch_size, progress=not args.quiet)
+    collect_s = time.perf_counter() - t0
     if args.save_scores:
         Path(f"{args.save_scores}.{args.split}.jsonl").write_text(dumps_scored(scored), encoding="utf-8")
     fitted_on = {"dataset": args.format, "split": args.split, "n": len(scored), "slice": how, "seed": args.seed,
                  "kb": kb.path.name, "kb_size": kb.size, "k": args.k, "options": parse_options(args.opt or []),
                  "command": getattr(args, "command_line", "")}
-    cal = fit(scored, linker, nil_share=args.nil_share, seed=args.seed, fitted_on=fitted_on)
+    if args.scores:
+        fitted_on["scores_from"] = f"{Path(args.scores).name}.{args.split}.jsonl (an earlier run's --save-scores; " \
+                                   f"the first {min(args.verify_scores, len(scored))} re-run and identical)"
+    t0 = time.perf_counter()
+    cal = fit(scored, linker, nil_share=args.nil_share, seed=args.seed, fitted_on=fitted_on, method=args.method)
+    fit_s = time.perf_counter() - t0
     path = cal.save(args.out)
+    seconds = {"collect_train": round(collect_s, 1), "fit": round(fit_s, 1)}
     train = cal.metrics["train"]
-    print(f"{linker.name}: T={cal.temperature:.4g}, none logit b={cal.none_logit:.4g}, NIL threshold "
+    selection = cal.fitted_on.get("selection")
+    if selection:
+        print("  method chosen on train (" + selection["criterion"] + "): " + ", ".join(
+            f"{m} {e:.4f}" for m, e in selection["ece"].items()) + f" -> {selection['chosen']}")
+    print(f"{linker.name} [{cal.method}]: T={cal.temperature:.4g}, none logit b={cal.none_logit:.4g}, NIL threshold "
           f"{cal.nil_threshold} (train n={train['n']}: ECE {train['ece_before']:.4f} -> {train['ece_after']:.4f}) "
           f"-> {path}")
     out = {"linker": linker.name, "kb": kb.path.name, "kb_size": kb.size, "calibration": cal.to_dict(),
-           "command": getattr(args, "command_line", "")}
+           "command": getattr(args, "command_line", ""),
+           "seconds": seconds}
     if args.measure_split:
         dev = load_dataset(args.format, args.data, args.measure_split, unlocated="context")
         dev_ex = dev.examples[: args.measure_limit] if args.measure_limit else dev.examples
         log(f"[mel] measuring on {args.measure_split}: the first {len(dev_ex)} of {len(dev.examples)} mentions "
             f"({dev.report.rules_line()})")
-        dev_scored = collect(linker, dev_ex, k=args.k, batch_size=args.batch_size, progress=not args.quiet)
+        t0 = time.perf_counter()
+        if args.scores:
+            dev_scored = load_scores(f"{args.scores}.{args.measure_split}.jsonl", dev_ex, linker, args, log)
+            report_from = f"{Path(args.scores).name}.{args.measure_split}.jsonl"
+        else:
+            dev_scored = collect(linker, dev_ex, k=args.k, batch_size=args.batch_size, progress=not args.quiet)
+            report_from = ""
+        seconds["collect_measure"] = round(time.perf_counter() - t0, 1)
         if args.save_scores:
             Path(f"{args.save_scores}.{args.measure_split}.jsonl").write_text(dumps_scored(dev_scored), encoding="utf-8")
         report = calibration_report(dev_scored, cal)
         report["split"] = args.measure_split
+        if report_from:
+            report["scores_from"] = report_from
         if cal.nil_threshold is not None:
             removed = removed_golds([r.gold_id for r in dev_scored], args.nil_share, args.seed)
             report["nil"] = {"share": args.nil_share, "seed": args.seed, "n_removed_golds": len(removed),

@@ -207,9 +207,9 @@ def test_nil_threshold_is_chosen_to_maximise_nil_aware_accuracy():
     assert nil_metrics(nil_decisions(rows, cal, None, removed))["accuracy"] == pytest.approx(0.5)
 
 
-def test_calibrate_and_eval_from_the_command_line(tmp_path, hashing_encoder, capsys):
-    """`mel calibrate` on train writes config.json; `mel eval --nil-share` reports both metric families."""
-    from mel.cli import main
+def person_dataset(tmp_path, hashing_encoder, sizes: dict[str, int]):
+    """A jsonl dataset of ten people (each split `sizes[split]` mentions, by first or last name:
+    sometimes ambiguous, sometimes not) in tmp_path/ds, and its KB: (data folder, KB)."""
     from mel.datasets import write_jsonl_examples, write_jsonl_kb
     from mel.kb import build_kb
     from mel.types import Example
@@ -219,16 +219,22 @@ def test_calibrate_and_eval_from_the_command_line(tmp_path, hashing_encoder, cap
     data = tmp_path / "ds"
     data.mkdir()
     write_jsonl_kb(entities, data / "kb.jsonl")
-    for split, n in (("train", 40), ("dev", 20)):
+    for split, n in sizes.items():
         rows = []
         for i in range(n):
             e = entities[i % len(entities)]
-            word = e.name.split()[i % 2]  # a first or last name: sometimes ambiguous, sometimes not
+            word = e.name.split()[i % 2]
             caption = f"Photo {i}: {word} at the event."
             start = caption.index(word)
             rows.append(Example(Mention(caption, start, start + len(word)), e.id, e.name, f"{split}{i}", "jsonl", split))
         write_jsonl_examples(rows, data / f"{split}.jsonl")
-    kb = build_kb(entities, tmp_path / "kb.sqlite", text_encoder=hashing_encoder, progress=False)
+    return data, build_kb(entities, tmp_path / "kb.sqlite", text_encoder=hashing_encoder, progress=False)
+
+
+def test_calibrate_and_eval_from_the_command_line(tmp_path, hashing_encoder, capsys):
+    """`mel calibrate` on train writes config.json; `mel eval --nil-share` reports both metric families."""
+    from mel.cli import main
+    data, kb = person_dataset(tmp_path, hashing_encoder, {"train": 40, "dev": 20})
     out = tmp_path / "cal"
     assert main(["calibrate", "--format", "jsonl", "--data", str(data), "--split", "train", "--limit", "0",
                  "--kb", str(kb.path), "--linker", "bm25", "--out", str(out), "--quiet"]) in (0, None)

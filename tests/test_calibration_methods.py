@@ -1,0 +1,157 @@
+"""The calibration methods beyond temperature + "none" (mel.calibration): top-1 NLL, the isotonic
+map of the top probability, the automatic choice on train folds; and old configs loading as before."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_calibration import person_dataset
+
+from mel import calibration as calmod
+from mel.calibration import (
+    METHODS,
+    Calibration,
+    Scored,
+    apply_top_map,
+    candidate_probabilities,
+    choose_method,
+    fit,
+    fit_method,
+    fit_temperature,
+    fit_top_map,
+)
+from mel.errors import InputError
+
+# a config.json as `mel calibrate` wrote it before the methods existed (no "top_map")
+OLD_CONFIG = {
+    "kind": "mel-calibration", "linker": "gemel+bm25", "temperature": 2.060627, "none_logit": -3.488162,
+    "nil_threshold": 0.270542, "method": "temperature+none", "fingerprint": "708757b3544d01eb",
+    "fitted_on": {"dataset": "wikimel", "split": "train", "n": 300}, "metrics": {"train": {"ece_after": 0.0675}},
+}
+
+
+def test_an_old_config_loads_and_gives_the_same_probabilities(tmp_path):
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text(json.dumps(OLD_CONFIG))
+    cal = Calibration.load(tmp_path / "old")
+    assert cal.method == "temperature+none" and cal.top_map is None
+    for scores in ([-1e-9, -21.4, -22.3], [-0.5, -0.9, float("-inf")], [-3.0], []):
+        expected = candidate_probabilities(scores, 2.060627, -3.488162)
+        assert np.array_equal(cal.probabilities(scores), expected)  # bit for bit
+    assert "isotonic" not in calmod.describe_calibration(cal)
+    # saved again, it keeps its meaning (top_map null)
+    again = Calibration.load(cal.save(tmp_path / "again"))
+    assert again == cal and json.loads((tmp_path / "again" / "config.json").read_text())["top_map"] is None
+
+
+def _synthetic(n, seed=0, width=6, overconfident=3.0):
+    """Scores whose softmax is overconfident: the gold is drawn from softmax(z / overconfident)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        z = np.sort(rng.normal(0, 3, width))[::-1]
+        p = candidate_probabilities(z, overconfident, 0.0)
+        pick = rng.choice(width + 1, p=np.append(p, max(0.0, 1 - p.sum())))
+        ids = [f"e{i}_{j}" for j in range(width)]
+        rows.append(Scored(ids[pick] if pick < width else f"absent{i}", ids, z.tolist(), f"s{i}"))
+    return rows
+
+
+class _Named:
+    name = "fixed"
+
+    def models(self):
+        return {}
+
+
+def test_the_default_method_is_the_old_fit():
+    rows = _synthetic(400)
+    t, b = fit_temperature(rows)
+    cal = fit(rows, _Named(), nil_share=0.0)
+    assert cal.method == "temperature+none" and cal.top_map is None and "selection" not in cal.fitted_on
+    assert (cal.temperature, cal.none_logit) == (round(t, 6), round(b, 6))
+
+
+def test_top_map_keeps_order_and_mass():
+    top_map = {"x": [0.0, 0.5, 0.9, 1.0], "y": [0.05, 0.3, 0.7, 0.95]}
+    p = candidate_probabilities([3.0, 2.0, 0.0], 1.0, 0.0)
+    q = apply_top_map(p, top_map)
+    assert q[0] == pytest.approx(np.interp(p[0], top_map["x"], top_map["y"]))
+    assert q.sum() <= 1 + 1e-12 and (q >= 0).all()
+    assert q[1] / q[2] == pytest.approx(p[1] / p[2])  # the others keep their shares
+    # a map that would put the top one below the second is held at the second's level
+    q = apply_top_map(candidate_probabilities([1.0, 0.9], 1.0, -5.0), {"x": [0.0, 1.0], "y": [0.01, 0.02]})
+    assert q[0] >= q[1] - 1e-12 and q.sum() <= 1 + 1e-12
+    assert apply_top_map(np.array([]), top_map).size == 0
+    assert apply_top_map(np.array([1.0]), top_map) == pytest.approx([0.95])
+
+
+def test_isotonic_map_is_monotone_and_bounded():
+    conf = np.linspace(0.1, 1.0, 50)
+    ok = np.arange(50) % 3 != 0
+    m = fit_top_map(conf, ok)
+    assert all(b >= a for a, b in zip(m["y"], m["y"][1:], strict=False))
+    assert min(m["y"]) >= 1 / 100 and max(m["y"]) <= 1 - 1 / 100
+    with pytest.raises(InputError):
+        Calibration("x", top_map={"x": [0.5, 0.1], "y": [0.1, 0.2]})
+    with pytest.raises(InputError):
+        Calibration("x", top_map={"x": [0.1], "y": [0.1, 0.2]})
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_fits_saves_and_loads(tmp_path, method):
+    rows = _synthetic(300, seed=1)
+    cal = fit_method(rows, method, "fixed")
+    assert cal.method == method and (cal.top_map is not None) == method.endswith("+isotonic")
+    back = Calibration.load(cal.save(tmp_path / "c"))
+    assert back == cal
+    for r in rows[:20]:
+        assert back.probabilities(r.scores) == pytest.approx(cal.probabilities(r.scores))
+    fresh = _synthetic(2000, seed=5)
+    conf, ok = calmod.top_confidences(fresh, cal)
+    raw, _ = calmod.top_confidences(fresh, None)
+    assert calmod.expected_calibration_error(conf, ok) < calmod.expected_calibration_error(raw, ok)
+
+
+def test_auto_chooses_on_train_folds_and_records_it():
+    rows = _synthetic(300, seed=2)
+    chosen, selection = choose_method(rows, seed=0)
+    assert chosen in METHODS and set(selection["ece"]) == set(METHODS) and selection["chosen"] == chosen
+    assert chosen == min(METHODS, key=lambda m: (selection["ece"][m], METHODS.index(m)))
+    assert choose_method(rows, seed=0) == (chosen, selection)  # deterministic
+    cal = fit(rows, _Named(), nil_share=0.1, method="auto")
+    assert cal.method == chosen and cal.fitted_on["selection"] == selection and cal.nil_threshold is not None
+    with pytest.raises(InputError, match="unknown calibration method"):
+        fit(rows, _Named(), method="platt")
+
+
+def test_calibrate_cli_method_auto_and_saved_scores(tmp_path, hashing_encoder, capsys):
+    """`mel calibrate --method auto` records its choice; `--scores` refits from saved scores (checked)."""
+    from mel.cli import main
+    data, kb = person_dataset(tmp_path, hashing_encoder, {"train": 60, "dev": 20})
+    base = ["calibrate", "--format", "jsonl", "--data", str(data), "--split", "train", "--limit", "0",
+            "--kb", str(kb.path), "--linker", "bm25", "--method", "auto", "--measure-split", "dev", "--quiet"]
+    first = tmp_path / "first.json"
+    assert main(base + ["--out", str(tmp_path / "a"), "--save-scores", str(tmp_path / "s"),
+                        "--json", str(first)]) in (0, None)
+    a = Calibration.load(tmp_path / "a")
+    assert a.method in METHODS and a.fitted_on["selection"]["chosen"] == a.method
+    assert "method chosen on train" in capsys.readouterr().out
+    second = tmp_path / "second.json"
+    assert main(base + ["--out", str(tmp_path / "b"), "--scores", str(tmp_path / "s"), "--json", str(second)]) in (0, None)
+    b = Calibration.load(tmp_path / "b")
+    assert (b.method, b.temperature, b.none_logit, b.top_map, b.nil_threshold) == \
+        (a.method, a.temperature, a.none_logit, a.top_map, a.nil_threshold)
+    assert "scores_from" in b.fitted_on and "scores_from" in json.loads(second.read_text())["measure"]
+    assert json.loads(second.read_text())["measure"]["ece_after"] == json.loads(first.read_text())["measure"]["ece_after"]
+    # saved scores of other mentions, or that the linker no longer gives, are refused
+    lines = (tmp_path / "s.train.jsonl").read_text().splitlines()
+    (tmp_path / "t.train.jsonl").write_text("\n".join(lines[1:]) + "\n")
+    assert main(base + ["--out", str(tmp_path / "c"), "--scores", str(tmp_path / "t")]) == 2
+    assert "other mentions" in capsys.readouterr().err
+    row = json.loads(lines[0])
+    row["scores"] = [x + 1.0 for x in row["scores"]]
+    (tmp_path / "u.train.jsonl").write_text("\n".join([json.dumps(row)] + lines[1:]) + "\n")
+    assert main(base + ["--out", str(tmp_path / "d"), "--scores", str(tmp_path / "u")]) == 2
+    assert "other candidates or scores" in capsys.readouterr().err
