@@ -53,7 +53,14 @@ from annotations.queue import MAX_COMMENT_CHARS, AnnotationQueue, StaleTaskError
 from mel.errors import InputError, MELError
 
 from .access import Access, guarded
-from .render import image_data_uri, render_import_report, render_preannotation, render_search_results, render_task
+from .render import (
+    image_data_uri,
+    refusal_html,
+    render_import_report,
+    render_preannotation,
+    render_search_results,
+    render_task,
+)
 from .service import MAX_ID_CHARS, MAX_QUERY_CHARS, LinkService
 
 log = logging.getLogger(__name__)
@@ -596,8 +603,13 @@ def _wire_import(service: LinkService, annotate: AnnotateTab, panel: ProjectsPan
     """The import button (admins): the report, and the new project in both project pickers."""
     @guarded
     def on_import(project_name, k, tasks, images, guide, request: gr.Request, profile: gr.OAuthProfile | None = None):
-        admin_of(request, profile)
-        result, project = _import_upload(service, annotate.screens, project_name, k, tasks, images, guide)
+        admin_of(request, profile)  # a role refusal stays an error
+        try:
+            result, project = _import_upload(service, annotate.screens, project_name, k, tasks, images, guide)
+        except NotAllowedError:
+            raise
+        except MELError as exc:  # a refused file or name: said once, in the report line; nothing else marked
+            return refusal_html(str(exc), "mel-adm-import-refused"), gr.skip(), gr.skip(), gr.skip()
         names = annotate.screens.project_names()
         return (render_import_report(result), gr.update(choices=names, value=project.name),
                 gr.update(choices=names), gr.update(visible=True))

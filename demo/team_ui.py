@@ -63,7 +63,7 @@ from annotations.projects import get_project, list_projects, update_settings
 from annotations.queue import StaleTaskError
 from annotations.review import ReviewItem, ReviewQueue
 from annotations.store import AnnotationStore, NotAllowedError
-from mel.errors import InputError
+from mel.errors import InputError, MELError
 from mel.types import NIL, check_typed_text
 
 from .render import refusal_html
@@ -666,8 +666,8 @@ def _chosen(value) -> str:
 
 
 def _picked(value) -> str:
-    if not value:
-        raise InputError("search the KB and select a result first; nothing was saved")
+    if not value:  # nothing is pre-selected in the results: the reviewer clicks the one they mean
+        raise InputError("choose a result first: search the KB and click one of the results; nothing was saved")
     return value
 
 
@@ -735,7 +735,9 @@ def _wire_review_search(team: Team, screen: ReviewScreen) -> None:
         team.require_reviewer(team.user(request, profile))
         found = team.search(query)
         opts = [(f"{e.name} ({e.id}): {_clip(e.description, 90)}", e.id) for e in found]
-        return gr.update(choices=opts, value=opts[0][1] if opts else None,
+        # nothing chosen until the reviewer clicks a result (as the Link tab): a pre-selected first
+        # result let the pick button set a final label the reviewer never chose
+        return gr.update(choices=opts, value=None,
                          label=f"Search results ({len(opts)})" if opts else "Search results: none found")
 
     main = screen.main
@@ -844,8 +846,10 @@ def build_dashboard_tab(team: Team) -> dict:
             settings_note = gr.HTML(elem_id="mel-settings-note")
             with gr.Row():
                 fmt = gr.Dropdown(list(FORMATS), value="jsonl", label="format", elem_id="mel-export-format")
-                min_agreement = gr.Number(None, label="--min-agreement (0-1; empty: no filter)", minimum=0,
-                                          maximum=1, step=0.05, elem_id="mel-export-min-agreement")
+                # no minimum/maximum here: Gradio would refuse 1.5 before the handler with an Error badge on
+                # every output and a toast; export_project checks the range and on_export says it once
+                min_agreement = gr.Number(None, label="--min-agreement (0-1; empty: no filter)", step=0.05,
+                                          elem_id="mel-export-min-agreement")
                 reviewed_only = gr.Checkbox(False, label="--reviewed-only", elem_id="mel-export-reviewed-only")
                 export_btn = gr.Button("Export the project", variant="primary", elem_id="mel-export-project")
             export_link = gr.HTML(elem_id="mel-export-link")
@@ -907,8 +911,13 @@ def build_dashboard_tab(team: Team) -> dict:
 
     @guarded
     def on_export(name, fmt_value, min_value, reviewed, request: gr.Request, profile: gr.OAuthProfile | None = None):
-        user = team.require_admin(team.user(request, profile))
-        path, summary_text = export_project(team, user, name, fmt_value, min_value, reviewed)
+        user = team.require_admin(team.user(request, profile))  # a role refusal stays an error
+        try:
+            path, summary_text = export_project(team, user, name, fmt_value, min_value, reviewed)
+        except NotAllowedError:
+            raise
+        except MELError as exc:  # a bad --min-agreement, no project...: said once, in the export's note
+            return "", refusal_html(f"{exc}; nothing was exported", "mel-export-refused")
         link = team.vault.link_html(path, user, css="mel-team-note", element_id="mel-export-ready")
         return link, f'<div class="mel-team-note">{_esc(summary_text)}</div>'
 

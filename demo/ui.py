@@ -568,12 +568,13 @@ def _link_panel(service: LinkService) -> LinkPanel:
                 cue_html = gr.HTML(label="expert cue", elem_id="mel-cue")
             ranker_note = gr.HTML(label="ranking notes", elem_id="mel-ranker-note")
             # p: the calibrated probability, or an uncalibrated relative confidence; the header says which
-            # Column widths in pixels (690 in all: about the column's width at 1366 px): on a phone the
-            # table keeps readable columns and scrolls sideways instead of squeezing them to 60 px
+            # Column widths in pixels (702 in all: within the column at 1366 px; "key" at 52 px stays on one
+            # line, at 40 it wrapped to "ke / y"): on a phone the table keeps readable columns and scrolls
+            # sideways instead of squeezing them to 60 px
             dim_table = gr.Dataframe(headers=["key", "name", "id", "description", "score", "p"],
                                      datatype=["str", "str", "str", "str", "number", "number"], interactive=False,
                                      wrap=True, max_height=320,
-                                     column_widths=["40px", "150px", "130px", "210px", "76px", "84px"],
+                                     column_widths=["52px", "150px", "130px", "210px", "76px", "84px"],
                                      label="DIM: ranked candidates (click a row, or press its key, to choose it)",
                                      elem_id="mel-dim")
             demos = gr.Gallery(label="GEMEL: retrieved demonstrations (most similar first)", columns=4,

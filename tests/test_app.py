@@ -252,6 +252,26 @@ def test_export_and_backup_are_for_admins_only(running, alice):
     conn.close()
 
 
+@pytest.mark.slow
+def test_a_refused_import_is_said_once_in_the_report_line(running, tmp_path):
+    """The Projects tab's import, refused (a file that is not a tasks file): said once, in the report
+    line, with no other output touched (a gr.Error drew Gradio's red Error badge on every output and a
+    toast); a role refusal stays an error."""
+    import gradio as gr
+
+    from annotations.projects import list_projects
+    (on_import,) = [b.fn for b in running.demo.fns.values() if getattr(b.fn, "__name__", "") == "on_import"]
+    bad = tmp_path / "tasks.csv"
+    bad.write_text("just text\n", encoding="utf-8")
+    before = [p.name for p in list_projects(running.service.store)]
+    out = on_import("refused-import", 1, str(bad), None, "", request=gr.Request(username="alice"))
+    assert 'id="mel-adm-import-refused"' in out[0] and "tasks.csv" in out[0], out[0]
+    assert all(o == gr.skip() for o in out[1:]), out[1:]           # the pickers and the tab stay as they are
+    assert [p.name for p in list_projects(running.service.store)] == before
+    with pytest.raises(gr.Error, match="admin role"):              # not an admin: still an error
+        on_import("refused-import", 1, str(bad), None, "", request=gr.Request(username="bob"))
+
+
 def test_the_cue_panel_lists_apparent_faces_and_says_they_are_no_facts():
     from types import SimpleNamespace
 

@@ -2,8 +2,8 @@
 a refused link says what is wrong once, in the status line, and marks no result panel as failed;
 a file that is not an image is refused at upload and nothing typed is lost; typing a mention moves
 the offsets with it; nothing is chosen for the annotator ("d" with nothing chosen saves nothing);
-every shown candidate has its key (0 for the 10th); the candidates are readable on a phone; the
-counter counts distinct decided mentions, and every save it reports is in SQLite.
+every shown candidate has its key (0 for the 10th); the candidates are readable on a phone, and
+no one-word header of DIM's table wraps ("key" read "ke / y"); the counter counts distinct decided mentions, and every save it reports is in SQLite.
 """
 from __future__ import annotations
 
@@ -149,6 +149,24 @@ def test_the_candidates_are_readable_on_a_phone(page):
         .querySelectorAll(`#mel-dim [data-col="${col}"]`)].map(c => c.getBoundingClientRect().width))]))""")
     assert widths["1"] >= 120 and widths["3"] >= 200, widths   # names and descriptions in readable columns
     assert page.evaluate("() => document.documentElement.scrollWidth") <= 412  # the page itself does not scroll
+
+
+# the number of lines each header of DIM's table takes (a 40 px "key" column wrapped it to "ke / y")
+HEADER_LINES_JS = """() => Object.fromEntries([...document.querySelectorAll('#mel-dim th span.header')].map(span => {
+    const range = document.createRange(); range.selectNodeContents(span);
+    return [span.textContent.trim(), new Set([...range.getClientRects()].map(r => Math.round(r.top))).size]; }))"""
+
+
+def test_every_header_of_dims_table_fits_on_one_line(page):
+    _type(page, "Hopper at the podium.", "Hopper")
+    _link(page)
+    for width, height in ((1366, 768), (412, 915)):
+        page.set_viewport_size({"width": width, "height": height})
+        page.wait_for_timeout(500)
+        lines = page.evaluate(HEADER_LINES_JS)
+        assert set(lines) >= {"key", "name", "id", "description", "score"}, lines
+        one_word = {h: n for h, n in lines.items() if " " not in h}      # "p (uncalibrated)" may wrap at its space
+        assert all(n == 1 for n in one_word.values()), (width, sorted(lines.items()))
 
 
 def test_the_counter_counts_decided_mentions_not_saves_and_every_save_is_in_sqlite(page, running):

@@ -219,7 +219,12 @@ def test_two_annotators_one_reviewer_and_a_correct_export(browser, running, tmp_
     assert third == ids[2]
     rita.locator("#mel-review-search textarea, #mel-review-search input").first.fill("Grace Hopper")
     rita.click("#mel-review-search-btn")
-    rita.wait_for_selector("#mel-review-search-results input[type=radio]:checked")
+    rita.wait_for_selector("#mel-review-search-results input[type=radio]")
+    assert rita.locator("#mel-review-search-results input:checked").count() == 0   # nothing chosen for her
+    rita.click("#mel-review-pick")                            # with nothing chosen: refused, nothing saved
+    rita.wait_for_selector("#mel-review-refused:has-text('choose a result first')")
+    assert _task_on_screen(rita) == third
+    rita.locator("#mel-review-search-results label").filter(has_text="Grace Hopper").first.click()
     rita.click("#mel-review-pick")
     _wait_task_change(rita, third)
     assert "final label Grace Hopper (demo:grace-hopper)" in rita.inner_text("#mel-review-ack-ok")

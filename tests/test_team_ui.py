@@ -413,7 +413,7 @@ def test_a_refused_review_is_said_in_the_ack_line_and_keeps_the_comment(app):
     before = store.db.execute("SELECT count(*) FROM reviews").fetchone()[0]
     for button, args, said in [
             ("mel-review-final", (None, "a comment"), "choose one of the choices first"),
-            ("mel-review-pick", (None, "a comment"), "select a result first"),
+            ("mel-review-pick", (None, "a comment"), "choose a result first"),
             ("mel-review-send-back", ("",), "needs a comment")]:
         out = by_button[button](dict(st), False, *args, f"tok-{uuid.uuid4().hex}", request=rita)
         assert said in out[-1] and 'id="mel-review-refused"' in out[-1], (button, out[-1])
@@ -423,3 +423,47 @@ def test_a_refused_review_is_said_in_the_ack_line_and_keeps_the_comment(app):
     assert "open a task first" in out[-1]
     assert store.db.execute("SELECT count(*) FROM reviews").fetchone()[0] == before
     assert comment_after('<div class="mel-team-ok" id="mel-review-ack-ok">saved</div>') == [""] * len(clearers)
+
+
+@pytest.mark.slow
+def test_the_review_search_chooses_nothing_for_the_reviewer(app):
+    """The KB search pre-selected its first result, so "Set final label: the selected search result"
+    could save a label the reviewer never chose. Nothing is selected (as in the Link tab)."""
+    import gradio as gr
+    (on_search,) = {b.fn for b in app.demo.fns.values() if getattr(b.fn, "__name__", "") == "on_search"}
+    update = on_search("Collins", request=gr.Request(username="rita"))
+    assert len(update["choices"]) >= 2 and update["value"] is None, update
+
+
+def _export_event(http: httpx.Client, session: str) -> dict:
+    """The export button's event, after the page-load events in browser session `session` (they fill
+    the project picker, whose choices Gradio checks)."""
+    config, deps = _events(http)
+    for dep in deps:
+        if any(e == "load" for _, e in dep["targets"]):
+            _run_event(http, dep, _probe_data(config, dep, ""), session)
+    elem_ids = {c["id"]: c.get("props", {}).get("elem_id") for c in config["components"]}
+    (dep,) = [d for d in deps if any(elem_ids.get(c) == "mel-export-project" for c, _ in d["targets"])]
+    return dep
+
+
+@pytest.mark.slow
+def test_a_refused_export_is_said_once_in_the_export_note(app):
+    """--min-agreement 1.5 in the Dashboard's export (the browser sends what was typed): said once, in
+    the export's note, the event succeeding (Gradio refused it before the handler, with a red Error
+    badge on every output and a toast); nothing exported. A non-admin is still refused with an error."""
+    exports = app.data_dir / "exports"
+    before = sorted(exports.iterdir()) if exports.exists() else []
+    http, session = _session(app.url, "alice"), uuid.uuid4().hex
+    dep = _export_event(http, session)
+    outcome, text = _run_event(http, dep, [PROJECT, "jsonl", 1.5, False], session)
+    assert outcome == "ok", text
+    assert "mel-export-refused" in text and "in [0, 1]" in text and "nothing was exported" in text, text
+    assert "mel-export-ready" not in text
+    assert (sorted(exports.iterdir()) if exports.exists() else []) == before
+    http.close()
+    http, session = _session(app.url, "rita"), uuid.uuid4().hex
+    dep = _export_event(http, session)
+    outcome, text = _run_event(http, dep, [PROJECT, "jsonl", 0.5, False], session)
+    assert outcome == "error" and "not an admin" in text, text
+    http.close()
