@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from mel.errors import InputError, MELError
+from mel.errors import InputError
 
 from .projects import (
     DEFAULT_BATCH_SIZE,
@@ -108,15 +108,15 @@ def cmd_import(args) -> None:
             raise InputError(f"cannot read the guidelines {args.guidelines}: {exc}") from exc
     with _open_store(args.db, create=True) as store:
         project, created = open_or_create_project(store, args.project, kb=args.kb)
-        if guidelines is not None:
-            settings = project.settings
-            settings.guidelines = guidelines
-            project = update_settings(store, project, settings)
         try:
+            if guidelines is not None:
+                settings = project.settings
+                settings.guidelines = guidelines
+                project = update_settings(store, project, settings)
             report = import_tasks(store, project, args.format, args.data, split=args.split, limit=args.limit,
                                   images=args.images, batch_size=args.batch_size)
-        except MELError:
-            if created:  # nothing imported: leave no empty project behind
+        except Exception:
+            if created:  # nothing imported (whatever failed): leave no empty project behind
                 discard_empty_project(store, project)
             raise
         done = progress(store, project)

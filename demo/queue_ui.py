@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import stat
 import tempfile
@@ -577,23 +578,26 @@ def _import_upload(service: LinkService, screens: QueueScreens, project_name, k,
             folder = safe_extract_zip(images if isinstance(images, str) else images.name, folder)
         store = service.store
         project, created = open_or_create_project(store, project_name or "", kb=service.kb.path)
-        if created or guide:
-            settings = project.settings
-            if guide:
-                settings.guidelines = guide
-            if created and k:
-                settings = ProjectSettings(**{**settings.__dict__, "annotations_per_task": int(k)})
-            project = update_settings(store, project, settings)
-            screens.forget(project.name)
         try:
+            if created or guide:
+                settings = project.settings
+                if guide:
+                    settings.guidelines = guide
+                if created and k:
+                    settings = ProjectSettings(**{**settings.__dict__, "annotations_per_task": int(k)})
+                project = update_settings(store, project, settings)
+                screens.forget(project.name)
             result = import_tasks(store, project, "csv" if suffix == ".csv" else "tasks-jsonl", tasks_path,
                                   images=folder)
-        except MELError as exc:
-            if created:  # nothing imported: no empty project is left in the pickers
+        except Exception as exc:
+            if created:  # nothing imported (whatever failed): no empty project is left in the pickers
                 discard_empty_project(store, project)
                 screens.forget(project.name)
-            # the file as the admin named it, not the server's temporary path (/tmp/gradio/<hash>/...)
-            raise InputError(str(exc).replace(str(tasks_path), tasks_path.name)) from None
+            if not isinstance(exc, MELError):
+                raise
+            # the files as the admin named them, not the server's temporary paths (/tmp/gradio/<hash>/...)
+            message = str(exc).replace(str(tasks_path), tasks_path.name).replace(f"{folder}{os.sep}", "")
+            raise InputError(message) from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return _named_as_uploaded(result, tasks_path), project

@@ -495,7 +495,7 @@ class ReviewScreen:
     def drawn(self) -> list:
         """What every draw of the tab updates, in the order of draw()'s answer."""
         return [self.state, self.side.counts, self.side.listing, self.main.task, self.main.choices, self.side.image,
-                self.main.ack]
+                self.main.results, self.main.ack]
 
     def by_name(self) -> dict:
         """The components build_review_tab returns (by name; "tab" is the gr.Tab)."""
@@ -595,7 +595,7 @@ def _review_drawer(team: Team) -> Callable[..., tuple]:
         if chosen is None:
             body = ('<div class="mel-team-note" id="mel-review-empty">Nothing to review in this project: no '
                     'disagreement and no open flag.</div>')
-            out = (body, gr.update(choices=[], value=None), gr.update(value=None, visible=False))
+            out = (body, gr.update(choices=[], value=None), gr.update(value=None, visible=False), _no_results())
         else:
             index = order.index(chosen.task.id) if chosen.task.id in order else None
             st.update(task=chosen.task.id, position=chosen.task.position, decision_ids=list(chosen.decision_ids),
@@ -603,9 +603,15 @@ def _review_drawer(team: Team) -> Callable[..., tuple]:
             opts = choices_of(chosen)
             picture = _image(chosen)
             out = (task_html(chosen, index, len(order)), gr.update(choices=opts, value=None),
-                   gr.update(value=picture, visible=picture is not None))
+                   gr.update(value=picture, visible=picture is not None), _no_results())
         return (st, counts_html(review.counts(), name), list_rows(items), *out, note)
     return draw
+
+
+# A drawn task starts with no search results: a result clicked for the task before must never be
+# picked as this one's final label.
+def _no_results() -> dict:
+    return gr.update(choices=[], value=None, label="Search results")
 
 
 def _wire_review_navigation(team: Team, screen: ReviewScreen, draw: Callable[..., tuple]) -> None:

@@ -664,11 +664,12 @@ def _wire_linking(service: LinkService, access: Access, current: gr.State, link:
     # photo or mention typed after it, ends it: the keys then ask for a link instead of saving a
     # label for the mention linked before (which would replace that mention's right label).
     def forget_last_link():
-        return None
+        return None, gr.update(value=None)  # and a search result chosen for it
 
-    linked.failure(forget_last_link, None, [current], queue=False, api_visibility="private")
+    linked.failure(forget_last_link, None, [current, fix.search_results], queue=False, api_visibility="private")
     for changed in (link.caption.change, link.image.change):
-        changed(forget_last_link, None, [current], queue=False, api_visibility="private", show_progress="hidden")
+        changed(forget_last_link, None, [current, fix.search_results], queue=False, api_visibility="private",
+                show_progress="hidden")
 
     def on_row(state, evt: gr.SelectData):
         if not state or not isinstance(evt.index, (list, tuple)):
@@ -722,8 +723,9 @@ def _wire_link_button(service: LinkService, access: Access, current: gr.State, l
             check_offsets(start_char, end_char)
             locate_mention(caption_text, mention_text, start_char, end_char)
         except MELError as exc:
-            return refusal_html(str(exc), "mel-link-refused"), "refused", None
-        return "", "checked", gr.skip()
+            return refusal_html(str(exc), "mel-link-refused"), "refused", None, gr.update(value=None)
+        # a search result clicked for the mention before is never saved for this one
+        return "", "checked", gr.skip(), gr.update(value=None)
 
     def on_gate(attempt):
         if attempt == "refused":  # said in the status line already: nothing to show again
@@ -767,7 +769,8 @@ def _wire_link_button(service: LinkService, access: Access, current: gr.State, l
                                link.mention, link.start, link.end, fix.ack, link.status],
                       concurrency_limit=1, concurrency_id="link")
     checked = link.link_btn.click(on_check, [link.caption, link.mention, link.start, link.end],
-                                  [link.status, attempt, current], queue=False, api_visibility="private",
+                                  [link.status, attempt, current, fix.search_results], queue=False,
+                                  api_visibility="private",
                                   show_progress="hidden")
     gate = checked.then(on_gate, [attempt], None, queue=False, api_visibility="private", show_progress="hidden")
     return gate.success(api_name="link", **link_event)

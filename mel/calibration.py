@@ -121,11 +121,11 @@ class Calibration:
         if self.nil_threshold is not None and not 0 <= self.nil_threshold <= 1:
             raise InputError(f"a NIL threshold is a probability in [0, 1], got {self.nil_threshold!r}")
         if self.top_map is not None:
-            x, y = (self.top_map or {}).get("x"), (self.top_map or {}).get("y")
+            x, y = (self.top_map.get("x"), self.top_map.get("y")) if isinstance(self.top_map, dict) else (None, None)
             if (not isinstance(x, list) or not isinstance(y, list) or len(x) != len(y) or not x
+                    or not all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in x + y)
                     or any(b < a for a, b in zip(x, x[1:], strict=False))
-                    or any(b < a for a, b in zip(y, y[1:], strict=False))
-                    or not all(0 <= v <= 1 for v in x + y)):
+                    or any(b < a for a, b in zip(y, y[1:], strict=False))):
                 raise InputError("a calibration's top_map is {\"x\": [...], \"y\": [...]}: as many non-decreasing "
                                  "probabilities in each")
 

@@ -78,7 +78,9 @@ def cluster(env):
     with LocalCluster(nodes=2, cpus_per_node=1) as c:
         yield c
     import ray
-    assert not ray.is_initialized()  # LocalCluster disconnected this driver before its nodes went
+    connected = ray.is_initialized()
+    ray.shutdown()  # in any case: a driver left on a dead cluster ends pytest 60 s later with exit 1
+    assert not connected, "LocalCluster did not disconnect this driver before its nodes went"
 
 
 @pytest.fixture(scope="module")

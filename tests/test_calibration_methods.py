@@ -114,6 +114,7 @@ def test_each_method_fits_saves_and_loads(tmp_path, method):
     assert calmod.expected_calibration_error(conf, ok) < calmod.expected_calibration_error(raw, ok)
 
 
+@pytest.mark.slow  # about 10 s: 5 folds x 4 methods of L-BFGS-B
 def test_auto_chooses_on_train_folds_and_records_it():
     rows = _synthetic(300, seed=2)
     chosen, selection = choose_method(rows, seed=0)
@@ -155,3 +156,10 @@ def test_calibrate_cli_method_auto_and_saved_scores(tmp_path, hashing_encoder, c
     (tmp_path / "u.train.jsonl").write_text("\n".join([json.dumps(row)] + lines[1:]) + "\n")
     assert main(base + ["--out", str(tmp_path / "d"), "--scores", str(tmp_path / "u")]) == 2
     assert "other candidates or scores" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", [[0.1, 0.2], "x", {"x": ["a", 0.5], "y": [0.1, 0.2]}, {"x": [0.5], "y": [2.0]}])
+def test_a_malformed_top_map_is_refused_with_a_clear_error(bad):
+    from mel.calibration import Calibration
+    with pytest.raises(InputError, match="top_map"):
+        Calibration(linker="bm25", temperature=1.0, top_map=bad)

@@ -140,6 +140,26 @@ def test_nothing_is_chosen_for_the_annotator_and_every_candidate_has_a_key(page,
     assert len(rows) == before + 1 and rows[-1][1:] == ("accept_dim", tenth, None)
 
 
+def test_a_search_result_chosen_before_a_link_is_never_saved_for_it(page, running):
+    _type(page, "Hopper at the podium.", "Hopper")
+    _link(page)
+    page.locator("#mel-search input, #mel-search textarea").first.fill("Hopper")
+    page.click("#mel-search-btn")
+    page.wait_for_selector("#mel-search-results input[type=radio]")
+    page.locator("#mel-search-results label").first.click()   # chosen for this link, then not used
+    assert page.locator("#mel-search-results input:checked").count() == 1
+    before = len(_rows(running, "bob"))
+    page.click("#mel-link")                                   # the next link starts with nothing chosen
+    page.wait_for_function("() => !document.querySelector('#mel-search-results input:checked')")
+    page.click("#mel-pick")
+    page.wait_for_selector("#mel-ack-refused:has-text('search the KB')")
+    assert len(_rows(running, "bob")) == before
+    page.locator("#mel-search-results label").first.click()
+    page.locator("#mel-caption textarea").press("End")
+    page.locator("#mel-caption textarea").type(" Again.")     # a new caption ends the link and the choice
+    page.wait_for_function("() => !document.querySelector('#mel-search-results input:checked')")
+
+
 def test_the_candidates_are_readable_on_a_phone(page):
     _type(page, "Hopper at the podium.", "Hopper")
     _link(page)

@@ -435,6 +435,21 @@ def test_the_review_search_chooses_nothing_for_the_reviewer(app):
     assert len(update["choices"]) >= 2 and update["value"] is None, update
 
 
+def test_every_drawn_review_task_starts_with_no_search_result_chosen(app):
+    """A result clicked while reviewing one task stayed chosen when the next was drawn, so "pick" set it
+    as that task's final label. Every event that draws a task clears the results, and the drawer
+    answers them with nothing chosen."""
+    http = _session(app.url, "rita")
+    config, deps = _events(http)
+    ids = {c["id"]: c.get("props", {}).get("elem_id") for c in config["components"]}
+    drawing = [d for d in deps if "mel-review-choices" in {ids.get(o) for o in d["outputs"]}]
+    assert drawing, "no event draws a review task"
+    assert all("mel-review-search-results" in {ids.get(o) for o in d["outputs"]} for d in drawing)
+    http.close()
+    from demo.team_ui import _no_results
+    assert _no_results()["value"] is None and _no_results()["choices"] == []
+
+
 def _export_event(http: httpx.Client, session: str) -> dict:
     """The export button's event, after the page-load events in browser session `session` (they fill
     the project picker, whose choices Gradio checks)."""
