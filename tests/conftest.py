@@ -103,3 +103,18 @@ def launch_app(data_dir: Path, *, auth: bool = True):
     from bench.app_server import launch_in_process
     return launch_in_process(data_dir, users=APP_USERS if auth else None,
                              admins=APP_ADMINS if auth else frozenset())
+
+
+def open_logged_in(browser, url: str, user: str, password: str | None = None, viewport=(1400, 1700),
+                   wait=("#mel-caption textarea", "#mel-counter")):
+    """A new page of the launched app, logged in as `user` (password: APP_USERS') through Gradio's
+    password form, once the `wait` selectors are drawn (by default the Link tab and the counter)."""
+    page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
+    page.set_default_timeout(60_000)
+    page.goto(url, wait_until="load")
+    page.locator("input[type=text]").first.fill(user)
+    page.locator("input[type=password]").first.fill(password if password is not None else APP_USERS[user])
+    page.keyboard.press("Enter")
+    for selector in wait:
+        page.wait_for_selector(selector)
+    return page

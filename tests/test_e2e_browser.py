@@ -28,20 +28,11 @@ def running(tmp_path_factory):
 
 
 def test_upload_select_link_correct_and_find_it_in_sqlite(browser, running, tmp_path):
-    from conftest import APP_USERS
+    from conftest import open_logged_in
 
     from demo.bundled import package_image
 
-    page = browser.new_page(viewport={"width": 1400, "height": 1700})
-    page.set_default_timeout(60_000)
-    page.goto(running.url, wait_until="load")
-
-    # log in (Gradio's password form)
-    page.locator("input[type=text]").first.fill("alice")
-    page.locator("input[type=password]").first.fill(APP_USERS["alice"])
-    page.keyboard.press("Enter")
-    page.wait_for_selector("#mel-caption textarea")
-    page.wait_for_selector("#mel-counter")
+    page = open_logged_in(browser, running.url, "alice")  # Gradio's password form
     assert "alice" in page.inner_text("#mel-who")
 
     # upload, type the caption, select "Falcon" with the keyboard like a user would

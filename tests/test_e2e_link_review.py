@@ -30,15 +30,8 @@ def running(tmp_path_factory):
 
 @pytest.fixture
 def page(browser, running):
-    from conftest import APP_USERS
-    page = browser.new_page(viewport={"width": 1400, "height": 1700})
-    page.set_default_timeout(60_000)
-    page.goto(running.url, wait_until="load")
-    page.locator("input[type=text]").first.fill("bob")
-    page.locator("input[type=password]").first.fill(APP_USERS["bob"])
-    page.keyboard.press("Enter")
-    page.wait_for_selector("#mel-caption textarea")
-    page.wait_for_selector("#mel-counter")
+    from conftest import open_logged_in
+    page = open_logged_in(browser, running.url, "bob")
     yield page
     page.close()
 

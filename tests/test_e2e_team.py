@@ -147,14 +147,8 @@ def running(tmp_path_factory):
 
 
 def _login(browser, url: str, user: str):
-    page = browser.new_page(viewport={"width": 1366, "height": 768})
-    page.set_default_timeout(60_000)
-    page.goto(url, wait_until="load")
-    page.locator("input[type=text]").first.fill(user)
-    page.locator("input[type=password]").first.fill(USERS[user])
-    page.keyboard.press("Enter")
-    page.wait_for_selector("#mel-team-about")
-    return page
+    from conftest import open_logged_in
+    return open_logged_in(browser, url, user, USERS[user], viewport=(1366, 768), wait=("#mel-team-about",))
 
 
 def _open_tab(page, name: str):
