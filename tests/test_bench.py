@@ -8,6 +8,7 @@ import pytest
 
 from mel.bench import PeakRSS, parse_linker, search_engines, sha256_paths, synthetic_vectors
 from mel.cli import main
+from mel.errors import InputError
 from mel.evaluate import rank_metrics
 from mel.index import DenseIndex
 
@@ -143,3 +144,54 @@ def test_photo_ablations_ask_each_question_on_every_photo_of_a_set(tmp_path, sha
     assert "## Photos: demo (n = 4" in md and "DIM, text only" in md
     with pytest.raises(InputError, match="unknown photo set"):
         photo_ablations(argparse.Namespace(**{**vars(args), "photos": "flickr"}), get_preset("offline"))
+
+
+def test_error_breakdown_groups_errors_by_mention_words_and_caption_context(tmp_path):
+    from bench.error_breakdown import breakdown, context_words, read_predictions
+    from mel.types import Example, Mention
+
+    assert context_words("Jones in 1972", "Jones") == []
+    assert context_words("Jones at the Cannes premiere", "Jones") == ["Cannes", "premiere"]
+
+    def ex(sid, caption, text):
+        start = caption.index(text)
+        return Example(Mention(caption, start, start + len(text)), "Q1", sample_id=sid)
+
+    class Split:
+        examples = [ex("a", "Jones in 1972", "Jones"), ex("b", "Jones at the Cannes premiere", "Jones"),
+                    ex("c", "Tom Jones at the Cannes premiere", "Tom Jones"), ex("d", "Smith in 2001", "Smith")]
+
+    lines = [{"sample_id": "a", "rank": 2}, {"sample_id": "b", "rank": 1}, {"sample_id": "c", "rank": 1},
+             {"sample_id": "d", "rank": None}]
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in lines) + "\n", encoding="utf-8")
+    report = breakdown(Split, read_predictions(path))
+    assert (report["n"], report["errors"], report["hits@1"]) == (4, 2, 0.5)
+    bare = report["groups"]["one-word mention, bare caption"]
+    assert (bare["n"], bare["errors"], bare["share_of_errors"], bare["hits@1_if_all_fixed"]) == (2, 2, 1.0, 1.0)
+    assert report["groups"]["multi-word mention, with context caption"]["hits@1"] == 1.0
+
+    path.write_text("not json\n", encoding="utf-8")
+    with pytest.raises(InputError, match="p.jsonl:1"):
+        read_predictions(path)
+
+
+def test_gemel_image_runs_are_added_to_their_json_whole_or_not_at_all(tmp_path, monkeypatch):
+    """bench_gemel_images rewrote the JSON that accumulates every run in place: a process killed while
+    writing lost the earlier runs too. The file is now published by a rename (mel.paths.atomic_write)."""
+    import mel.paths
+    from bench.bench_gemel_images import store_run
+    path = tmp_path / "runs.json"
+    store_run(path, "about", "first", {"n": 1})
+    before = path.read_bytes()
+
+    def killed_before_the_rename(tmp, dest):
+        raise OSError("simulated: killed while writing")
+
+    monkeypatch.setattr(mel.paths, "publish", killed_before_the_rename)
+    with pytest.raises(OSError, match="simulated"):
+        store_run(path, "about", "second", {"n": 2})
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["runs.json"]
+    monkeypatch.undo()
+    store_run(path, "about", "second", {"n": 2})
+    assert json.loads(path.read_text())["runs"] == {"first": {"n": 1}, "second": {"n": 2}}

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from ..cli_kit import provenance
+from ..paths import atomic_write
 from ..training.common import seed_everything  # noqa: F401 (the runs seed like the trainers)
 
 
@@ -32,10 +33,11 @@ def kb_files(kb_path: Path) -> list[Path]:
 
 
 def save_json(path: str | Path, data) -> Path:
-    """Write a benchmark result: indented UTF-8 JSON, parent folders created."""
+    """Write a benchmark result: indented UTF-8 JSON, parent folders created, whole or not at all."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return path
 
 
