@@ -24,13 +24,16 @@ up in the image folder: --images, default DATA/images; URLs are not fetched), `g
 spoil every row); a malformed record is reported by file and record number and the rest is imported.
 
 Re-importing adds nothing twice: a task's content hash (its caption, span and image: the mention
-id of the store) is unique within a project. Tasks are written in batches, each in one
-transaction: a crash loses at most the batch in flight and never leaves half of one. Images are
-stored first, under their content hash (store.save_image), so an image without a task after a
+id of the store) is unique within a project. An import is all or nothing: the whole file is read
+and checked first (a file that cannot be read to its end, e.g. not UTF-8 or a broken CSV, is refused
+with nothing written), then every task, and the project settings given with it, is written in one
+transaction: a crash or a refusal leaves the project as it was. Images are stored while reading,
+under their content hash (store.save_image), so an image without a task after a refusal or a
 crash is harmless and is reused by the next import.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import dataclasses
 import hashlib
@@ -50,7 +53,6 @@ PROJECTS_SCHEMA_VERSION = 2  # the store schema version that added projects and 
 TASK_FORMATS = ("csv", "tasks-jsonl")
 TASK_FIELDS = ("id", "caption", "mention", "start", "end", "image", "gold_id", "gold_name")
 DEFAULT_LINKERS = ("gemel", "dim")  # the app's two panels
-DEFAULT_BATCH_SIZE = 200
 MAX_NAME_CHARS = 100
 MAX_LISTED_MALFORMED = 5  # in ImportReport.summary(); every one is in ImportReport.malformed
 _URL = re.compile(r"^(?:[a-z][a-z0-9+.-]*://|data:)", re.I)
@@ -165,7 +167,7 @@ class ImportReport:
     n_already_present: int = 0   # same content as a task of the project (re-import, or a repeat in the file)
     n_malformed: int = 0
     malformed: list[MalformedRecord] = field(default_factory=list)
-    n_batches: int = 0           # transactions committed
+    n_batches: int = 0           # transactions committed (an import is one)
     reader_summary: str = ""     # what mel's dataset reader said (dataset formats)
 
     def summary(self) -> str:
@@ -375,73 +377,73 @@ class _Record:
 
 def import_tasks(store: AnnotationStore, project: Project | str, format: str, data: str | Path,
                  split: str | None = None, limit: int | None = None, *, images: str | Path | None = None,
-                 batch_size: int = DEFAULT_BATCH_SIZE, on_batch=None) -> ImportReport:
+                 settings: ProjectSettings | None = None) -> ImportReport:
     """Add the mentions of `data` to the project as tasks, in file order, after its existing tasks.
 
     `format`: a dataset layout (mel.datasets.FORMATS; `split` defaults to dev) or a task file
     (TASK_FORMATS; `data` is the .csv/.jsonl file or a folder of them, `images` the image folder).
-    `limit` caps the records read. `on_batch(report)` is called after each committed batch.
+    `limit` caps the records read. `settings`, when given, become the project's settings in the
+    same transaction as its new tasks. All or nothing: every record is read and checked before
+    anything is written (a file error refuses the import and leaves the project as it was).
     """
     from mel.datasets import FORMATS
     project = get_project(store, project)
     if limit is not None:
         require_whole("limit", limit, 1)
-    require_whole("batch_size", batch_size, 1)
     if format not in FORMATS + TASK_FORMATS:
         raise InputError(f"unknown import format {format!r}; known: {', '.join(FORMATS + TASK_FORMATS)}")
     report = ImportReport(project.name, format, str(data))
     if format in TASK_FORMATS:
-        records = _read_task_files(store, format, Path(data), images, report, limit)
+        reader = _read_task_files(store, format, Path(data), images, report, limit)
     else:
-        records = _read_dataset(store, format, Path(data), split or "dev", report, limit)
-    batch: list[_Record] = []
-    for record in records:
-        batch.append(record)
-        if len(batch) == batch_size:
-            _commit_batch(store, project, batch, report, on_batch)
-            batch = []
-    if batch:
-        _commit_batch(store, project, batch, report, on_batch)
-    return report
+        reader = _read_dataset(store, format, Path(data), split or "dev", report, limit)
+    # The whole file first (a task file is size-capped by the app's upload limit; the records are
+    # small: the text of a mention and the hash of its image), so that an error anywhere in it
+    # writes nothing.
+    records = list(reader)
 
-
-def _commit_batch(store: AnnotationStore, project: Project, batch: list[_Record], report: ImportReport,
-                  on_batch) -> None:
     def write(conn):
-        position = conn.execute("SELECT coalesce(max(position), -1) FROM tasks WHERE project_id = ?",
-                                (project.id,)).fetchone()[0]
-        added, present, conflicts = 0, 0, []
-        for rec in batch:
-            m = rec.mention
-            content = mention_key(m.caption, m.start, m.end, rec.image_sha256)
-            existing = conn.execute("SELECT id, gold_id, source_file, source_record FROM tasks "
-                                    "WHERE project_id = ? AND content_hash = ?", (project.id, content)).fetchone()
-            if existing is not None:
-                if rec.gold_id is not None and existing[1] is not None and existing[1] != rec.gold_id:
-                    conflicts.append(MalformedRecord(rec.file, rec.record, (
-                        f"the same mention is already task {existing[0]} (from {existing[2]}, record {existing[3]}) "
-                        f"with gold {existing[1]!r}, not {rec.gold_id!r}; not imported twice")))
-                else:
-                    present += 1
-                continue
-            position += 1
-            _insert_task(conn, project, rec, content, position)
-            added += 1
-        return added, present, conflicts
+        if settings is not None:
+            conn.execute("UPDATE projects SET settings = ? WHERE id = ?", (settings.to_json(), project.id))
+        return _write_records(conn, project, records)
 
-    added, present, conflicts = store._write("import a batch of tasks", write)
+    added, present, conflicts = store._write("import the tasks", write)
     report.n_imported += added
     report.n_already_present += present
     report.n_malformed += len(conflicts)
     report.malformed.extend(conflicts)
     report.n_batches += 1
-    if on_batch is not None:
-        on_batch(report)
+    return report
+
+
+def _write_records(conn, project: Project, records: list[_Record]) -> tuple[int, int, list[MalformedRecord]]:
+    """Insert `records` as the project's next tasks, inside the caller's transaction; (added, already
+    present, conflicts)."""
+    position = conn.execute("SELECT coalesce(max(position), -1) FROM tasks WHERE project_id = ?",
+                            (project.id,)).fetchone()[0]
+    added, present, conflicts = 0, 0, []
+    for rec in records:
+        m = rec.mention
+        content = mention_key(m.caption, m.start, m.end, rec.image_sha256)
+        existing = conn.execute("SELECT id, gold_id, source_file, source_record FROM tasks "
+                                "WHERE project_id = ? AND content_hash = ?", (project.id, content)).fetchone()
+        if existing is not None:
+            if rec.gold_id is not None and existing[1] is not None and existing[1] != rec.gold_id:
+                conflicts.append(MalformedRecord(rec.file, rec.record, (
+                    f"the same mention is already task {existing[0]} (from {existing[2]}, record {existing[3]}) "
+                    f"with gold {existing[1]!r}, not {rec.gold_id!r}; not imported twice")))
+            else:
+                present += 1
+            continue
+        position += 1
+        _insert_task(conn, project, rec, content, position)
+        added += 1
+    return added, present, conflicts
 
 
 def _insert_task(conn, project: Project, rec: _Record, content: str, position: int) -> None:
     m, now = rec.mention, utc_now()
-    # the same row AnnotationStore.record_mention writes, inside this batch's transaction
+    # the same row AnnotationStore.record_mention writes, inside the import's transaction
     conn.execute('INSERT OR IGNORE INTO mentions (id, caption, start, "end", mention, image_sha256, source, created) '
                  "VALUES (?,?,?,?,?,?,?,?)",
                  (content, m.caption, m.start, m.end, m.text, rec.image_sha256, f"project:{project.name}", now))
@@ -540,11 +542,28 @@ def _csv_rows(path: Path) -> Iterator[tuple[str, dict | str]]:
                     continue
                 yield f"row {n}", {k: v for k, v in row.items() if v not in (None, "")}
     except UnicodeDecodeError as exc:
-        raise InputError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+        raise _not_utf8(path, exc) from None
     except csv.Error as exc:
         raise InputError(f"{path} is not a readable CSV file: {exc}") from None
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _not_utf8(path: Path, exc: UnicodeDecodeError) -> InputError:
+    """The error for a file that is not UTF-8, naming the first bad byte by its offset in the file and
+    its line (the decoder's own offset is within the chunk it was decoding)."""
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return InputError(f"{path} is not UTF-8 text ({exc.reason}); save it as UTF-8")
+    skip = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        raw[skip:].decode("utf-8")
+    except UnicodeDecodeError as whole:
+        at = skip + whole.start
+        line = raw.count(b"\n", 0, at) + 1
+        return InputError(f"{path} is not UTF-8 text ({whole.reason} at byte {at} (line {line})); save it as UTF-8")
+    return InputError(f"{path} is not UTF-8 text ({exc.reason}); save it as UTF-8")
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict | str]]:
@@ -568,7 +587,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict | str]]:
                     continue
                 yield f"line {n}", {k: v for k, v in row.items() if v not in (None, "")}
     except UnicodeDecodeError as exc:
-        raise InputError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+        raise _not_utf8(path, exc) from None
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
 

@@ -19,7 +19,6 @@ from pathlib import Path
 from mel.errors import InputError
 
 from .projects import (
-    DEFAULT_BATCH_SIZE,
     TASK_FIELDS,
     TASK_FORMATS,
     discard_empty_project,
@@ -51,7 +50,6 @@ def add_project_commands(sub) -> None:
     p.add_argument("--kb", default=None, help="the KB the project links against (mel kb build); needed once")
     p.add_argument("--images", default=None, help="image folder for csv/tasks-jsonl (default DATA/images)")
     p.add_argument("--guidelines", default=None, help="a Markdown file of annotation guidelines for the project")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="tasks per transaction")
     p.add_argument("--json", action="store_true", help="print the import report as JSON")
     p.set_defaults(func=cmd_import)
 
@@ -108,13 +106,13 @@ def cmd_import(args) -> None:
             raise InputError(f"cannot read the guidelines {args.guidelines}: {exc}") from exc
     with _open_store(args.db, create=True) as store:
         project, created = open_or_create_project(store, args.project, kb=args.kb)
+        settings = None
+        if guidelines is not None:  # set with the tasks, in one transaction: a refused import changes nothing
+            settings = project.settings
+            settings.guidelines = guidelines
         try:
-            if guidelines is not None:
-                settings = project.settings
-                settings.guidelines = guidelines
-                project = update_settings(store, project, settings)
             report = import_tasks(store, project, args.format, args.data, split=args.split, limit=args.limit,
-                                  images=args.images, batch_size=args.batch_size)
+                                  images=args.images, settings=settings)
         except Exception:
             if created:  # nothing imported (whatever failed): leave no empty project behind
                 discard_empty_project(store, project)

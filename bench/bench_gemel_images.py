@@ -34,7 +34,7 @@ if __package__ in (None, ""):  # run as a script: the repository root (for demo/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mel.cli_kit import add_threads_arg, apply_threads, load_average, script_command
-from mel.paths import REPO_ROOT, display_path
+from mel.paths import REPO_ROOT, atomic_write, display_path
 
 PHOTOS = ("astronaut", "grace_hopper", "rocket", "coffee", "chelsea")
 GOLD = {"Collins": "demo:eileen-collins", "Hopper": "demo:grace-hopper", "Falcon": "demo:falcon-9",
@@ -112,13 +112,19 @@ def cmd_matrix(args) -> int:
         for mention, row in m["answers"].items():
             print(f"  {mention:8s} " + "  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     if args.json:
-        path = Path(args.json)
-        data = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-        data.setdefault("about", __doc__.split("\n\n")[2].replace("\n", " "))
-        data.setdefault("runs", {})[args.label] = run
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        store_run(args.json, __doc__.split("\n\n")[2].replace("\n", " "), args.label, run)
     return 0
+
+
+def store_run(json_path: str | Path, about: str, label: str, run: dict) -> None:
+    """Add `run` under `label` to the JSON file of runs (other labels kept; created when missing)."""
+    path = Path(json_path)
+    data = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    data.setdefault("about", about)
+    data.setdefault("runs", {})[label] = run
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as tmp:  # the earlier runs survive a process killed while writing
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 # -- held-out train images -------------------------------------------------------------------
@@ -185,12 +191,8 @@ def cmd_heldout(args) -> int:
           f"{hits['without_image']}", flush=True)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     if args.json:
-        path = Path(args.json)
-        data = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-        data.setdefault("about", __doc__.split("\n\n")[3].replace("\n", " "))
-        data.setdefault("runs", {})[args.label or f"{args.feature}+{args.prompt}"] = out
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        store_run(args.json, __doc__.split("\n\n")[3].replace("\n", " "), args.label or f"{args.feature}+{args.prompt}",
+                  out)
     return 0
 
 

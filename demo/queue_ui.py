@@ -48,7 +48,6 @@ from annotations.projects import (
     list_projects,
     list_tasks,
     open_or_create_project,
-    update_settings,
 )
 from annotations.queue import MAX_COMMENT_CHARS, AnnotationQueue, StaleTaskError
 from mel.errors import InputError, MELError
@@ -579,16 +578,18 @@ def _import_upload(service: LinkService, screens: QueueScreens, project_name, k,
         store = service.store
         project, created = open_or_create_project(store, project_name or "", kb=service.kb.path)
         try:
-            if created or guide:
+            settings = None
+            if created or guide:  # written with the tasks, in one transaction: a refused import changes nothing
                 settings = project.settings
                 if guide:
                     settings.guidelines = guide
                 if created and k:
                     settings = ProjectSettings(**{**settings.__dict__, "annotations_per_task": int(k)})
-                project = update_settings(store, project, settings)
-                screens.forget(project.name)
             result = import_tasks(store, project, "csv" if suffix == ".csv" else "tasks-jsonl", tasks_path,
-                                  images=folder)
+                                  images=folder, settings=settings)
+            if settings is not None:
+                project = get_project(store, project.id)
+                screens.forget(project.name)
         except Exception as exc:
             if created:  # nothing imported (whatever failed): no empty project is left in the pickers
                 discard_empty_project(store, project)

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from annotations import FORMATS, AnnotationStore, NotAllowedError, export_corrections
-from annotations.store import ACTIONS, LINK_ACTIONS
+from annotations.store import ACTIONS, LINK_ACTIONS, STANDING
 from mel.errors import InputError, MELError
 from mel.spans import resolve_mention, resolve_span
 from mel.types import NIL, DimDetails, Entity, Example, GemelDetails, LinkResult, Mention, check_typed_text
@@ -571,10 +571,11 @@ class LinkService:
         """Distinct mentions (a project task is one mention) whose latest standing decision by
         `annotator` is in the store, by what it is: {"decided": linked + NIL, "decided_linked",
         "decided_nil", "decided_skip"}. Saving a mention again changes its decision, not the
-        count; an undone decision leaves it (or the decision before it counts again)."""
+        count; an undone decision, or one a reviewer sent back, leaves it (or the decision before it
+        counts again): the store's STANDING decisions."""
         rows = self.store.db.execute(
             "SELECT action, count(*) FROM corrections WHERE id IN (SELECT max(id) FROM corrections "
-            "WHERE annotator = ? AND undone_at IS NULL GROUP BY mention_id) GROUP BY action", (annotator,)).fetchall()
+            f"WHERE annotator = ? AND {STANDING} GROUP BY mention_id) GROUP BY action", (annotator,)).fetchall()
         by = {"linked": 0, "nil": 0, "skip": 0}
         for action, n in rows:
             by["linked" if action in LINK_ACTIONS else action] += int(n)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .cli_kit import add_preset_args, check_output_file, count_arg, resolve_preset
 from .errors import InputError
+from .paths import atomic_write
 
 
 def add_parser(sub) -> None:
@@ -91,6 +92,11 @@ def load_scores(path: str, examples, linker, args, log) -> list:
         scored = loads_scored(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError, TypeError) as exc:
         raise InputError(f"cannot read saved scores {path}: {exc}") from None
+    for r in scored:  # a hand-edited or damaged file: said, not a TypeError further down
+        if not (isinstance(r.ids, list) and isinstance(r.scores, list) and len(r.ids) == len(r.scores)) or any(
+                isinstance(s, bool) or not isinstance(s, (int, float)) for s in r.scores):
+            raise InputError(f"{path}: a saved score of {r.sample_id!r} is not a number ({r.scores!r:.200}), or "
+                             f"its candidates and scores differ in number; run without --scores")
     want = [(ex.sample_id, ex.gold_id) for ex in examples]
     if [(r.sample_id, r.gold_id) for r in scored] != want:
         raise InputError(f"{path} holds other mentions than this run's {len(want)} (another slice, seed or limit)")
@@ -98,27 +104,47 @@ def load_scores(path: str, examples, linker, args, log) -> list:
     again = collect(linker, examples[:n], k=args.k, batch_size=args.batch_size, progress=False)
     for old, new in zip(scored[:n], again, strict=True):
         if old.ids != new.ids or len(old.scores) != len(new.scores) or any(
-                abs(a - b) > 1e-6 for a, b in zip(old.scores, new.scores, strict=True)
-                if not (a == b or (a != a and b != b))):
+                (a != a) != (b != b) or abs(a - b) > 1e-6  # NaN only where the linker gives NaN
+                for a, b in zip(old.scores, new.scores, strict=True) if not (a == b or (a != a and b != b))):
             raise InputError(f"{path}: the linker now gives other candidates or scores for {old.sample_id!r} than "
                              f"those saved (other models or code?); run without --scores")
     log(f"[mel] {len(scored)} mentions' scores read from {path}; the first {n} re-run: identical")
     return scored
 
 
-def run(args) -> None:
-    from .calibration import (
-        calibration_report,
-        collect,
-        dumps_scored,
-        fit,
-        nil_decisions,
-        reliability_diagram,
-        removed_golds,
-        top_confidences,
-    )
+def measure(args, linker, cal, seconds: dict, log) -> tuple[list, list, dict]:
+    """(examples, scores, report) of --measure-split: its scores collected, or read and checked (--scores)."""
+    from .calibration import calibration_report, collect, nil_decisions, removed_golds
     from .datasets import load_dataset
     from .evaluate import nil_metrics
+    dev = load_dataset(args.format, args.data, args.measure_split, unlocated="context")
+    dev_ex = dev.examples[: args.measure_limit] if args.measure_limit else dev.examples
+    log(f"[mel] measuring on {args.measure_split}: the first {len(dev_ex)} of {len(dev.examples)} mentions "
+        f"({dev.report.rules_line()})")
+    t0 = time.perf_counter()
+    if args.scores:
+        dev_scored = load_scores(f"{args.scores}.{args.measure_split}.jsonl", dev_ex, linker, args, log)
+        report_from = f"{Path(args.scores).name}.{args.measure_split}.jsonl"
+    else:
+        dev_scored = collect(linker, dev_ex, k=args.k, batch_size=args.batch_size, progress=not args.quiet)
+        report_from = ""
+    seconds["collect_measure"] = round(time.perf_counter() - t0, 1)
+    report = calibration_report(dev_scored, cal)
+    report["split"] = args.measure_split
+    if report_from:
+        report["scores_from"] = report_from
+    if cal.nil_threshold is not None:
+        removed = removed_golds([r.gold_id for r in dev_scored], args.nil_share, args.seed)
+        report["nil"] = {"share": args.nil_share, "seed": args.seed, "n_removed_golds": len(removed),
+                         "threshold": cal.nil_threshold,
+                         **nil_metrics(nil_decisions(dev_scored, cal, cal.nil_threshold, removed)),
+                         "without_threshold": nil_metrics(nil_decisions(dev_scored, cal, None, removed))}
+    return dev_ex, dev_scored, report
+
+
+def run(args) -> None:
+    from .calibration import collect, dumps_scored, fit, reliability_diagram, top_confidences
+    from .datasets import load_dataset
     from .kb import KnowledgeBase
     from .linkers import build_linker, parse_options
 
@@ -140,8 +166,6 @@ def run(args) -> None:
     else:
         scored = collect(linker, examples, k=args.k, batch_size=args.batch_size, progress=not args.quiet)
     collect_s = time.perf_counter() - t0
-    if args.save_scores:
-        Path(f"{args.save_scores}.{args.split}.jsonl").write_text(dumps_scored(scored), encoding="utf-8")
     fitted_on = {"dataset": args.format, "split": args.split, "n": len(scored), "slice": how, "seed": args.seed,
                  "kb": kb.path.name, "kb_size": kb.size, "k": args.k, "options": parse_options(args.opt or []),
                  "command": getattr(args, "command_line", "")}
@@ -151,8 +175,21 @@ def run(args) -> None:
     t0 = time.perf_counter()
     cal = fit(scored, linker, nil_share=args.nil_share, seed=args.seed, fitted_on=fitted_on, method=args.method)
     fit_s = time.perf_counter() - t0
-    path = cal.save(args.out)
     seconds = {"collect_train": round(collect_s, 1), "fit": round(fit_s, 1)}
+    out = {"linker": linker.name, "kb": kb.path.name, "kb_size": kb.size, "calibration": cal.to_dict(),
+           "command": getattr(args, "command_line", ""),
+           "seconds": seconds}
+    dev_scored, dev_ex = None, []
+    if args.measure_split:  # read and checked (--scores) before any output is written
+        dev_ex, dev_scored, out["measure"] = measure(args, linker, cal, seconds, log)
+    # Everything is computed and checked: the outputs now, each published whole (mel.paths.atomic_write).
+    if args.save_scores:
+        with atomic_write(f"{args.save_scores}.{args.split}.jsonl") as tmp:
+            tmp.write_text(dumps_scored(scored), encoding="utf-8")
+        if dev_scored is not None:
+            with atomic_write(f"{args.save_scores}.{args.measure_split}.jsonl") as tmp:
+                tmp.write_text(dumps_scored(dev_scored), encoding="utf-8")
+    path = cal.save(args.out)
     train = cal.metrics["train"]
     selection = cal.fitted_on.get("selection")
     if selection:
@@ -161,35 +198,8 @@ def run(args) -> None:
     print(f"{linker.name} [{cal.method}]: T={cal.temperature:.4g}, none logit b={cal.none_logit:.4g}, NIL threshold "
           f"{cal.nil_threshold} (train n={train['n']}: ECE {train['ece_before']:.4f} -> {train['ece_after']:.4f}) "
           f"-> {path}")
-    out = {"linker": linker.name, "kb": kb.path.name, "kb_size": kb.size, "calibration": cal.to_dict(),
-           "command": getattr(args, "command_line", ""),
-           "seconds": seconds}
-    if args.measure_split:
-        dev = load_dataset(args.format, args.data, args.measure_split, unlocated="context")
-        dev_ex = dev.examples[: args.measure_limit] if args.measure_limit else dev.examples
-        log(f"[mel] measuring on {args.measure_split}: the first {len(dev_ex)} of {len(dev.examples)} mentions "
-            f"({dev.report.rules_line()})")
-        t0 = time.perf_counter()
-        if args.scores:
-            dev_scored = load_scores(f"{args.scores}.{args.measure_split}.jsonl", dev_ex, linker, args, log)
-            report_from = f"{Path(args.scores).name}.{args.measure_split}.jsonl"
-        else:
-            dev_scored = collect(linker, dev_ex, k=args.k, batch_size=args.batch_size, progress=not args.quiet)
-            report_from = ""
-        seconds["collect_measure"] = round(time.perf_counter() - t0, 1)
-        if args.save_scores:
-            Path(f"{args.save_scores}.{args.measure_split}.jsonl").write_text(dumps_scored(dev_scored), encoding="utf-8")
-        report = calibration_report(dev_scored, cal)
-        report["split"] = args.measure_split
-        if report_from:
-            report["scores_from"] = report_from
-        if cal.nil_threshold is not None:
-            removed = removed_golds([r.gold_id for r in dev_scored], args.nil_share, args.seed)
-            report["nil"] = {"share": args.nil_share, "seed": args.seed, "n_removed_golds": len(removed),
-                             "threshold": cal.nil_threshold,
-                             **nil_metrics(nil_decisions(dev_scored, cal, cal.nil_threshold, removed)),
-                             "without_threshold": nil_metrics(nil_decisions(dev_scored, cal, None, removed))}
-        out["measure"] = report
+    if dev_scored is not None:
+        report = out["measure"]
         print(f"  {args.measure_split} n={report['n']}: ECE {report['ece_before']:.4f} (softmax of the scores) -> "
               f"{report['ece_after']:.4f} (calibrated); H@1 {report['hits@1']:.4f}"
               + (f"; NIL share {args.nil_share}: accuracy {report['nil']['accuracy']:.4f} "
@@ -202,5 +212,5 @@ def run(args) -> None:
                                 title=f"{linker.name} on {args.format} {args.measure_split} (first {len(dev_ex)}), "
                                       f"KB {kb.size:,} entities; fitted on {args.split} n={len(scored)}")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(out, f, indent=2, ensure_ascii=False)
+        with atomic_write(args.json) as tmp:
+            tmp.write_text(json.dumps(out, indent=2, ensure_ascii=False), encoding="utf-8")

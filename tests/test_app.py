@@ -363,6 +363,33 @@ def test_the_counter_counts_distinct_decided_mentions_as_the_store_has_them(tmp_
     assert (counts["decided"], counts["decided_linked"], counts["decided_nil"], counts["decided_skip"]) == (1, 0, 1, 0)
 
 
+def test_the_counter_leaves_out_decisions_a_reviewer_sent_back(tmp_path):
+    """The counter counted a queue decision a reviewer had sent back (it filtered only undone ones):
+    the store's standing decisions are neither undone nor returned."""
+    import json
+
+    from annotations import AnnotationStore
+    from annotations.projects import create_project, import_tasks
+    from annotations.queue import AnnotationQueue
+    from annotations.review import ReviewQueue
+    from demo.service import LinkService, ServiceConfig
+    service = LinkService(ServiceConfig(data_dir=str(tmp_path)))
+    service.store = store = AnnotationStore(tmp_path)
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps({"caption": f"Task {i} in a caption", "mention": f"Task {i}"}) + "\n"
+                            for i in (1, 2)))
+    create_project(store, "p")
+    import_tasks(store, "p", "tasks-jsonl", data)
+    q = AnnotationQueue(store, "p")
+    first = q.next_task("alice").task.id
+    q.decide("alice", first, "nil", token="a1")
+    second = q.next_task("alice").task.id
+    q.decide("alice", second, "search", "Q1", token="a2", entity_name="Someone")
+    assert service.decided("alice")["decided"] == 2
+    ReviewQueue(store, "p", reviewer="rita", is_reviewer=True).send_back(first, comment="look again", token="r1")
+    assert service.decided("alice") == {"decided": 1, "decided_linked": 1, "decided_nil": 0, "decided_skip": 0}
+
+
 def test_the_link_tabs_undo_never_undoes_a_project_decision(tmp_path):
     """`u` on the Link tab (and /undo) undoes the annotator's last Link-tab correction, never a
     decision they made in the Annotate tab's queue: that one stood, and its queue (cursor, history,

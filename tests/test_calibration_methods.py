@@ -3,6 +3,7 @@ map of the top probability, the automatic choice on train folds; and old configs
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -163,3 +164,81 @@ def test_a_malformed_top_map_is_refused_with_a_clear_error(bad):
     from mel.calibration import Calibration
     with pytest.raises(InputError, match="top_map"):
         Calibration(linker="bm25", temperature=1.0, top_map=bad)
+
+
+def _calibrate_args(tmp_path, hashing_encoder) -> list[str]:
+    data, kb = person_dataset(tmp_path, hashing_encoder, {"train": 60, "dev": 20})
+    return ["calibrate", "--format", "jsonl", "--data", str(data), "--split", "train", "--limit", "0",
+            "--kb", str(kb.path), "--linker", "bm25", "--measure-split", "dev", "--quiet"]
+
+
+def _contents(paths) -> dict:
+    return {p.name: p.read_bytes() for p in paths}
+
+
+def test_calibrate_checks_the_measure_splits_scores_before_writing_anything(tmp_path, hashing_encoder, capsys):
+    """`--scores P --measure-split dev` saved the calibration (and the train scores) before reading
+    P.dev.jsonl: a missing or mismatched one failed after the shipped calibration was replaced.
+    Everything is read and checked first; a refusal leaves every output as it was."""
+    from mel.cli import main
+    base = _calibrate_args(tmp_path, hashing_encoder)
+    outputs = ["--out", str(tmp_path / "a"), "--save-scores", str(tmp_path / "s"), "--json", str(tmp_path / "m.json")]
+    assert main(base + outputs) in (0, None)
+    kept = [tmp_path / "a" / "config.json", tmp_path / "s.train.jsonl", tmp_path / "s.dev.jsonl", tmp_path / "m.json"]
+    before = _contents(kept)
+    (tmp_path / "t.train.jsonl").write_bytes(before["s.train.jsonl"])  # no t.dev.jsonl
+    assert main(base + outputs + ["--scores", str(tmp_path / "t")]) == 2
+    assert "t.dev.jsonl" in capsys.readouterr().err
+    assert _contents(kept) == before
+    dev = before["s.dev.jsonl"].decode().splitlines()
+    (tmp_path / "t.dev.jsonl").write_text("\n".join(dev[1:]) + "\n")  # other mentions
+    assert main(base + outputs + ["--scores", str(tmp_path / "t")]) == 2
+    assert "other mentions" in capsys.readouterr().err
+    assert _contents(kept) == before
+
+
+def test_saved_scores_that_are_not_numbers_are_refused(tmp_path, hashing_encoder, capsys):
+    """A saved `null` score crashed the --scores check with a TypeError traceback, and a saved NaN
+    where the linker now gives a number passed as identical."""
+    from mel.cli import main
+    base = _calibrate_args(tmp_path, hashing_encoder)[:-3] + ["--quiet"]  # no measure split
+    assert main(base + ["--out", str(tmp_path / "a"), "--save-scores", str(tmp_path / "s")]) in (0, None)
+    lines = (tmp_path / "s.train.jsonl").read_text().splitlines()
+    for bad in (None, "0.5", True, [0.5]):
+        row = json.loads(lines[0])
+        row["scores"][0] = bad
+        (tmp_path / "u.train.jsonl").write_text("\n".join([json.dumps(row)] + lines[1:]) + "\n")
+        assert main(base + ["--out", str(tmp_path / "b"), "--scores", str(tmp_path / "u")]) == 2
+        err = capsys.readouterr().err
+        assert "u.train.jsonl" in err and repr(row["sample_id"]) in err and "not a number" in err, err
+    row = json.loads(lines[0])
+    row["scores"][0] = float("nan")
+    (tmp_path / "u.train.jsonl").write_text("\n".join([json.dumps(row)] + lines[1:]) + "\n")
+    assert main(base + ["--out", str(tmp_path / "b"), "--scores", str(tmp_path / "u")]) == 2
+    assert "other candidates or scores" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("target", ["s.train.jsonl", "s.dev.jsonl", "m.json"])
+def test_calibrate_outputs_are_replaced_whole_or_not_at_all(tmp_path, hashing_encoder, monkeypatch, target):
+    """--save-scores and --json were written in place: a process killed (or a disk full) while
+    writing left a truncated file instead of the previous one. They are published by a rename."""
+    import mel.paths
+    from mel.cli import main
+    base = _calibrate_args(tmp_path, hashing_encoder)
+    outputs = ["--out", str(tmp_path / "a"), "--save-scores", str(tmp_path / "s"), "--json", str(tmp_path / "m.json")]
+    assert main(base + outputs) in (0, None)
+    path = tmp_path / target
+    before = path.read_bytes()
+    real = mel.paths.publish
+
+    def killed_before_the_rename(tmp, dest):
+        if Path(dest).name == target:
+            raise OSError("simulated: killed while writing")
+        real(tmp, dest)
+
+    monkeypatch.setattr(mel.paths, "publish", killed_before_the_rename)
+    with pytest.raises(OSError, match="simulated"):
+        main(base + outputs + ["--seed", "1"])
+    assert path.read_bytes() == before
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(f".{target}.")], "no temporary file left"

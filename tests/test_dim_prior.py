@@ -196,3 +196,38 @@ def test_linker_without_a_kb_prior_scores_exactly_as_the_base_and_with_one_uses_
     assert ranked(head_dir, use_prior=False) == before
     after = ranked(head_dir)
     assert after[0][0][0] == "Q5" and after[1][0][0] == "Q6"
+
+
+def _prior_trainer(tmp_path, base: DimFusion, out: str, **config):
+    """A PriorTrainer on the saved `base` with no data (what `save` needs: the base, its payload, OUT)."""
+    from mel.dim.prior_train import PriorTrainer
+    from mel.training.checkpoint import load_config, save_pretrained_dir
+    if not (tmp_path / "base").exists():
+        save_pretrained_dir(base, base.config, tmp_path / "base")
+    trainer = PriorTrainer.__new__(PriorTrainer)
+    trainer.base_dir, trainer.out, trainer.config = tmp_path / "base", tmp_path / out, PriorTrainConfig(**config)
+    trainer.base, trainer.payload = DimFusion.from_pretrained(str(tmp_path / "base"))[0], load_config(tmp_path / "base")
+    return trainer
+
+
+def test_a_float32_base_is_kept_float32_and_a_changed_base_is_never_published(tmp_path):
+    """`train dim-prior` saved OUT in --save-dtype (default float16) and only then checked that the base's
+    tensors were kept: a float32 base was cast, the check failed, and the bad head was already in OUT.
+    The default is now the base's own dtype, and the check runs before anything is written."""
+    from safetensors.numpy import load_file
+
+    from mel.errors import CheckpointError
+    trainer = _prior_trainer(tmp_path, _base(), "head")
+    head = fit_prior(prior_head(trainer.base, NAMES), [_rows()], l2=0.1, steps=30)
+    trainer.save(head, {"features": list(NAMES)})
+    assert trainer.check_frozen()
+    assert {str(v.dtype) for v in load_file(str(tmp_path / "head" / "model.safetensors")).values()} == {"float32"}
+    for out, config in (("cast", {"save_dtype": "float16"}), ("changed", {})):
+        trainer = _prior_trainer(tmp_path, _base(), out, **config)
+        head = fit_prior(prior_head(trainer.base, NAMES), [_rows()], l2=0.1, steps=30)
+        if out == "changed":
+            with torch.no_grad():
+                head.visual["face_sex"].weight.add_(1.0)
+        with pytest.raises(CheckpointError, match="base tensors changed"):
+            trainer.save(head, {"features": list(NAMES)})
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "head"], "nothing of OUT written"

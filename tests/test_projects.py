@@ -127,7 +127,7 @@ def test_import_csv_with_images_reports_malformed_rows_and_imports_the_rest(stor
         writer.writeheader()
         writer.writerows(rows)
     project = create_project(store, "team")
-    report = import_tasks(store, project, "csv", data, images=pics, batch_size=2)
+    report = import_tasks(store, project, "csv", data, images=pics)
     assert (report.n_read, report.n_imported, report.n_malformed) == (11, 4, 7), report.summary()
     reasons = {m.record: m.reason for m in report.malformed}
     assert all(m.file == str(data) for m in report.malformed)
@@ -191,7 +191,7 @@ def test_same_mention_with_another_gold_is_reported_not_imported_twice(store, tm
     assert report.malformed[0].record == "line 2" and "gold 'Q90', not 'Q167646'" in report.malformed[0].reason
 
 
-def test_a_crash_mid_import_leaves_no_half_batch(store, tmp_path, monkeypatch):
+def test_a_crash_mid_import_leaves_nothing_of_it(store, tmp_path, monkeypatch):
     data = tmp_path / "t.jsonl"
     data.write_text("".join(json.dumps({"caption": f"Task number {i} here", "mention": f"{i}"}) + "\n"
                             for i in range(5)))
@@ -200,20 +200,22 @@ def test_a_crash_mid_import_leaves_no_half_batch(store, tmp_path, monkeypatch):
 
     def crash_on_the_third(*args):
         calls.append(1)
-        if len(calls) == 3:  # the first row of the second batch is written, then the process "dies"
+        if len(calls) == 3:  # two rows are written, then the process "dies"
             raise RuntimeError("simulated crash")
         return real(*args)
 
     monkeypatch.setattr(projects, "_insert_task", crash_on_the_third)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        import_tasks(store, project, "tasks-jsonl", data, batch_size=2)
-    assert [t.mention.text for t in list_tasks(store, project)] == ["0", "1"], "batch 1 in, batch 2 not at all"
-    assert store.db.execute("SELECT count(*) FROM mentions").fetchone()[0] == 2
+        import_tasks(store, project, "tasks-jsonl", data, settings=ProjectSettings(guidelines="# New"))
+    assert list_tasks(store, project) == [], "one transaction: all of the import or nothing"
+    assert store.db.execute("SELECT count(*) FROM mentions").fetchone()[0] == 0
+    assert get_project(store, project).settings.guidelines == ""
 
     monkeypatch.setattr(projects, "_insert_task", real)
-    report = import_tasks(store, project, "tasks-jsonl", data, batch_size=2)
-    assert (report.n_imported, report.n_already_present) == (3, 2)
+    report = import_tasks(store, project, "tasks-jsonl", data, settings=ProjectSettings(guidelines="# New"))
+    assert (report.n_imported, report.n_already_present, report.n_batches) == (5, 0, 1)
     assert [t.position for t in list_tasks(store, project)] == [0, 1, 2, 3, 4]
+    assert get_project(store, project).settings.guidelines == "# New"
 
 
 def test_projects_settings_and_names(store, hashing_encoder, tmp_path):
@@ -445,3 +447,61 @@ def test_queue_decisions_are_exported_as_training_data(store, tmp_path):
     assert {e.gold_id for e in load_dataset("jsonl", tmp_path / "out", "train").examples} == {"Q1", NIL}
     free_form = export_corrections(store, tmp_path / "free", "jsonl")  # project decisions are not mixed in
     assert free_form.n_examples == 0 and free_form.projects_not_exported == ["q"]
+
+
+def _late_error_file(tmp_path, fmt: str, n: int = 600) -> tuple[Path, int]:
+    """A task file of `n` good records, then one the reader cannot read at all (a byte that is not UTF-8
+    for tasks-jsonl, a cell over the csv module's field limit for csv); (file, where the error is: the
+    byte offset of the bad byte, or the record)."""
+    if fmt == "tasks-jsonl":
+        good = "".join(json.dumps({"caption": f"Task number {i} here", "mention": f"{i}"}) + "\n" for i in range(n))
+        raw = good.encode("utf-8") + b'{"caption": "caf\xe9 au lait", "mention": "caf"}\n'
+        where = raw.index(b"\xe9")
+    else:
+        good = "caption,mention\n" + "".join(f"Task number {i} here,{i}\n" for i in range(n))
+        raw = (good + "x" * (csv.field_size_limit() + 10) + ",x\n").encode("utf-8")
+        where = n + 1
+    path = tmp_path / ("late.csv" if fmt == "csv" else "late.jsonl")
+    path.write_bytes(raw)
+    return path, where
+
+
+@pytest.mark.parametrize("fmt", ["tasks-jsonl", "csv"])
+def test_a_file_error_late_in_the_file_imports_nothing(store, tmp_path, fmt):
+    """A file the reader cannot read to its end (not UTF-8, a broken CSV) was refused only after the
+    records before the error had been committed, 200 at a time: a "refused" import that had saved
+    600 tasks. The whole file is read and checked first; nothing is written. The bad byte is named
+    by its offset in the file (it was an offset inside the last 8 KiB chunk read)."""
+    data, where = _late_error_file(tmp_path, fmt)
+    project = create_project(store, "p")
+    match = f"at byte {where} \\(line 601\\)" if fmt == "tasks-jsonl" else "not a readable CSV file"
+    with pytest.raises(InputError, match=match):
+        import_tasks(store, project, fmt, data)
+    assert list_tasks(store, project) == []
+    assert store.db.execute("SELECT count(*) FROM mentions").fetchone()[0] == 0
+
+
+def test_a_refused_import_in_the_cli_keeps_the_project_as_it_was(tmp_path, capsys):
+    """`annotations import` of a file refused late: a new project was kept half-imported (it was not
+    empty), and an existing project's guidelines were overwritten (committed before the import ran).
+    Now a new project is taken back and an existing one keeps its tasks and guidelines."""
+    from mel.cli import main
+    db = tmp_path / "data"
+    bad, _ = _late_error_file(tmp_path, "tasks-jsonl")
+    old, new = tmp_path / "old.md", tmp_path / "new.md"
+    old.write_text("# Old rules", encoding="utf-8")
+    new.write_text("# New rules", encoding="utf-8")
+    args = ["annotations", "import", "--db", str(db), "--format", "tasks-jsonl"]
+    assert main(args + ["--project", "fresh", "--data", str(bad)]) == 2
+    assert "not UTF-8" in capsys.readouterr().err
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"caption": "Hopper painted the diner", "mention": "Hopper"}) + "\n", encoding="utf-8")
+    assert main(args + ["--project", "kept", "--data", str(good), "--guidelines", str(old)]) == 0
+    assert main(args + ["--project", "kept", "--data", str(bad), "--guidelines", str(new)]) == 2
+    with AnnotationStore.from_db(db / "annotations.sqlite") as store:
+        assert [p.name for p in list_projects(store)] == ["kept"]
+        assert get_project(store, "kept").settings.guidelines == "# Old rules"
+        assert [t.mention.text for t in list_tasks(store, "kept")] == ["Hopper"]
+    assert main(args + ["--project", "kept", "--data", str(good), "--guidelines", str(new)]) == 0
+    with AnnotationStore.from_db(db / "annotations.sqlite") as store:
+        assert get_project(store, "kept").settings.guidelines == "# New rules"

@@ -356,3 +356,29 @@ def test_decision_keys_with_nothing_left_say_so(service, tmp_path):
         assert "reload the page" not in html and "GEMEL gave no entity" not in html
     assert [r["client_token"] for r in service.store.corrections(annotator="erin")] == ["e1"]
     screens.close()
+
+
+def test_a_refused_import_keeps_the_projects_guidelines(tmp_path):
+    """The import form set the guidelines given with it (committed) before the import ran: a refused
+    file still replaced an existing project's guidelines. Now they are written with the tasks."""
+    from types import SimpleNamespace
+
+    from annotations import AnnotationStore
+    from annotations.projects import ProjectSettings, create_project, get_project, list_tasks
+    from demo.queue_ui import _import_upload
+    from mel.errors import MELError
+    upload = tmp_path / "gradio" / ("ab" * 32) / "tasks.jsonl"
+    upload.parent.mkdir(parents=True)
+    good = "".join(json.dumps({"caption": f"Task number {i} here", "mention": f"{i}"}) + "\n" for i in range(300))
+    with AnnotationStore(tmp_path / "data") as store:
+        create_project(store, "p", settings=ProjectSettings(guidelines="# Old rules"))
+        service = SimpleNamespace(store=store, kb=SimpleNamespace(path=None))
+        screens = SimpleNamespace(forget=lambda name: None)
+        upload.write_bytes(good.encode("utf-8") + b'{"caption": "caf\xe9", "mention": "caf"}\n')
+        with pytest.raises(MELError, match="not UTF-8"):
+            _import_upload(service, screens, "p", None, str(upload), None, "# New rules")
+        assert get_project(store, "p").settings.guidelines == "# Old rules" and list_tasks(store, "p") == []
+        upload.write_text(good, encoding="utf-8")
+        report, project = _import_upload(service, screens, "p", None, str(upload), None, "# New rules")
+        assert report.n_imported == 300 and project.settings.guidelines == "# New rules"
+        assert get_project(store, "p").settings.guidelines == "# New rules"

@@ -156,19 +156,39 @@ class FrozenBaseTrainer:
                           datasets=datasets, cache_dir=self.cache_dir, progress=self.progress)
 
     def save(self, head: DimFusion, report: dict) -> Path:
-        """The head in `save_dtype`, the base's config.json entries kept, the report under `report_key` with the
-        weights as stored (rounded to save_dtype)."""
+        """The head in `save_dtype` (default: the base's own), the base's config.json entries kept, the report under
+        `report_key` with the weights as stored (rounded to that dtype). The base tensors are checked (check_frozen)
+        before anything is written: a head that changed them is never published."""
         from ..training.checkpoint import save_pretrained_dir
-        shipped = head.to({"float16": torch.float16, "float32": torch.float32}[self.config.save_dtype])
+        dtype = self.shipped_dtype()
+        shipped = head.to({"float16": torch.float16, "float32": torch.float32}[dtype])
+        self.check_frozen({k: v.detach().cpu().contiguous().numpy() for k, v in shipped.state_dict().items()})
         extra = {k: v for k, v in self.payload.items() if k not in ("model_type", "config")}
-        extra["weights_dtype"] = self.config.save_dtype
+        extra["weights_dtype"] = dtype
         extra[self.report_key] = {**report, "weights": self.term_weights(shipped)}
         return save_pretrained_dir(shipped, shipped.config, self.out, extra=extra)
 
-    def check_frozen(self) -> bool:
-        """Every tensor of the base file is in the saved one with the same dtype and bytes; only `prefix`* were added."""
+    def shipped_dtype(self) -> str:
+        """--save-dtype, or else the dtype of the base file's tensors (so that they are kept bit for bit)."""
+        if self.config.save_dtype:
+            return self.config.save_dtype
+        dtypes = {str(v.dtype) for v in self._base_tensors().values()}
+        if len(dtypes) != 1 or not dtypes <= {"float16", "float32"}:
+            raise CheckpointError(f"--base {self.base_dir} holds tensors of {sorted(dtypes)}; give --save-dtype "
+                                  f"float16 or float32")
+        return dtypes.pop()
+
+    def _base_tensors(self) -> dict:
         from safetensors.numpy import load_file
-        old, new = load_file(str(self.base_dir / "model.safetensors")), load_file(str(self.out / "model.safetensors"))
+        return load_file(str(self.base_dir / "model.safetensors"))
+
+    def check_frozen(self, new: dict | None = None) -> bool:
+        """Every tensor of the base file is in `new` (numpy arrays of the head about to be saved; default: the saved
+        OUT) with the same dtype and bytes; only `prefix`* were added."""
+        from safetensors.numpy import load_file
+        old = self._base_tensors()
+        if new is None:
+            new = load_file(str(self.out / "model.safetensors"))
         changed = [k for k, v in old.items() if k not in new or new[k].dtype != v.dtype or new[k].tobytes() != v.tobytes()]
         added = sorted(set(new) - set(old))
         if changed or any(not k.startswith(self.prefix) for k in added):

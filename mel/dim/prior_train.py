@@ -50,12 +50,13 @@ class PriorTrainConfig:
     steps: int = field(default=200, metadata={"help": "L-BFGS iterations at most (the problem is convex)"})
     lr: float = 1.0
     seed: int = 42
-    save_dtype: str = field(default="float16", metadata={"help": "float16 (as the shipped base) or float32"})
+    save_dtype: str = field(default="", metadata={
+        "help": "float16 or float32; default: the base's own (its tensors are kept bit for bit)"})
 
     def __post_init__(self):
         self.feature_sets()
         self.l2_list()
-        if int(self.folds) < 2 or int(self.steps) < 1 or not self.lr > 0 or self.save_dtype not in ("float16", "float32"):
+        if int(self.folds) < 2 or int(self.steps) < 1 or not self.lr > 0 or self.save_dtype not in ("", "float16", "float32"):
             raise InputError("--folds must be >= 2, --steps >= 1, --lr > 0 and --save-dtype float16 or float32")
 
     def feature_sets(self) -> list[tuple[str, ...]]:

@@ -69,7 +69,8 @@ class VisualTrainConfig:
     steps: int = field(default=200, metadata={"help": "L-BFGS iterations at most (the problem is convex)"})
     lr: float = 1.0
     seed: int = 42
-    save_dtype: str = field(default="float16", metadata={"help": "float16 (as the shipped base) or float32"})
+    save_dtype: str = field(default="", metadata={
+        "help": "float16 or float32; default: the base's own (its tensors are kept bit for bit)"})
 
     def __post_init__(self):
         names = self.group_list()
@@ -78,7 +79,7 @@ class VisualTrainConfig:
             raise InputError(f"unknown visual group(s) {unknown or [self.groups]}; choose from {list(VISUAL_GROUPS)}")
         self.rate_list()
         self.l2_list()
-        if int(self.steps) < 1 or not self.lr > 0 or self.save_dtype not in ("float16", "float32"):
+        if int(self.steps) < 1 or not self.lr > 0 or self.save_dtype not in ("", "float16", "float32"):
             raise InputError("--steps must be >= 1, --lr > 0 and --save-dtype float16 or float32")
 
     def group_list(self) -> list[str]:
