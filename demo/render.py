@@ -201,7 +201,9 @@ def render_ranker_note(view) -> str:
         parts.append(f'<span class="mel-note">protocol: {_esc(details.protocol)}</span>')
     if result is not None and result.candidates:
         _, calibrated, tooltip = confidences(result.candidates, panel.calibration, linker_kind(panel.linker))
-        parts.append(f'<span class="mel-note">p: {_p_label(calibrated, tooltip)}</span>')
+        # the legend of the table's p column, whose header is short (P_HEADERS)
+        column = P_HEADERS["calibrated p" if calibrated else "p (uncalibrated)"]
+        parts.append(f'<span class="mel-note" id="mel-p-legend">{_esc(column)}: {_p_label(calibrated, tooltip)}</span>')
     return "<div>" + " · ".join(parts) + "</div>" if parts else ""
 
 
@@ -234,9 +236,16 @@ def candidate_rows(view) -> list[list]:
              round(c["score"], 4), None if p is None else round(p, 4)] for c, p in zip(view.ranked, probs, strict=True)]
 
 
+# What the ranked table shows as the p column's header: short enough for one line in its 120 px column
+# ("p (uncalibrated)" took three); the legend above the table (render_ranker_note) says it in full,
+# with the tooltip, and so does the header's own tooltip (demo/assets/app.js). A no-break space keeps
+# "p" and its qualifier together.
+P_HEADERS = {"p (uncalibrated)": "p\u00a0(uncal.)", "calibrated p": "p\u00a0(calib.)"}
+
+
 def candidate_table(view) -> dict:
-    """The ranked table's value (gr.Dataframe): its rows and headers."""
-    return {"data": candidate_rows(view), "headers": candidate_headers(view)}
+    """The ranked table's value (gr.Dataframe): its rows and headers (the p column's header short, P_HEADERS)."""
+    return {"data": candidate_rows(view), "headers": [P_HEADERS.get(h, h) for h in candidate_headers(view)]}
 
 
 @functools.lru_cache(maxsize=1)
@@ -584,7 +593,7 @@ def render_preannotation(status: dict, state: str) -> str:
 
 
 __all__ = ["render_generator", "render_cue", "render_ranker_note", "candidate_rows", "candidate_headers",
-           "candidate_table", "candidate_key", "candidate_choices", "refusal_html", "confidences", "generator_title",
-           "gallery_items",
+           "candidate_table", "P_HEADERS", "candidate_key", "candidate_choices", "refusal_html", "confidences",
+           "generator_title", "gallery_items",
            "counter_html", "status_html", "render_task", "render_search_results", "render_import_report",
            "render_preannotation", "probabilities", "image_data_uri", "split_predictions"]

@@ -577,21 +577,24 @@ _REVIEW_EVENTS = dict(api_visibility="private", concurrency_limit=4, concurrency
 
 
 def _review_drawer(team: Team) -> Callable[..., tuple]:
-    """draw(user, name, include_reviewed, task_id=None, after=None, note=""): the values of
+    """draw(user, name, include_reviewed, task_id=None, after=None, note="", keep=None): the values of
     ReviewScreen.drawn for project `name`."""
     def draw(user: str, name: str, include_reviewed: bool, task_id: str | None = None, after: int | None = None,
-             note: str = ""):
-        """Everything the tab shows for `name`: the list, and `task_id` (else the first task after
-        position `after`, else the first)."""
+             note: str = "", keep: str | None = None):
+        """Everything the tab shows for `name`: the list, and `task_id` (else `keep` while it is still
+        in the list, else the first task after position `after`, else the first). The state keeps the
+        database's signature as it was before the list was read (what opening the tab compares with)."""
         review = team.review(user, name)
+        signature = list(db_signature(team.store(), name))
         items = review.items(include_reviewed=bool(include_reviewed), limit=MAX_LIST)
         order = [it.task.id for it in items]
         chosen = None
         if task_id is not None:
             chosen = next((it for it in items if it.task.id == task_id), None) or review.item(task_id)
         elif items:
-            chosen = next((it for it in items if after is not None and it.task.position > after), items[0])
-        st = {"project": name, "order": order}
+            chosen = (next((it for it in items if keep is not None and it.task.id == keep), None)
+                      or next((it for it in items if after is not None and it.task.position > after), items[0]))
+        st = {"project": name, "order": order, "include": bool(include_reviewed), "signature": signature}
         if chosen is None:
             body = ('<div class="mel-team-note" id="mel-review-empty">Nothing to review in this project: no '
                     'disagreement and no open flag.</div>')
@@ -618,8 +621,9 @@ def _wire_review_navigation(team: Team, screen: ReviewScreen, draw: Callable[...
     """Picking a project (or the include box, or Refresh), a row of the list, Previous and Next."""
     drawn, side = screen.drawn, screen.side
 
-    def nothing():
-        return ({}, "", [], "", gr.update(choices=[], value=None), gr.update(value=None, visible=False), "")
+    def nothing():  # one value per component of `drawn`, in its order
+        return ({}, "", [], "", gr.update(choices=[], value=None), gr.update(value=None, visible=False),
+                _no_results(), "")
 
     @guarded
     def on_project(name, include_reviewed, request: gr.Request, profile: gr.OAuthProfile | None = None):
@@ -651,8 +655,26 @@ def _wire_review_navigation(team: Team, screen: ReviewScreen, draw: Callable[...
             return draw(user, st["project"], include_reviewed, order[(i + delta) % len(order)])
         return on_step
 
+    @guarded
+    def on_opened(name, include_reviewed, st, request: gr.Request, profile: gr.OAuthProfile | None = None):
+        """The tab was opened: what it shows is redrawn when the database changed since it was drawn
+        (decisions, reviews, flags made elsewhere), keeping the task on screen while it is still to
+        review (else the next one); one cheap query when nothing changed. The acknowledgement stays."""
+        user = team.require_reviewer(team.user(request, profile))
+        st = st or {}
+        if not name:
+            return tuple(gr.skip() for _ in drawn)
+        same = st.get("project") == name and st.get("include") == bool(include_reviewed)
+        if same and st.get("signature") == list(db_signature(team.store(), _project_name(name))):
+            return tuple(gr.skip() for _ in drawn)
+        out = draw(user, name, include_reviewed, keep=st.get("task") if same else None,
+                   after=st.get("position") if same else None)
+        return (*out[:-1], gr.skip())
+
     for trigger in (side.project.change, side.include.change, side.refresh.click):
         trigger(on_project, [side.project, side.include], drawn, **_REVIEW_EVENTS)
+    screen.tab.select(on_opened, [side.project, side.include, screen.state], drawn, show_progress="hidden",
+                      **_REVIEW_EVENTS)
     side.listing.select(on_open_row, [screen.state, side.include], drawn, **_REVIEW_EVENTS)
     screen.main.prev.click(step(-1), [screen.state, side.include], drawn, **_REVIEW_EVENTS)
     screen.main.nxt.click(step(+1), [screen.state, side.include], drawn, **_REVIEW_EVENTS)

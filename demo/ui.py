@@ -380,10 +380,10 @@ def checked_offset(number: gr.Number, name: str) -> gr.Number:
 
 
 SELECTION_JS = """
-(caption, start, end, mention) => {
+(caption, start, end, mention, last) => {
   const t = document.querySelector('#mel-caption textarea');
-  if (!t || t.selectionStart === t.selectionEnd) return [caption, null, null, ''];
-  return [t.value, t.selectionStart, t.selectionEnd, t.value.substring(t.selectionStart, t.selectionEnd)];
+  if (!t || t.selectionStart === t.selectionEnd) return [caption, null, null, '', last];
+  return [t.value, t.selectionStart, t.selectionEnd, t.value.substring(t.selectionStart, t.selectionEnd), last];
 }
 """
 
@@ -532,7 +532,8 @@ def _build_link_tab(demo: gr.Blocks, service: LinkService, access: Access, vault
     fix = _correction_panel(service)
     admin = _admin_panel()
     _wire_page_load(demo, service, access, who, link.info, admin.box)
-    _wire_linking(service, access, current, link, fix)
+    picked = gr.State(False)     # whether the mention was picked by a selection in the caption (not typed)
+    _wire_linking(service, access, current, link, fix, picked)
     _wire_corrections(service, access, who, current, fix)
     _wire_search(service, fix)
     _wire_admin(service, access, vault, admin)
@@ -568,13 +569,14 @@ def _link_panel(service: LinkService) -> LinkPanel:
                 cue_html = gr.HTML(label="expert cue", elem_id="mel-cue")
             ranker_note = gr.HTML(label="ranking notes", elem_id="mel-ranker-note")
             # p: the calibrated probability, or an uncalibrated relative confidence; the header says which
-            # Column widths in pixels (702 in all: within the column at 1366 px; "key" at 52 px stays on one
-            # line, at 40 it wrapped to "ke / y"): on a phone the table keeps readable columns and scrolls
-            # sideways instead of squeezing them to 60 px
+            # in short ("p (uncal.)", render.P_HEADERS), the legend above the table and the header's tooltip
+            # in full. Column widths in pixels (702 in all: within the column at 1366 px; "key" at 52 px stays
+            # on one line, at 40 it wrapped to "ke / y"; "p (uncal.)" wrapped at 100): on a phone the table
+            # keeps readable columns and scrolls sideways instead of squeezing them to 60 px
             dim_table = gr.Dataframe(headers=["key", "name", "id", "description", "score", "p"],
                                      datatype=["str", "str", "str", "str", "number", "number"], interactive=False,
                                      wrap=True, max_height=320,
-                                     column_widths=["52px", "150px", "130px", "210px", "76px", "84px"],
+                                     column_widths=["52px", "140px", "112px", "202px", "76px", "120px"],
                                      label="DIM: ranked candidates (click a row, or press its key, to choose it)",
                                      elem_id="mel-dim")
             demos = gr.Gallery(label="GEMEL: retrieved demonstrations (most similar first)", columns=4,
@@ -638,25 +640,49 @@ def _wire_page_load(demo: gr.Blocks, service: LinkService, access: Access, who: 
 
 
 def _wire_linking(service: LinkService, access: Access, current: gr.State, link: LinkPanel,
-                  fix: CorrectionPanel) -> None:
+                  fix: CorrectionPanel, picked: gr.State) -> None:
     """A selection in the caption fills mention/start/end; Link (/link) links; a DIM row picks its entity."""
-    def on_select(text: str, s16, e16, selected: str):
+    def on_select(text: str, s16, e16, selected: str, last):
         # s16/e16: the browser's selection in UTF-16 units (see SELECTION_JS)
+        nothing = (gr.skip(),) * 6
         if (not selected or s16 is None or e16 is None or not isinstance(text, str)
                 or not isinstance(selected, str) or len(text) > MAX_CAPTION_CHARS):
-            return gr.skip(), gr.skip(), gr.skip()  # the Link button says what is wrong with the caption
+            return nothing  # the Link button says what is wrong with the caption
         try:
             s, e = span_from_selection(text, int(s16), int(e16), selected)
         except MELError:
-            return gr.skip(), gr.skip(), gr.skip()  # a selection of spaces, or of nothing
-        return text[s:e], s, e
+            return nothing  # a selection of spaces, or of nothing
+        # another mention selected: the last link ends (the keys must not save for the one linked before)
+        ends = (None, gr.update(value=None)) if _other_span(last, s, e) else (gr.skip(), gr.skip())
+        return text[s:e], s, e, True, *ends
 
     # The selection is read from the textarea by JS when the handler runs, not from the event:
     # a keyboard or mouse selection fires one event per step, and Gradio's always_last mode
     # re-runs the last one without its event data. start/end/mention only carry the values in.
-    link.caption.select(on_select, [link.caption, link.start, link.end, link.mention],
-                        [link.mention, link.start, link.end], js=SELECTION_JS, api_visibility="private",
-                        show_progress="hidden", trigger_mode="always_last")
+    selected = link.caption.select(on_select, [link.caption, link.start, link.end, link.mention, current],
+                                   [link.mention, link.start, link.end, picked, current, fix.search_results],
+                                   js=SELECTION_JS,
+                                   api_visibility="private", show_progress="hidden", trigger_mode="always_last")
+
+    # The caption edited after a selection: the offsets follow the mention (as for a typed one), and
+    # a selected mention the edit took out of the caption is cleared with them. Selecting all of the
+    # caption and typing over it left the old caption as the mention (and an answer to the select
+    # that arrives after the typing began sets it again: checked once more when it lands).
+    def on_caption_edited(caption_text, mention_text, start_char, end_char, from_selection):
+        if not isinstance(mention_text, str) or not mention_text:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        s, e = retarget_offsets(caption_text, mention_text, start_char, end_char)
+        if s is None and from_selection is True:
+            return "", None, None, False
+        if (s, e) == (start_char, end_char):   # nothing to change: an answer that lands late changes nothing
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return gr.skip(), s, e, gr.skip()
+
+    edited = dict(fn=on_caption_edited, inputs=[link.caption, link.mention, link.start, link.end, picked],
+                  outputs=[link.mention, link.start, link.end, picked], api_visibility="private",
+                  show_progress="hidden", queue=False)
+    link.caption.input(trigger_mode="always_last", **edited)
+    selected.then(**edited)
 
     linked = _wire_link_button(service, access, current, link, fix)
 
@@ -671,6 +697,13 @@ def _wire_linking(service: LinkService, access: Access, current: gr.State, link:
         changed(forget_last_link, None, [current, fix.search_results], queue=False, api_visibility="private",
                 show_progress="hidden")
 
+    def on_offsets_typed(last, start_char, end_char):  # offsets typed by hand: another span ends the link
+        return (None, gr.update(value=None)) if _other_span(last, start_char, end_char) else (gr.skip(), gr.skip())
+
+    for box in (link.start, link.end):
+        box.input(on_offsets_typed, [current, link.start, link.end], [current, fix.search_results], queue=False,
+                  api_visibility="private", show_progress="hidden", trigger_mode="always_last")
+
     def on_row(state, evt: gr.SelectData):
         if not state or not isinstance(evt.index, (list, tuple)):
             return gr.skip()
@@ -678,19 +711,24 @@ def _wire_linking(service: LinkService, access: Access, current: gr.State, link:
         return state["ranked"][row][0] if 0 <= row < len(state["ranked"]) else gr.skip()
 
     link.dim_table.select(on_row, [current], [fix.dim_choice], api_visibility="undocumented", queue=False)
-    _wire_typed_inputs(link, current)
+    _wire_typed_inputs(link, current, picked)
 
 
-def _wire_typed_inputs(link: LinkPanel, current: gr.State) -> None:
+def _other_span(last, start, end) -> bool:
+    """Whether offsets (start, end) name another mention than the last link's (None: no link)."""
+    return isinstance(last, dict) and (last.get("start"), last.get("end")) != (start, end)
+
+
+def _wire_typed_inputs(link: LinkPanel, current: gr.State, picked: gr.State) -> None:
     """A mention typed by hand moves the offsets with it; an upload is decoded as it arrives."""
     # A mention typed by hand: the offsets of an earlier highlight no longer apply. They follow the
     # typed text (kept where they still hold it, else its first occurrence), or are cleared.
     def on_mention_typed(caption_text, mention_text, start_char, end_char):
         s, e = retarget_offsets(caption_text, mention_text, start_char, end_char)
-        return s, e, None
+        return s, e, None, False   # typed, not selected: an edit of the caption never clears it
 
     link.mention.input(on_mention_typed, [link.caption, link.mention, link.start, link.end],
-                       [link.start, link.end, current], queue=False, api_visibility="private",
+                       [link.start, link.end, current, picked], queue=False, api_visibility="private",
                        show_progress="hidden", trigger_mode="always_last")
 
     # An upload is decoded at once: a file that is not an image is refused there, with the formats
@@ -751,7 +789,7 @@ def _wire_link_button(service: LinkService, access: Access, current: gr.State, l
         check_offsets(start_char, end_char)
         s, e = resolve_span(text, mention_text, start_char, end_char)
         view = service.link(text, s, e, image_path, annotator=annotator, progress=lambda f, d: progress(f, desc=d))
-        state = {"mention_id": view.mention_id, "text": view.mention.text,
+        state = {"mention_id": view.mention_id, "text": view.mention.text, "start": s, "end": e,
                  "generator": view.generated, "ranked": [(c["id"], c["name"]) for c in view.ranked],
                  # the predictions on screen: a correction names the one it accepts
                  "prediction_ids": {"accept_gemel": view.generator.prediction_id if view.generator else None,

@@ -106,11 +106,18 @@ def launch_app(data_dir: Path, *, auth: bool = True):
 
 
 def open_logged_in(browser, url: str, user: str, password: str | None = None, viewport=(1400, 1700),
-                   wait=("#mel-caption textarea", "#mel-counter")):
+                   wait=("#mel-caption textarea", "#mel-counter"), timeout_ms: int = 60_000,
+                   console_errors: bool = False):
     """A new page of the launched app, logged in as `user` (password: APP_USERS') through Gradio's
-    password form, once the `wait` selectors are drawn (by default the Link tab and the counter)."""
+    password form, once the `wait` selectors are drawn (by default the Link tab and the counter).
+    Each wait (and later each action) gives up after `timeout_ms`. `console_errors`: the page's console
+    errors and uncaught exceptions, from before the login on, are collected in `page.mel_console`."""
     page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
-    page.set_default_timeout(60_000)
+    page.set_default_timeout(timeout_ms)
+    if console_errors:
+        page.mel_console = []
+        page.on("console", lambda m: page.mel_console.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: page.mel_console.append(str(e)))
     page.goto(url, wait_until="load")
     page.locator("input[type=text]").first.fill(user)
     page.locator("input[type=password]").first.fill(password if password is not None else APP_USERS[user])

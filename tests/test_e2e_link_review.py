@@ -3,7 +3,7 @@ a refused link says what is wrong once, in the status line, and marks no result 
 a file that is not an image is refused at upload and nothing typed is lost; typing a mention moves
 the offsets with it; nothing is chosen for the annotator ("d" with nothing chosen saves nothing);
 every shown candidate has its key (0 for the 10th); the candidates are readable on a phone, and
-no one-word header of DIM's table wraps ("key" read "ke / y"); the counter counts distinct decided mentions, and every save it reports is in SQLite.
+no header of DIM's table wraps ("key" read "ke / y", "p (uncalibrated)" took three lines); the counter counts distinct decided mentions, and every save it reports is in SQLite.
 """
 from __future__ import annotations
 
@@ -102,6 +102,44 @@ def test_typing_a_mention_after_a_highlight_moves_or_clears_the_offsets(page):
                            "document.querySelector('#mel-end input').value === ''")
 
 
+OFFSETS_JS = """() => [document.querySelector('#mel-start input').value, document.querySelector('#mel-end input').value]"""
+
+
+def test_all_of_the_caption_selected_and_typed_over_is_not_left_as_the_mention(page):
+    """Select all of the caption (the mention becomes all of it), type a new caption over it: the
+    mention was left as the old caption, also when the select's answer came after the typing began.
+    A selected mention the edit took out of the caption is cleared; a typed one stays."""
+    caption, mention = page.locator("#mel-caption textarea"), page.locator(MENTION_BOX).first
+    old = "Collins met Collins at the bar."
+    for delay in (40, 0):                                   # typed after the answer to the select, and at once
+        caption.fill(old)
+        caption.click()
+        page.keyboard.press("Control+a")
+        if delay:
+            page.wait_for_function("m => document.querySelector(m).value === 'Collins met Collins at the bar.'",
+                                   arg="#mel-mention input, #mel-mention textarea")
+        page.keyboard.type("Hopper at the podium.", delay=delay)
+        page.wait_for_timeout(1500)                           # every answer is in
+        assert caption.input_value() == "Hopper at the podium."
+        assert mention.input_value() == "" and page.evaluate(OFFSETS_JS) == ["", ""], delay
+    # a selected word whose caption is edited elsewhere stays, its offsets following it
+    caption.fill(old)
+    page.evaluate("""() => { const t = document.querySelector('#mel-caption textarea'); t.focus();
+                             t.setSelectionRange(12, 19); t.dispatchEvent(new Event('select', {bubbles: true})); }""")
+    page.wait_for_function("() => document.querySelector('#mel-start input').value === '12'")
+    caption.press("Home")
+    caption.press_sequentially("Eileen ")
+    page.wait_for_function("() => document.querySelector('#mel-start input').value === '7'")   # its first occurrence
+    assert mention.input_value() == "Collins"
+    # a mention typed by hand is never cleared by an edit of the caption (the Link button says what is wrong)
+    mention.fill("")
+    mention.press_sequentially("Grace")                      # not in the caption: no offsets
+    caption.press("End")
+    caption.press_sequentially(" Later.")
+    page.wait_for_timeout(1500)
+    assert mention.input_value() == "Grace" and page.evaluate(OFFSETS_JS) == ["", ""]
+
+
 def test_nothing_is_chosen_for_the_annotator_and_every_candidate_has_a_key(page, running):
     _type(page, "Hopper at the podium.", "Hopper")
     _link(page)
@@ -154,6 +192,39 @@ def test_a_search_result_chosen_before_a_link_is_never_saved_for_it(page, runnin
     page.wait_for_function("() => !document.querySelector('#mel-search-results input:checked')")
 
 
+def test_another_mention_selected_after_a_link_ends_that_link(page, running):
+    """Selecting another word after a link (the way a mention is picked) kept the link, so n / NIL /
+    d saved for the mention linked before and replaced its label. Another selection, or other
+    offsets typed by hand, end it; selecting the linked words again keeps it."""
+    _type(page, "Hopper at the podium.", "Hopper")
+    _link(page)
+    select = """([s, e]) => { const t = document.querySelector('#mel-caption textarea'); t.focus();
+                              t.setSelectionRange(s, e); t.dispatchEvent(new Event('select', {bubbles: true})); }"""
+    page.evaluate(select, [0, 6])                         # the linked words again: the link stays
+    page.wait_for_timeout(800)
+    page.locator("h2").first.click()
+    page.keyboard.press("n")
+    page.wait_for_selector("#mel-ack-ok")
+    rows = _rows(running, "bob")
+    assert rows[-1][1] == "nil"
+    page.evaluate(select, [14, 20])                       # "podium"
+    page.wait_for_function("m => document.querySelector(m).value === 'podium'", arg=MENTION_BOX)
+    page.locator("h2").first.click()
+    page.keyboard.press("s")
+    page.wait_for_selector("#mel-ack-refused:has-text('link a mention first')")
+    assert _rows(running, "bob") == rows                  # nothing saved for Hopper
+    page.evaluate(select, [0, 6])
+    page.wait_for_function("m => document.querySelector(m).value === 'Hopper'", arg=MENTION_BOX)
+    _link(page)
+    page.wait_for_function("() => !document.querySelector('#mel-ack-refused')", timeout=180_000)   # linked again
+    before = _rows(running, "bob")
+    page.locator("#mel-start input").fill("14")           # offsets typed by hand: another span
+    page.locator("h2").first.click()
+    page.keyboard.press("s")
+    page.wait_for_selector("#mel-ack-refused:has-text('link a mention first')")
+    assert _rows(running, "bob") == before
+
+
 def test_the_candidates_are_readable_on_a_phone(page):
     _type(page, "Hopper at the podium.", "Hopper")
     _link(page)
@@ -172,6 +243,9 @@ HEADER_LINES_JS = """() => Object.fromEntries([...document.querySelectorAll('#me
 
 
 def test_every_header_of_dims_table_fits_on_one_line(page):
+    """Every header on one line ("p (uncalibrated)" took three): the p column's header is short, and
+    that its values are uncalibrated is still said, by the header, the legend above the table and the
+    header's tooltip."""
     _type(page, "Hopper at the podium.", "Hopper")
     _link(page)
     for width, height in ((1366, 768), (412, 915)):
@@ -179,8 +253,15 @@ def test_every_header_of_dims_table_fits_on_one_line(page):
         page.wait_for_timeout(500)
         lines = page.evaluate(HEADER_LINES_JS)
         assert set(lines) >= {"key", "name", "id", "description", "score"}, lines
-        one_word = {h: n for h, n in lines.items() if " " not in h}      # "p (uncalibrated)" may wrap at its space
-        assert all(n == 1 for n in one_word.values()), (width, sorted(lines.items()))
+        assert all(n == 1 for n in lines.values()), (width, sorted(lines.items()))
+    (p_header,) = [h for h in lines if h.startswith("p")]
+    assert "uncal" in p_header, p_header                                  # the demo KB has no calibration
+    legend = page.inner_text("#mel-p-legend").replace("\u00a0", " ")     # the legend above the table
+    assert legend.startswith(p_header.replace("\u00a0", " ") + ":") and "relative confidence (uncalibrated)" in legend
+    header = page.locator("#mel-dim th").filter(has_text="uncal").first
+    header.hover()
+    title = header.get_attribute("title")
+    assert title.startswith("relative confidence (uncalibrated)") and "not a probability of being right" in title
 
 
 def test_the_counter_counts_decided_mentions_not_saves_and_every_save_is_in_sqlite(page, running):

@@ -38,13 +38,12 @@ def app(tmp_path_factory):
     running.close()
 
 
-def _login(page, url, user="alice"):
-    from conftest import APP_USERS
-    page.goto(url, wait_until="load")
-    page.locator("input[type=text]").first.fill(user)
-    page.locator("input[type=password]").first.fill(APP_USERS[user])
-    page.keyboard.press("Enter")
-    page.wait_for_selector("#mel-q-view[data-state=task]", timeout=60_000)
+def _login(browser, url, user="alice"):
+    """A 1366x768 page logged in as `user` once the first task is drawn (waits up to 60 s, then 30 s)."""
+    from conftest import open_logged_in
+    page = open_logged_in(browser, url, user, viewport=(1366, 768), wait=("#mel-q-view[data-state=task]",))
+    page.set_default_timeout(30_000)
+    return page
 
 
 def _screen(page) -> dict:
@@ -86,9 +85,7 @@ def _rows(db, sql, *args):
 
 def test_a_project_keyboard_only(browser, app):
     db = app.data_dir / "annotations.sqlite"
-    page = browser.new_page(viewport={"width": 1366, "height": 768})
-    page.set_default_timeout(30_000)
-    _login(page, app.url)
+    page = _login(browser, app.url)
     page.locator("#mel-q-view .mel-q-bar").click()   # focus on the page, not in a text box
     expected: dict[str, tuple] = {}
     keys: dict[str, int] = {}

@@ -50,17 +50,9 @@ def app(tmp_path_factory):
 
 
 def _login(browser, url: str, user: str, wait: str = "#mel-tabs"):
-    page = browser.new_page(viewport={"width": 1366, "height": 768})
-    page.set_default_timeout(30_000)
-    page.mel_console = []
-    page.on("console", lambda m: page.mel_console.append(m.text) if m.type == "error" else None)
-    page.on("pageerror", lambda e: page.mel_console.append(str(e)))
-    page.goto(url, wait_until="load")
-    page.locator("input[type=text]").first.fill(user)
-    page.locator("input[type=password]").first.fill(USERS[user])
-    page.keyboard.press("Enter")
-    page.wait_for_selector(wait)
-    return page
+    from conftest import open_logged_in
+    return open_logged_in(browser, url, user, USERS[user], viewport=(1366, 768), wait=(wait,), timeout_ms=30_000,
+                          console_errors=True)
 
 
 def _toasts(page) -> list[str]:
@@ -168,5 +160,38 @@ def test_review_buttons_and_acknowledgement_fit_in_768_pixels(browser, app):
     page.wait_for_selector("#mel-review-ack-ok")
     b = page.locator("#mel-review-ack-ok").bounding_box()
     assert b["y"] + b["height"] <= 768, b
+    assert _toasts(page) == [] and page.mel_console == []
+    page.close()
+
+
+def test_opening_review_shows_what_was_decided_elsewhere(browser, app):
+    """Review kept what it drew at page load until the reviewer pressed something: opened after the
+    tasks on it were settled elsewhere (here: by the same reviewer in another window), it still
+    offered them. Opening the tab redraws it (its select event; the tab is hidden until the page
+    load shows it to reviewers)."""
+    from annotations.queue import AnnotationQueue
+    from annotations.review import ReviewQueue
+    store, name = app.service.store, "team-8"
+    queue = AnnotationQueue(store, name, kb=app.service.kb)
+    view = queue.next_task("ann2", by="ann2")                  # at least one task to review: a flag
+    queue.flag("ann2", view.task.id, "is this the right one?", by="ann2")
+
+    page = _login(browser, app.url, "rita")
+    page.get_by_role("tab", name="Review").click()
+    page.wait_for_selector("#mel-review-choices input[type=radio]")
+    assert "Nothing to review" not in page.inner_text("#mel-review-task-box")
+    review = ReviewQueue(store, name, reviewer="rita", is_reviewer=True, kb=app.service.kb)
+    items = review.items()
+    assert items
+    for item in items:                                          # settled elsewhere, all of them
+        review.finalize(item.task.id, "NIL", token=f"elsewhere-{item.task.id}",
+                        seen_decision_ids=list(item.decision_ids), seen_review_id=item.review_id)
+    assert review.items() == []
+    page.wait_for_timeout(1000)
+    assert "Nothing to review" not in page.inner_text("#mel-review-task-box")   # nothing pressed: as drawn
+    page.get_by_role("tab", name="Link").click()
+    page.get_by_role("tab", name="Review").click()
+    page.wait_for_selector("#mel-review-empty", timeout=15_000)
+    assert "<b>0</b>" in page.inner_html("#mel-review-counts")
     assert _toasts(page) == [] and page.mel_console == []
     page.close()

@@ -20,6 +20,7 @@ import pytest
 
 from annotations.projects import ProjectSettings, create_project, get_project, import_tasks, list_tasks
 from annotations.queue import AnnotationQueue
+from annotations.review import ReviewQueue
 from annotations.store import AnnotationStore
 from mel.types import NIL
 
@@ -106,7 +107,7 @@ def app(tmp_path_factory):
     data = root / "data"
     ids = make_team_project(data, kb_path)
     running = launch_team_app(data, users=USERS, admins=ADMINS, reviewers=REVIEWERS, kb_path=kb_path)
-    running.task_ids = ids
+    running.task_ids, running.kb_path = ids, kb_path
     yield running
     running.close()
 
@@ -433,6 +434,65 @@ def test_the_review_search_chooses_nothing_for_the_reviewer(app):
     (on_search,) = {b.fn for b in app.demo.fns.values() if getattr(b.fn, "__name__", "") == "on_search"}
     update = on_search("Collins", request=gr.Request(username="rita"))
     assert len(update["choices"]) >= 2 and update["value"] is None, update
+
+
+# three disagreements (ann1, ann2), for a project of its own
+OPENED = [("Joan Collins starred in Dynasty.", "Collins", "demo:joan-collins", ["demo:phil-collins", "demo:joan-collins"],
+           "demo:joan-collins", "demo:phil-collins", ""),
+          ("Edward Hopper painted Nighthawks.", "Hopper", "demo:edward-hopper",
+           ["demo:grace-hopper", "demo:edward-hopper"], "demo:edward-hopper", "demo:grace-hopper", ""),
+          ("The Falcon Heavy carried a car.", "Falcon Heavy", "demo:falcon-heavy",
+           ["demo:falcon-heavy", "demo:falcon-9"], "demo:falcon-heavy", "demo:falcon-9", "")]
+
+
+@pytest.mark.slow
+def test_opening_the_review_tab_redraws_what_changed_elsewhere(app):
+    """The Review tab kept what it drew last until the reviewer pressed something: opened after
+    decisions were made elsewhere, it showed settled tasks as still to review. Opening it (the tab's
+    select event) redraws it when the database changed since, keeping the task on screen while it is
+    still to review; when nothing changed it redraws nothing (one small query) and the
+    acknowledgement line is never touched."""
+    import gradio as gr
+    ids = make_team_project(app.data_dir, app.kb_path, tasks=OPENED, name="opened")
+    fns = {b.fn.__name__: b.fn for b in app.demo.fns.values() if b.fn is not None}
+    opened = [b.fn for b in app.demo.fns.values() for block_id, event in b.targets or []
+              if event == "select" and getattr(app.demo.blocks.get(block_id), "elem_id", None) == "mel-tab-review"]
+    assert len(opened) == 1, "opening the Review tab redraws nothing"
+    on_opened, rita = opened[0], gr.Request(username="rita")
+
+    first = on_opened("opened", False, {}, request=rita)          # the tab opened with nothing drawn yet
+    assert first[0]["order"] == ids and first[0]["task"] == ids[0] and ids[0] in first[3]
+    assert first[-1] == gr.skip()
+    assert all(o == gr.skip() for o in on_opened("opened", False, first[0], request=rita))   # nothing changed
+    # the reviewer opens the second task, then leaves the tab
+    shown = fns["on_open_row"](first[0], False, gr.SelectData(None, {"index": [1, 0], "value": "x"}), request=rita)
+    assert shown[0]["task"] == ids[1]
+
+    def settle_elsewhere(task_id):   # as the same reviewer in another window
+        review = ReviewQueue(app.store, "opened", reviewer="rita", is_reviewer=True)
+        item = review.item(task_id)
+        review.finalize(task_id, NIL, token=uuid.uuid4().hex, seen_decision_ids=list(item.decision_ids),
+                        seen_review_id=item.review_id)
+    settle_elsewhere(ids[2])
+    again = on_opened("opened", False, shown[0], request=rita)
+    assert again[0]["order"] == ids[:2] and again[0]["task"] == ids[1]   # the list is redrawn, the task kept
+    assert ids[2] not in json.dumps(again[2], default=str) and again[-1] == gr.skip()
+    assert "<b>2</b> to review" in again[1]
+    settle_elsewhere(ids[1])                                                # the task on screen was settled
+    last = on_opened("opened", False, again[0], request=rita)
+    assert last[0]["order"] == ids[:1] and last[0]["task"] == ids[0] and ids[0] in last[3]
+
+
+def test_the_review_tab_with_no_project_answers_every_output(app):
+    """With no project picked (no project exists yet), Refresh answered 7 values for the 8 outputs it
+    draws: Gradio refused the answer after the handler returned, and the reviewer saw an error badge."""
+    import gradio as gr
+    blocks = [b for b in app.demo.fns.values() if getattr(b.fn, "__name__", "") == "on_project"]
+    assert blocks
+    for block in blocks:
+        out = block.fn("", False, request=gr.Request(username="rita"))
+        assert len(out) == len(block.outputs)
+        assert out[0] == {} and out[-1] == ""
 
 
 def test_every_drawn_review_task_starts_with_no_search_result_chosen(app):

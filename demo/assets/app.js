@@ -31,3 +31,17 @@
     }
   });
 })();
+// The DIM table's p column has a short header ("p (uncal.)", demo/render.py P_HEADERS): pointing at it
+// shows what the legend above the table says in full (calibrated or not, and how it was computed).
+(() => {
+  if (window.__melPHeader) return;
+  window.__melPHeader = true;
+  document.addEventListener('mouseover', (e) => {
+    const th = e.target instanceof Element && e.target.closest('#mel-dim th');
+    const legend = document.querySelector('#mel-p-legend');
+    if (!th || !legend || !th.textContent.trim().startsWith('p\u00a0(')) return;
+    const label = legend.querySelector('.mel-p-label');
+    const full = (label && label.title) || legend.textContent.trim();
+    for (const el of [th, ...th.querySelectorAll('[title]')]) el.title = full;
+  });
+})();
