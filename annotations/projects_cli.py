@@ -154,9 +154,20 @@ def cmd_preannotate(args) -> None:
         kb = KnowledgeBase(project.kb)
         preset = resolve_preset(args)
         linkers = {name: build_linker(name, kb, preset, **parse_options(options.get(name, []))) for name in names}
+        for warning in zero_shot_warnings(linkers):
+            print(warning, file=sys.stderr)
         report = preannotate(store, project, linkers, batch_size=args.batch_size, k=args.k,
                              show_progress=not args.quiet)
     print(report.summary())
+
+
+def zero_shot_warnings(linkers: dict) -> list[str]:
+    """A warning per GEMEL linker built without a demonstration pool (the app passes its own pool;
+    on the command line it must be given, else GEMEL answers zero-shot, and worse)."""
+    return [f"warning: {name} runs zero-shot (no demonstration pool), so its answers are weaker; give it one: "
+            f"--opt {name}:pool_data=DIR --opt {name}:pool_format=FORMAT (a dataset's train split) or "
+            f"--opt {name}:pool=EXAMPLES.jsonl"
+            for name, linker in linkers.items() if hasattr(linker, "pool") and linker.pool is None]
 
 
 def cmd_settings(args) -> None:

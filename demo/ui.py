@@ -470,6 +470,7 @@ def build_demo(kb_path: str | None = None, pool: str | None = None, preset: str 
         if after_tabs is not None:
             after_tabs()
         queue_on_load(demo, access, annotate, tabs, selected_at_build=has_projects)
+        _wire_counter_refresh(service, access, who, annotate.view)
         demo.load(projects_load, None, projects_outputs, api_visibility="private", show_progress="hidden")
     return demo
 
@@ -625,6 +626,18 @@ def _admin_panel() -> AdminPanel:
 
 
 # -- the Link tab's events ---------------------------------------------------------------------------
+def _wire_counter_refresh(service: LinkService, access: Access, who: gr.HTML, queue_view: gr.HTML) -> None:
+    """The header's counter follows the Annotate tab too: redrawn with each task the queue shows
+    (a decision draws the next task), after it, so the next task is never kept waiting."""
+    def on_task_shown(request: gr.Request, profile: gr.OAuthProfile | None = None):
+        annotator = access.annotator(request, profile)
+        if not annotator:
+            return gr.skip()
+        return counter_html(annotator, service.counts(annotator), access.is_admin(annotator))
+
+    queue_view.change(on_task_shown, None, [who], queue=False, api_visibility="private", show_progress="hidden")
+
+
 def _wire_page_load(demo: gr.Blocks, service: LinkService, access: Access, who: gr.HTML, info: gr.HTML,
                     admin_box: gr.Accordion) -> None:
     """On page load: who is logged in with their counts, the models' status, the admin box for admins."""

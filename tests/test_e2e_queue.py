@@ -131,6 +131,10 @@ def test_a_project_keyboard_only(browser, app):
             skipped.append(screen["task"])
             expected[screen["task"]] = ("skip", None)
     assert _standing(db) == expected
+    # the header's counter follows the queue (it was drawn once, at page load)
+    decided = sum(1 for action, _ in expected.values() if action != "skip")
+    page.wait_for_function("n => document.getElementById('mel-decided')?.dataset.decided === String(n)",
+                           arg=decided, timeout=10_000)
 
     # -- undo puts the last task back; deciding it again -----------------------------------------
     last = page.evaluate("window.melQueue.log[window.melQueue.log.length - 1].from")

@@ -505,3 +505,14 @@ def test_a_refused_import_in_the_cli_keeps_the_project_as_it_was(tmp_path, capsy
     assert main(args + ["--project", "kept", "--data", str(good), "--guidelines", str(new)]) == 0
     with AnnotationStore.from_db(db / "annotations.sqlite") as store:
         assert get_project(store, "kept").settings.guidelines == "# New rules"
+
+
+def test_preannotating_with_gemel_without_a_pool_warns():
+    """The command line built GEMEL with no demonstration pool (the app passes its own) and said
+    nothing: annotators saw zero-shot answers. It now warns, naming the options that give one."""
+    from types import SimpleNamespace
+
+    from annotations.projects_cli import zero_shot_warnings
+    warnings = zero_shot_warnings({"gemel": SimpleNamespace(pool=None), "dim": SimpleNamespace(),
+                                   "gemel+bm25": SimpleNamespace(pool=object())})
+    assert len(warnings) == 1 and "gemel runs zero-shot" in warnings[0] and "--opt gemel:pool_data=DIR" in warnings[0]
