@@ -850,7 +850,8 @@ def _wire_corrections(service: LinkService, access: Access, who: gr.HTML, curren
     def save(action: str, state, entity_id, live, request, profile):
         annotator = access.annotator(request, profile)
         if not state:
-            raise gr.Error("link a mention first, then correct it")
+            raise gr.Error("link a mention first, then correct it (a link still running, or ended by another "
+                           "mention, caption or photo, has nothing to correct yet)")
         shown = state.get("prediction_ids") or {}
         ack_ = service.correct(annotator, state["mention_id"], action, entity_id, live_pool=bool(live),
                                prediction_id=shown.get(action))

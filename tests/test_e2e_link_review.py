@@ -225,6 +225,18 @@ def test_another_mention_selected_after_a_link_ends_that_link(page, running):
     assert _rows(running, "bob") == before
 
 
+def test_escape_leaves_the_search_box_for_the_keys(page):
+    """On the Link tab Esc did not leave the KB search box (the Annotate tab's does), so the next key
+    typed into it: "/", x, Esc, n left "xn" in the box."""
+    page.locator("h2").first.click()
+    page.keyboard.press("/")
+    page.keyboard.type("x")
+    page.keyboard.press("Escape")
+    page.keyboard.press("n")                               # a key again: no link, so it says so
+    page.wait_for_selector("#mel-ack-refused:has-text('link a mention first')")
+    assert page.locator("#mel-search input, #mel-search textarea").first.input_value() == "x"
+
+
 def test_the_candidates_are_readable_on_a_phone(page):
     _type(page, "Hopper at the podium.", "Hopper")
     _link(page)

@@ -17,6 +17,9 @@
     const typing = t && (t.tagName === 'TEXTAREA' || t.isContentEditable ||
                          (t.tagName === 'INPUT' && !['radio', 'checkbox', 'button'].includes(t.type)));
     if (e.key === 'Enter' && (e.ctrlKey || e.metaKey)) { if (press('mel-link')) e.preventDefault(); return; }
+    if (e.key === 'Escape' && t && t.closest && t.closest('#mel-search')) {  // back to the keys, as in Annotate
+      t.blur(); e.preventDefault(); return;
+    }
     if (typing || e.ctrlKey || e.metaKey || e.altKey) return;
     if (keys[e.key] && press(keys[e.key])) { e.preventDefault(); return; }
     if (e.key === '/') {
