@@ -279,8 +279,10 @@ def progress_figure(data: DashboardData):
         right.xaxis.set_major_locator(MaxNLocator(integer=True))
         right.margins(x=0.18)  # room for the labels
         right.set_title("Tasks decided per annotator")
-        if shares:  # beside the bars, never over them
-            right.legend(frameon=False, fontsize=9, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        if shares:  # below the panel (as the status panel's): beside the bars it covered the first label
+            right.legend(frameon=False, fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=2)
+        for side in ("top", "right"):  # the labels past the longest bar cross no frame line
+            right.spines[side].set_visible(False)
     return fig
 
 

@@ -537,6 +537,8 @@ def render_task(view, *, project: str, message: str = "", ok: bool = True, nonce
                                                        ("accept_gemel", "accept_dim", "search") else "")
         where = (f'<span class="mel-q-pos hist">history {view.history_index + 1} / {view.history_length} · '
                  f'you decided {_esc(what)}; a key changes it</span>')
+    elif view.review_note:  # sent back by a reviewer: not new; the note below says what it is
+        where = ""
     else:
         where = '<span class="mel-q-pos">new task</span>'
     notes = []

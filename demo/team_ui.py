@@ -383,9 +383,19 @@ def list_rows(items: list[ReviewItem]) -> list[list]:
         labels = []
         for d in it.label.decisions:
             labels.append(f"{d.annotator}: {'NIL' if d.label == NIL else (d.entity_name or d.label)}")
-        rows.append([it.task.position + 1, m.text, ", ".join(REASON_WORDS.get(r, r) for r in it.reasons),
-                     "; ".join(labels)])
+        rows.append([it.task.position + 1, m.text, _why(it), "; ".join(labels)])
     return rows
+
+
+def _why(item: ReviewItem) -> str:
+    """The list's "why": an open task by its reasons; a settled one (a reviewer set its final label,
+    listed with "also reviewed tasks") by its final label, not by the disagreement it had."""
+    words = [REASON_WORDS.get(r, r) for r in item.reasons if not (item.label.reviewed and r in
+                                                                   ("disagreement", "reviewed"))]
+    if item.label.reviewed:
+        final = item.label.final_label
+        words.insert(0, f"settled: {'NIL' if final == NIL else (item.label.final_name or final)}")
+    return ", ".join(words)
 
 
 def ack_html(ack) -> str:
@@ -495,7 +505,7 @@ class ReviewScreen:
     def drawn(self) -> list:
         """What every draw of the tab updates, in the order of draw()'s answer."""
         return [self.state, self.side.counts, self.side.listing, self.main.task, self.main.choices, self.side.image,
-                self.main.results, self.main.ack]
+                self.main.results, self.main.search, self.main.ack]
 
     def by_name(self) -> dict:
         """The components build_review_tab returns (by name; "tab" is the gr.Tab)."""
@@ -598,7 +608,7 @@ def _review_drawer(team: Team) -> Callable[..., tuple]:
         if chosen is None:
             body = ('<div class="mel-team-note" id="mel-review-empty">Nothing to review in this project: no '
                     'disagreement and no open flag.</div>')
-            out = (body, gr.update(choices=[], value=None), gr.update(value=None, visible=False), _no_results())
+            out = (body, gr.update(choices=[], value=None), gr.update(value=None, visible=False), _no_results(), "")
         else:
             index = order.index(chosen.task.id) if chosen.task.id in order else None
             st.update(task=chosen.task.id, position=chosen.task.position, decision_ids=list(chosen.decision_ids),
@@ -606,13 +616,13 @@ def _review_drawer(team: Team) -> Callable[..., tuple]:
             opts = choices_of(chosen)
             picture = _image(chosen)
             out = (task_html(chosen, index, len(order)), gr.update(choices=opts, value=None),
-                   gr.update(value=picture, visible=picture is not None), _no_results())
+                   gr.update(value=picture, visible=picture is not None), _no_results(), "")
         return (st, counts_html(review.counts(), name), list_rows(items), *out, note)
     return draw
 
 
-# A drawn task starts with no search results: a result clicked for the task before must never be
-# picked as this one's final label.
+# A drawn task starts with no search results (and an empty search box, "" in draw's answer): a result
+# clicked for the task before must never be picked as this one's final label.
 def _no_results() -> dict:
     return gr.update(choices=[], value=None, label="Search results")
 
@@ -623,7 +633,7 @@ def _wire_review_navigation(team: Team, screen: ReviewScreen, draw: Callable[...
 
     def nothing():  # one value per component of `drawn`, in its order
         return ({}, "", [], "", gr.update(choices=[], value=None), gr.update(value=None, visible=False),
-                _no_results(), "")
+                _no_results(), "", "")
 
     @guarded
     def on_project(name, include_reviewed, request: gr.Request, profile: gr.OAuthProfile | None = None):

@@ -382,3 +382,13 @@ def test_a_refused_import_keeps_the_projects_guidelines(tmp_path):
         report, project = _import_upload(service, screens, "p", None, str(upload), None, "# New rules")
         assert report.n_imported == 300 and project.settings.guidelines == "# New rules"
         assert get_project(store, "p").settings.guidelines == "# New rules"
+
+
+def test_a_sent_back_task_shows_the_reviewers_note_and_no_new_task_badge():
+    """A task a reviewer sent back showed "new task" next to "sent back by a reviewer: …"; it is not
+    new: only the note is shown (a fresh task keeps its badge)."""
+    import dataclasses
+    fresh = render_task(_task_view(), project="p")
+    assert "new task" in fresh and "sent back" not in fresh
+    back = render_task(dataclasses.replace(_task_view(), review_note="read the rule"), project="p")
+    assert "sent back by a reviewer: read the rule" in back and "new task" not in back

@@ -542,3 +542,85 @@ def test_a_refused_export_is_said_once_in_the_export_note(app):
     outcome, text = _run_event(http, dep, [PROJECT, "jsonl", 0.5, False], session)
     assert outcome == "error" and "not an admin" in text, text
     http.close()
+
+
+def _review_item(labels: list[str], review: tuple[str, str | None, str] | None, flagged: bool = False):
+    """A ReviewItem as the review list gets it: ann1, ann2... deciding `labels`, and `review`
+    ((action, entity_id, entity_name)) the task's latest review, if any."""
+    from annotations.projects import Task
+    from annotations.review import AnnotatorLabel, Review, ReviewItem, _reasons, _task_label
+    from mel.types import Mention
+    decisions = [AnnotatorLabel(f"ann{i}", i, lab, lab, "search", "2024-01-01T00:00:00", None)
+                 for i, lab in enumerate(labels, 1)]
+    latest = None if review is None else Review(1, "t1", "rita", review[0], review[1], review[2], "", (1, 2), None,
+                                                "2024-01-02T00:00:00")
+    label = _task_label("t1", 0, 2, decisions, latest, flagged)
+    task = Task("t1", 1, "m1", Mention.from_text("Collins flew.", "Collins", id="m1"), None, None, "", "f", "l", 0)
+    return ReviewItem(task, _reasons(label, True), label, {})
+
+
+def test_the_review_list_labels_settled_tasks_by_their_final_label():
+    """With "also reviewed tasks" ticked, a task a reviewer had settled was still listed as "annotators
+    disagree"; it is listed by what it is now (its final label), the open ones as before."""
+    from demo.team_ui import list_rows
+    still_open = _review_item(["demo:a", "demo:b"], None)
+    settled = _review_item(["demo:a", "demo:b"], ("final", "demo:b", "Phil Collins"))
+    settled_nil = _review_item(["demo:a", "demo:b"], ("final", NIL, ""), flagged=True)
+    agreed_then_reviewed = _review_item(["demo:a", "demo:a"], ("final", "demo:a", "Eileen Collins"))
+    rows = list_rows([still_open, settled, settled_nil, agreed_then_reviewed])
+    assert [r[2] for r in rows] == ["annotators disagree", "settled: Phil Collins", "settled: NIL, flagged",
+                                    "settled: Eileen Collins"]
+
+
+def test_every_drawn_review_task_starts_with_an_empty_search_box(app):
+    """After a pick the KB search box kept the old query on the next task drawn (its results were
+    cleared, the query was not). Every event that draws a task also draws the search box, empty."""
+    import gradio as gr
+    drawing = [b for b in app.demo.fns.values()
+               if "mel-review-choices" in {getattr(o, "elem_id", None) for o in b.outputs}]
+    assert drawing, "no event draws a review task"
+    for block in drawing:
+        assert "mel-review-search" in [getattr(o, "elem_id", None) for o in block.outputs], block.fn.__name__
+    (block,) = [b for b in drawing if b.fn.__name__ == "on_project" and any(
+        getattr(app.demo.blocks.get(t), "elem_id", None) == "mel-review-refresh" for t, _ in b.targets)]
+    at = [getattr(o, "elem_id", None) for o in block.outputs].index("mel-review-search")
+    make_team_project(app.data_dir, app.kb_path, tasks=[TASKS[0], TASKS[2]], name="search-box")  # 2 disagreements
+    rita = gr.Request(username="rita")
+    out = block.fn("search-box", False, request=rita)
+    assert len(out) == len(block.outputs) and out[0]["task"] and out[at] == ""
+    (step,) = [b for b in drawing if any(getattr(app.demo.blocks.get(t), "elem_id", None) == "mel-review-next"
+                                         for t, _ in b.targets)]
+    nxt = step.fn(out[0], False, request=rita)
+    assert nxt[0]["task"] != out[0]["task"] and nxt[at] == ""
+
+
+def test_the_per_annotator_chart_keeps_its_legend_off_the_bar_labels(app, monkeypatch):
+    """On the dashboard (its figures at half width) the "Tasks decided per annotator" legend sat right
+    of the bars, over the first bar's label ("12 of 12"). Every bar label and the legend are drawn
+    apart, and each inside the figure."""
+    import dataclasses
+
+    import gradio as gr
+
+    import demo.team_ui as team_ui
+    from annotations.dashboard import dashboard_data
+    data = dashboard_data(app.store, PROJECT)
+    full = dataclasses.replace(data, annotators=tuple(
+        dataclasses.replace(a, decided=12 if i == 0 else 6, share=12) for i, a in enumerate(data.annotators)))
+    monkeypatch.setattr(team_ui, "dashboard_data", lambda store, name: full)
+    block = next(b for b in app.demo.fns.values() if getattr(b.fn, "__name__", "") == "on_refresh")
+    at = [getattr(o, "elem_id", None) for o in block.outputs].index("mel-dash-progress")
+    fig = block.fn(PROJECT, request=gr.Request(username="alice"))[at]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    right = fig.axes[1]
+    legend = right.get_legend().get_window_extent(renderer)
+    said = [t.get_window_extent(renderer) for t in right.get_legend().get_texts()]   # what it shows
+    labels = [t for t in right.texts if t.get_text().endswith("of 12")]
+    assert [t.get_text() for t in labels] == ["12 of 12", "6 of 12"]
+    page = fig.bbox
+    for t in labels:
+        box = t.get_window_extent(renderer)
+        assert not box.overlaps(legend), t.get_text()
+        assert page.x0 <= box.x0 and box.x1 <= page.x1
+    assert said and all(page.x0 <= b.x0 and b.x1 <= page.x1 and page.y0 <= b.y0 for b in said)
