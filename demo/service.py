@@ -555,6 +555,11 @@ class LinkService:
         undone = self.store.undo_last(annotator, include_tasks=False)
         if undone is not None:
             self._queue_pool_op(("remove", undone["id"]))
+            # what stands for that mention now (an earlier correction of it, or nothing)
+            row = self.store.db.execute(
+                f"SELECT id FROM corrections WHERE annotator = ? AND mention_id = ? AND {STANDING} "
+                "ORDER BY id DESC LIMIT 1", (annotator, undone["mention_id"])).fetchone()
+            undone["now_standing"] = self.store.correction(row[0]) if row else None
         return undone
 
     def counts(self, annotator: str | None = None) -> dict:

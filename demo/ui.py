@@ -893,11 +893,7 @@ def _wire_corrections(service: LinkService, access: Access, who: gr.HTML, curren
     def on_undo(request: gr.Request, profile: gr.OAuthProfile | None = None):
         annotator = access.annotator(request, profile)
         undone = service.undo(annotator)
-        message = ("Nothing of yours to undo here (a project task's decision is undone in the Annotate tab)."
-                   if undone is None else
-                   f'<div id="mel-undo-ok">Undone #{undone["id"]}: {_esc(ACTION_LABELS[undone["action"]])}'
-                   + (f' → {_esc(undone["entity_name"])}' if undone["entity_name"] else "") + "</div>")
-        return message, counter_html(annotator, service.counts(annotator), access.is_admin(annotator))
+        return _undo_message(undone), counter_html(annotator, service.counts(annotator), access.is_admin(annotator))
 
     # Corrections have slots of their own: they never wait behind links ("link") or searches ("search").
     saved = [fix.ack, who]
@@ -908,6 +904,21 @@ def _wire_corrections(service: LinkService, access: Access, who: gr.HTML, curren
     fix.nil_btn.click(on_nil, [current, fix.live_pool], saved, **common)
     fix.skip_btn.click(on_skip, [current, fix.live_pool], saved, **common)
     fix.undo_btn.click(on_undo, None, saved, **common)
+
+
+def _undo_message(undone: dict | None) -> str:
+    """What the Link tab's undo did, and which of the annotator's labels stands for that mention now."""
+    if undone is None:
+        return "Nothing of yours to undo here (a project task's decision is undone in the Annotate tab)."
+    now = undone.get("now_standing")
+    return (f'<div id="mel-undo-ok">Undone #{undone["id"]}: {_describe_correction(undone)}. '
+            + (f'Your label for this mention is again #{now["id"]}: {_describe_correction(now)}.'
+               if now else "You have no label for this mention now.") + "</div>")
+
+
+def _describe_correction(row: dict) -> str:
+    """'accepted DIM → Phil Collins', 'NIL'...: a correction as the undo line names it (HTML-escaped)."""
+    return _esc(ACTION_LABELS[row["action"]]) + (f' → {_esc(row["entity_name"])}' if row.get("entity_name") else "")
 
 
 def _wire_search(service: LinkService, fix: CorrectionPanel) -> None:

@@ -418,3 +418,14 @@ def test_the_link_tabs_undo_never_undoes_a_project_decision(tmp_path):
     assert service.undo("alice") is None                          # nothing of alice's left on the Link tab
     assert store.correction(decided.correction_id)["undone_at"] is None
     assert queue.undo("alice") is not None                        # the queue still undoes its own
+
+
+def test_the_link_tabs_undo_says_which_label_stands_for_the_mention_now():
+    """Undo said "Undone #2" but not which decision of the annotator now stands for that mention."""
+    from demo.ui import _undo_message
+    earlier = {"id": 1, "action": "search", "entity_name": "Falcon 9"}
+    message = _undo_message({"id": 2, "action": "nil", "entity_name": None, "now_standing": earlier})
+    assert "Undone #2" in message and "again #1" in message and "Falcon 9" in message
+    assert "no label for this mention now" in _undo_message({"id": 3, "action": "nil", "entity_name": None,
+                                                            "now_standing": None})
+    assert "Nothing of yours to undo" in _undo_message(None)

@@ -71,6 +71,7 @@ def test_upload_select_link_correct_and_find_it_in_sqlite(browser, running, tmp_
     page.wait_for_function("() => (document.querySelector('#mel-ack-ok') || {}).textContent?.includes('NIL')")
     page.keyboard.press("u")
     page.wait_for_selector("#mel-undo-ok")
+    assert "again" in page.inner_text("#mel-undo-ok") and "Falcon 9" in page.inner_text("#mel-undo-ok")  # what stands
     page.wait_for_function("() => document.querySelector('#mel-counter').textContent.includes('1 undone')")
 
     # a new caption typed after the link ends it: the keys ask for a link instead of saving a label for
