@@ -309,7 +309,11 @@ def task_html(item: ReviewItem, index: int | None = None, total: int | None = No
     """The review panel for one task; every piece of text escaped."""
     m, label = item.task.mention, item.label
     where = f"task {index + 1} of {total} to review · " if index is not None and total else ""
-    head = (" ".join(_badge(r, REASON_WORDS.get(r, r)) for r in item.reasons)
+    # a settled task (shown with "also reviewed tasks") is not shown as a disagreement any more
+    reasons = [r for r in item.reasons if not (label.reviewed and r == "disagreement")]
+    if label.reviewed and "reviewed" not in reasons:
+        reasons.insert(0, "reviewed")
+    head = (" ".join(_badge(r, REASON_WORDS.get(r, r)) for r in reasons)
             + f' <span class="mel-team-note">{where}position {item.task.position + 1} · id {_esc(item.task.id)} · '
             f'status {_esc(label.status.replace("_", " "))} · {len(label.decisions)} of {label.required} '
             f'decisions</span>')

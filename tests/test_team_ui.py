@@ -570,6 +570,9 @@ def test_the_review_list_labels_settled_tasks_by_their_final_label():
     rows = list_rows([still_open, settled, settled_nil, agreed_then_reviewed])
     assert [r[2] for r in rows] == ["annotators disagree", "settled: Phil Collins", "settled: NIL, flagged",
                                     "settled: Eileen Collins"]
+    from demo.team_ui import task_html
+    assert "annotators disagree" in task_html(still_open)       # the task panel's badges say the same
+    assert "annotators disagree" not in task_html(settled) and "reviewed" in task_html(settled)
 
 
 def test_every_drawn_review_task_starts_with_an_empty_search_box(app):
