@@ -237,6 +237,23 @@ def test_escape_leaves_the_search_box_for_the_keys(page):
     assert page.locator("#mel-search input, #mel-search textarea").first.input_value() == "x"
 
 
+def test_enter_on_a_search_result_links_to_it(page, running):
+    """Enter on a KB search result reached from the keyboard did nothing (only the button linked)."""
+    _type(page, "Hopper at the podium.", "Hopper")
+    _link(page)
+    page.wait_for_function("() => !document.querySelector('#mel-ack-refused, #mel-ack-ok')", timeout=180_000)
+    page.locator("#mel-search input, #mel-search textarea").first.fill("Grace Hopper")
+    page.locator("#mel-search input, #mel-search textarea").first.press("Enter")
+    page.wait_for_selector("#mel-search-results input[type=radio]")
+    before = len(_rows(running, "bob"))
+    page.locator("#mel-search-results input[type=radio]").first.focus()
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#mel-ack-ok")
+    rows = _rows(running, "bob")
+    assert len(rows) == before + 1 and rows[-1][1] == "search"
+    assert rows[-1][2] == page.locator("#mel-search-results input[type=radio]").first.get_attribute("value")
+
+
 def test_the_candidates_are_readable_on_a_phone(page):
     _type(page, "Hopper at the podium.", "Hopper")
     _link(page)

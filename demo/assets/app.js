@@ -20,6 +20,11 @@
     if (e.key === 'Escape' && t && t.closest && t.closest('#mel-search')) {  // back to the keys, as in Annotate
       t.blur(); e.preventDefault(); return;
     }
+    if (e.key === 'Enter' && t && t.type === 'radio' && t.closest && t.closest('#mel-search-results')) {
+      if (!t.checked) t.click();  // Enter on a result (reached with Tab / arrows) links to it
+      setTimeout(() => press('mel-pick'), 0);
+      e.preventDefault(); return;
+    }
     if (typing || e.ctrlKey || e.metaKey || e.altKey) return;
     if (keys[e.key] && press(keys[e.key])) { e.preventDefault(); return; }
     if (e.key === '/') {
