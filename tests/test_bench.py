@@ -195,3 +195,15 @@ def test_gemel_image_runs_are_added_to_their_json_whole_or_not_at_all(tmp_path, 
     monkeypatch.undo()
     store_run(path, "about", "second", {"n": 2})
     assert json.loads(path.read_text())["runs"] == {"first": {"n": 1}, "second": {"n": 2}}
+
+
+def test_calibration_noise_tells_a_sample_size_effect_from_miscalibration():
+    from bench.calibration_noise import noise
+    rng = np.random.default_rng(1)
+    conf = rng.uniform(0.3, 0.9, 300)
+    calibrated = noise(conf, rng.random(300) < conf, draws=300, seed=0)
+    overconfident = noise(conf, rng.random(300) < conf - 0.25, draws=300, seed=0)
+    assert calibrated["ece"] < calibrated["perfectly_calibrated_p95"]        # within what n = 300 shows
+    assert overconfident["ece"] > overconfident["perfectly_calibrated_p95"]  # beyond it
+    low, high = overconfident["bootstrap_95"]
+    assert low <= overconfident["ece"] <= high
