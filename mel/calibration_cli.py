@@ -49,8 +49,9 @@ def add_parser(sub) -> None:
     p.add_argument("--save-scores", help="write every mention's candidates and scores (JSONL) to this prefix")
     p.add_argument("--scores", help="read the candidates and scores of the train slice (and of the measure split) "
                    "from PREFIX.<split>.jsonl written by --save-scores, instead of running the linker on every "
-                   "mention; they must be of the same mentions, and the linker is re-run on the first "
-                   "--verify-scores of each file, which must give the same candidates and scores")
+                   "mention; they must be of the same mentions (or the first of them: the linker scores the rest, so "
+                   "a larger --limit / --measure-limit extends an earlier run), and the linker is re-run on the "
+                   "first --verify-scores of each file, which must give the same candidates and scores")
     p.add_argument("--verify-scores", type=int, default=10,
                    help="with --scores: mentions of each file re-run and compared (default 10)")
     p.add_argument("--quiet", action="store_true")
@@ -84,9 +85,12 @@ def _checkpoint_holdout(linker, examples, fmt: str, split: str):
 
 
 def load_scores(path: str, examples, linker, args, log) -> list:
-    """The scores of `examples` saved by an earlier run (--save-scores), checked: the same mentions in
-    the same order, and the linker re-run now on the first --verify-scores gives the same candidates
-    and scores (to 1e-6). Anything else is an InputError: run without --scores."""
+    """(scores of `examples`, a sentence saying where they came from): those saved by an earlier run
+    (--save-scores), checked: the same mentions in the same order, and the linker re-run now on the
+    first --verify-scores gives the same candidates and scores (to 1e-6). A file that holds only the
+    first mentions of this run (an earlier, smaller --limit or --measure-limit: the train slice of a
+    larger limit starts with the smaller one) is extended: the linker scores the rest now. Anything
+    else is an InputError: run without --scores."""
     from .calibration import collect, loads_scored
     try:
         scored = loads_scored(Path(path).read_text(encoding="utf-8"))
@@ -98,8 +102,9 @@ def load_scores(path: str, examples, linker, args, log) -> list:
             raise InputError(f"{path}: a saved score of {r.sample_id!r} is not a number ({r.scores!r:.200}), or "
                              f"its candidates and scores differ in number; run without --scores")
     want = [(ex.sample_id, ex.gold_id) for ex in examples]
-    if [(r.sample_id, r.gold_id) for r in scored] != want:
-        raise InputError(f"{path} holds other mentions than this run's {len(want)} (another slice, seed or limit)")
+    if [(r.sample_id, r.gold_id) for r in scored] != want[:len(scored)]:
+        raise InputError(f"{path} holds other mentions than this run's {len(want)}, or more of them "
+                         f"(another slice, seed or a larger limit)")
     n = min(max(args.verify_scores, 0), len(scored))
     again = collect(linker, examples[:n], k=args.k, batch_size=args.batch_size, progress=False)
     for old, new in zip(scored[:n], again, strict=True):
@@ -109,7 +114,13 @@ def load_scores(path: str, examples, linker, args, log) -> list:
             raise InputError(f"{path}: the linker now gives other candidates or scores for {old.sample_id!r} than "
                              f"those saved (other models or code?); run without --scores")
     log(f"[mel] {len(scored)} mentions' scores read from {path}; the first {n} re-run: identical")
-    return scored
+    how = f"{Path(path).name} (an earlier run's --save-scores; the first {n} re-run and identical)"
+    rest = examples[len(scored):]
+    if rest:
+        log(f"[mel] scoring the other {len(rest)} mentions of this run")
+        scored += collect(linker, rest, k=args.k, batch_size=args.batch_size, progress=not args.quiet)
+        how = f"{len(scored) - len(rest)} of {len(scored)} from {how}; the other {len(rest)} scored by this run"
+    return scored, how
 
 
 def measure(args, linker, cal, seconds: dict, log) -> tuple[list, list, dict]:
@@ -123,8 +134,7 @@ def measure(args, linker, cal, seconds: dict, log) -> tuple[list, list, dict]:
         f"({dev.report.rules_line()})")
     t0 = time.perf_counter()
     if args.scores:
-        dev_scored = load_scores(f"{args.scores}.{args.measure_split}.jsonl", dev_ex, linker, args, log)
-        report_from = f"{Path(args.scores).name}.{args.measure_split}.jsonl"
+        dev_scored, report_from = load_scores(f"{args.scores}.{args.measure_split}.jsonl", dev_ex, linker, args, log)
     else:
         dev_scored = collect(linker, dev_ex, k=args.k, batch_size=args.batch_size, progress=not args.quiet)
         report_from = ""
@@ -162,7 +172,7 @@ def run(args) -> None:
     log(f"[mel] calibrating {linker.name} on {how}; KB {kb.path.name}: {kb.size:,} entities")
     t0 = time.perf_counter()
     if args.scores:
-        scored = load_scores(f"{args.scores}.{args.split}.jsonl", examples, linker, args, log)
+        scored, scores_from = load_scores(f"{args.scores}.{args.split}.jsonl", examples, linker, args, log)
     else:
         scored = collect(linker, examples, k=args.k, batch_size=args.batch_size, progress=not args.quiet)
     collect_s = time.perf_counter() - t0
@@ -170,8 +180,7 @@ def run(args) -> None:
                  "kb": kb.path.name, "kb_size": kb.size, "k": args.k, "options": parse_options(args.opt or []),
                  "command": getattr(args, "command_line", "")}
     if args.scores:
-        fitted_on["scores_from"] = f"{Path(args.scores).name}.{args.split}.jsonl (an earlier run's --save-scores; " \
-                                   f"the first {min(args.verify_scores, len(scored))} re-run and identical)"
+        fitted_on["scores_from"] = scores_from
     t0 = time.perf_counter()
     cal = fit(scored, linker, nil_share=args.nil_share, seed=args.seed, fitted_on=fitted_on, method=args.method)
     fit_s = time.perf_counter() - t0

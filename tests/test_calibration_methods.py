@@ -159,6 +159,35 @@ def test_calibrate_cli_method_auto_and_saved_scores(tmp_path, hashing_encoder, c
     assert "other candidates or scores" in capsys.readouterr().err
 
 
+def test_saved_scores_of_a_smaller_limit_are_extended(tmp_path, hashing_encoder, capsys):
+    """`--scores` of an earlier run with a smaller --limit / --measure-limit: those mentions are read
+    (the first checked), the rest scored now, and the result is what one run of the larger limits gives."""
+    from mel.cli import main
+    data, kb = person_dataset(tmp_path, hashing_encoder, {"train": 60, "dev": 20})
+    base = ["calibrate", "--format", "jsonl", "--data", str(data), "--split", "train",
+            "--kb", str(kb.path), "--linker", "bm25", "--measure-split", "dev", "--quiet", "--verify-scores", "3"]
+    assert main(base + ["--limit", "25", "--measure-limit", "8", "--out", str(tmp_path / "small"),
+                        "--save-scores", str(tmp_path / "s")]) in (0, None)
+    assert main(base + ["--limit", "50", "--measure-limit", "0", "--out", str(tmp_path / "whole"),
+                        "--save-scores", str(tmp_path / "w"), "--json", str(tmp_path / "w.json")]) in (0, None)
+    assert main(base + ["--limit", "50", "--measure-limit", "0", "--out", str(tmp_path / "extended"),
+                        "--scores", str(tmp_path / "s"), "--save-scores", str(tmp_path / "e"),
+                        "--json", str(tmp_path / "e.json")]) in (0, None)
+    for split in ("train", "dev"):
+        assert (tmp_path / f"e.{split}.jsonl").read_text() == (tmp_path / f"w.{split}.jsonl").read_text()
+    assert len((tmp_path / "s.train.jsonl").read_text().splitlines()) == 25
+    extended, whole = Calibration.load(tmp_path / "extended"), Calibration.load(tmp_path / "whole")
+    assert (extended.temperature, extended.none_logit, extended.nil_threshold) == \
+        (whole.temperature, whole.none_logit, whole.nil_threshold)
+    assert extended.fitted_on["scores_from"].startswith("25 of 50 from s.train.jsonl")
+    measured = json.loads((tmp_path / "e.json").read_text())["measure"]
+    assert measured["scores_from"].startswith("8 of 20 from s.dev.jsonl")
+    assert measured["ece_after"] == json.loads((tmp_path / "w.json").read_text())["measure"]["ece_after"]
+    # a file holding more mentions than this run asks for is not a prefix of it: refused
+    assert main(base + ["--limit", "10", "--out", str(tmp_path / "less"), "--scores", str(tmp_path / "s")]) == 2
+    assert "or more of them" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("bad", [[0.1, 0.2], "x", {"x": ["a", 0.5], "y": [0.1, 0.2]}, {"x": [0.5], "y": [2.0]}])
 def test_a_malformed_top_map_is_refused_with_a_clear_error(bad):
     from mel.calibration import Calibration
