@@ -305,14 +305,17 @@ def _badge(kind: str, text: str) -> str:
 REASON_WORDS = {"disagreement": "annotators disagree", "flagged": "flagged", "reviewed": "reviewed"}
 
 
+def _reasons_now(item: ReviewItem) -> list[str]:
+    """Why a task is in the review list now: a settled one (a reviewer set its final label, shown with
+    "also reviewed tasks") is no longer a disagreement, and "reviewed" is said by the caller."""
+    return [r for r in item.reasons if not (item.label.reviewed and r in ("disagreement", "reviewed"))]
+
+
 def task_html(item: ReviewItem, index: int | None = None, total: int | None = None) -> str:
     """The review panel for one task; every piece of text escaped."""
     m, label = item.task.mention, item.label
     where = f"task {index + 1} of {total} to review · " if index is not None and total else ""
-    # a settled task (shown with "also reviewed tasks") is not shown as a disagreement any more
-    reasons = [r for r in item.reasons if not (label.reviewed and r == "disagreement")]
-    if label.reviewed and "reviewed" not in reasons:
-        reasons.insert(0, "reviewed")
+    reasons = (["reviewed"] if label.reviewed else []) + _reasons_now(item)
     head = (" ".join(_badge(r, REASON_WORDS.get(r, r)) for r in reasons)
             + f' <span class="mel-team-note">{where}position {item.task.position + 1} · id {_esc(item.task.id)} · '
             f'status {_esc(label.status.replace("_", " "))} · {len(label.decisions)} of {label.required} '
@@ -394,8 +397,7 @@ def list_rows(items: list[ReviewItem]) -> list[list]:
 def _why(item: ReviewItem) -> str:
     """The list's "why": an open task by its reasons; a settled one (a reviewer set its final label,
     listed with "also reviewed tasks") by its final label, not by the disagreement it had."""
-    words = [REASON_WORDS.get(r, r) for r in item.reasons if not (item.label.reviewed and r in
-                                                                   ("disagreement", "reviewed"))]
+    words = [REASON_WORDS.get(r, r) for r in _reasons_now(item)]
     if item.label.reviewed:
         final = item.label.final_label
         words.insert(0, f"settled: {'NIL' if final == NIL else (item.label.final_name or final)}")
