@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kb", help="a KB built with `python -m mel kb build` (default: the bundled demo KB)")
     p.add_argument("--pool", help="JSONL of Examples for GEMEL's demonstrations (default: the demo pool with the demo KB)")
     p.add_argument("--preset", default=os.environ.get("MEL_PRESET", "auto"), help="auto | offline | small | paper")
-    p.add_argument("--device", default=None, help="override the preset's device (cpu, cuda)")
+    p.add_argument("--device", default=None, help="override the preset's device: cpu, cuda, cuda:N, mps or auto")
     p.add_argument("--data-dir", default=None, help="where annotations.sqlite and the uploaded images are kept")
     p.add_argument("--generator", default=os.environ.get("MEL_GENERATOR", "gemel+bm25"),
                    help="the generative linker (default gemel+bm25, or $MEL_GENERATOR: the LLM scores BM25's top 20, "
@@ -113,8 +113,13 @@ def main(argv=None) -> None:
               else "every correction is saved as annotator 'local' (set MEL_AUTH to log annotators in)"),
               file=sys.stderr)
 
+    from mel.cli_kit import check_device
+    try:
+        device = check_device(args.device)
+    except MELError as exc:
+        raise SystemExit(f"[app] cannot start: {exc}") from None
     generator_options, ranker_options = linker_options(args.opt)
-    config = ServiceConfig(kb=args.kb, pool=args.pool, preset=args.preset, device=args.device, data_dir=args.data_dir,
+    config = ServiceConfig(kb=args.kb, pool=args.pool, preset=args.preset, device=device, data_dir=args.data_dir,
                            generator=args.generator, ranker=args.ranker, generator_options=generator_options,
                            ranker_options=ranker_options, live_pool=not args.no_live_pool, nil=args.nil)
     service = LinkService(config)

@@ -19,7 +19,9 @@ export button is shown to admins only (MEL_ADMINS).
 from __future__ import annotations
 
 import json
-from pathlib import Path
+
+from mel.cli_kit import check_output_file
+from mel.errors import InputError
 
 from .export import FORMATS, export_corrections
 from .projects_cli import add_project_commands
@@ -48,7 +50,8 @@ def add_parser(subparsers) -> None:
                    help="with --project: only tasks where at least this share (0-1) of the annotators chose the "
                         "final label")
     p.add_argument("--reviewed-only", action="store_true", help="with --project: only tasks a reviewer labelled")
-    p.add_argument("--out", required=True, help="directory to write (created if missing)")
+    p.add_argument("--out", required=True, help="directory to write: new (created), empty, or a previous export "
+                                                "(replaced whole; other files you put there are kept)")
     p.add_argument("--kb", help="the KB the corrections link to; adds entity descriptions and aliases")
     p.add_argument("--dev-fraction", type=float, default=0.0,
                    help="share of mentions put in a dev split, chosen by hash (default 0: all train)")
@@ -96,9 +99,15 @@ def cmd_export(args) -> None:
         from mel.kb import KnowledgeBase
         kb = KnowledgeBase(args.kb)
     with AnnotationStore.from_db(args.db, read_only=True) as store:
-        report = export_corrections(store, args.out, args.format, kb=kb, dev_fraction=args.dev_fraction,
-                                    project=args.project, min_agreement=args.min_agreement,
-                                    reviewed_only=args.reviewed_only)
+        try:
+            report = export_corrections(store, args.out, args.format, kb=kb, dev_fraction=args.dev_fraction,
+                                        project=args.project, min_agreement=args.min_agreement,
+                                        reviewed_only=args.reviewed_only)
+        except OSError as exc:  # a disk error while writing: the export folder is as it was
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise InputError(f"could not write the export to {args.out}: {exc.strerror or exc}{where}; nothing "
+                             f"was changed there. Free some space or pick a writable --out, and run it "
+                             f"again") from exc
     print(report.summary())
     print(f"files: {', '.join(report.files)}")
 
@@ -107,13 +116,18 @@ def cmd_agreement(args) -> None:
     from mel.paths import atomic_write
 
     from .agreement import compute_agreement
+    if args.json:
+        check_output_file(args.json)  # before the work: a bad path fails now, not after the table
     with AnnotationStore.from_db(args.db, read_only=True) as store:
         report = compute_agreement(store, args.project)
     print(report.table())
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(args.json) as tmp:
-            tmp.write_text(report.to_json() + "\n", encoding="utf-8")
+        try:
+            with atomic_write(args.json) as tmp:
+                tmp.write_text(report.to_json() + "\n", encoding="utf-8")
+        except OSError as exc:
+            raise InputError(f"could not write {args.json} ({exc.strerror or exc}); pick a writable path "
+                             f"for --json") from exc
         print(f"written to {args.json}")
 
 

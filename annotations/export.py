@@ -40,14 +40,20 @@ Formats (the first three readable by mel.datasets.load_dataset(format, OUT, spli
              decided_at}); OUT/images/<sha256>.<ext>. Hugging Face `datasets` reads it:
              load_dataset("parquet", data_files={"train": "OUT/train.parquet"}).
 
-Every file is published whole or not at all (mel.paths.atomic_write: written beside, flushed,
-renamed); export_report.json is written last. Every path is checked to stay inside OUT.
+The export is published as one unit: every file is written into a new hidden folder beside OUT
+(`.OUT.building-PID-...`), flushed, and that folder is renamed to OUT; a previous export at OUT is
+renamed aside first and deleted after (the files someone added to it are kept: linked into the new
+folder before the swap). So OUT holds the previous export or the new one, whole, with its
+export_report.json; a failed export leaves OUT as it was. OUT must be new, empty, or a previous
+export (it has export_report.json): a folder of other files (someone's dataset) is refused, as is
+one where an export file name is taken by a folder. Every path is checked to stay inside OUT.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -55,8 +61,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from mel.cli_kit import check_output_dir
 from mel.errors import InputError
-from mel.paths import atomic_write, remove_dead_temps
+from mel.paths import atomic_write, fsync_path, remove_dead_temps, temp_path
 from mel.types import NIL, Entity, Example, Mention
 
 from .store import AnnotationStore
@@ -179,20 +186,15 @@ def export_corrections(store: AnnotationStore, out_dir: str | Path, format: str 
         raise InputError("--min-agreement and --reviewed-only filter a project's tasks: give --project too")
     if format == "parquet":
         _require_pyarrow()
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out} exists and is not a directory; give a directory for the export")
+    out = check_export_dir(out_dir)
 
-    report = ExportReport(format=format, out_dir=str(out.resolve()),
+    report = ExportReport(format=format, out_dir=str(out),
                           min_agreement=float(min_agreement) if min_agreement is not None else None,
                           reviewed_only=reviewed_only)
     if project is None:
         records = _free_form_records(store, report)
     else:
         records = _project_records(store, project, report, min_agreement, reviewed_only)
-    out.mkdir(parents=True, exist_ok=True)
-    out = out.resolve()
-    remove_dead_temps(out, _OUR_FILES)  # what a killed export left half-written (hidden temp names)
 
     entities: dict[str, Entity] = {}
     for r in records:
@@ -201,20 +203,114 @@ def export_corrections(store: AnnotationStore, out_dir: str | Path, format: str 
         report.n_nil += r.entity_id == NIL
     report.n_entities = len(entities)
 
-    writer = {"jsonl": _write_jsonl, "wikimel": _write_wikimel, "gemel": _write_gemel,
-              "parquet": _write_parquet}[format]
-    writer(store, out, records, entities, dev_fraction, report)
-    if format != "parquet":
-        _write_json(out, "provenance.json", {r.sample_id: r.provenance() for r in records}, report)
-    else:
-        inside(out, "provenance.json").unlink(missing_ok=True)
-    report.n_examples = report.n_train + report.n_dev
-    _write_json(out, "export_report.json", report.to_dict(), report)  # last: the export is complete
+    remove_dead_temps(out.parent, [out.name])  # what a killed export left beside OUT (hidden temp names)
+    build = temp_path(out, "building")
+    build.mkdir()
+    try:
+        writer = {"jsonl": _write_jsonl, "wikimel": _write_wikimel, "gemel": _write_gemel,
+                  "parquet": _write_parquet}[format]
+        writer(store, build, records, entities, dev_fraction, report)
+        if format != "parquet":
+            _write_json(build, "provenance.json", {r.sample_id: r.provenance() for r in records}, report)
+        report.n_examples = report.n_train + report.n_dev
+        _write_json(build, "export_report.json", report.to_dict(), report)
+        _swap_in(build, out)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)  # gone after the swap; a failed build is not left behind
     return report
 
 
 _OUR_FILES = ("train.jsonl", "dev.jsonl", "kb.jsonl", "Wikidata-MEL.json", "splits.json", "qid2ne.json",
               "qid2abs.json", "train.parquet", "dev.parquet", "provenance.json", "export_report.json")
+_OUR_DIRS = ("images",)
+REPORT_NAME = "export_report.json"  # written by every export: the mark of a folder an export made
+
+
+def check_export_dir(out_dir: str | Path) -> Path:
+    """The export folder OUT (resolved), checked before any work: new, empty, or a previous export;
+    and its parent writable (the export is built beside it). InputError saying what to do otherwise."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} exists and is not a directory; give a new (or empty) directory for the export")
+    out = out.resolve()
+    if out.parent == out:
+        raise InputError(f"cannot export into {out}; give a new (or empty) directory for the export")
+    check_output_dir(out.parent)
+    if out.is_dir():
+        try:
+            entries = sorted(os.listdir(out))
+        except OSError as exc:
+            raise InputError(f"cannot read the export directory {out} ({exc.strerror or exc}); "
+                             f"pick a new directory for the export") from exc
+        ours = set(_OUR_FILES) | set(_OUR_DIRS)
+        taken = [n for n in entries if n in _OUR_FILES and (not (out / n).is_file() or (out / n).is_symlink())]
+        taken += [n for n in entries if n in _OUR_DIRS and (not (out / n).is_dir() or (out / n).is_symlink())]
+        if taken:
+            raise InputError(f"{out / taken[0]} is not a file an export wrote (a folder or a link where the export "
+                             f"writes its {taken[0]}); nothing was changed: move it away, or pick a new (or empty) "
+                             f"directory for --out")
+        if entries and not _is_previous_export(out):
+            clash = [n for n in entries if n in ours] or entries
+            shown = ", ".join(clash[:4]) + (", ..." if len(clash) > 4 else "")
+            raise InputError(f"{out} holds files not written by an export ({shown}); an export replaces the "
+                             f"files of its directory, so nothing was changed: pick a new (or empty) directory "
+                             f"for --out")
+    return out
+
+
+def _is_previous_export(out: Path) -> bool:
+    """Whether `out` holds an export's report (so its export files may be replaced)."""
+    try:
+        report = json.loads((out / REPORT_NAME).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(report, dict) and {"format", "out_dir", "n_examples", "files"} <= set(report)
+
+
+def _swap_in(build: Path, out: Path) -> None:
+    """Publish the finished folder `build` as `out` in one rename. A previous export at `out` is renamed
+    aside and deleted; the entries someone added to it (not export files) are first linked (or copied)
+    into `build`, so they are kept."""
+    fsync_path(build)
+    if not out.exists():
+        os.rename(build, out)
+    elif not os.listdir(out):
+        os.rmdir(out)  # an empty folder made by hand (os.rename cannot replace a folder on every system)
+        os.rename(build, out)
+    else:
+        old = temp_path(out, "tmp")
+        for name in os.listdir(out):
+            if name in _OUR_FILES or name in _OUR_DIRS or _is_our_temp(name):
+                continue
+            source, target = out / name, build / name
+            if source.is_dir() and not source.is_symlink():
+                shutil.copytree(source, target, symlinks=True, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(source, target)
+        os.rename(out, old)
+        try:
+            os.rename(build, out)
+        except OSError:
+            os.rename(old, out)  # put the previous export back
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    fsync_path(out.parent)
+
+
+def _is_our_temp(name: str) -> bool:
+    """A hidden temporary file an older export wrote inside OUT (`.train.jsonl.tmp-PID-...`)."""
+    return name.startswith(".") and any(name.startswith(f".{n}.tmp-") for n in _OUR_FILES)
+
+
+def _link_or_copy(source, target) -> None:
+    """Hard-link `source` at `target` (same folder tree, so the same disk), or copy it."""
+    if Path(source).is_symlink():
+        os.symlink(os.readlink(source), target)
+        return
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 # -- what to export ------------------------------------------------------------------------------
@@ -355,7 +451,6 @@ def _write_parquet(store, out, records, entities, dev_fraction, report):
     for split, rows in splits.items():
         name = f"{split}.parquet"
         if not rows and split != "train":
-            inside(out, name).unlink(missing_ok=True)  # no stale dev file from an earlier export
             continue
         table = pa.Table.from_pylist(rows, schema=schema)
         with atomic_write(inside(out, name)) as tmp:
@@ -419,8 +514,6 @@ def _write_splits(out: Path, splits: dict[str, list[dict]], ext: str, report: Ex
     for split, lines in splits.items():
         if lines or split == "train":  # always a train file, so readers find the layout
             _write_lines(out, f"{split}{ext}", lines, report)
-        else:
-            inside(out, f"{split}{ext}").unlink(missing_ok=True)  # no stale dev file from an earlier export
 
 
 def _write_lines(out: Path, name: str, rows: list[dict], report: ExportReport) -> None:

@@ -54,6 +54,9 @@ TASK_FORMATS = ("csv", "tasks-jsonl")
 TASK_FIELDS = ("id", "caption", "mention", "start", "end", "image", "gold_id", "gold_name")
 DEFAULT_LINKERS = ("gemel", "dim")  # the app's two panels
 MAX_NAME_CHARS = 100
+MAX_ANNOTATIONS_PER_TASK = 1000    # distinct annotators per task; more is surely a typo
+MAX_LEASE_MINUTES = 525_600        # one year
+_SETTING_BOUNDS = {"annotations_per_task": (1, MAX_ANNOTATIONS_PER_TASK), "lease_minutes": (1, MAX_LEASE_MINUTES)}
 MAX_LISTED_MALFORMED = 5  # in ImportReport.summary(); every one is in ImportReport.malformed
 _URL = re.compile(r"^(?:[a-z][a-z0-9+.-]*://|data:)", re.I)
 
@@ -74,8 +77,8 @@ class ProjectSettings:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        require_whole("annotations_per_task", self.annotations_per_task, 1)
-        require_whole("lease_minutes", self.lease_minutes, 1)
+        for name, (low, high) in _SETTING_BOUNDS.items():  # "... is too large (at most 1,000), got ..."
+            require_whole(name, getattr(self, name), low, high)
         if not isinstance(self.annotators, list) or not all(isinstance(x, str) and x.strip() for x in self.annotators):
             raise InputError(f"settings.annotators must be a list of annotator names, got {self.annotators!r}")
         self.annotators = [x.strip() for x in self.annotators]
@@ -98,6 +101,10 @@ class ProjectSettings:
     @classmethod
     def from_json(cls, text: str) -> "ProjectSettings":
         data = json.loads(text or "{}")
+        for name, (low, high) in _SETTING_BOUNDS.items():  # stored before the bounds (or by hand): read within them
+            value = data.get(name) if isinstance(data, dict) else None
+            if isinstance(value, int) and not isinstance(value, bool) and not low <= value <= high:
+                data[name] = min(max(value, low), high)
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         return cls(**{k: v for k, v in data.items() if k in known},
                    extra={k: v for k, v in data.items() if k not in known})

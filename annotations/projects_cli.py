@@ -21,6 +21,7 @@ from mel.errors import InputError
 from .projects import (
     TASK_FIELDS,
     TASK_FORMATS,
+    _not_utf8,
     discard_empty_project,
     get_project,
     import_tasks,
@@ -102,8 +103,11 @@ def cmd_import(args) -> None:
     if args.guidelines:
         try:
             guidelines = Path(args.guidelines).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(f"cannot read the guidelines {args.guidelines}: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise InputError(f"the guidelines {_not_utf8(Path(args.guidelines), exc)}") from None
+        except OSError as exc:
+            raise InputError(f"cannot read the guidelines {args.guidelines} ({exc.strerror or exc}); give the "
+                             f"Markdown file with --guidelines") from exc
     with _open_store(args.db, create=True) as store:
         project, created = open_or_create_project(store, args.project, kb=args.kb)
         settings = None
@@ -117,6 +121,8 @@ def cmd_import(args) -> None:
             if created:  # nothing imported (whatever failed): leave no empty project behind
                 discard_empty_project(store, project)
             raise
+        if created and not report.n_imported and discard_empty_project(store, project):
+            raise InputError(_nothing_imported(report, args.data))
         done = progress(store, project)
     if args.json:
         print(json.dumps({**report.__dict__, "malformed": [m.__dict__ for m in report.malformed]},
@@ -128,6 +134,20 @@ def cmd_import(args) -> None:
         print(f"reader (the whole split): {report.reader_summary}")
     print(report.summary())
     print(f"progress: {done}")
+
+
+def _nothing_imported(report, data) -> str:
+    """Why an import into a new project gave it no task (so it was not created), in one line."""
+    if not report.n_read:
+        why = f"{data} holds no record"
+    elif not report.malformed:
+        why = f"none of the {report.n_read} records read from {data} gave a task"
+    else:
+        shown = "; ".join(" ".join(str(m).split()) for m in report.malformed[:3])
+        more = f"; ... and {len(report.malformed) - 3} more" if len(report.malformed) > 3 else ""
+        why = f"none of the {report.n_read} records read from {data} could be imported: {shown}{more}"
+    fields = f" (each record with {', '.join(TASK_FIELDS)})" if report.format in TASK_FORMATS else ""
+    return f"{why}; project {report.project!r} was not created. Fix the data{fields} and import again"
 
 
 def cmd_preannotate(args) -> None:

@@ -58,6 +58,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import sqlite3
 import tempfile
 import threading
@@ -71,6 +72,7 @@ import filelock
 import sqlite_utils
 from PIL import Image
 
+from mel.cli_kit import check_output_dir
 from mel.errors import InputError, MELError
 from mel.imageio import load_image
 from mel.paths import fsync_path
@@ -309,11 +311,12 @@ class AnnotationStore:
         db = Path(db)
         if db.is_dir():
             return cls(db, read_only=read_only)
+        if not db.exists():
+            raise AnnotationStoreError(f"{db} does not exist; give --db the app's data directory (its --data-dir) "
+                                       f"or the {DB_NAME} file in it")
         if db.name != DB_NAME:
             raise AnnotationStoreError(f"{db} is not an annotation database: expected a file named {DB_NAME} "
                                        f"(or the data directory that holds it)")
-        if not db.exists():
-            raise AnnotationStoreError(f"no annotation database at {db}; check the path")
         return cls(db.parent, read_only=read_only)
 
     # -- connections -----------------------------------------------------------------------------
@@ -898,8 +901,8 @@ class AnnotationStore:
     def _copy(self, conn: sqlite3.Connection, target: Path) -> Path:
         if target.exists() or target.is_symlink():
             raise AnnotationStoreError(f"{target} already exists; a backup never overwrites a file: pick a new name")
+        check_output_dir(target.parent)  # a parent that is a file, or not writable: said as such
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
             _copy_no_clobber(conn, target, "tmp")
         except FileExistsError as exc:
             raise AnnotationStoreError(f"{target} already exists; a backup never overwrites a file: "
@@ -982,6 +985,12 @@ def restore_database(db: str | Path, backup: str | Path) -> dict:
 BACKUP_TABLES = ("mentions", "images", "predictions", "corrections")
 
 
+def _tables_up_to(version: int) -> list[str]:
+    """The tables an annotation database of schema `version` has (those its migrations create)."""
+    return [m[1] for v, statements in MIGRATIONS if v <= version for sql in statements
+            if (m := re.match(r"\s*CREATE TABLE (\w+)", sql))]
+
+
 @contextlib.contextmanager
 def _opened_backup(backup: Path, live: Path):
     """Open `backup` read-only, check that it is an intact annotation database this code can read,
@@ -1004,12 +1013,16 @@ def _opened_backup(backup: Path, live: Path):
                 raise AnnotationStoreError(refuse.format(
                     f"it holds {', '.join(sorted(tables)[:5])}" if tables else "it holds no tables"))
             version = conn.execute("SELECT max(version) FROM schema_version").fetchone()[0] or 0
+            if not isinstance(version, int):
+                raise AnnotationStoreError(refuse.format(f"its schema version is {str(version)[:40]!r}"))
             if version > SCHEMA_VERSION:
                 raise AnnotationStoreError(
                     f"{backup} has annotation schema version {version}, newer than this code's {SCHEMA_VERSION}; "
                     f"nothing was changed. Upgrade the project before restoring it")
-            missing = [t for t in BACKUP_TABLES if t not in tables]
-            if missing and version:
+            if version < 1:
+                raise AnnotationStoreError(refuse.format("its schema_version table names no version"))
+            missing = [t for t in _tables_up_to(version) if t not in tables]
+            if missing:
                 raise AnnotationStoreError(refuse.format(f"tables {', '.join(missing)} are missing"))
             check = [r[0] for r in conn.execute("PRAGMA quick_check")]
             if check != ["ok"]:

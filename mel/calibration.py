@@ -63,6 +63,10 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".npy")
 _FINGERPRINTS: dict[str, str] = {}
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 # -- the probabilities ----------------------------------------------------------------------------
 def candidate_probabilities(scores: Sequence[float], temperature: float = 1.0,
                             none_logit: float | None = None) -> np.ndarray:
@@ -115,11 +119,29 @@ class Calibration:
     metrics: dict = field(default_factory=dict)  # train: nll / ece before and after, nil accuracy
 
     def __post_init__(self):
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
-                and self.temperature > 0):
+        """Every field of the kind it must be (a damaged or hand-edited config.json is said, not a
+        TypeError or AttributeError later)."""
+        if not isinstance(self.linker, str):
+            raise InputError(f"a calibration's linker is a linker's name, got {self.linker!r}")
+        if not (_is_number(self.temperature) and math.isfinite(self.temperature) and self.temperature > 0):
             raise InputError(f"a calibration's temperature must be a positive number, got {self.temperature!r}")
-        if self.nil_threshold is not None and not 0 <= self.nil_threshold <= 1:
-            raise InputError(f"a NIL threshold is a probability in [0, 1], got {self.nil_threshold!r}")
+        if self.none_logit is None:
+            self.none_logit = -math.inf
+        if not _is_number(self.none_logit) or math.isnan(self.none_logit) or self.none_logit == math.inf:
+            raise InputError(f"a calibration's none_logit must be a number (or null: no \"none\" option), "
+                             f"got {self.none_logit!r}")
+        if self.nil_threshold is not None and not (_is_number(self.nil_threshold) and 0 <= self.nil_threshold <= 1):
+            raise InputError(f"a calibration's nil_threshold (NIL threshold) is a probability in [0, 1], "
+                             f"got {self.nil_threshold!r}")
+        if self.method not in METHODS:
+            raise InputError(f"a calibration's method is one of {', '.join(METHODS)}, got {self.method!r}")
+        if not isinstance(self.fingerprint, str):
+            raise InputError(f"a calibration's fingerprint is a string, got {self.fingerprint!r}")
+        for name in ("fitted_on", "metrics"):
+            if not isinstance(getattr(self, name), dict):
+                raise InputError(f"a calibration's {name} is an object, got {getattr(self, name)!r:.100}")
+        if not isinstance(self.metrics.get("train", {}), dict):
+            raise InputError(f"a calibration's metrics.train is an object, got {self.metrics['train']!r:.100}")
         if self.top_map is not None:
             x, y = (self.top_map.get("x"), self.top_map.get("y")) if isinstance(self.top_map, dict) else (None, None)
             if (not isinstance(x, list) or not isinstance(y, list) or len(x) != len(y) or not x
@@ -141,12 +163,18 @@ class Calibration:
         return {"kind": "mel-calibration", **data}
 
     def save(self, directory: str | Path) -> Path:
+        """Write DIRECTORY/config.json whole (or leave the old one); an unwritable place is an InputError."""
         from .paths import atomic_write
         out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
         path = out / CONFIG
-        with atomic_write(path) as tmp:
-            Path(tmp).write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            with atomic_write(path) as tmp:
+                Path(tmp).write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n",
+                                     encoding="utf-8")
+        except OSError as exc:
+            raise InputError(f"cannot write the calibration {path} ({exc.strerror or exc}); give --out a writable "
+                             f"directory") from None
         return path
 
     @classmethod
@@ -160,8 +188,9 @@ class Calibration:
         except FileNotFoundError:
             raise InputError(f"no calibration at {path}: expected a directory with {CONFIG} "
                              f"(written by `python -m mel calibrate ... --out DIR`)") from None
-        except (OSError, json.JSONDecodeError) as exc:
-            raise InputError(f"cannot read the calibration {p}: {exc}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InputError(f"cannot read the calibration {p} ({type(exc).__name__}: {exc}); fit it again with "
+                             f"`python -m mel calibrate ... --out DIR`") from None
         if not isinstance(data, dict) or data.get("kind") != "mel-calibration":
             raise InputError(f"{p} is not a calibration (no \"kind\": \"mel-calibration\")")
         data = {k: v for k, v in data.items() if k != "kind"}
@@ -169,8 +198,9 @@ class Calibration:
             data["none_logit"] = -math.inf
         try:
             return cls(**data)
-        except TypeError as exc:
-            raise InputError(f"{p} is not a valid calibration: {exc}") from None
+        except (TypeError, InputError) as exc:
+            raise InputError(f"{p} is not a valid calibration: {exc}; fit it again with "
+                             f"`python -m mel calibrate ... --out DIR`") from None
 
 
 # -- which calibration a linker uses --------------------------------------------------------------
@@ -247,7 +277,9 @@ def use_calibration(linker, calibration: "Calibration | str | Path | None", *, n
     elif calibration is not None and not isinstance(calibration, Calibration):
         raise InputError(f"a calibration is a Calibration, a directory or None, got {type(calibration).__name__}")
     if calibration is not None and calibration.linker != linker.name:
-        warnings.warn(f"a calibration fitted for {calibration.linker!r} is used for {linker.name!r}", stacklevel=2)
+        raise InputError(f"the calibration was fitted for the linker {calibration.linker!r}, not {linker.name!r}: "
+                         f"its probabilities would be wrong; pass the calibration of {linker.name!r} or fit one "
+                         f"with `python -m mel calibrate --linker {linker.name} ...`")
     linker.calibration = calibration
     if nil is True:
         if calibration is None or calibration.nil_threshold is None:

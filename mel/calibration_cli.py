@@ -14,6 +14,7 @@ first `--measure-limit` mentions of that split (what the benches call the genera
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -152,6 +153,40 @@ def measure(args, linker, cal, seconds: dict, log) -> tuple[list, list, dict]:
     return dev_ex, dev_scored, report
 
 
+def check_outputs(args) -> None:
+    """Every file this run will write, checked before any mention is scored: --out (a directory whose
+    config.json is replaced), --json, --plot (of the measure split: refused without one) and the
+    --save-scores files. --out and the --save-scores folder are not created here: a run refused later
+    leaves nothing behind."""
+    if args.plot and not args.measure_split:
+        raise InputError("--plot draws the reliability diagram of the measure split: add --measure-split SPLIT "
+                         "(e.g. dev), or leave --plot out")
+    for path in (args.json, args.plot):
+        if path:
+            check_output_file(path)
+    _check_folder("--out", Path(args.out))
+    if (Path(args.out) / "config.json").is_dir():
+        raise InputError(f"--out: {Path(args.out) / 'config.json'} is a directory; pick another --out")
+    if args.save_scores:
+        for split in filter(None, (args.split, args.measure_split)):
+            path = Path(f"{args.save_scores}.{split}.jsonl")
+            if path.is_dir():
+                raise InputError(f"--save-scores: {path} is a directory; pick another prefix")
+            _check_folder("--save-scores", path.parent)
+
+
+def _check_folder(flag: str, folder: Path) -> None:
+    """`folder` is a writable directory or can be made one: its nearest existing ancestor is a
+    writable directory (nothing is created now)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"{flag}: {existing} is a file, not a folder; pick another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{flag}: cannot write into {existing}; pick a writable path")
+
+
 def run(args) -> None:
     from .calibration import collect, dumps_scored, fit, reliability_diagram, top_confidences
     from .datasets import load_dataset
@@ -161,9 +196,7 @@ def run(args) -> None:
     if args.split in ("dev", "val", "valid", "validation", "test"):
         raise InputError(f"calibrate fits on a train slice, not on {args.split!r}: measure there with "
                          f"--measure-split {args.split}")
-    for path in (args.json, args.plot):
-        if path:
-            check_output_file(path)
+    check_outputs(args)
     kb = KnowledgeBase(args.kb)
     linker = build_linker(args.linker, kb, resolve_preset(args), **parse_options(args.opt or []))
     data = load_dataset(args.format, args.data, args.split, unlocated="context")
@@ -193,6 +226,7 @@ def run(args) -> None:
         dev_ex, dev_scored, out["measure"] = measure(args, linker, cal, seconds, log)
     # Everything is computed and checked: the outputs now, each published whole (mel.paths.atomic_write).
     if args.save_scores:
+        Path(f"{args.save_scores}.{args.split}.jsonl").parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(f"{args.save_scores}.{args.split}.jsonl") as tmp:
             tmp.write_text(dumps_scored(scored), encoding="utf-8")
         if dev_scored is not None:

@@ -21,13 +21,14 @@ import sys
 from .cli_kit import (
     add_preset_args,
     add_threads_arg,
+    check_device,
     check_output_file,
     command_line,
     count_arg,
     resolve_preset,
     run_command,
 )
-from .errors import InputError, MELError
+from .errors import MAX_WHOLE, InputError, MELError, require_whole
 
 # subcommand -> "module:function(subparsers)" that adds it; kept lazy so --help stays fast
 COMMANDS: dict[str, str] = {
@@ -48,7 +49,7 @@ def cmd_models(args):
     from .presets import PRESETS, describe, get_preset
     names = [args.preset] if args.preset != "all" else list(PRESETS)
     for name in names:
-        preset = get_preset(name, device=args.device, check_memory=name == "auto")
+        preset = get_preset(name, device=check_device(args.device), check_memory=name == "auto")
         if preset.reason:
             print(f"[mel] {preset.reason}", file=sys.stderr)
         print(describe(preset))
@@ -125,7 +126,12 @@ def cmd_link(args):
     from .imageio import load_image
     from .kb import KnowledgeBase
     from .linkers import build_linker
+    from .linkers.base import check_k
     from .spans import resolve_mention
+    check_k(args.k)
+    for flag, offset in (("--start", args.start), ("--end", args.end)):
+        if offset is not None:  # a negative one is "outside the caption" (resolve_mention); a huge one, too large
+            require_whole(flag, offset, -MAX_WHOLE)
     if (args.start is None) != (args.end is None):
         raise MELError("give both --start and --end (character offsets of the mention), or --mention TEXT")
     if args.start is None and not args.mention:
@@ -211,6 +217,8 @@ def cmd_eval(args):
     from .evaluate import evaluate, format_report
     from .kb import KnowledgeBase
     from .linkers import build_linker
+    from .paths import atomic_write
+    require_whole("--batch-size", args.batch_size, 1)  # before any output is opened: every linker refuses it
     for path in (args.json, args.predictions):  # fail now, not after the whole evaluation
         if path:
             check_output_file(path)
@@ -235,13 +243,14 @@ def cmd_eval(args):
     report["command"] = args.command_line
     print(format_report(report))
     print(f"  {data.report.rules_line()}")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
+    if args.json:  # published whole (a temporary file renamed over it), or the old file is kept
+        with atomic_write(args.json) as tmp, open(tmp, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2, ensure_ascii=False)
 
 
 # -- parser -------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from .index import ENGINES
     parser = argparse.ArgumentParser(prog="python -m mel", description="Multimodal entity linking: GEMEL and DIM.")
     add_threads_arg(parser)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -322,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--linker", required=True)
     p.add_argument("--limit", type=count_arg, default=None, help="only the first N mentions (0: all)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--engine", default="auto", help="dense search engine: auto | numpy | faiss-flat | faiss-ivf | faiss-hnsw")
+    p.add_argument("--engine", default="auto", choices=ENGINES, help="dense search engine (default: auto)")
     p.add_argument("--opt", action="append", help="linker option key=value (repeatable)")
     p.add_argument("--json", help="write the report to this JSON file")
     p.add_argument("--predictions", help="write one JSON line per mention to this file")

@@ -23,16 +23,18 @@ import argparse
 import dataclasses
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from .errors import InputError, MELError
+from .errors import InputError, MELError, require_whole
 from .paths import REPO_ROOT, display_path
 
 DEFAULT_PRESET = "offline"
+MAX_THREADS = 1024  # more than any machine this runs on has cores; far more only hangs starting threads
 BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -41,6 +43,8 @@ def run_command(args: argparse.Namespace) -> int:
     """Run `args.func(args)` after `--threads`; a library error is one line on stderr and status 2."""
     try:
         apply_threads(getattr(args, "threads", None))
+        if hasattr(args, "device"):  # every command with --device: an unknown one is refused before any work
+            args.device = check_device(args.device)
         args.func(args)
     except MELError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -56,13 +60,29 @@ def add_preset_args(parser: argparse.ArgumentParser, device: bool = True) -> Non
     parser.add_argument("--preset", default=DEFAULT_PRESET,
                         help=f"paper | small | offline | auto (default: {DEFAULT_PRESET})")
     if device:
-        parser.add_argument("--device", default=None, help="override the preset's device (cpu, cuda, cuda:1...)")
+        parser.add_argument("--device", default=None,
+                            help="override the preset's device: cpu, cuda, cuda:N, mps, or auto (the preset's own)")
+
+
+DEVICE_RE = re.compile(r"cpu|mps|cuda(:\d+)?")
+
+
+def check_device(device: str | None) -> str | None:
+    """`--device` as the presets take it: cpu, cuda, cuda:N or mps; None (and `auto`): the preset's own.
+    Anything else is an InputError now, not a crash when the first model loads (or a silent no-op)."""
+    if device is None or device.strip().lower() == "auto":
+        return None
+    name = device.strip().lower()
+    if not DEVICE_RE.fullmatch(name):
+        raise InputError(f"unknown device {device!r}: use cpu, cuda, cuda:N (a GPU's number, e.g. cuda:1), mps, "
+                         f"or auto (the preset's own)")
+    return name
 
 
 def resolve_preset(args):
     """The Preset named by `--preset` (and `--device`); says on stderr why `auto` chose it."""
     from .presets import get_preset
-    preset = get_preset(args.preset, device=getattr(args, "device", None))
+    preset = get_preset(args.preset, device=check_device(getattr(args, "device", None)))
     if preset.reason:
         print(f"[mel] {preset.reason}", file=sys.stderr)
     return preset
@@ -82,6 +102,7 @@ def apply_threads(threads: int | None) -> None:
         return
     if threads < 1:
         raise InputError(f"--threads must be >= 1, got {threads}")
+    require_whole("--threads", threads, 1, MAX_THREADS)  # torch would try to start them all
     os.environ["MEL_THREADS"] = str(threads)  # read by configure_cpu_threads
     import torch
     torch.set_num_threads(threads)  # also when a backend configured threads earlier
@@ -103,7 +124,10 @@ def count_arg(text: str) -> int:
         value = -1
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
-    return value
+    try:
+        return require_whole("the number", value, 0)  # not too large either
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 # -- config dataclasses as flags -----------------------------------------------------------------

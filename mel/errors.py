@@ -36,11 +36,25 @@ class CheckpointError(MELError):
     """A checkpoint directory is missing files or its config does not match the model."""
 
 
-def require_whole(label: str, value, low: int):
-    """`value` if it is a whole number >= `low` (not a bool), else an InputError naming `label`."""
+MAX_WHOLE = 2**31 - 1  # the largest count a command accepts by default (SQLite, numpy and C take it as is)
+
+
+def require_whole(label: str, value, low: int, high: int | None = MAX_WHOLE):
+    """`value` if it is a whole number >= `low` and <= `high` (None: no upper bound), not a bool, else an
+    InputError naming `label` (a count past `high` would overflow SQLite's LIMIT, islice or a C int)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise InputError(f"{label} must be a whole number >= {low}, got {value!r}")
+        raise InputError(f"{label} must be a whole number >= {low}, got {_shown(value)}")
+    if high is not None and value > high:
+        raise InputError(f"{label} is too large (at most {high:,}), got {_shown(value)}")
     return value
+
+
+def _shown(value) -> str:
+    """repr of `value`, short even for a huge int (str() of one with over 4,300 digits is refused)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        sign = "negative " if value < 0 else ""
+        return f"a {sign}number of about {int(value.bit_length() * 0.30103) + 1:,} digits"
+    return repr(value)
 
 
 def require_finite(label: str, value, low: float | None = None, high: float | None = None):

@@ -6,6 +6,7 @@ the linker predicts NIL (no entity). Latency is per mention as the linker report
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import sys
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, require_whole
+from .paths import atomic_write
 from .types import NIL, Example, GemelDetails, LinkResult
 
 HITS_AT = (1, 5, 10, 20)
@@ -81,18 +83,24 @@ def evaluate(linker, examples: Sequence[Example], *, k: int = max(HITS_AT), batc
     if not len(examples):
         raise InputError("nothing to evaluate: no usable mention (an empty split, --limit cut everything, or the "
                          "reader skipped every mention; `python -m mel data info ...` shows why)")
+    require_whole("batch_size", batch_size, 1)  # every linker, before the predictions file is touched
+    require_whole("k (how many candidates to return)", k, 1)
     kb = linker.kb
     ranks: list[int | None] = []
     latencies, stage_totals = [], {}
     n_gold_missing = n_nil = n_not_kb_name = 0
-    out = open(predictions_path, "w", encoding="utf-8") if predictions_path else None
     calibration = getattr(linker, "calibration", None)
     threshold = getattr(linker, "nil_threshold", None)
     if threshold is None and calibration is not None:
         threshold = calibration.nil_threshold
     confidences, corrects, decisions = [], [], []
     started = time.perf_counter()
-    try:
+    # the predictions go to a temporary file published when every mention is done: an error or Ctrl-C
+    # midway leaves the previous predictions file as it was, never an empty or partial one
+    with contextlib.ExitStack() as files:
+        out = None
+        if predictions_path:
+            out = files.enter_context(open(files.enter_context(atomic_write(predictions_path)), "w", encoding="utf-8"))
         results = linker.pipe((ex.mention for ex in examples), k=k, batch_size=batch_size)
         for example, result in tqdm(zip(examples, results, strict=True), total=len(examples),
                                     desc=f"eval {linker.name}", disable=not progress, unit=" mention"):
@@ -120,9 +128,6 @@ def evaluate(linker, examples: Sequence[Example], *, k: int = max(HITS_AT), batc
                                       "prediction": result.prediction.id if result.prediction else None,
                                       "top": [c.entity.id for c in result.candidates[:5]],
                                       "details": _jsonable(result.details.to_dict())}, ensure_ascii=False) + "\n")
-    finally:
-        if out:
-            out.close()
     elapsed = time.perf_counter() - started
     n = len(ranks)
     protocol = getattr(linker, "protocol", "whole-kb")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import KBError, ModelUnavailableError
+from .errors import InputError, KBError, ModelUnavailableError
 
 FAISS_AUTO_ROWS = 200_000
 ENGINES = ("auto", "numpy", "faiss-flat", "faiss-ivf", "faiss-hnsw", "faiss-ivfpq")
@@ -48,7 +48,7 @@ class DenseIndex:
         faiss-ivfpq: `rerank` shortlist rows a query re-ranked exactly; `vectors` may be a read-only
         memory map (what `load` passes), which the index keeps instead of a copy."""
         if engine not in ENGINES:
-            raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
+            raise InputError(f"unknown dense search engine {engine!r}; choose one of {', '.join(ENGINES)}")
         if engine == "faiss-ivfpq" and isinstance(vectors, np.memmap):
             self._vectors = vectors
         else:

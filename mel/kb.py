@@ -33,7 +33,7 @@ import numpy as np
 import sqlite_utils
 
 from .errors import InputError, KBError, require_whole
-from .index import DenseIndex, write_vectors_file
+from .index import ENGINES, DenseIndex, write_vectors_file
 from .paths import fsync_path, remove_dead_temps, temp_path
 from .types import Entity
 
@@ -81,6 +81,8 @@ class KnowledgeBase:
 
     def __init__(self, path: str | Path, engine: str = "auto"):
         self.path = Path(path)
+        if engine not in ENGINES:
+            raise InputError(f"unknown dense search engine {engine!r}; choose one of {', '.join(ENGINES)}")
         self.engine = engine
         if not self.path.exists():
             raise KBError(f"knowledge base {self.path} does not exist; build one with "
@@ -118,7 +120,10 @@ class KnowledgeBase:
             row = conn.execute("SELECT value FROM meta WHERE key = 'build_id'").fetchone()
         except sqlite3.Error:
             return  # the query that needs the connection reports what is wrong
-        theirs = json.loads(row[0]) if row else None
+        try:
+            theirs = json.loads(row[0]) if row else None
+        except (TypeError, ValueError):
+            theirs = row[0]  # not a build id this library wrote: refused below as another build
         if theirs != self.build_id:
             conn.close()
             raise KBError(f"{self.path} was rebuilt ({_build_label(theirs, None)}) after it was opened "
@@ -142,7 +147,13 @@ class KnowledgeBase:
         if not rows:
             raise KBError(f"{self.path} is not a mel knowledge base (no meta table); build one with "
                           f"`python -m mel kb build`")
-        meta = {k: json.loads(v) for k, v in self._query("SELECT key, value FROM meta")}
+        meta = {}
+        for key, value in self._query("SELECT key, value FROM meta"):
+            try:
+                meta[key] = json.loads(value)
+            except (TypeError, ValueError) as exc:  # a NULL, or text that is not JSON: not what a build writes
+                raise KBError(f"{self.path} is not a KB built by this version of mel (its meta value {key!r} is "
+                              f"not JSON: {str(value)[:40]!r}); rebuild it with `python -m mel kb build`") from exc
         version = meta.get("schema_version")
         if version != SCHEMA_VERSION:
             raise KBError(f"{self.path} has KB schema version {version}, this library reads version "
@@ -341,12 +352,9 @@ def build_kb(entities: Iterable[Entity], out: str | Path, *, text_encoder=None, 
     sqlite_utils.Database) before it is published. `build_command` is recorded so that an error
     can say how to rebuild.
     """
-    out = Path(out)
-    if out.is_dir():
-        raise KBError(f"{out} is a directory; the KB is one file: name it, e.g. {out / 'kb.sqlite'}")
+    out = check_kb_out(out)
     if out.exists() and not overwrite:
         raise KBError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
     _remove_build_leftovers(out)
     started = time.perf_counter()
 
@@ -390,6 +398,17 @@ def build_kb(entities: Iterable[Entity], out: str | Path, *, text_encoder=None, 
                   *parts.values()):
             p.unlink(missing_ok=True)
     return KnowledgeBase(out)
+
+
+def check_kb_out(out: str | Path) -> Path:
+    """The KB file a build will write: not a directory, in a folder that exists (created) and is writable
+    (InputError otherwise). Call it before the work, so a bad --out fails now and not after the encoding."""
+    from .cli_kit import check_output_dir
+    out = Path(out)
+    if out.is_dir():
+        raise KBError(f"{out} is a directory; the KB is one file: name it, e.g. {out / 'kb.sqlite'}")
+    check_output_dir(out.parent)
+    return out
 
 
 def _create_tables(db: sqlite_utils.Database) -> None:
@@ -564,6 +583,7 @@ def build_dataset_kb(format: str, source: str | Path, out: str | Path, *, preset
     import itertools
 
     from .datasets import read_kb_entities
+    check_kb_out(out)  # before the encoders load
     # jsonl: duplicates are found in the database being written, not in a set of every id (constant memory)
     # (with --limit the reader checks, as islice hides its duplicate_error)
     entities = read_kb_entities(format, source,
@@ -631,6 +651,7 @@ def write_link_prior(kb_path: str | Path, pairs: dict[tuple[str, int], int], pro
         raise InputError(f"{len(bad)} link-prior rows name no entity of {path.name} or have no count, e.g. {bad[:3]}")
     provenance = {**provenance, "table": LINK_PRIOR_TABLE, "kb_build_id": kb.build_id,
                   "created": provenance.get("created") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    _check_kb_writable(path)
     conn = sqlite3.connect(str(path), timeout=LOCK_WAIT_S, isolation_level=None)
     try:
         conn.execute("BEGIN IMMEDIATE")
@@ -647,10 +668,22 @@ def write_link_prior(kb_path: str | Path, pairs: dict[tuple[str, int], int], pro
             conn.execute("ROLLBACK")
             raise
     except sqlite3.OperationalError as exc:
+        if "locked" not in str(exc):
+            _check_kb_writable(path)  # permissions changed since the check above
         raise KBError(f"cannot write the link prior into {path} ({exc}); is another process writing it?") from exc
     finally:
         conn.close()
     return provenance
+
+
+def _check_kb_writable(path: Path) -> None:
+    """A KBError that says so when this user cannot write the KB file, or its folder (SQLite writes its
+    journal beside the file), instead of SQLite's "attempt to write a readonly database"."""
+    for what, target in (("the file", path), (f"its folder {path.parent}", path.parent)):
+        if not os.access(target, os.W_OK):
+            raise KBError(f"cannot write into the KB {path}: {what} is read-only for this user (permissions); "
+                          f"make it writable (chmod u+w {shlex.quote(str(target))}), or copy the KB into a writable "
+                          f"folder and pass the copy")
 
 
 def build_link_prior(kb_path: str | Path, format: str, data: str | Path, split: str = "train", *,
@@ -666,6 +699,7 @@ def build_link_prior(kb_path: str | Path, format: str, data: str | Path, split: 
     if split not in available_splits(format, data):
         raise InputError(f"{data} has no {split!r} split for format {format!r} (it has {available_splits(format, data)})")
     kb = KnowledgeBase(kb_path)
+    _check_kb_writable(kb.path)  # before the dataset is read and counted
     examples = load_dataset(format, data, split, unlocated="context").examples
     pairs, report = count_link_prior(examples, kb)
     if not pairs:

@@ -99,7 +99,9 @@ def _whole_numbers(start, end) -> tuple[int, int]:
         s, e = int(start), int(end)
     except (TypeError, ValueError):
         raise InputError(f"start and end must be whole numbers, got {start!r} and {end!r}") from None
-    if float(start) != s or float(end) != e:
+    def fractional(value, whole: int) -> bool:  # an int is whole even past a float's precision
+        return not isinstance(value, int) and float(value) != whole
+    if fractional(start, s) or fractional(end, e):
         raise InputError(f"start and end must be whole numbers, got {start!r} and {end!r}")
     return s, e
 

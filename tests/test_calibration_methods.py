@@ -271,3 +271,102 @@ def test_calibrate_outputs_are_replaced_whole_or_not_at_all(tmp_path, hashing_en
         main(base + outputs + ["--seed", "1"])
     assert path.read_bytes() == before
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(f".{target}.")], "no temporary file left"
+
+
+def read_only_dir(path: Path, monkeypatch) -> Path:
+    """A folder no file can be written into (chmod 555; as root, which writes anyway, `os.access` is
+    made to say so for it and everything under it: it is what the output checks ask)."""
+    import os
+    path.mkdir()
+    path.chmod(0o555)
+    if os.geteuid() == 0:
+        real = os.access
+
+        def access(p, mode, *args, **kwargs):
+            if mode & os.W_OK and path.resolve() in (Path(p).resolve(), *Path(p).resolve().parents):
+                return False
+            return real(p, mode, *args, **kwargs)
+        monkeypatch.setattr(os, "access", access)
+    return path
+
+
+@pytest.mark.parametrize("case", ["out-file", "out-read-only", "save-scores-read-only", "save-scores-file",
+                                  "plot-without-measure"])
+def test_calibrate_refuses_bad_outputs_before_scoring_anything(tmp_path, hashing_encoder, monkeypatch, capsys, case):
+    """--out a file or in a read-only folder, --save-scores into a read-only folder: FileExistsError or
+    PermissionError tracebacks after every mention was scored; --plot without --measure-split wrote no
+    plot and exited 0. Each is one line and exit 2 now, before the linker runs, and nothing is written."""
+    from mel.cli import main
+    base = _calibrate_args(tmp_path, hashing_encoder)[:-3] + ["--quiet"]  # no measure split
+    (tmp_path / "afile").write_text("mine")
+    ro = read_only_dir(tmp_path / "ro", monkeypatch)
+    out, extra = str(tmp_path / "cal"), []
+    if case == "out-file":
+        out = str(tmp_path / "afile")
+    elif case == "out-read-only":
+        out = str(ro / "cal")
+    elif case == "save-scores-read-only":
+        extra = ["--save-scores", str(ro / "s")]
+    elif case == "save-scores-file":
+        extra = ["--save-scores", str(tmp_path / "afile" / "s")]
+    else:
+        extra = ["--plot", str(tmp_path / "p.png")]
+
+    def never(*args, **kwargs):
+        raise AssertionError("the linker ran before the outputs were checked")
+    monkeypatch.setattr(calmod, "collect", never)
+    assert main(base + ["--out", out] + extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert ("measure-split" in err) if case == "plot-without-measure" else ("pick" in err), err
+    assert (tmp_path / "afile").read_text() == "mine" and not (tmp_path / "cal").exists() and not list(ro.iterdir())
+
+
+def test_calibrate_saves_scores_into_a_folder_it_creates(tmp_path, hashing_encoder):
+    """--save-scores DIR/s with DIR missing: a FileNotFoundError after scoring; the folder is made."""
+    from mel.cli import main
+    base = _calibrate_args(tmp_path, hashing_encoder)[:-3] + ["--quiet"]
+    assert main(base + ["--out", str(tmp_path / "cal"), "--save-scores", str(tmp_path / "new" / "s")]) in (0, None)
+    assert (tmp_path / "new" / "s.train.jsonl").read_text().count("\n") == 60
+
+
+def test_saving_a_calibration_where_it_cannot_be_written_is_an_input_error(tmp_path):
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(InputError, match="cannot write the calibration"):
+        Calibration("bm25").save(tmp_path / "afile")
+    with pytest.raises(InputError, match="cannot write the calibration"):
+        Calibration("bm25").save(tmp_path / "afile" / "cal")
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+@pytest.mark.parametrize("field,value", [("metrics", 5), ("metrics", {"train": 5}), ("method", 5),
+                                         ("method", "platt"), ("none_logit", "q"), ("nil_threshold", "x"),
+                                         ("nil_threshold", True), ("temperature", "2"), ("temperature", True),
+                                         ("linker", 5), ("fingerprint", 7), ("fitted_on", [1])])
+def test_a_damaged_calibration_config_is_a_clear_error(tmp_path, field, value):
+    """A hand-edited config.json gave AttributeError / TypeError tracebacks (or, for a string NIL
+    threshold, an unclear comparison error) when `mel link --calibration DIR` loaded it."""
+    (tmp_path / "cal").mkdir()
+    (tmp_path / "cal" / "config.json").write_text(json.dumps({**OLD_CONFIG, field: value}))
+    with pytest.raises(InputError, match=f"not a valid calibration: .*{field}") as info:
+        Calibration.load(tmp_path / "cal")
+    assert "config.json" in str(info.value) and "mel calibrate" in str(info.value)
+
+
+def test_a_calibration_config_that_is_not_utf8_is_a_clear_error(tmp_path):
+    (tmp_path / "cal").mkdir()
+    (tmp_path / "cal" / "config.json").write_bytes(b'{"kind": "mel-calibration", "linker": "\xff\xfe"}')
+    with pytest.raises(InputError, match="cannot read the calibration .*UnicodeDecodeError"):
+        Calibration.load(tmp_path / "cal")
+
+
+def test_a_calibration_of_another_linker_is_refused(tmp_path):
+    """It was a UserWarning while the probabilities were still shown as calibrated."""
+    from test_calibration import _Fixed
+
+    from mel.calibration import use_calibration
+    linker = _Fixed()
+    Calibration("bm25", temperature=2.0).save(tmp_path / "cal")
+    with pytest.raises(InputError, match="fitted for the linker 'bm25', not 'fixed'"):
+        use_calibration(linker, tmp_path / "cal")
+    assert linker.calibration is None or linker.calibration.linker == "fixed"

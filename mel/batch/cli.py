@@ -15,6 +15,7 @@ import sys
 
 def _common(p, *, eval_mode: bool):
     from ..cli_kit import add_preset_args, count_arg
+    from ..index import ENGINES
     p.add_argument("--kb", required=True, help="the KB file (from `mel kb build`); every node must see it")
     p.add_argument("--linker", required=True, help="bm25 | dense | dim | exact | gemel... (as `mel link`)")
     if eval_mode:
@@ -37,8 +38,7 @@ def _common(p, *, eval_mode: bool):
     p.add_argument("--batch-size", type=int, default=32, help="mentions per linker batch (Linker.pipe)")
     p.add_argument("--part-size", type=int, default=10_000, help="input rows per output part (the unit of resume)")
     p.add_argument("-k", type=int, default=20, help="candidates kept per mention")
-    p.add_argument("--engine", default="auto",
-                   help="dense search engine: auto | numpy | faiss-flat | faiss-ivf | faiss-hnsw | faiss-ivfpq")
+    p.add_argument("--engine", default="auto", choices=ENGINES, help="dense search engine (default: auto)")
     p.add_argument("--opt", action="append", help="linker option key=value (repeatable)")
     p.add_argument("--json", help="also write the summary (link) or report (eval) to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -60,8 +60,17 @@ def _write_json(path, data):
             tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
+def _check_outputs(args) -> None:
+    """--output (a folder, created now) and --json (a file), checked before Ray starts and the job runs."""
+    from ..cli_kit import check_output_dir, check_output_file
+    check_output_dir(args.output)
+    if args.json:
+        check_output_file(args.json)
+
+
 def cmd_link(args):
     from .engine import batch_link
+    _check_outputs(args)
     summary = batch_link(input=args.input, format=args.format, **_kwargs(args))
     print(json.dumps(summary, indent=2))
     _write_json(args.json, summary)
@@ -70,6 +79,7 @@ def cmd_link(args):
 def cmd_eval(args):
     from ..evaluate import HITS_AT
     from .engine import batch_eval
+    _check_outputs(args)
     report = batch_eval(format=args.format, data=args.data, **_kwargs(args))
     hits = "  ".join(f"H@{h} {report[f'hits@{h}']:.4f}" for h in HITS_AT)
     print(f"{report['linker']}: n={report['n']} ({report['protocol']}, Ray Data)\n  {hits}  MRR {report['mrr']:.4f}\n"

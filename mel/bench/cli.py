@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from ..cli_kit import add_preset_args, add_threads_arg, check_output_dir, count_arg
-from ..errors import InputError
+from ..errors import InputError, require_whole
 from .report import RENDER, write_results
 from .runs import DATASETS, LINKERS, bench_ablations, bench_quality, bench_reference, bench_scale
 
@@ -25,10 +25,40 @@ def cmd_report(args) -> None:
         raise InputError(f"no bench_*.json under {out}: run `python -m mel bench quality|ablations|scale` first")
 
 
+def parse_sizes(text: str) -> list[int]:
+    """`--sizes 10000,100000`: KB sizes, each a whole number of entities >= 1 (InputError otherwise)."""
+    sizes = []
+    for item in text.split(","):
+        try:
+            size = int(item.strip())
+        except ValueError:
+            raise InputError(f"--sizes takes KB sizes as whole numbers separated by commas (e.g. 10000,100000), "
+                             f"got {item.strip()!r} in {text!r}") from None
+        sizes.append(require_whole("--sizes: each KB size (entities)", size, 1))
+    return sizes
+
+
+def check_scale_args(args) -> None:
+    """The scale run's numbers and engines, refused before anything is built (normalises --sizes)."""
+    from ..index import ENGINES
+    args.sizes = ",".join(map(str, parse_sizes(args.sizes)))
+    engines = [e.strip() for e in args.engines.split(",")]
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown:
+        raise InputError(f"--engines: unknown engine(s) {', '.join(map(repr, unknown))}; choose from "
+                         f"{', '.join(ENGINES)}, separated by commas")
+    args.engines = ",".join(engines)
+    require_whole("--dim", args.dim, 1)
+    require_whole("--queries", args.queries, 1)
+    require_whole("--encoder-names", args.encoder_names, 0)
+
+
 def _run(args) -> None:
     if args.bench_command == "report":
         cmd_report(args)
         return
+    if args.bench_command in ("scale", "all"):
+        check_scale_args(args)
     out = check_output_dir(args.out)  # fail now, not after an hour of measuring
     for kind in (list(RUNS) if args.bench_command == "all" else [args.bench_command]):
         for path in write_results(RUNS[kind](args), out):

@@ -17,13 +17,14 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, require_whole
 from ..kb import BM25_WEIGHTS
 from ..paths import atomic_write
 
@@ -32,11 +33,27 @@ from ..paths import atomic_write
 NAME_COLUMNS = "{name aliases_text}"
 
 
+MAX_POOL = 10_000  # candidates one source may propose per mention (DIM: 100); more only costs memory
+
+
+def pool_size(label: str, value) -> int:
+    """`value` if it is a whole number of candidates in [0, MAX_POOL] (0: that source is off), else an
+    InputError naming `label`."""
+    require_whole(label, value, 0)
+    if value > MAX_POOL:
+        raise InputError(f"{label} must be at most {MAX_POOL:,} candidates, got {value!r}")
+    return value
+
+
 @dataclass
 class CandidateConfig:
     n_bm25: int = 64     # BM25 over names/aliases
     n_dense: int = 64    # dense top-k with the "mention [SEP] sentence" embedding
     n_dense_mention: int = 16  # dense top-k with the mention-alone embedding (short surnames)
+
+    def __post_init__(self):
+        for name in ("n_bm25", "n_dense", "n_dense_mention"):
+            pool_size(f"candidates.{name}", getattr(self, name))
 
 
 @dataclass
@@ -165,6 +182,8 @@ def candidate_lists(mention_ids: Sequence[str], gold_ids: Sequence[str], pools: 
 
     The gold is put in by construction: Hits@k on these lists is NOT comparable with the
     whole-KB protocol (that is the point of reporting both)."""
+    require_whole("the candidate list size", size, 1)
+    check_mention_ids(mention_ids)
     rng = random.Random(seed)
     out = {}
     for mid, gold, pool in zip(mention_ids, gold_ids, pools, strict=True):
@@ -180,10 +199,28 @@ def candidate_lists(mention_ids: Sequence[str], gold_ids: Sequence[str], pools: 
     return out
 
 
+def check_mention_ids(mention_ids: Sequence[str | None]) -> None:
+    """The candidate-list protocol looks each mention's list up by its mention id (DimLinker,
+    `Mention.id`): every mention needs one, and no two the same (one list would stand for both)."""
+    missing = sum(1 for mid in mention_ids if mid is None or str(mid) == "")
+    if missing:
+        raise InputError(f"{missing} of {len(mention_ids)} mentions have no mention id; the candidate-list protocol "
+                         f"finds each mention's list by its id: give every mention an \"id\" (or use the whole-KB "
+                         f"protocol)")
+    twice = sorted(mid for mid, n in Counter(map(str, mention_ids)).items() if n > 1)
+    if twice:
+        raise InputError(f"{len(twice)} mention ids occur more than once ({', '.join(map(repr, twice[:3]))}"
+                         f"{'...' if len(twice) > 3 else ''}); the candidate-list protocol needs one list per mention: "
+                         f"give every mention its own id")
+
+
 def protocol_lists(kb, examples, preset, size: int = 100, seed: int = 0) -> tuple[dict[str, list[str]], list[list[int]]]:
     """The candidate-list protocol's lists for `examples` (and the pools they came from): the gold plus
     the best non-gold entities of a generator with BM25 and dense top-`size` (hard negatives)."""
     from .features import FeatureExtractor
+    require_whole("the candidate list size", size, 1)
+    pool_size("the candidate list size", size)
+    check_mention_ids([ex.mention.id for ex in examples])
     extractor = FeatureExtractor(kb, preset, use_image=False, use_cue=False)
     generator = CandidateGenerator(kb, CandidateConfig(n_bm25=size, n_dense=size))
     pools = []
@@ -209,17 +246,26 @@ def load_candidate_lists(path: str | Path) -> dict[str, list[str]]:
     if not path.exists():
         raise InputError(f"candidate-list file {path} does not exist; write one with "
                          f"`python -m mel dim candidates --format ... --out {path.name}`")
+    if not path.is_file():
+        raise InputError(f"candidate-list file {path} is a directory, not a file; give candidate_file= the JSONL "
+                         f"file `python -m mel dim candidates --out FILE` wrote")
     out = {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                out[str(row["id"])] = [str(c) for c in row["candidates"]]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise InputError(f"{path}, line {line_no}: expected {{\"id\": ..., \"candidates\": [...]}} "
-                                 f"({exc})") from exc
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    if not isinstance(row["candidates"], list):
+                        raise TypeError("candidates is not a list")
+                    out[str(row["id"])] = [str(c) for c in row["candidates"]]
+                except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                    raise InputError(f"{path}, line {line_no}: expected {{\"id\": ..., \"candidates\": [...]}} "
+                                     f"({exc})") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read the candidate-list file {path} ({type(exc).__name__}: {exc}); write it again "
+                         f"with `python -m mel dim candidates`") from exc
     return out
 
 
@@ -242,7 +288,7 @@ def add_arguments(p) -> None:
     p.add_argument("--split", default="dev")
     p.add_argument("--kb", required=True)
     add_preset_args(p)
-    p.add_argument("--size", type=int, default=100, help="candidates per list (DIM: 100)")
+    p.add_argument("--size", type=int, default=100, help="candidates per list, >= 1 (DIM: 100)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="JSONL file to write")
     p.set_defaults(func=run)
@@ -252,6 +298,8 @@ def run(args) -> None:
     from ..cli_kit import check_output_file, resolve_preset
     from ..datasets import load_dataset
     from ..kb import KnowledgeBase
+    require_whole("--size", args.size, 1)
+    pool_size("--size", args.size)
     check_output_file(args.out)
     kb = KnowledgeBase(args.kb)
     examples = load_dataset(args.format, args.data, args.split).examples

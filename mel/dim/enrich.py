@@ -19,8 +19,8 @@ import argparse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..cli_kit import add_preset_args, count_arg, resolve_preset
-from ..errors import InputError, KBError
+from ..cli_kit import add_preset_args, check_output_file, count_arg, resolve_preset
+from ..errors import InputError, KBError, require_whole
 
 DEFAULT_PROMPT = ("Rewrite these facts about {name} as one or two fluent sentences. Use only the facts given.\n"
                   "Facts: {description}")
@@ -69,6 +69,20 @@ def clean(text: str, prompt: str = "") -> str:
     return text
 
 
+def check_prompt(prompt: str) -> str:
+    """`prompt` if it is a template with {name} and {description} and no other field (test-formatted
+    now, before an LLM loads), else an InputError saying how to write one."""
+    if not isinstance(prompt, str) or "{name}" not in prompt or "{description}" not in prompt:
+        raise InputError("the enrichment prompt must contain {name} and {description}")
+    try:
+        prompt.format(name="", description="")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise InputError(f"the enrichment prompt {prompt!r} is not a valid template ({type(exc).__name__}: {exc}): "
+                         f"use only the fields {{name}} and {{description}}, and write a literal brace as {{{{ or "
+                         f"}}}}") from None
+    return prompt
+
+
 def enrich_kb(kb_path: str | Path, out: str | Path, generate: Callable[[Sequence[str]], list[str]], *,
               text_encoder=None, prompt: str = DEFAULT_PROMPT, limit: int | None = None, batch_size: int = 8,
               progress: bool = True, llm_name: str = ""):
@@ -78,8 +92,8 @@ def enrich_kb(kb_path: str | Path, out: str | Path, generate: Callable[[Sequence
 
     from ..kb import KnowledgeBase, build_kb
 
-    if "{name}" not in prompt or "{description}" not in prompt:
-        raise InputError("the enrichment prompt must contain {name} and {description}")
+    check_prompt(prompt)
+    require_whole("the batch size", batch_size, 1)
     src = KnowledgeBase(kb_path, engine="numpy")  # its image index is copied, never searched
     out = Path(out)
     if out.resolve() == src.path.resolve():
@@ -132,7 +146,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_preset_args(p)  # its text encoder re-embeds the KB, and its llm is the default --llm
 
 
+def check_args(args) -> None:
+    """Everything that can be checked before the LLM loads: the numbers, the prompt, the output file."""
+    require_whole("--batch-size", args.batch_size, 1)
+    require_whole("--max-new-tokens", args.max_new_tokens, 1)
+    check_prompt(args.prompt)
+    if Path(args.out).resolve() == Path(args.kb).resolve():
+        raise KBError("kb enrich writes a new KB and keeps the source: give --out a different file")
+    check_output_file(args.out)
+
+
 def run(args) -> None:
+    check_args(args)
     preset = resolve_preset(args)
     spec = args.llm or preset.llm
     generate = llm_generator(spec, device=preset.device, max_new_tokens=args.max_new_tokens)

@@ -23,7 +23,7 @@ from ..linkers.base import BatchLinker, Stopwatch
 from ..paths import REPO_ROOT, display_path
 from ..training import load_pretrained_dir
 from ..types import ApparentFace, Candidate, DimDetails, ExpertCue, FeatureMask, LinkResult, Mention
-from .candidates import CandidateConfig, CandidateGenerator, CandidatePool, load_candidate_lists
+from .candidates import CandidateConfig, CandidateGenerator, CandidatePool, load_candidate_lists, pool_size
 from .features import FeatureExtractor
 from .model import DimFusion, FusionConfig
 from .pairs import PAIR_FEATURES, VISUAL_GROUPS
@@ -70,6 +70,21 @@ def _visual_groups(value: str | list[str] | tuple[str, ...]) -> set[str]:
     return set(names)
 
 
+TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def option_bool(name: str, value) -> bool:
+    """A yes/no linker option: a bool, 1/0, or true/false/1/0/yes/no (any case); anything else is an
+    InputError (bool("maybe") would be True)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
+        return value.strip().lower() in TRUE_WORDS
+    raise InputError(f"option {name} is true or false (also 1/0, yes/no), got {value!r}")
+
+
 def load_head(path: str | Path, device: str = "cpu") -> tuple[DimFusion, dict]:
     model, payload = load_pretrained_dir(DimFusion, FusionConfig, path)
     names = tuple(model.config.pair_feature_names)
@@ -94,6 +109,12 @@ class DimLinker(BatchLinker):
         if protocol == "candidate-list" and not candidate_file:
             raise InputError("protocol 'candidate-list' needs candidate_file=PATH (JSONL of {\"id\", \"candidates\"}); "
                              "write one with `python -m mel dim candidates`")
+        overrides = {key: pool_size(f"option {key}", value) for key, value in
+                     (("n_bm25", n_bm25), ("n_dense", n_dense), ("n_dense_mention", n_dense_mention))
+                     if value is not None}
+        use_image, use_cue = option_bool("use_image", use_image), option_bool("use_cue", use_cue)
+        keep_pool, use_prior = option_bool("keep_pool", keep_pool), option_bool("use_prior", use_prior)
+        self.candidate_lists = load_candidate_lists(candidate_file) if candidate_file else None
         self.protocol = protocol
         self.checkpoint = Path(checkpoint) if checkpoint else shipped_checkpoint(preset.name)
         self.device = preset.device
@@ -114,18 +135,29 @@ class DimLinker(BatchLinker):
             raise KBError(f"{kb.path.name} was embedded with {kb.dense('text')[1].get('encoder')!r} but this preset "
                           f"encodes mentions with {self.extractor.text_encoder.name!r}: dense candidates would be "
                           f"meaningless; rebuild the KB with `python -m mel kb build ... --preset {preset.name}`")
-        trained = payload.get("candidates", {})
-        c = CandidateConfig(**{k: v for k, v in trained.items() if k in CandidateConfig.__dataclass_fields__})
-        for key, value in (("n_bm25", n_bm25), ("n_dense", n_dense), ("n_dense_mention", n_dense_mention)):
-            if value is not None:
-                setattr(c, key, int(value))
-        self.generator = CandidateGenerator(kb, c)
-        self.candidate_lists = load_candidate_lists(candidate_file) if candidate_file else None
+        self.generator = CandidateGenerator(kb, self._candidate_config(payload, overrides))
         self.keep_pool = keep_pool
-        self.use_prior = bool(use_prior)  # False: ignore the KB's link prior (ablations)
+        self.use_prior = use_prior  # False: ignore the KB's link prior (ablations)
         self.facts = EntityFactsCache(kb)
         self._entity_cache: dict[int, torch.Tensor] = {}
         self.dev_figures = payload.get("dev", {})
+
+    def _candidate_config(self, payload: dict, overrides: dict[str, int]) -> CandidateConfig:
+        """The candidate generator's sizes: the head's (config.json "candidates", checked), then the options."""
+        trained = payload.get("candidates", {})
+        try:
+            if not isinstance(trained, dict):
+                raise InputError(f"candidates must be an object, got {trained!r:.100}")
+            c = CandidateConfig(**{k: v for k, v in trained.items() if k in CandidateConfig.__dataclass_fields__})
+        except InputError as exc:
+            raise CheckpointError(f"{self.checkpoint}/config.json: {exc}; fix the file or retrain the head with "
+                                  f"`python -m mel train dim`") from None
+        for key, value in overrides.items():
+            setattr(c, key, value)
+        if self.protocol == "whole-kb" and not (c.n_bm25 or c.n_dense or c.n_dense_mention):
+            raise InputError("n_bm25, n_dense and n_dense_mention are all 0: the whole-KB protocol would propose no "
+                             "candidate; keep at least one source above 0")
+        return c
 
     def models(self) -> dict[str, str]:
         return {"text_encoder": self.preset.text_encoder, "image_encoder": self.preset.image_encoder,

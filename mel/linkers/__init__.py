@@ -39,8 +39,12 @@ def parse_options(items) -> dict:
     """`["top_k=10", "candidates=bm25"]` -> {"top_k": 10, "candidates": "bm25"} (CLI `--opt`, bench specs)."""
     options = {}
     for item in items:
-        key, _, value = item.partition("=")
-        options[key] = option_value(value)
+        key, equals, value = item.partition("=")
+        if not equals or not key.strip():
+            from ..errors import InputError
+            raise InputError(f"linker option {item!r} is not KEY=VALUE: give the option's name and its value, "
+                             f"e.g. --opt top_k=10")
+        options[key.strip()] = option_value(value)
     return options
 
 

@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import CheckpointError
+from ..cli_kit import check_output_dir
+from ..errors import CheckpointError, InputError
 from ..paths import fsync_path
 
 CONFIG_FILE = "config.json"
@@ -126,11 +127,19 @@ def _atomic_dir(path: Path) -> Path:
 
 
 def check_checkpoint_target(path: str | Path) -> Path:
-    """Refuse, before any training time is spent, a checkpoint path that is an existing file."""
+    """Refuse, before any training time is spent, a checkpoint path that is an existing file or that
+    cannot be written: its folder must be (or become, created now) a writable directory, since a save
+    renames folders in it, and an existing checkpoint directory must be writable too."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{path} is an existing file; checkpoints are directories (config.json + "
                               f"model.safetensors): pick another --out")
+    try:
+        check_output_dir(path.parent)
+    except InputError as exc:
+        raise CheckpointError(f"cannot save a checkpoint at {path}: {exc}") from exc
+    if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
+        raise CheckpointError(f"cannot save a checkpoint at {path}: the folder is not writable; pick a writable path")
     return path
 
 
@@ -202,7 +211,9 @@ def load_config(path: str | Path) -> dict:
     path = Path(path)
     file = path / CONFIG_FILE
     if not file.exists():
-        raise CheckpointError(f"{path} is not a checkpoint directory: {CONFIG_FILE} is missing")
+        raise CheckpointError(f"{path} is not a checkpoint directory: {CONFIG_FILE} is missing; point at a checkpoint "
+                              f"directory ({CONFIG_FILE} + {WEIGHTS_FILE}), or write one by training (`python -m mel "
+                              f"train dim ... --out DIR` for a DIM head)")
     try:
         payload = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -232,7 +243,9 @@ def load_state(path: str | Path) -> dict[str, torch.Tensor]:
         pickles = sorted(p.name for p in Path(path).glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
         hint = (f"; {', '.join(pickles)} is a pickle, which is never loaded (it can run code): convert it to "
                 f"safetensors where it was made" if pickles else "")
-        raise CheckpointError(f"{Path(path)} has no {WEIGHTS_FILE}{hint}")
+        raise CheckpointError(f"{Path(path)} has no {WEIGHTS_FILE}{hint}; point at a checkpoint directory "
+                              f"({CONFIG_FILE} + {WEIGHTS_FILE}), or write one by training (`python -m mel train dim "
+                              f"... --out DIR` for a DIM head)")
     try:
         return load_file(str(file))
     except Exception as exc:  # SafetensorError, OSError: a damaged file or a pickle renamed to .safetensors
