@@ -85,7 +85,7 @@ def _checkpoint_holdout(linker, examples, fmt: str, split: str):
     return heldout_examples(cfg, examples, fmt, split, linker.kb)
 
 
-def load_scores(path: str, examples, linker, args, log) -> list:
+def load_scores(path: str, examples, linker, args, log) -> tuple[list, str]:
     """(scores of `examples`, a sentence saying where they came from): those saved by an earlier run
     (--save-scores), checked: the same mentions in the same order, and the linker re-run now on the
     first --verify-scores gives the same candidates and scores (to 1e-6). A file that holds only the

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError, require_whole
+from .linkers.base import check_k
 from .paths import atomic_write
 from .types import NIL, Example, GemelDetails, LinkResult
 
@@ -84,7 +85,7 @@ def evaluate(linker, examples: Sequence[Example], *, k: int = max(HITS_AT), batc
         raise InputError("nothing to evaluate: no usable mention (an empty split, --limit cut everything, or the "
                          "reader skipped every mention; `python -m mel data info ...` shows why)")
     require_whole("batch_size", batch_size, 1)  # every linker, before the predictions file is touched
-    require_whole("k (how many candidates to return)", k, 1)
+    check_k(k)
     kb = linker.kb
     ranks: list[int | None] = []
     latencies, stage_totals = [], {}

@@ -225,3 +225,11 @@ def test_a_checkpoint_without_weights_says_how_to_make_one(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="config.json is missing; .*python -m mel train dim"):
         load_head(tmp_path / "empty")
+
+
+def test_training_seeds_take_numpys_whole_range():
+    """The default upper bound of require_whole (2**31 - 1) refused seeds numpy and torch take."""
+    from mel.training.common import TrainConfig
+    assert TrainConfig(seed=2**32 - 1).seed == 2**32 - 1
+    with pytest.raises(InputError, match="seed is too large"):
+        TrainConfig(seed=2**32)

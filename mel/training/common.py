@@ -25,7 +25,8 @@ class TrainConfig:
     max_steps: int | None = None  # stop early (quick runs, tests)
 
     def __post_init__(self):
-        check_whole(self, epochs=1, batch_size=1, grad_accum=1, seed=0)
+        check_whole(self, epochs=1, batch_size=1, grad_accum=1)
+        require_whole("seed", self.seed, 0, 2**32 - 1)  # numpy's limit (torch takes up to 2**64 - 1)
         if self.max_steps is not None:
             check_whole(self, max_steps=1)
         check_number(self, lr=(0.0, None), weight_decay=(0.0, None), warmup_ratio=(0.0, 1.0),
