@@ -103,13 +103,34 @@ def cmd_export(args) -> None:
             report = export_corrections(store, args.out, args.format, kb=kb, dev_fraction=args.dev_fraction,
                                         project=args.project, min_agreement=args.min_agreement,
                                         reviewed_only=args.reviewed_only)
-        except OSError as exc:  # a disk error while writing: the export folder is as it was
-            where = f" ({exc.filename})" if exc.filename else ""
-            raise InputError(f"could not write the export to {args.out}: {exc.strerror or exc}{where}; nothing "
-                             f"was changed there. Free some space or pick a writable --out, and run it "
-                             f"again") from exc
+        except OSError as exc:  # a disk error while writing
+            raise InputError(_export_os_error(exc, args.out)) from exc
     print(report.summary())
     print(f"files: {', '.join(report.files)}")
+
+
+def _export_os_error(exc: OSError, out: str) -> str:
+    """The one-line error of an export that failed on the disk, advice chosen by the cause (errno)."""
+    import errno
+
+    from .export import PartialExportError
+    where = f" ({exc.filename})" if exc.filename else ""
+    if isinstance(exc, PartialExportError):  # failed while replacing the files of OUT in place
+        state = (f"{out} was partly replaced and has no export_report.json, so it is not a finished export "
+                 f"(the files someone added are kept); run the export again to complete it")
+    else:
+        state = f"nothing was changed in {out}"
+    code = exc.errno
+    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        advice = "free some space (or pick an --out on another disk) and run it again"
+    elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        advice = "permission denied: pick a writable --out (or make this one writable) and run it again"
+    elif code == errno.EBUSY:
+        advice = ("the folder is busy (a mount point, or in use by another program): pick another --out, "
+                  "or export into a new folder inside it")
+    else:
+        advice = "pick another --out, or run it again"
+    return f"could not write the export to {out}: {exc.strerror or exc}{where}; {state}. {advice[0].upper()}{advice[1:]}"
 
 
 def cmd_agreement(args) -> None:

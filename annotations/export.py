@@ -41,20 +41,32 @@ Formats (the first three readable by mel.datasets.load_dataset(format, OUT, spli
              load_dataset("parquet", data_files={"train": "OUT/train.parquet"}).
 
 The export is published as one unit: every file is written into a new hidden folder beside OUT
-(`.OUT.building-PID-...`), flushed, and that folder is renamed to OUT; a previous export at OUT is
-renamed aside first and deleted after (the files someone added to it are kept: linked into the new
-folder before the swap). So OUT holds the previous export or the new one, whole, with its
-export_report.json; a failed export leaves OUT as it was. OUT must be new, empty, or a previous
-export (it has export_report.json): a folder of other files (someone's dataset) is refused, as is
-one where an export file name is taken by a folder. Every path is checked to stay inside OUT.
+(`.OUT.building-PID-...`; images the previous export holds under the same content-hash name are
+linked, not copied again), flushed, and exchanged with OUT in one step (Linux renameat2; elsewhere
+OUT is renamed aside and the new folder renamed in, rolled back on any interruption; a previous
+export a killed export left aside, `.OUT.tmp-PID-...` with OUT missing, is put back by the next
+export). The old folder is then deleted; the files someone added to it are kept (linked into the new
+folder first), and OUT keeps its permissions. Where OUT cannot be renamed (a mount point, a read-only
+parent, the current folder inside it) the export is built in `OUT/.export.building-...` and published
+in place: OUT's report is set aside first, each file replaced, stale export files removed, and the
+report written last. So OUT holds the previous export or the new one, whole, with its
+export_report.json (in place: or no report, until an export runs again); a failed export leaves OUT
+as it was. OUT must be new, empty, or a previous export (it has export_report.json, or only export
+files and a mark an export left: provenance.json, a hidden temporary): a folder of other files
+(someone's dataset) is refused, as is one where an export file name is taken by a folder. Every path
+is checked to stay inside OUT.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import io
 import json
 import os
+import re
 import shutil
+import sys
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -63,7 +75,7 @@ from PIL import Image
 
 from mel.cli_kit import check_output_dir
 from mel.errors import InputError
-from mel.paths import atomic_write, fsync_path, remove_dead_temps, temp_path
+from mel.paths import atomic_write, fsync_path, pid_alive, remove_dead_temps, temp_path
 from mel.types import NIL, Entity, Example, Mention
 
 from .store import AnnotationStore
@@ -187,6 +199,8 @@ def export_corrections(store: AnnotationStore, out_dir: str | Path, format: str 
     if format == "parquet":
         _require_pyarrow()
     out = check_export_dir(out_dir)
+    if _recover_interrupted_swap(out):  # OUT was renamed aside by an export that was killed: put it back
+        out = check_export_dir(out)
 
     report = ExportReport(format=format, out_dir=str(out),
                           min_agreement=float(min_agreement) if min_agreement is not None else None,
@@ -203,10 +217,17 @@ def export_corrections(store: AnnotationStore, out_dir: str | Path, format: str 
         report.n_nil += r.entity_id == NIL
     report.n_entities = len(entities)
 
-    remove_dead_temps(out.parent, [out.name])  # what a killed export left beside OUT (hidden temp names)
-    build = temp_path(out, "building")
+    in_place = _in_place_reason(out) is not None
+    if in_place:  # built inside OUT (same disk; OUT itself cannot be renamed), published file by file
+        remove_dead_temps(out, [_BUILD_NAME, *_OUR_FILES, *_OUR_DIRS])  # what a killed export left in OUT
+        build = temp_path(out / _BUILD_NAME, "building")
+    else:
+        remove_dead_temps(out.parent, [out.name])  # what a killed export left beside OUT (hidden temp names)
+        build = temp_path(out, "building")
     build.mkdir()
     try:
+        if format != "wikimel":  # hash-named images the previous export holds: linked, not copied again
+            _link_previous_images(store, records, out, build)
         writer = {"jsonl": _write_jsonl, "wikimel": _write_wikimel, "gemel": _write_gemel,
                   "parquet": _write_parquet}[format]
         writer(store, build, records, entities, dev_fraction, report)
@@ -214,7 +235,10 @@ def export_corrections(store: AnnotationStore, out_dir: str | Path, format: str 
             _write_json(build, "provenance.json", {r.sample_id: r.provenance() for r in records}, report)
         report.n_examples = report.n_train + report.n_dev
         _write_json(build, "export_report.json", report.to_dict(), report)
-        _swap_in(build, out)
+        if in_place:
+            _publish_in_place(build, out)
+        else:
+            _swap_in(build, out)
     finally:
         shutil.rmtree(build, ignore_errors=True)  # gone after the swap; a failed build is not left behind
     return report
@@ -224,18 +248,28 @@ _OUR_FILES = ("train.jsonl", "dev.jsonl", "kb.jsonl", "Wikidata-MEL.json", "spli
               "qid2abs.json", "train.parquet", "dev.parquet", "provenance.json", "export_report.json")
 _OUR_DIRS = ("images",)
 REPORT_NAME = "export_report.json"  # written by every export: the mark of a folder an export made
+# While an export replaces the files of OUT in place, OUT's report is renamed to this hidden name: OUT is
+# then not a finished export (no export_report.json), but still marked as one an export is writing.
+PARTIAL_NAME = ".export_report.partial.json"
+_BUILD_NAME = "export"  # an in-place export builds in OUT/.export.building-PID-..., sets aside in .export.tmp-...
 
 
 def check_export_dir(out_dir: str | Path) -> Path:
-    """The export folder OUT (resolved), checked before any work: new, empty, or a previous export;
-    and its parent writable (the export is built beside it). InputError saying what to do otherwise."""
+    """The export folder OUT (resolved), checked before any work: new, empty, or a previous export
+    (finished, or one an export left unfinished: only export files); and writable: its parent, where the
+    export is built beside it, or (OUT a mount point, its parent read-only, or the current folder in it:
+    published in place) OUT itself. InputError saying what to do otherwise."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out} exists and is not a directory; give a new (or empty) directory for the export")
     out = out.resolve()
     if out.parent == out:
         raise InputError(f"cannot export into {out}; give a new (or empty) directory for the export")
-    check_output_dir(out.parent)
+    if _in_place_reason(out) is not None:
+        if not os.access(out, os.W_OK):
+            raise InputError(f"cannot write into {out}; pick a writable --out")
+    else:
+        check_output_dir(out.parent)
     if out.is_dir():
         try:
             entries = sorted(os.listdir(out))
@@ -249,12 +283,13 @@ def check_export_dir(out_dir: str | Path) -> Path:
             raise InputError(f"{out / taken[0]} is not a file an export wrote (a folder or a link where the export "
                              f"writes its {taken[0]}); nothing was changed: move it away, or pick a new (or empty) "
                              f"directory for --out")
-        if entries and not _is_previous_export(out):
+        if entries and not _is_previous_export(out) and not _is_unfinished_export(entries):
             clash = [n for n in entries if n in ours] or entries
             shown = ", ".join(clash[:4]) + (", ..." if len(clash) > 4 else "")
             raise InputError(f"{out} holds files not written by an export ({shown}); an export replaces the "
                              f"files of its directory, so nothing was changed: pick a new (or empty) directory "
-                             f"for --out")
+                             f"for --out (a previous export has its export_report.json; if an unfinished export "
+                             f"left these files, one without export_report.json, delete them first)")
     return out
 
 
@@ -267,39 +302,190 @@ def _is_previous_export(out: Path) -> bool:
     return isinstance(report, dict) and {"format", "out_dir", "n_examples", "files"} <= set(report)
 
 
-def _swap_in(build: Path, out: Path) -> None:
-    """Publish the finished folder `build` as `out` in one rename. A previous export at `out` is renamed
-    aside and deleted; the entries someone added to it (not export files) are first linked (or copied)
-    into `build`, so they are kept."""
-    fsync_path(build)
-    if not out.exists():
-        os.rename(build, out)
-    elif not os.listdir(out):
-        os.rmdir(out)  # an empty folder made by hand (os.rename cannot replace a folder on every system)
-        os.rename(build, out)
-    else:
-        old = temp_path(out, "tmp")
-        for name in os.listdir(out):
-            if name in _OUR_FILES or name in _OUR_DIRS or _is_our_temp(name):
-                continue
-            source, target = out / name, build / name
-            if source.is_dir() and not source.is_symlink():
-                shutil.copytree(source, target, symlinks=True, copy_function=_link_or_copy)
-            else:
-                _link_or_copy(source, target)
-        os.rename(out, old)
-        try:
-            os.rename(build, out)
-        except OSError:
-            os.rename(old, out)  # put the previous export back
-            raise
-        shutil.rmtree(old, ignore_errors=True)
+def _is_unfinished_export(entries: list[str]) -> bool:
+    """Whether a folder without a report was left by an export that did not finish: every entry an
+    export file or an export's hidden temporary, and a mark only an export writes among them (its
+    provenance.json, a hidden temporary, the report set aside while publishing in place). A folder of
+    only train.jsonl / dev.jsonl / kb.jsonl is someone's dataset as likely, and is refused. A folder an
+    export was publishing into in place (its report set aside) is one whatever else it holds: the other
+    files were there before, and are kept."""
+    if PARTIAL_NAME in entries:
+        return True
+    ours = set(_OUR_FILES) | set(_OUR_DIRS)
+    if not all(n in ours or _is_our_temp(n) for n in entries):
+        return False
+    return any(n == "provenance.json" or _is_our_temp(n) for n in entries)
+
+
+def _in_place_reason(out: Path) -> str | None:
+    """Why the existing folder OUT cannot be replaced by a rename (so the export is published in place):
+    a mount point (renaming it fails: EBUSY), a read-only parent (OUT writable), or the current folder
+    being OUT or inside it (the shell would be left in a deleted folder). None: OUT is swapped whole."""
+    if not out.is_dir():
+        return None
+    if os.path.ismount(out):
+        return "mount point"
+    if not os.access(out.parent, os.W_OK):
+        return "parent not writable"
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:
+        return None
+    if cwd == out or out in cwd.parents:
+        return "current folder"
+    return None
+
+
+def _recover_interrupted_swap(out: Path) -> bool:
+    """Put back the previous export that a killed export had renamed aside (`.OUT.tmp-PID-...`, its
+    process gone) when OUT is missing; the newest such folder wins. Whether one was put back."""
+    if out.exists() or out.is_symlink():
+        return False
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.tmp-(?P<pid>\d+)(?:-[0-9a-f]+)?$")
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:
+        return False
+    aside = [e for e in entries if (m := pattern.match(e.name)) and e.is_dir() and not e.is_symlink()
+             and not pid_alive(int(m["pid"]))]
+    if not aside:
+        return False
+    newest = max(aside, key=lambda e: e.stat().st_mtime)
+    os.rename(newest, out)
     fsync_path(out.parent)
+    return True
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the paths `a` and `b` in one step (Linux renameat2 RENAME_EXCHANGE): no instant where
+    either is missing. False where the system cannot (not Linux, old C library, filesystem without it)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _swap_in(build: Path, out: Path) -> None:
+    """Publish the finished folder `build` as `out`. A previous export at `out` is exchanged with it in one
+    step (renameat2; elsewhere: renamed aside, then `build` renamed in, rolled back on any interruption)
+    and deleted; the entries someone added to it (not export files) are first linked (or copied) into
+    `build`, so they are kept, and `build` takes its permissions."""
+    if not out.exists():
+        fsync_path(build)
+        os.rename(build, out)
+        fsync_path(out.parent)
+        return
+    for name in os.listdir(out):
+        if name in _OUR_FILES or name in _OUR_DIRS or name == PARTIAL_NAME or _is_our_temp(name):
+            continue
+        source, target = out / name, build / name
+        if source.is_dir() and not source.is_symlink():
+            shutil.copytree(source, target, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(source, target)
+    shutil.copymode(out, build)
+    fsync_path(build)
+    if _exchange(build, out):
+        fsync_path(out.parent)
+        shutil.rmtree(build, ignore_errors=True)  # now the previous export
+        return
+    old = temp_path(out, "tmp")
+    os.rename(out, old)
+    try:
+        os.rename(build, out)
+    except BaseException:  # a disk error, or Ctrl-C / a signal between the renames: put the previous one back
+        if not out.exists():
+            os.rename(old, out)
+        raise
+    fsync_path(out.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class PartialExportError(OSError):
+    """Publishing in place failed after OUT's files began to be replaced: OUT holds no export_report.json
+    (not a finished export) until an export into it runs again."""
+
+
+def _publish_in_place(build: Path, out: Path) -> None:
+    """Move the finished export in `build` (a hidden folder inside OUT) into OUT, for an OUT that cannot be
+    renamed: OUT's report is set aside first (a half-replaced folder is never declared complete), each
+    built file / folder replaces its namesake, export files this export did not write are removed, and
+    the report is written last. Files someone added to OUT are left alone."""
+    report, partial = out / REPORT_NAME, out / PARTIAL_NAME
+    written = sorted(n for n in os.listdir(build) if n != REPORT_NAME)
+    try:
+        if report.exists():
+            os.replace(report, partial)
+        else:
+            _write_bytes(partial, b"{}")
+        fsync_path(out)
+        for name in written:
+            source, target = build / name, inside(out, name)
+            if source.is_dir() and target.is_dir():
+                if not _exchange(source, target):
+                    aside = temp_path(out / _BUILD_NAME, "tmp")
+                    os.rename(target, aside)
+                    os.rename(source, target)
+                    source = aside
+                shutil.rmtree(source, ignore_errors=True)  # the previous folder
+            else:
+                os.replace(source, target)
+        for name in os.listdir(out):
+            if (name in _OUR_FILES or name in _OUR_DIRS) and name not in written and name != REPORT_NAME:
+                stale = out / name
+                if stale.is_dir() and not stale.is_symlink():
+                    shutil.rmtree(stale)
+                else:
+                    stale.unlink()
+        fsync_path(out)
+        os.replace(build / REPORT_NAME, report)
+        fsync_path(out)
+        partial.unlink(missing_ok=True)
+    except OSError as exc:
+        raise PartialExportError(exc.errno, exc.strerror or str(exc), exc.filename) from exc
+
+
+def _link_previous_images(store: AnnotationStore, records: list[ExportRecord], out: Path, build: Path) -> None:
+    """Link (or copy) into build/images the images OUT/images already holds under the same name (their
+    content hash, the same size), so a re-export does not copy every image again."""
+    previous = out / "images"
+    if not previous.is_dir() or previous.is_symlink():
+        return
+    for sha in {r.image_sha256 for r in records if r.image_sha256}:
+        source = store.image_path(sha)
+        if source is None:
+            continue
+        old = previous / source.name
+        target = inside(build, "images", source.name)
+        try:
+            if old.is_symlink() or not old.is_file() or old.stat().st_size != source.stat().st_size:
+                continue
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                _link_or_copy(old, target)
+        except OSError:
+            continue  # copied from the store by the writer
 
 
 def _is_our_temp(name: str) -> bool:
-    """A hidden temporary file an older export wrote inside OUT (`.train.jsonl.tmp-PID-...`)."""
-    return name.startswith(".") and any(name.startswith(f".{n}.tmp-") for n in _OUR_FILES)
+    """A hidden temporary an export wrote inside OUT (`.train.jsonl.tmp-PID-...`, `.export.building-PID-...`,
+    the report set aside while publishing in place)."""
+    return name.startswith(".") and (name == PARTIAL_NAME or any(
+        name.startswith(f".{n}.tmp-") for n in (*_OUR_FILES, *_OUR_DIRS, _BUILD_NAME))
+        or name.startswith(f".{_BUILD_NAME}.building-"))
 
 
 def _link_or_copy(source, target) -> None:

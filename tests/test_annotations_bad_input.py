@@ -5,11 +5,16 @@ foreign restore, absurd project settings, unwritable --json / --out paths, an im
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sqlite3
+import stat
+import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 import annotations.export as export_module
 from annotations import AnnotationStore, AnnotationStoreError, export_corrections
@@ -230,3 +235,169 @@ def test_guidelines_not_in_utf8_say_save_it_as_utf8(store, tmp_path, capsys):
     line = _one_line_error(err)
     assert code == 2 and "save it as UTF-8" in line and "guide.md" in line
     assert list_projects(store) == []
+
+
+# -- 4. exports into folders that cannot be renamed, interrupted swaps, the disk's errors ---------
+def _hidden(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def _reexport_in_place(store, out: Path) -> None:
+    """A previous export (dev split, notes someone added), then a jsonl export without dev into it."""
+    first = export_corrections(store, out, "jsonl", dev_fraction=0.99)
+    assert first.n_dev and (out / "dev.jsonl").is_file()
+    (out / "notes.txt").write_text("my notes")
+    inode = out.stat().st_ino
+    second = export_corrections(store, out, "jsonl")
+    assert second.n_dev == 0 and not (out / "dev.jsonl").exists(), "a stale export file is removed"
+    assert out.stat().st_ino == inode, "OUT itself is kept (published in place)"
+    assert (out / "notes.txt").read_text() == "my notes"
+    assert json.loads((out / "export_report.json").read_text())["n_dev"] == 0
+    assert _hidden(out) == [] and _hidden(out.parent) == [], "no temporary is left"
+
+
+def test_an_export_into_a_mount_point_is_published_in_place(store, tmp_path, monkeypatch):
+    out = tmp_path / "exp"
+    real = os.path.ismount
+    monkeypatch.setattr(export_module.os.path, "ismount", lambda p: Path(p) == out or real(p))
+    real_rename = os.rename
+
+    def rename(src, dst, *a, **k):  # renaming a mount point fails
+        if out in (Path(src), Path(dst)) and out.exists():
+            raise OSError(errno.EBUSY, "Device or resource busy", str(src))
+        return real_rename(src, dst, *a, **k)
+    monkeypatch.setattr(export_module.os, "rename", rename)
+    monkeypatch.setattr(export_module, "_exchange", lambda a, b: False, raising=False)  # nor exchanged
+    _reexport_in_place(store, out)
+
+
+def test_an_export_into_a_folder_whose_parent_is_read_only_is_published_in_place(store, tmp_path, monkeypatch):
+    out = tmp_path / "exp"
+    out.mkdir()
+    real = os.access
+    monkeypatch.setattr(export_module.os, "access",
+                        lambda p, mode, *a, **k: False if Path(p) == tmp_path and mode & os.W_OK
+                        else real(p, mode, *a, **k))
+    _reexport_in_place(store, out)
+
+
+def test_an_export_into_the_current_folder_keeps_it(store, tmp_path, monkeypatch):
+    out = tmp_path / "exp"
+    out.mkdir()
+    monkeypatch.chdir(out)
+    _reexport_in_place(store, Path("."))
+    assert Path.cwd() == out and Path.cwd().exists() and (Path(".") / "train.jsonl").is_file()
+
+
+def test_an_in_place_export_that_fails_midway_is_not_declared_complete_and_is_finished_later(
+        store, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "exp"
+    export_corrections(store, out, "jsonl")
+    (out / "notes.txt").write_text("my notes")
+    monkeypatch.setattr(export_module.os.path, "ismount", lambda p: Path(p) == out)
+    real, calls = os.replace, []
+
+    def replace(src, dst, *a, **k):
+        calls.append(dst)
+        if Path(dst).parent == out and Path(dst).name == "kb.jsonl":
+            raise OSError(errno.EIO, "Input/output error", str(dst))
+        return real(src, dst, *a, **k)
+    monkeypatch.setattr(export_module.os, "replace", replace)
+    code, _, err = _run(capsys, "export", "--db", str(store.path), "--format", "jsonl", "--out", str(out))
+    line = _one_line_error(err)
+    assert code == 2 and "partly replaced" in line and "nothing was changed" not in line
+    assert not (out / "export_report.json").exists(), "a half-replaced folder is never declared complete"
+    monkeypatch.setattr(export_module.os, "replace", real)
+    assert export_corrections(store, out, "jsonl").n_examples == 2, "the unfinished export is taken as ours"
+    assert (out / "export_report.json").is_file() and (out / "notes.txt").read_text() == "my notes"
+    assert _hidden(out) == []
+
+
+def test_an_interrupt_between_the_two_renames_puts_the_previous_export_back(store, tmp_path, monkeypatch):
+    out = tmp_path / "exp"
+    export_corrections(store, out, "jsonl")
+    (out / "notes.txt").write_text("my notes")
+    before = _files(out)
+    monkeypatch.setattr(export_module, "_exchange", lambda a, b: False, raising=False)  # no renameat2 here
+    real, calls = os.rename, []
+
+    def rename(src, dst, *a, **k):
+        calls.append(src)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(src, dst, *a, **k)
+    monkeypatch.setattr(export_module.os, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        export_corrections(store, out, "gemel")
+    assert _files(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "exp"], "no temporary folder is left"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 is Linux's")
+def test_the_swap_exchanges_the_folders_in_one_step_on_linux(store, tmp_path, monkeypatch):
+    out = tmp_path / "exp"
+    export_corrections(store, out, "jsonl")
+
+    def rename(src, dst, *a, **k):
+        raise AssertionError("no moment without OUT: the folders are exchanged, not renamed one by one")
+    monkeypatch.setattr(export_module.os, "rename", rename)
+    assert export_corrections(store, out, "gemel").format == "gemel"
+    assert json.loads((out / "export_report.json").read_text())["format"] == "gemel"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "exp"]
+
+
+def test_a_previous_export_left_aside_by_a_killed_export_is_put_back(store, tmp_path):
+    out = tmp_path / "exp"
+    export_corrections(store, out, "jsonl")
+    (out / "notes.txt").write_text("my notes")
+    os.rename(out, tmp_path / ".exp.tmp-999999999-abcd1234")  # killed between the renames (pid gone)
+    assert export_corrections(store, out, "jsonl").n_examples == 2
+    assert (out / "notes.txt").read_text() == "my notes", "the files someone added survive"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "exp"]
+
+
+def test_a_folder_left_by_an_unfinished_export_is_taken_as_a_previous_export(store, tmp_path, capsys):
+    out = tmp_path / "exp"
+    export_corrections(store, out, "jsonl")
+    (out / "export_report.json").unlink()  # an older export killed before its report
+    (out / ".train.jsonl.tmp-999999999-abcd1234").write_text("half")
+    assert export_corrections(store, out, "jsonl").n_examples == 2
+    assert (out / "export_report.json").is_file() and _hidden(out) == []
+    bare = tmp_path / "bare"  # only train.jsonl and images/: as likely someone's dataset
+    (bare / "images").mkdir(parents=True)
+    (bare / "train.jsonl").write_text("{}\n")
+    code, _, err = _run(capsys, "export", "--db", str(store.path), "--format", "jsonl", "--out", str(bare))
+    line = _one_line_error(err)
+    assert code == 2 and "not written by an export" in line and "unfinished export" in line
+    assert "export_report.json" in line
+
+
+@pytest.mark.parametrize("code, words, not_words", [
+    (errno.ENOSPC, ["free some space", "nothing was changed"], ["permission"]),
+    (errno.EACCES, ["permission", "writable --out", "nothing was changed"], ["free some space"]),
+    (errno.EBUSY, ["busy", "mount point"], ["free some space"]),
+    (errno.EIO, ["Input/output error"], ["free some space", "permission"]),
+])
+def test_an_export_disk_error_is_worded_by_its_cause(store, tmp_path, capsys, monkeypatch, code, words, not_words):
+    def failing(folder, name, data, report):
+        raise OSError(code, os.strerror(code), str(folder / name))
+    monkeypatch.setattr(export_module, "_write_json", failing)
+    rc, _, err = _run(capsys, "export", "--db", str(store.path), "--format", "jsonl", "--out", str(tmp_path / "x"))
+    line = _one_line_error(err).lower()
+    assert rc == 2
+    assert all(w.lower() in line for w in words) and not any(w.lower() in line for w in not_words), line
+
+
+def test_a_reexport_links_the_images_it_has_and_keeps_the_folder_mode(store, tmp_path):
+    image = tmp_path / "pic.png"
+    Image.new("RGB", (4, 4), (200, 10, 10)).save(image)
+    mid = store.record_mention(Mention.from_text("Ride on the shuttle.", "Ride", image=str(image)))
+    store.record_correction("alice", mid, "Q9", "search", entity_name="Sally Ride")
+    out = tmp_path / "exp"
+    assert export_corrections(store, out, "jsonl").n_images == 1
+    (picture,) = (out / "images").iterdir()
+    inode = picture.stat().st_ino
+    out.chmod(0o750)
+    assert export_corrections(store, out, "jsonl").n_images == 1
+    assert (out / "images" / picture.name).stat().st_ino == inode, "linked from the previous export, not copied"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750
