@@ -13,7 +13,7 @@ import argparse
 import json
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +118,121 @@ def gold_figures(scored: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict:
     return {"ce": round(ce / n_in, 5) if n_in else None, "hits@1": round(ok / n, 4) if n else None, "n": n}
 
 
+# -- one linear term over named pair features, chosen by cross-validation --------------------------------
+@dataclass(frozen=True)
+class LinearTerm:
+    """A linear term of the head over named pair features (bias 0), as `train dim-prior` and `train dim-numbers`
+    fit it: its tensors `prefix`*, the FusionConfig field that lists the features it uses, every feature it knows,
+    the head's module and scoring method."""
+
+    prefix: str                       # "prior."
+    names_field: str                  # "prior_feature_names"
+    feature_names: tuple[str, ...]    # mel.dim.prior.PRIOR_FEATURES
+    module: str                       # "prior": DimFusion.prior
+    method: str                       # "prior_scores": DimFusion.prior_scores(features, mask)
+    label: str                        # "prior": the report's "heldout_without_prior", ...
+
+    def head(self, base: DimFusion, names) -> DimFusion:
+        """A head with a zero term over `names` and every other parameter copied from `base`, frozen."""
+        return extended_head(base, self.prefix, **{self.names_field: tuple(names)})
+
+    def scores(self, head: DimFusion | None, rows: "TermRows") -> torch.Tensor:
+        """The base scores of `rows` plus the term's (head), or the base scores alone (None)."""
+        if head is None:
+            return rows.base
+        return rows.base + getattr(head, self.method)(rows.features, rows.mask)
+
+    def weights(self, head: DimFusion) -> dict:
+        layer = getattr(head, self.module)
+        if layer is None:
+            return {}
+        w = layer.weight.detach().float().flatten()
+        return {name: round(float(x), 4) for name, x in zip(getattr(head.config, self.names_field), w, strict=True)}
+
+
+@dataclass
+class TermRows:
+    base: torch.Tensor      # (n, w) the frozen head's scores, -inf on padding
+    features: torch.Tensor  # (n, w, number of the term's features)
+    mask: torch.Tensor      # (n, w) bool
+    gold: torch.Tensor      # (n,) gold column, -1 when the gold is not in the pool (a miss, no gradient)
+    records: list[str]      # record id of each row (folds are drawn by record)
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.gold)
+
+    def take(self, rows: np.ndarray) -> "TermRows":
+        idx = torch.from_numpy(np.asarray(rows, np.int64))
+        return TermRows(self.base[idx], self.features[idx], self.mask[idx], self.gold[idx],
+                        [self.records[i] for i in rows], self.source)
+
+
+def record_of(example) -> str:
+    return str(example.sample_id).split("#")[0]
+
+
+def fit_rows(term: LinearTerm, head: DimFusion, chunks: list[TermRows], l2: float, steps: int,
+             lr: float = 1.0) -> DimFusion:
+    """The term's weights only (bias 0), from zero: summed cross-entropy of the gold + l2 * |w|^2 (L-BFGS); the
+    rows whose gold is not in the pool are left out."""
+    fit = [c.take(np.flatnonzero(c.gold.numpy() >= 0)) for c in chunks if len(c)]
+
+    def summed_loss() -> torch.Tensor:
+        return sum(torch.nn.functional.cross_entropy(term.scores(head, c), c.gold, reduction="sum")
+                   for c in fit if len(c))
+
+    return fit_term(head, summed_loss, sum(len(c) for c in fit), l2, steps, lr)
+
+
+def evaluate_rows(term: LinearTerm, head: DimFusion | None, chunks: list[TermRows]) -> dict:
+    """Mean cross-entropy (rows whose gold is in the pool) and Hits@1 over EVERY row (a gold outside the pool
+    is a miss), with the term (head) or without (None)."""
+    return gold_figures((term.scores(head, c), c.gold) for c in chunks if len(c))
+
+
+def fold_of(rows: TermRows, k: int, seed: int) -> np.ndarray:
+    """Fold of each row: the rows' records shuffled (seeded) and dealt round-robin, so a record is in one fold."""
+    records = sorted(set(rows.records))
+    order = np.random.default_rng(seed).permutation(len(records))
+    fold = {records[j]: i % k for i, j in enumerate(order)}
+    return np.array([fold[r] for r in rows.records], np.int64)
+
+
+def cross_validate_rows(term: LinearTerm, base: DimFusion, chunks: list[TermRows], names, l2: float, cfg) -> dict:
+    """Out-of-fold figures: each fold scored by a head fitted on the other folds (pooled and per chunk); `cfg`
+    gives folds, seed, steps and lr."""
+    folds = [fold_of(c, cfg.folds, cfg.seed + k) for k, c in enumerate(chunks)]
+    parts: list[list[TermRows]] = [[] for _ in chunks]
+    weights = []
+    for f in range(cfg.folds):
+        train = [c.take(np.flatnonzero(fd != f)) for c, fd in zip(chunks, folds, strict=True)]
+        head = fit_rows(term, term.head(base, names), train, l2, cfg.steps, cfg.lr)
+        weights.append(term.weights(head))
+        for k, (c, fd) in enumerate(zip(chunks, folds, strict=True)):
+            test = c.take(np.flatnonzero(fd == f))
+            with torch.no_grad():
+                scored = TermRows(term.scores(head, test), test.features, test.mask, test.gold, test.records,
+                                  test.source)
+            parts[k].append(scored)
+    oof = [TermRows(torch.cat([p.base for p in ps]), torch.cat([p.features for p in ps]),
+                    torch.cat([p.mask for p in ps]), torch.cat([p.gold for p in ps]),
+                    [r for p in ps for r in p.records], c.source)
+           for ps, c in zip(parts, chunks, strict=True)]
+    return {"cv": evaluate_rows(term, None, oof), "cv_by_dataset": {c.source: evaluate_rows(term, None, [c]) for c in oof},
+            "fold_weights": weights}
+
+
+def feature_sets(text: str, known: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """--features: ';'-separated sets, each a comma-separated subset of `known`."""
+    sets = [tuple(f.strip() for f in s.split(",") if f.strip()) for s in str(text).split(";") if s.strip()]
+    bad = [s for s in sets if not s or any(f not in known for f in s) or len(set(s)) < len(s)]
+    if not sets or bad:
+        raise InputError(f"--features: each set is a comma-separated subset of {list(known)}, sets "
+                         f"separated by ';' (got {text!r})")
+    return sets
+
+
 # -- the stage -----------------------------------------------------------------------------------------
 class FrozenBaseTrainer:
     """The frame of a trainer of one new term on a frozen base head: `--base` loaded (`self.base`, its config.json
@@ -194,6 +309,53 @@ class FrozenBaseTrainer:
         if changed or any(not k.startswith(self.prefix) for k in added):
             raise CheckpointError(f"the base tensors changed ({changed}) or unexpected tensors were added ({added})")
         return True
+
+
+class LinearTermTrainer(FrozenBaseTrainer):
+    """A FrozenBaseTrainer of one LinearTerm (`term`): `collect()` gives the held-out rows (TermRows, one chunk per
+    dataset); `run()` cross-validates every feature set x L2 of the config (`feature_sets()`, `l2_list()`, `folds`,
+    `steps`, `lr`, `seed`), keeps the lowest out-of-fold cross-entropy (then fewer features, then more L2), fits it
+    on every row and saves the head."""
+
+    term: LinearTerm
+
+    def term_weights(self, head: DimFusion) -> dict:
+        return self.term.weights(head)
+
+    def collect(self) -> list[TermRows]:
+        raise NotImplementedError
+
+    def extra_report(self) -> dict:
+        return {}
+
+    def run(self, command: str = "") -> dict:
+        import sys
+        import time
+        t0, cfg, term, name = time.perf_counter(), self.config, self.term, self.term.label
+        chunks = self.collect()
+        grid = []
+        for names in cfg.feature_sets():
+            for l2 in cfg.l2_list():
+                entry = {"features": list(names), "l2": l2, **cross_validate_rows(term, self.base, chunks, names, l2, cfg)}
+                grid.append(entry)
+                print(f"[dim-{name}] {json.dumps({k: v for k, v in entry.items() if k != 'fold_weights'})}",
+                      file=sys.stderr)
+        best = min(grid, key=lambda g: (g["cv"]["ce"], len(g["features"]), -g["l2"]))
+        head = fit_rows(term, term.head(self.base, best["features"]), chunks, best["l2"], cfg.steps, cfg.lr)
+        report = {"features": best["features"], "config": asdict(cfg),
+                  "chosen": {"features": best["features"], "l2": best["l2"]},
+                  "chosen_on": f"{cfg.folds}-fold cross-validation (folds by record) over the training records the "
+                               f"base head held out; mean cross-entropy",
+                  f"heldout_without_{name}": evaluate_rows(term, None, chunks),
+                  f"heldout_cv_with_{name}": best["cv"], "heldout_cv_by_dataset": best["cv_by_dataset"],
+                  f"heldout_without_{name}_by_dataset": {c.source: evaluate_rows(term, None, [c]) for c in chunks},
+                  f"heldout_fit_with_{name}": evaluate_rows(term, head, chunks),
+                  "grid": [{k: v for k, v in g.items() if k != "fold_weights"} for g in grid],
+                  **self.extra_report(),
+                  "command": command, "base": str(self.base_dir), "seconds": round(time.perf_counter() - t0, 1)}
+        self.save(head, report)
+        report["base_tensors_identical"] = self.check_frozen()
+        return report
 
 
 # -- CLI ---------------------------------------------------------------------------------------------------

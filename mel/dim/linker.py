@@ -26,6 +26,7 @@ from ..types import ApparentFace, Candidate, DimDetails, ExpertCue, FeatureMask,
 from .candidates import CandidateConfig, CandidateGenerator, CandidatePool, load_candidate_lists, pool_size
 from .features import FeatureExtractor
 from .model import DimFusion, FusionConfig
+from .name_numbers import number_pair_features
 from .pairs import PAIR_FEATURES, VISUAL_GROUPS
 from .pipeline import EntityFactsCache, candidate_batch
 from .prior import prior_pair_features
@@ -202,7 +203,8 @@ class DimLinker(BatchLinker):
                 visual, visual_mask = self.extractor.visual_pair_features(mentions, feats, cb.idxs, cb.valid)
                 prior, prior_mask = self._prior_features(mentions, cb.idxs, cb.valid)
                 logits = self.model.score_candidates(m, e, pair, torch.from_numpy(visual).to(self.device),
-                                                      torch.from_numpy(visual_mask).to(self.device), prior, prior_mask)
+                                                      torch.from_numpy(visual_mask).to(self.device), prior, prior_mask,
+                                                      self._number_features(mentions, cb.idxs, cb.valid))
                 logits = logits.masked_fill(~torch.from_numpy(cb.valid).to(self.device), float("-inf"))
             scores = logits.float().cpu().numpy()
         with sw("results"):
@@ -239,6 +241,14 @@ class DimLinker(BatchLinker):
             return None, None
         values, mask = prior_pair_features(self.kb, [m.text for m in mentions], idxs, valid)
         return torch.from_numpy(values).to(self.device), torch.from_numpy(mask).to(self.device)
+
+    def _number_features(self, mentions: list[Mention], idxs: np.ndarray, valid: np.ndarray) -> torch.Tensor | None:
+        """The name-number features (mel.dim.name_numbers) when the head has that term, else None."""
+        if self.model.numbers is None:
+            return None
+        facts = self.facts.get_many([int(i) for i in idxs[valid]])
+        values = number_pair_features([m.caption for m in mentions], facts, idxs, valid)
+        return torch.from_numpy(values).to(self.device)
 
     def _entity_embeddings(self, idxs: np.ndarray, valid: np.ndarray) -> torch.Tensor:
         """(b, c, out_dim) fused entity embeddings. The head is in eval mode, so an entity's

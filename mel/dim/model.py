@@ -17,6 +17,7 @@ projected the same way, masked mean, Linear(d, out_dim)  ->  entity embedding.
     score = exp(logit_scale) * cos(mention, entity)  +  pair_mlp(pair features)
             + sum over visual groups g present for the pair:  w_g . x_g + b_g
             + w_prior . prior(mention, entity)   when the KB has a link prior (`mel.dim.prior`)
+            + w_numbers . numbers(caption, entity)   regnal / title numbers (`mel.dim.name_numbers`)
 
 The visual terms (beyond the paper; `mel.dim.pairs.VISUAL_GROUPS`) score what the photo says
 about a candidate: the ConSE image vector against the entity text, the faces' apparent gender
@@ -43,6 +44,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..training.common import check_number, check_whole
+from .name_numbers import NUMBER_FEATURES
 from .pairs import VISUAL_GROUPS, visual_columns
 from .prior import PRIOR_FEATURES, prior_columns
 
@@ -70,6 +72,7 @@ class FusionConfig:
     pair_feature_names: tuple[str, ...] | list[str] = ()
     visual_feature_names: tuple[str, ...] | list[str] = ()  # visual groups the head expects (() = none)
     prior_feature_names: tuple[str, ...] | list[str] = ()   # link-prior features the head uses (() = none)
+    number_feature_names: tuple[str, ...] | list[str] = ()  # name-number features the head uses (() = none)
 
     def __post_init__(self):
         check_whole(self, text_dim=1, image_dim=1, cue_dim=1, d_model=1, n_heads=1, ffn_dim=1, out_dim=1,
@@ -87,6 +90,11 @@ class FusionConfig:
         if unknown or len(set(self.prior_feature_names)) < len(self.prior_feature_names):
             raise InputError(f"unknown or repeated link-prior feature(s) {list(self.prior_feature_names)}; this "
                              f"version knows {list(PRIOR_FEATURES)}")
+        self.number_feature_names = tuple(self.number_feature_names)
+        unknown = [g for g in self.number_feature_names if g not in NUMBER_FEATURES]
+        if unknown or len(set(self.number_feature_names)) < len(self.number_feature_names):
+            raise InputError(f"unknown or repeated name-number feature(s) {list(self.number_feature_names)}; this "
+                             f"version knows {list(NUMBER_FEATURES)}")
 
 
 class FeatureProjection(nn.Sequential):
@@ -160,9 +168,12 @@ class DimFusion(nn.Module):
             nn.init.zeros_(layer.bias)
         # the link-prior term (issue #15): one linear term over `prior_feature_names`, zero at initialisation
         self.prior = nn.Linear(len(c.prior_feature_names), 1) if c.prior_feature_names else None
-        if self.prior is not None:
-            nn.init.zeros_(self.prior.weight)
-            nn.init.zeros_(self.prior.bias)
+        # the name-number term (issue #15): one linear term over `number_feature_names`, zero at initialisation
+        self.numbers = nn.Linear(len(c.number_feature_names), 1) if c.number_feature_names else None
+        for term in (self.prior, self.numbers):
+            if term is not None:
+                nn.init.zeros_(term.weight)
+                nn.init.zeros_(term.bias)
 
     # -- the two towers ------------------------------------------------------------------------
     def encode_mentions(self, context: torch.Tensor, mention: torch.Tensor, image: torch.Tensor,
@@ -230,16 +241,27 @@ class DimFusion(nn.Module):
         x = prior[..., prior_columns(self.config.prior_feature_names)].masked_fill(~present[..., None], 0.0)
         return self.prior(x).squeeze(-1).masked_fill(~present, 0.0)
 
+    def number_scores(self, numbers: torch.Tensor | None, mask: torch.Tensor | None = None
+                      ) -> torch.Tensor | float:
+        """numbers (b, c, N_NUMBER_FEATURES) -> (b, c) or 0. Every feature is 0 for a caption without numbers and
+        the bias stays 0, so such a mention gets exactly 0; `mask` (b, c) bool, False on padding, zeroes the rest."""
+        if self.numbers is None or numbers is None:
+            return 0.0
+        names = self.config.number_feature_names
+        x = numbers[..., [NUMBER_FEATURES.index(n) for n in names]]
+        out = self.numbers(x).squeeze(-1)
+        return out.masked_fill(~mask.bool(), 0.0) if mask is not None else out
+
     def score_candidates(self, mention_emb: torch.Tensor, entity_emb: torch.Tensor,
                          pair_features: torch.Tensor | None = None, visual: torch.Tensor | None = None,
                          visual_mask: torch.Tensor | None = None, prior: torch.Tensor | None = None,
-                         prior_mask: torch.Tensor | None = None) -> torch.Tensor:
+                         prior_mask: torch.Tensor | None = None, numbers: torch.Tensor | None = None) -> torch.Tensor:
         """mention_emb (b, o), entity_emb (b, c, o), pair_features (b, c, f), optional visual
         features (b, c, v) with group masks (b, c, g), optional link-prior features (b, c, p) with their
-        mask (b, c) -> scores (b, c)."""
+        mask (b, c), optional name-number features (b, c, n) -> scores (b, c)."""
         cos = torch.einsum("bo,bco->bc", mention_emb, entity_emb)
         return (self.scale() * cos + self.pair_scores(pair_features) + self.visual_scores(visual, visual_mask)
-                + self.prior_scores(prior, prior_mask))
+                + self.prior_scores(prior, prior_mask) + self.number_scores(numbers))
 
     def in_batch_scores(self, mention_emb: torch.Tensor, entity_emb: torch.Tensor) -> torch.Tensor:
         """Every mention against every gold entity of the batch (b, b): the embedding part only."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from ..kb import normalize_name
 from ..types import Entity
+from .name_numbers import numbered_words
 
 PAIR_FEATURES = (
     "bm25",               # name/alias BM25 score divided by the best score for this mention
@@ -104,6 +105,7 @@ class EntityFacts:
     death: int | None
     sex: str
     desc_len: float
+    name_numbers: frozenset[tuple[str, int]] = frozenset()  # (word, number) of the name and aliases (name_numbers)
 
     @classmethod
     def of(cls, entity: Entity) -> "EntityFacts":
@@ -115,9 +117,10 @@ class EntityFacts:
         desc = entity.description or ""
         birth, death, sex = _BIRTH.search(desc), _DEATH.search(desc), _SEX.search(desc)
         norm = " ".join(name_tokens)
+        numbers = frozenset().union(*(numbered_words(n) for n in (entity.name, *entity.aliases) if n))
         return cls(norm, name_tokens, trigrams(norm), alias_norms, all_tokens, set(tokens(desc)),
                    int(birth.group(1)) if birth else None, int(death.group(1)) if death else None,
-                   sex.group(1).lower() if sex else "", math.log1p(len(desc)) / 8.0)
+                   sex.group(1).lower() if sex else "", math.log1p(len(desc)) / 8.0, numbers)
 
 
 def pair_features(m: MentionContext, e: EntityFacts, *, bm25: float = 0.0, bm25_rank: int | None = None,

@@ -1,4 +1,4 @@
-"""`python -m mel train {gemel,dim,dim-visual,dim-prior} ...`: each trainer module provides CONFIG (its training config
+"""`python -m mel train {gemel,dim,dim-visual,dim-prior,dim-numbers} ...`: each trainer module provides CONFIG (its training config
 dataclass, whose fields become flags through transformers' HfArgumentParser), add_arguments(p) for
 the other flags (data, output, resume) and run(args)."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import importlib
 from ..cli_kit import config_arguments
 
 TRAINERS = {"gemel": "mel.gemel.train", "dim": "mel.dim.train", "dim-visual": "mel.dim.visual_train",
-            "dim-prior": "mel.dim.prior_train"}
+            "dim-prior": "mel.dim.prior_train", "dim-numbers": "mel.dim.number_train"}
 
 
 def add_parser(subparsers) -> None:
