@@ -36,9 +36,21 @@ def test_roman_numerals_and_ordinals_are_read_with_the_word_they_number():
     assert numbered_words("Johannes, 11th Prince of Thurn and Taxis") == {("prince", 11)}
     assert numbered_words("Frederick William I of Prussia and Louis XIV.") == {("william", 1), ("louis", 14)}
     assert numbered_words("Théodore II Laskaris") == {("theodore", 2)}
-    # not numbers: initials, the pronoun, wars and parts, lower-case words, all-capital acronyms
+    # a possessive, a full stop, a hyphenated name
+    assert numbered_words("Louis XIV's great-grandson and heir, Louis XV") == {("louis", 14), ("louis", 15)}
+    assert numbered_words("Henry VIII’s wives") == {("henry", 8)}
+    assert numbered_words("Queen Elizabeth I.") == {("elizabeth", 1)}
+    assert numbered_words("Louis I. and his son Louis II") == {("louis", 1), ("louis", 2)}
+    assert numbered_words("Elizabeth I was queen") == {("elizabeth", 1)}
+    assert numbered_words("Heinrich LXVII Reuss") == {("heinrich", 67)}
+    assert numbered_words("Hesse-Kassel V") == {("kassel", 5)}
+    # not numbers: initials, the pronoun, punctuation between, wars and parts, dates, place abbreviations, lower-case
+    # words, all-capital acronyms
     for text in ("Klaus M. Schmidt", "Sarah Jones L", "Louis V. Gerstner", "Then I went home", "Mary and I",
-                 "World War II veteran", "Part II of the film", "a vi editor", "CIA V agents", "in 1976, the 3rd time"):
+                 "In Paris I met her", "Mary, I think", "Henry; V", "World War II veteran", "Part II of the film",
+                 "on 4th July", "the 3rd May 2019", "in the 19th Century", "Washington, DC", "Baltimore, MD",
+                 "Detroit MI", "Huntington, LI", "a vi editor", "CIA V agents", "in 1976, the 3rd time",
+                 "the 250th Regiment"):
         assert numbered_words(text) == set(), text
 
 
@@ -160,6 +172,9 @@ def test_the_linker_prefers_the_numbered_candidate_and_a_caption_without_numbers
 
     before, after = ranked(base_dir), ranked(head_dir)
     assert after[1] == before[1]  # no number in the caption: the very same scores
+    linker = DimLinker(KnowledgeBase(path), hashing_preset(), checkpoint=head_dir, text_encoder=hashing_encoder,
+                       use_numbers="no")  # the ablation switch: the base's scores
+    assert [[(c.entity.id, c.score) for c in r.candidates] for r in linker.pipe([numbered, bare], k=3)] == before
     assert after[0][0][0] == "Q2" and after[0] != before[0]
     scores = dict(after[0])
     assert scores["Q2"] - scores["Q1"] > 30  # +20 for the agreeing number, -20 for the clashing one
@@ -177,3 +192,48 @@ def test_the_shipped_head_loads_with_its_fitted_number_term():
     assert list(saved) == list(names)
     assert [round(float(w), 4) for w in model.numbers.weight.detach().flatten()] == [saved[n] for n in names]
     assert payload["number_terms"]["chosen_on"].startswith("5-fold cross-validation")
+
+
+def test_the_trainer_fits_saves_and_reports_on_the_held_out_rows(tmp_path):
+    """LinearTermTrainer.run (shared with `train dim-prior`) on synthetic held-out rows: the grid, the choice, the
+    saved head (base tensors bit for bit) and the report's keys."""
+    import json
+
+    from mel.dim.number_train import NumberTrainer
+    from mel.training.checkpoint import load_config, save_pretrained_dir
+    save_pretrained_dir(_base(), _base().config, tmp_path / "base")
+    trainer = NumberTrainer.__new__(NumberTrainer)
+    trainer.base_dir, trainer.out = tmp_path / "base", tmp_path / "head"
+    trainer.config = NumberTrainConfig(l2="0.1,10", folds=3, steps=30)
+    trainer.base, trainer.payload = DimFusion.from_pretrained(str(tmp_path / "base"))[0], load_config(tmp_path / "base")
+    trainer.collect = lambda: [_rows(seed=1), _rows(n=120, seed=2)]
+    report = trainer.run(command="test")
+    assert len(report["grid"]) == 4 and report["base_tensors_identical"]
+    assert report["chosen"]["features"] in (["number_agree", "number_clash"], list(NUMBER_FEATURES))
+    assert report["heldout_cv_with_numbers"]["hits@1"] > report["heldout_without_numbers"]["hits@1"]
+    saved = json.loads((tmp_path / "head" / "config.json").read_text())
+    assert saved["config"]["number_feature_names"] == report["chosen"]["features"]
+    assert saved["number_terms"]["weights"]["number_agree"] > 0 > saved["number_terms"]["weights"]["number_clash"]
+    head, _ = DimFusion.from_pretrained(str(tmp_path / "head"))
+    assert head.numbers is not None and head.numbers.bias.item() == 0.0
+
+
+def test_caption_number_features_of_cached_rows_are_the_linkers(tmp_path, hashing_encoder):
+    """What the trainer computes for cached rows (captions of the held-out examples, KB rows of the pools) is what
+    the linker computes at link time."""
+    from types import SimpleNamespace
+
+    from mel.dim.frozen_terms import caption_number_features
+    from mel.dim.pipeline import EntityFactsCache
+    people = [Entity("Q1", "William VII"), Entity("Q2", "William V"), Entity("Q3", "Amalie of Hanau")]
+    build_kb(people, tmp_path / "kb.sqlite", text_encoder=hashing_encoder, progress=False)
+    kb = KnowledgeBase(tmp_path / "kb.sqlite")
+    examples = [SimpleNamespace(mention=Mention.from_text("William V in 1630", "William")),
+                SimpleNamespace(mention=Mention.from_text("Amalie in 1630", "Amalie"))]
+    split = SimpleNamespace(cand=np.array([[0, 1, 2], [2, 0, -1]]), valid=np.array([[True, True, True],
+                                                                                 [True, True, False]]))
+    got = caption_number_features(examples, kb, split)
+    facts = EntityFactsCache(kb).get_many([0, 1, 2])
+    want = number_pair_features([e.mention.caption for e in examples], facts, split.cand, split.valid)
+    assert np.array_equal(got, want)
+    assert got[0, :, 0].tolist() == [0, 1, 0] and got[0, :, 1].tolist() == [1, 0, 0] and not got[1].any()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mel.cli import build_parser
+from mel.dim.frozen_terms import fold_of
 from mel.dim.model import DimFusion, FusionConfig
 from mel.dim.prior import N_PRIOR_FEATURES, PRIOR_FEATURES, prior_pair_features, prior_values
 from mel.dim.prior_train import (
@@ -16,7 +17,6 @@ from mel.dim.prior_train import (
     cross_validate,
     evaluate,
     fit_prior,
-    fold_of,
     prior_head,
 )
 from mel.errors import InputError

@@ -1,20 +1,25 @@
 """What the trainers of extra terms on a FROZEN DIM head share: `python -m mel train dim-visual`
-(mel.dim.visual_train, the visual terms) and `python -m mel train dim-prior` (mel.dim.prior_train, the link-prior term).
+(mel.dim.visual_train, the visual terms), `python -m mel train dim-prior` (mel.dim.prior_train, the link-prior term)
+and `python -m mel train dim-numbers` (mel.dim.number_train, the name-number term).
 
-Both copy every tensor of `--base` unchanged, add one kind of linear term (its tensors under one prefix: `visual.`,
-`prior.`), fit that term's weights alone (biases stay 0) from zero by L-BFGS on the summed cross-entropy of the gold
-+ l2 * |w|^2, and score their rows with the base head on `python -m mel train dim`'s cached features (the base's
-own recipe, so the same cache key). Here: the two commands' shared flags, input checks and dataset loading, the
-frozen base (loading it, the head with a new term, its scores, the save and the bit-for-bit check) and the fit.
+Each copies every tensor of `--base` unchanged, adds one kind of linear term (its tensors under one prefix:
+`visual.`, `prior.`, `numbers.`), fits that term's weights alone (biases stay 0) from zero by L-BFGS on the summed
+cross-entropy of the gold + l2 * |w|^2, and scores its rows with the base head on `python -m mel train dim`'s cached
+features (the base's own recipe, so the same cache key). Here: the commands' shared flags, input checks and dataset
+loading, the frozen base (loading it, the head with a new term, its scores, the save and the bit-for-bit check), the
+fit, and for the two terms over named pair features (prior, numbers) the cross-validated choice of features and L2
+(LinearTerm, TermRows, LinearTermTrainer).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import sys
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -122,15 +127,15 @@ def gold_figures(scored: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict:
 @dataclass(frozen=True)
 class LinearTerm:
     """A linear term of the head over named pair features (bias 0), as `train dim-prior` and `train dim-numbers`
-    fit it: its tensors `prefix`*, the FusionConfig field that lists the features it uses, every feature it knows,
-    the head's module and scoring method."""
+    fit it: its tensors `prefix`*, the FusionConfig field that lists the features it uses, the head's module and
+    scoring method (with the rows' mask when `masked`)."""
 
     prefix: str                       # "prior."
     names_field: str                  # "prior_feature_names"
-    feature_names: tuple[str, ...]    # mel.dim.prior.PRIOR_FEATURES
     module: str                       # "prior": DimFusion.prior
     method: str                       # "prior_scores": DimFusion.prior_scores(features, mask)
     label: str                        # "prior": the report's "heldout_without_prior", ...
+    masked: bool = True               # the method takes the (n, w) mask too
 
     def head(self, base: DimFusion, names) -> DimFusion:
         """A head with a zero term over `names` and every other parameter copied from `base`, frozen."""
@@ -140,7 +145,8 @@ class LinearTerm:
         """The base scores of `rows` plus the term's (head), or the base scores alone (None)."""
         if head is None:
             return rows.base
-        return rows.base + getattr(head, self.method)(rows.features, rows.mask)
+        score = getattr(head, self.method)
+        return rows.base + (score(rows.features, rows.mask) if self.masked else score(rows.features))
 
     def weights(self, head: DimFusion) -> dict:
         layer = getattr(head, self.module)
@@ -233,6 +239,84 @@ def feature_sets(text: str, known: tuple[str, ...]) -> list[tuple[str, ...]]:
     return sets
 
 
+# -- the config and the rows of a LinearTermTrainer ------------------------------------------------------
+@dataclass
+class TermTrainConfig:
+    """Every field is a flag of `python -m mel train dim-prior` / `dim-numbers` (`l2` -> `--l2`); a subclass names
+    the term's features (`known`) and the default feature sets."""
+
+    features: str = ""
+    l2: str = field(default="0.01,0.1,1,10,100", metadata={
+        "help": "candidate L2 strengths, > 0 (chosen): the loss is the SUMMED cross-entropy + l2 * |w|^2"})
+    folds: int = field(default=5, metadata={"help": "cross-validation folds over the held-out records"})
+    steps: int = field(default=200, metadata={"help": "L-BFGS iterations at most (the problem is convex)"})
+    lr: float = 1.0
+    seed: int = 42
+    save_dtype: str = field(default="", metadata={
+        "help": "float16 or float32; default: the base's own (its tensors are kept bit for bit)"})
+
+    known: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self):
+        self.feature_sets()
+        self.l2_list()
+        if int(self.folds) < 2 or int(self.steps) < 1 or not self.lr > 0 or self.save_dtype not in ("", "float16", "float32"):
+            raise InputError("--folds must be >= 2, --steps >= 1, --lr > 0 and --save-dtype float16 or float32")
+
+    def feature_sets(self) -> list[tuple[str, ...]]:
+        return feature_sets(self.features, self.known)
+
+    def l2_list(self) -> list[float]:
+        return float_list(self.l2, "l2", 0.0, above=True, need="numbers > 0 (a prior on the weights)")
+
+
+# -- the held-out rows ----------------------------------------------------------------------------------
+def caption_number_features(examples, kb, split) -> np.ndarray:
+    """(n, w, N_NUMBER_FEATURES) name-number features of cached SplitFeatures rows (`split.cand`, `split.valid`)
+    of `examples`, as the linker computes them (mel.dim.name_numbers)."""
+    from .name_numbers import number_pair_features
+    from .pipeline import EntityFactsCache
+    facts = EntityFactsCache(kb).get_many(sorted({int(i) for i in split.cand[split.valid]}))
+    return number_pair_features([ex.mention.caption for ex in examples], facts, split.cand, split.valid)
+
+
+def heldout_rows(trainer: "LinearTermTrainer", datasets, values, tag: str) -> list[TermRows]:
+    """One TermRows per dataset: the base's held-out train records (what `train dim` read: unlocated mentions
+    skipped), the frozen base's scores of their candidate pools (`train dim`'s cached features; with the base's
+    name-number term when it has one, without its visual terms: few held-out records have a photo) and the new
+    term's features `values(part, dataset, split_features)` -> (n, w, f) array."""
+    from ..types import NOT_LOCATED
+    from .candidates import CandidateGenerator
+    from .features import FeatureExtractor
+    from .train import EntityTable, cached_split_features
+    located = [type(d)(d.name, d.kb, [e for e in d.train if e.located != NOT_LOCATED], [], d.data) for d in datasets]
+    base_trainer = trainer.base_trainer(located)
+    recipe = base_trainer.config
+    chunks = []
+    for part, d in zip(base_trainer.parts, datasets, strict=True):
+        if not part.holdout:
+            raise InputError(f"the base head held no {part.name} records out: nothing to fit the term on without dev")
+        expected = {x.get("n_heldout") for x in trainer.payload.get("datasets", []) if x.get("name") == part.name}
+        if expected and len(part.holdout) not in expected:
+            raise InputError(f"{part.name}: {len(part.holdout)} held-out mentions, the base head says {expected}: "
+                             f"not the records it held out")
+        extractor = FeatureExtractor(part.kb, trainer.preset, use_image=recipe.image, use_cue=recipe.cue,
+                                     cue_question=recipe.cue_question)
+        generator = CandidateGenerator(part.kb, base_trainer.candidate_config())
+        ho, path = cached_split_features(part.holdout, part.kb, trainer.preset, extractor, generator, training=False,
+                                         n_hard=0, width=None, cache=base_trainer.cache, progress=trainer.progress)
+        emb = frozen_entity_embeddings(trainer.base, EntityTable(extractor, part.kb.size))
+        base = base_scores(trainer.base, ho, emb)
+        if trainer.base.numbers is not None:  # the base's own name-number term, as the linker adds it
+            base = base + trainer.base.number_scores(torch.from_numpy(caption_number_features(part.holdout, part.kb, ho)))
+        chunks.append(TermRows(base, torch.from_numpy(values(part, d, ho)), torch.from_numpy(ho.valid.copy()),
+                               torch.from_numpy(ho.gold_pos.astype(np.int64)),
+                               [record_of(ex) for ex in part.holdout], part.name))
+        print(f"[dim-{tag}] {part.name}: {len(ho)} held-out mentions ({len(set(chunks[-1].records))} records), "
+              f"features {path.name}", file=sys.stderr)
+    return chunks
+
+
 # -- the stage -----------------------------------------------------------------------------------------
 class FrozenBaseTrainer:
     """The frame of a trainer of one new term on a frozen base head: `--base` loaded (`self.base`, its config.json
@@ -319,6 +403,10 @@ class LinearTermTrainer(FrozenBaseTrainer):
 
     term: LinearTerm
 
+    @property
+    def prefix(self) -> str:  # type: ignore[override]
+        return self.term.prefix
+
     def term_weights(self, head: DimFusion) -> dict:
         return self.term.weights(head)
 
@@ -329,7 +417,6 @@ class LinearTermTrainer(FrozenBaseTrainer):
         return {}
 
     def run(self, command: str = "") -> dict:
-        import sys
         import time
         t0, cfg, term, name = time.perf_counter(), self.config, self.term, self.term.label
         chunks = self.collect()

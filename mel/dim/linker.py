@@ -26,7 +26,7 @@ from ..types import ApparentFace, Candidate, DimDetails, ExpertCue, FeatureMask,
 from .candidates import CandidateConfig, CandidateGenerator, CandidatePool, load_candidate_lists, pool_size
 from .features import FeatureExtractor
 from .model import DimFusion, FusionConfig
-from .name_numbers import number_pair_features
+from .name_numbers import number_pair_features, numbered_words
 from .pairs import PAIR_FEATURES, VISUAL_GROUPS
 from .pipeline import EntityFactsCache, candidate_batch
 from .prior import prior_pair_features
@@ -102,7 +102,8 @@ class DimLinker(BatchLinker):
                  candidate_file: str | Path | None = None, n_bm25: int | None = None, n_dense: int | None = None,
                  n_dense_mention: int | None = None, use_image: bool = True, use_cue: bool = True,
                  cue_question: str | None = None, keep_pool: bool = False, text_encoder=None,
-                 disable_visual: str | list[str] | tuple[str, ...] = (), use_prior: bool = True):
+                 disable_visual: str | list[str] | tuple[str, ...] = (), use_prior: bool = True,
+                 use_numbers: bool = True):
         super().__init__(kb, preset)
         if protocol not in PROTOCOLS:
             raise InputError(f"unknown protocol {protocol!r}; choose 'whole-kb' (rank against the whole KB) or "
@@ -115,6 +116,7 @@ class DimLinker(BatchLinker):
                      if value is not None}
         use_image, use_cue = option_bool("use_image", use_image), option_bool("use_cue", use_cue)
         keep_pool, use_prior = option_bool("keep_pool", keep_pool), option_bool("use_prior", use_prior)
+        use_numbers = option_bool("use_numbers", use_numbers)
         self.candidate_lists = load_candidate_lists(candidate_file) if candidate_file else None
         self.protocol = protocol
         self.checkpoint = Path(checkpoint) if checkpoint else shipped_checkpoint(preset.name)
@@ -139,6 +141,7 @@ class DimLinker(BatchLinker):
         self.generator = CandidateGenerator(kb, self._candidate_config(payload, overrides))
         self.keep_pool = keep_pool
         self.use_prior = use_prior  # False: ignore the KB's link prior (ablations)
+        self.use_numbers = use_numbers  # False: leave the head's name-number term out (ablations)
         self.facts = EntityFactsCache(kb)
         self._entity_cache: dict[int, torch.Tensor] = {}
         self.dev_figures = payload.get("dev", {})
@@ -244,8 +247,10 @@ class DimLinker(BatchLinker):
 
     def _number_features(self, mentions: list[Mention], idxs: np.ndarray, valid: np.ndarray) -> torch.Tensor | None:
         """The name-number features (mel.dim.name_numbers) when the head has that term, else None."""
-        if self.model.numbers is None:
+        if self.model.numbers is None or not self.use_numbers:
             return None
+        if not any(numbered_words(m.caption) for m in mentions):
+            return None  # the term would add exactly 0
         facts = self.facts.get_many([int(i) for i in idxs[valid]])
         values = number_pair_features([m.caption for m in mentions], facts, idxs, valid)
         return torch.from_numpy(values).to(self.device)

@@ -241,16 +241,13 @@ class DimFusion(nn.Module):
         x = prior[..., prior_columns(self.config.prior_feature_names)].masked_fill(~present[..., None], 0.0)
         return self.prior(x).squeeze(-1).masked_fill(~present, 0.0)
 
-    def number_scores(self, numbers: torch.Tensor | None, mask: torch.Tensor | None = None
-                      ) -> torch.Tensor | float:
-        """numbers (b, c, N_NUMBER_FEATURES) -> (b, c) or 0. Every feature is 0 for a caption without numbers and
-        the bias stays 0, so such a mention gets exactly 0; `mask` (b, c) bool, False on padding, zeroes the rest."""
+    def number_scores(self, numbers: torch.Tensor | None) -> torch.Tensor | float:
+        """numbers (b, c, N_NUMBER_FEATURES) -> (b, c) or 0. Every feature is 0 for a caption without numbers (and
+        on padding) and the bias stays 0, so such a mention gets exactly 0."""
         if self.numbers is None or numbers is None:
             return 0.0
         names = self.config.number_feature_names
-        x = numbers[..., [NUMBER_FEATURES.index(n) for n in names]]
-        out = self.numbers(x).squeeze(-1)
-        return out.masked_fill(~mask.bool(), 0.0) if mask is not None else out
+        return self.numbers(numbers[..., [NUMBER_FEATURES.index(n) for n in names]]).squeeze(-1)
 
     def score_candidates(self, mention_emb: torch.Tensor, entity_emb: torch.Tensor,
                          pair_features: torch.Tensor | None = None, visual: torch.Tensor | None = None,

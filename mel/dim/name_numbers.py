@@ -26,13 +26,21 @@ from ..kb import normalize_name
 NUMBER_FEATURES = ("number_agree", "number_clash", "number_missing")
 N_NUMBER_FEATURES = len(NUMBER_FEATURES)
 
-_WORD = re.compile(r"[^\W\d_]+(?:['-][^\W\d_]+)*|\d+(?:st|nd|rd|th)\b|\d+", re.UNICODE)
+_WORD = re.compile(r"[^\W\d_]+(?:['’-][^\W\d_]+)*|\d+(?:st|nd|rd|th)\b|\d+", re.UNICODE)
+_POSSESSIVE = re.compile(r"['’]s$")
 _ROMAN = re.compile(r"M{0,3}(CM|CD|D?C{0,3})(XC|XL|L?X{0,3})(IX|IV|V?I{0,3})")
 _ORDINAL = re.compile(r"(\d{1,3})(?:st|nd|rd|th)", re.I)
 _ROMAN_VALUE = {"I": 1, "V": 5, "X": 10, "L": 50, "C": 100, "D": 500, "M": 1000}
-# capitalised words after which a Roman "I" or "V" is a pronoun, a letter or a list mark, not a number
+_MAX_NUMBER = 100  # no regnal or title number goes higher; "Washington, DC" (600) and "Baltimore, MD" are places
+# capitalised words that are not numbered: "Then I", "World War II", "Part V", "4th July", "19th Century"
 _NOT_ANCHORS = {"and", "or", "the", "when", "then", "as", "if", "so", "part", "vol", "volume", "chapter", "phase",
-                "type", "class", "grade", "level", "world", "war", "act", "section", "appendix", "figure", "table"}
+                "type", "class", "grade", "level", "world", "war", "act", "section", "appendix", "figure", "table",
+                "january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
+                "november", "december", "century"}
+# after "I", these words make it the pronoun ("In Paris I met", "Today I think")
+_PRONOUN_VERBS = {"am", "have", "had", "think", "thought", "met", "saw", "went", "do", "did", "will", "would", "can",
+                  "could", "feel", "felt", "love", "like", "know", "knew", "believe", "want", "got", "took", "made",
+                  "said", "say", "see", "remember", "hope"}
 
 
 def roman_value(token: str) -> int | None:
@@ -43,25 +51,51 @@ def roman_value(token: str) -> int | None:
     return sum(-v if i + 1 < len(values) and v < values[i + 1] else v for i, v in enumerate(values))
 
 
+def _regnal_value(text: str, matches: list, i: int) -> int | None:
+    """The number that word i is, when it numbers the capitalised word before it ("William V", "Henry VIII's",
+    "Elizabeth I."), else None: an initial ("Louis V. Gerstner", "Klaus M."), the pronoun ("Paris I met"), a
+    two-letter abbreviation ("Long Island, LI"), something over _MAX_NUMBER, or punctuation in between."""
+    word = _POSSESSIVE.sub("", matches[i].group())
+    if not i or not text[matches[i - 1].end():matches[i].start()].isspace():
+        return None
+    before = matches[i - 1].group()
+    if not before[:1].isupper() or before.isupper() or normalize_name(before) in _NOT_ANCHORS:
+        return None
+    value = roman_value(word)
+    if value is None or value > _MAX_NUMBER or (len(word) <= 2 and not set(word) <= set("IVX")):
+        return None
+    after = matches[i + 1].group() if i + 1 < len(matches) else ""
+    gap = text[matches[i].end():matches[i + 1].start()] if after else ""
+    if len(word) == 1 and gap.startswith(".") and after[:1].isupper():
+        return None  # an initial: "Louis V. Gerstner"
+    if word == "I" and gap.isspace() and after in _PRONOUN_VERBS:
+        return None
+    return value
+
+
+def _anchor(word: str) -> str:
+    """The normalised word a number belongs to; of a hyphenated one its last part ("Hesse-Kassel" -> "kassel"), a
+    word of the name as `EntityFacts.name_tokens` splits it."""
+    parts = normalize_name(word).split()
+    return parts[-1] if parts else ""
+
+
 def numbered_words(text: str) -> set[tuple[str, int]]:
     """The (normalised anchor word, number) pairs of `text`: "William V" -> ("william", 5), "Ruprecht II." ->
-    ("ruprecht", 2), "11th Prince" -> ("prince", 11)."""
-    matches = list(_WORD.finditer(text or ""))
-    words = [m.group() for m in matches]
+    ("ruprecht", 2), "Henry VIII's" -> ("henry", 8), "11th Prince" -> ("prince", 11)."""
+    text = text or ""
+    matches = list(_WORD.finditer(text))
     found: set[tuple[str, int]] = set()
-    for i, word in enumerate(words):
-        # one letter is an initial ("Klaus M. Schmidt", "Sarah L"), unless it is I, V or X without a full stop
-        initial = len(word) == 1 and (word not in "IVX" or text[matches[i].end():matches[i].end() + 1] == ".")
-        value = None if initial else roman_value(word)
-        if value is not None and i and words[i - 1][:1].isupper() and not words[i - 1].isupper():
-            anchor = normalize_name(words[i - 1])
-            if anchor and anchor not in _NOT_ANCHORS:
-                found.add((anchor, value))
+    for i, m in enumerate(matches):
+        value = _regnal_value(text, matches, i)
+        if value is not None:
+            found.add((_anchor(matches[i - 1].group()), value))
             continue
-        ordinal = _ORDINAL.fullmatch(word)
-        if ordinal and i + 1 < len(words) and words[i + 1][:1].isupper():
-            anchor = normalize_name(words[i + 1])
-            if anchor and anchor not in _NOT_ANCHORS:
+        ordinal = _ORDINAL.fullmatch(m.group())
+        if ordinal and i + 1 < len(matches) and text[m.end():matches[i + 1].start()].isspace():
+            after = matches[i + 1].group()
+            anchor = _anchor(after)
+            if after[:1].isupper() and anchor and anchor not in _NOT_ANCHORS and int(ordinal.group(1)) <= _MAX_NUMBER:
                 found.add((anchor, int(ordinal.group(1))))
     return found
 

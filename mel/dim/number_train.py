@@ -21,13 +21,18 @@ from typing import ClassVar
 import numpy as np
 
 from . import frozen_terms
-from .frozen_terms import LinearTerm, LinearTermTrainer, TermRows
-from .name_numbers import NUMBER_FEATURES, number_pair_features
-from .pipeline import EntityFactsCache
-from .prior_train import TermTrainConfig, heldout_rows
+from .frozen_terms import (
+    LinearTerm,
+    LinearTermTrainer,
+    TermRows,
+    TermTrainConfig,
+    caption_number_features,
+    heldout_rows,
+)
+from .name_numbers import NUMBER_FEATURES
 
-NUMBER_TERM = LinearTerm(prefix="numbers.", names_field="number_feature_names", feature_names=NUMBER_FEATURES,
-                         module="numbers", method="number_scores", label="numbers")
+NUMBER_TERM = LinearTerm(prefix="numbers.", names_field="number_feature_names", module="numbers",
+                         method="number_scores", label="numbers", masked=False)
 
 
 @dataclass
@@ -44,7 +49,7 @@ class NumberTrainer(LinearTermTrainer):
     """`NumberTrainer(config, base_dir, datasets, preset, out).run()`; `datasets` are `mel.dim.train.TrainingSet`s
     (train split)."""
 
-    prefix, report_key, term = "numbers.", "number_terms", NUMBER_TERM
+    report_key, term = "number_terms", NUMBER_TERM
     config: NumberTrainConfig
 
     def __init__(self, config: NumberTrainConfig, base_dir, datasets, preset, out, *, cache_dir=None,
@@ -53,11 +58,13 @@ class NumberTrainer(LinearTermTrainer):
         super().__init__(config, base_dir, datasets, preset, out, cache_dir=cache_dir, progress=progress)
         if self.base.config.number_feature_names:
             raise InputError(f"--base {self.base_dir} already has a name-number term: give the head it was fitted on")
+        if self.base.config.prior_feature_names:
+            raise InputError(f"--base {self.base_dir} has a link-prior term, which this fit cannot score: fit the "
+                             f"name-number term on the head without it, then `train dim-prior` on the result")
 
     def collect(self) -> list[TermRows]:
         def values(part, d, ho) -> np.ndarray:
-            facts = EntityFactsCache(part.kb).get_many(sorted({int(i) for i in ho.cand[ho.valid]}))
-            return number_pair_features([ex.mention.caption for ex in part.holdout], facts, ho.cand, ho.valid)
+            return caption_number_features(part.holdout, part.kb, ho)
         return heldout_rows(self, self.datasets, values, "numbers")
 
 

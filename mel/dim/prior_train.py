@@ -20,62 +20,28 @@ held-out records (folds by record, per dataset); the figures reported "cv" are o
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
-import torch
 
 from ..errors import InputError
 from ..kb import count_link_prior, link_prior_key
 from . import frozen_terms
 from .frozen_terms import (
-    FrozenBaseTrainer,
     LinearTerm,
     LinearTermTrainer,
     TermRows,
+    TermTrainConfig,
     cross_validate_rows,
     evaluate_rows,
-    feature_sets,
     fit_rows,
-    float_list,
-    fold_of,  # noqa: F401  (re-exported: the prior's tests draw folds with it)
+    heldout_rows,
     record_of,
 )
 from .model import DimFusion
 from .prior import N_PRIOR_FEATURES, PRIOR_FEATURES, prior_values
-
-
-@dataclass
-class TermTrainConfig:
-    """Every field is a flag of `python -m mel train dim-prior` / `dim-numbers` (`l2` -> `--l2`); a subclass names
-    the term's features (`known`) and the default feature sets."""
-
-    features: str = ""
-    l2: str = field(default="0.01,0.1,1,10,100", metadata={
-        "help": "candidate L2 strengths, > 0 (chosen): the loss is the SUMMED cross-entropy + l2 * |w|^2"})
-    folds: int = field(default=5, metadata={"help": "cross-validation folds over the held-out records"})
-    steps: int = field(default=200, metadata={"help": "L-BFGS iterations at most (the problem is convex)"})
-    lr: float = 1.0
-    seed: int = 42
-    save_dtype: str = field(default="", metadata={
-        "help": "float16 or float32; default: the base's own (its tensors are kept bit for bit)"})
-
-    known: ClassVar[tuple[str, ...]] = ()
-
-    def __post_init__(self):
-        self.feature_sets()
-        self.l2_list()
-        if int(self.folds) < 2 or int(self.steps) < 1 or not self.lr > 0 or self.save_dtype not in ("", "float16", "float32"):
-            raise InputError("--folds must be >= 2, --steps >= 1, --lr > 0 and --save-dtype float16 or float32")
-
-    def feature_sets(self) -> list[tuple[str, ...]]:
-        return feature_sets(self.features, self.known)
-
-    def l2_list(self) -> list[float]:
-        return float_list(self.l2, "l2", 0.0, above=True, need="numbers > 0 (a prior on the weights)")
 
 
 @dataclass
@@ -88,8 +54,8 @@ class PriorTrainConfig(TermTrainConfig):
     known: ClassVar[tuple[str, ...]] = PRIOR_FEATURES
 
 
-PRIOR_TERM = LinearTerm(prefix="prior.", names_field="prior_feature_names", feature_names=PRIOR_FEATURES,
-                        module="prior", method="prior_scores", label="prior")
+PRIOR_TERM = LinearTerm(prefix="prior.", names_field="prior_feature_names", module="prior", method="prior_scores",
+                        label="prior")
 PriorRows = TermRows
 
 
@@ -151,48 +117,12 @@ def cross_validate(base: DimFusion, chunks: list[TermRows], names, l2: float, cf
     return cross_validate_rows(PRIOR_TERM, base, chunks, names, l2, cfg)
 
 
-# -- the held-out rows ----------------------------------------------------------------------------------
-def heldout_rows(trainer: FrozenBaseTrainer, datasets, values, tag: str) -> list[TermRows]:
-    """One TermRows per dataset: the base's held-out train records (what `train dim` read: unlocated mentions
-    skipped), the frozen base's scores of their candidate pools (`train dim`'s cached features) and the term's
-    features `values(part, dataset, split_features)` -> (n, w, f) array."""
-    from ..types import NOT_LOCATED
-    from .candidates import CandidateGenerator
-    from .features import FeatureExtractor
-    from .frozen_terms import base_scores, frozen_entity_embeddings
-    from .train import EntityTable, cached_split_features
-    located = [type(d)(d.name, d.kb, [e for e in d.train if e.located != NOT_LOCATED], [], d.data) for d in datasets]
-    base_trainer = trainer.base_trainer(located)
-    recipe = base_trainer.config
-    chunks = []
-    for part, d in zip(base_trainer.parts, datasets, strict=True):
-        if not part.holdout:
-            raise InputError(f"the base head held no {part.name} records out: nothing to fit the term on without dev")
-        expected = {x.get("n_heldout") for x in trainer.payload.get("datasets", []) if x.get("name") == part.name}
-        if expected and len(part.holdout) not in expected:
-            raise InputError(f"{part.name}: {len(part.holdout)} held-out mentions, the base head says {expected}: "
-                             f"not the records it held out")
-        extractor = FeatureExtractor(part.kb, trainer.preset, use_image=recipe.image, use_cue=recipe.cue,
-                                     cue_question=recipe.cue_question)
-        generator = CandidateGenerator(part.kb, base_trainer.candidate_config())
-        ho, path = cached_split_features(part.holdout, part.kb, trainer.preset, extractor, generator, training=False,
-                                         n_hard=0, width=None, cache=base_trainer.cache, progress=trainer.progress)
-        emb = frozen_entity_embeddings(trainer.base, EntityTable(extractor, part.kb.size))
-        base = base_scores(trainer.base, ho, emb)
-        chunks.append(TermRows(base, torch.from_numpy(values(part, d, ho)), torch.from_numpy(ho.valid.copy()),
-                               torch.from_numpy(ho.gold_pos.astype(np.int64)),
-                               [record_of(ex) for ex in part.holdout], part.name))
-        print(f"[dim-{tag}] {part.name}: {len(ho)} held-out mentions ({len(set(chunks[-1].records))} records), "
-              f"features {path.name}", file=sys.stderr)
-    return chunks
-
-
 # -- the stage ------------------------------------------------------------------------------------------
 class PriorTrainer(LinearTermTrainer):
     """`PriorTrainer(config, base_dir, datasets, preset, out).run()`; `datasets` are `mel.dim.train.TrainingSet`s
     (train split, every mention: `unlocated="context"`, as the link prior was counted)."""
 
-    prefix, report_key, term = "prior.", "prior_terms", PRIOR_TERM
+    report_key, term = "prior_terms", PRIOR_TERM
     config: PriorTrainConfig
 
     def __init__(self, config: PriorTrainConfig, base_dir: str | Path, datasets, preset, out: str | Path, *,
