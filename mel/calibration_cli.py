@@ -88,7 +88,8 @@ def _checkpoint_holdout(linker, examples, fmt: str, split: str):
 def load_scores(path: str, examples, linker, args, log) -> tuple[list, str]:
     """(scores of `examples`, a sentence saying where they came from): those saved by an earlier run
     (--save-scores), checked: the same mentions in the same order, and the linker re-run now on the
-    first --verify-scores gives the same candidates and scores (to 1e-6). A file that holds only the
+    first --verify-scores gives the same candidates and scores (to 1e-5 of their size: a float32 LLM scores a
+    mention a few 1e-6 differently in another batch). A file that holds only the
     first mentions of this run (an earlier, smaller --limit or --measure-limit: the train slice of a
     larger limit starts with the smaller one) is extended: the linker scores the rest now. Anything
     else is an InputError: run without --scores."""
@@ -110,7 +111,7 @@ def load_scores(path: str, examples, linker, args, log) -> tuple[list, str]:
     again = collect(linker, examples[:n], k=args.k, batch_size=args.batch_size, progress=False)
     for old, new in zip(scored[:n], again, strict=True):
         if old.ids != new.ids or len(old.scores) != len(new.scores) or any(
-                (a != a) != (b != b) or abs(a - b) > 1e-6  # NaN only where the linker gives NaN
+                (a != a) != (b != b) or abs(a - b) > 1e-5 * max(1.0, abs(a))  # NaN only where the linker gives NaN
                 for a, b in zip(old.scores, new.scores, strict=True) if not (a == b or (a != a and b != b))):
             raise InputError(f"{path}: the linker now gives other candidates or scores for {old.sample_id!r} than "
                              f"those saved (other models or code?); run without --scores")
