@@ -22,9 +22,7 @@ from mel.dim.pairs import EntityFacts
 from mel.errors import InputError
 from mel.kb import KnowledgeBase, build_kb
 from mel.types import Entity, Mention
-
-TINY = dict(text_dim=16, image_dim=8, cue_dim=16, d_model=16, n_heads=2, ffn_dim=32, out_dim=8, dropout=0.0,
-            n_pair_features=3, pair_hidden=8, visual_feature_names=("face_sex",))
+from tests.test_dim_prior import TINY, _base  # the same tiny head with a trained visual term
 
 
 def test_roman_numerals_and_ordinals_are_read_with_the_word_they_number():
@@ -76,14 +74,6 @@ def test_agree_clash_and_missing():
                                np.array([[True, True, False], [True, True, False]]))
     assert out.shape == (2, 3, N_NUMBER_FEATURES)
     assert out[0].tolist() == [[0, 1, 0], [1, 0, 0], [0, 0, 0]] and not out[1].any()
-
-
-def _base() -> DimFusion:
-    torch.manual_seed(0)
-    base = DimFusion(FusionConfig(**TINY)).eval()
-    with torch.no_grad():
-        base.visual["face_sex"].weight.fill_(1.5)  # a trained visual term must be kept as it is
-    return base
 
 
 def _rows(n=300, w=4, seed=0) -> TermRows:
