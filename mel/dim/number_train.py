@@ -1,6 +1,6 @@
 """Fit the name-number term of a DIM head with its base FROZEN (issue #15: "William V" linked to William VII).
 
-    python -m mel train dim-numbers --base models/dim-offline --format wikimel,richpedia,wikidiverse \
+    python -m mel train dim-numbers --base runs/dim --format wikimel,richpedia,wikidiverse \
         --data DIR1,DIR2,DIR3 --kb a.sqlite,b.sqlite,c.sqlite --out DIR
 
 The head gets one linear term over the name-number features (`mel.dim.name_numbers`: the candidate's name carries
