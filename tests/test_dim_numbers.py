@@ -168,6 +168,15 @@ def test_the_linker_prefers_the_numbered_candidate_and_a_caption_without_numbers
     assert after[0][0][0] == "Q2" and after[0] != before[0]
     scores = dict(after[0])
     assert scores["Q2"] - scores["Q1"] > 30  # +20 for the agreeing number, -20 for the clashing one
+    # `train dim-visual` scores its base through the same path: the base's number term included
+    from types import SimpleNamespace
+
+    from mel.dim.visual_train import linker_rows
+    linker = DimLinker(KnowledgeBase(path), hashing_preset(), checkpoint=head_dir, text_encoder=hashing_encoder)
+    row = next(linker_rows(linker, [SimpleNamespace(mention=numbered)], ()))
+    base = {linker.kb.entities_at([int(i)])[0].id: float(v)
+            for i, v, ok in zip(row.idxs, row.base, row.valid, strict=True) if ok}
+    assert base == pytest.approx(scores, abs=1e-4)
 
 
 def test_the_shipped_head_loads_with_its_fitted_number_term():

@@ -236,7 +236,8 @@ def linker_rows(linker, examples, groups) -> Iterator[LinkerRow]:
             m = linker.model.encode_mentions(**feats.tensors(linker.device))
             e = linker._entity_embeddings(cb.idxs, cb.valid)
             pair = torch.from_numpy(cb.pair) if linker.model.pair_mlp is not None else None
-            base = linker.model.score_candidates(m, e, pair)[0]
+            # the base's own name-number term (0 for a caption without a regnal number), as the linker adds it
+            base = linker.model.score_candidates(m, e, pair, numbers=linker._number_features(ms, cb.idxs, cb.valid))[0]
         vis, vmask = linker.extractor.visual_pair_features(ms, feats, cb.idxs, cb.valid)
         yield LinkerRow(ex, feats, cb.idxs[0], cb.valid[0], base, vis[0], vmask[0])
 
