@@ -383,7 +383,13 @@ SELECTION_JS = """
 (caption, start, end, mention, last) => {
   const t = document.querySelector('#mel-caption textarea');
   if (!t || t.selectionStart === t.selectionEnd) return [caption, null, null, '', last];
-  return [t.value, t.selectionStart, t.selectionEnd, t.value.substring(t.selectionStart, t.selectionEnd), last];
+  const picked = t.value.substring(t.selectionStart, t.selectionEnd);
+  // A repeat of the selection already shown, or one replayed after the caption lost the focus (the
+  // annotator has gone on to type the mention): nothing to do, and an answer landing late must not
+  // put the old mention back over what was typed since.
+  if (document.activeElement !== t || (start === t.selectionStart && end === t.selectionEnd && mention === picked))
+    return [caption, null, null, '', last];
+  return [t.value, t.selectionStart, t.selectionEnd, picked, last];
 }
 """
 
