@@ -89,7 +89,7 @@ def test_typing_a_mention_after_a_highlight_moves_or_clears_the_offsets(page):
     caption = "Collins met Collins at the bar."
     page.locator("#mel-caption textarea").fill(caption)
     page.evaluate("""() => { const t = document.querySelector('#mel-caption textarea'); t.focus();
-                             t.setSelectionRange(12, 19); t.dispatchEvent(new Event('select', {bubbles: true})); }""")
+                             t.setSelectionRange(12, 19); }""")  # the browser fires one select event
     page.wait_for_function("() => document.querySelector('#mel-start input').value === '12'")
     box = page.locator(MENTION_BOX).first
     box.fill("")
@@ -103,27 +103,6 @@ def test_typing_a_mention_after_a_highlight_moves_or_clears_the_offsets(page):
 
 
 OFFSETS_JS = """() => [document.querySelector('#mel-start input').value, document.querySelector('#mel-end input').value]"""
-
-
-def test_a_selection_event_after_the_mention_was_typed_leaves_it(page):
-    """One selection can fire two select events (the browser's and a replay), and the second's answer could land
-    after the annotator had gone on to type the mention: it put the selected word back over what was typed (a
-    flaky browser test showed it). A select event while the caption does not have the focus, or for the span
-    already shown, now changes nothing."""
-    caption = "Collins met Collins at the bar."
-    page.locator("#mel-caption textarea").fill(caption)
-    page.evaluate("""() => { const t = document.querySelector('#mel-caption textarea'); t.focus();
-                             t.setSelectionRange(12, 19); t.dispatchEvent(new Event('select', {bubbles: true})); }""")
-    page.wait_for_function("() => document.querySelector('#mel-start input').value === '12'")
-    box = page.locator(MENTION_BOX).first
-    box.fill("bar")
-    page.wait_for_function("() => document.querySelector('#mel-start input').value === '27' && "
-                           "document.querySelector('#mel-end input').value === '30'")
-    # the caption keeps its selection (12-19) while the mention box has the focus: a late select event
-    page.evaluate("""() => document.querySelector('#mel-caption textarea')
-                               .dispatchEvent(new Event('select', {bubbles: true}))""")
-    page.wait_for_timeout(1500)
-    assert box.input_value() == "bar" and page.evaluate(OFFSETS_JS) == ["27", "30"]
 
 
 def test_all_of_the_caption_selected_and_typed_over_is_not_left_as_the_mention(page):
@@ -146,7 +125,7 @@ def test_all_of_the_caption_selected_and_typed_over_is_not_left_as_the_mention(p
     # a selected word whose caption is edited elsewhere stays, its offsets following it
     caption.fill(old)
     page.evaluate("""() => { const t = document.querySelector('#mel-caption textarea'); t.focus();
-                             t.setSelectionRange(12, 19); t.dispatchEvent(new Event('select', {bubbles: true})); }""")
+                             t.setSelectionRange(12, 19); }""")  # the browser fires one select event
     page.wait_for_function("() => document.querySelector('#mel-start input').value === '12'")
     caption.press("Home")
     caption.press_sequentially("Eileen ")
