@@ -70,7 +70,7 @@ def test_agree_clash_and_missing():
     assert values("Wilhelm von Hessen", "William V of Hesse") == [1, 0, 0]  # an alias carries it
     assert number_values(set(), _facts("William VII").name_numbers, ["william", "vii"]).tolist() == [0, 0, 0]
     facts = {0: _facts("William V"), 1: _facts("William VII")}
-    out = number_pair_features(["William V in 1630", "no number here"], facts, np.array([[1, 0, -1], [0, 1, -1]]),
+    out = number_pair_features([numbered_words("William V in 1630"), numbered_words("no number here")], facts, np.array([[1, 0, -1], [0, 1, -1]]),
                                np.array([[True, True, False], [True, True, False]]))
     assert out.shape == (2, 3, N_NUMBER_FEATURES)
     assert out[0].tolist() == [[0, 1, 0], [1, 0, 0], [0, 0, 0]] and not out[1].any()
@@ -233,6 +233,7 @@ def test_caption_number_features_of_cached_rows_are_the_linkers(tmp_path, hashin
                                                                                  [True, True, False]]))
     got = caption_number_features(examples, kb, split)
     facts = EntityFactsCache(kb).get_many([0, 1, 2])
-    want = number_pair_features([e.mention.caption for e in examples], facts, split.cand, split.valid)
+    want = number_pair_features([numbered_words(e.mention.caption) for e in examples], facts, split.cand,
+                                split.valid)
     assert np.array_equal(got, want)
     assert got[0, :, 0].tolist() == [0, 1, 0] and got[0, :, 1].tolist() == [1, 0, 0] and not got[1].any()

@@ -274,10 +274,10 @@ class TermTrainConfig:
 def caption_number_features(examples, kb, split) -> np.ndarray:
     """(n, w, N_NUMBER_FEATURES) name-number features of cached SplitFeatures rows (`split.cand`, `split.valid`)
     of `examples`, as the linker computes them (mel.dim.name_numbers)."""
-    from .name_numbers import number_pair_features
+    from .name_numbers import number_pair_features, numbered_words
     from .pipeline import EntityFactsCache
     facts = EntityFactsCache(kb).get_many(sorted({int(i) for i in split.cand[split.valid]}))
-    return number_pair_features([ex.mention.caption for ex in examples], facts, split.cand, split.valid)
+    return number_pair_features([numbered_words(ex.mention.caption) for ex in examples], facts, split.cand, split.valid)
 
 
 def heldout_rows(trainer: "LinearTermTrainer", datasets, values, tag: str) -> list[TermRows]:

@@ -249,10 +249,11 @@ class DimLinker(BatchLinker):
         """The name-number features (mel.dim.name_numbers) when the head has that term, else None."""
         if self.model.numbers is None or not self.use_numbers:
             return None
-        if not any(numbered_words(m.caption) for m in mentions):
+        numbers = [numbered_words(m.caption) for m in mentions]
+        if not any(numbers):
             return None  # the term would add exactly 0
         facts = self.facts.get_many([int(i) for i in idxs[valid]])
-        values = number_pair_features([m.caption for m in mentions], facts, idxs, valid)
+        values = number_pair_features(numbers, facts, idxs, valid)
         return torch.from_numpy(values).to(self.device)
 
     def _entity_embeddings(self, idxs: np.ndarray, valid: np.ndarray) -> torch.Tensor:

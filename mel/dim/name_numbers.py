@@ -117,13 +117,13 @@ def number_values(caption_numbers: set[tuple[str, int]], entity_numbers: Set[tup
     return out
 
 
-def number_pair_features(captions: Sequence[str], facts: Mapping, idxs: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """(b, c, N_NUMBER_FEATURES) for padded candidate rows (-1 = padding, zero there); `facts` maps each KB row of
-    `idxs` to its `mel.dim.pairs.EntityFacts`."""
+def number_pair_features(caption_numbers: Sequence[set[tuple[str, int]]], facts: Mapping, idxs: np.ndarray,
+                         valid: np.ndarray) -> np.ndarray:
+    """(b, c, N_NUMBER_FEATURES) for padded candidate rows (-1 = padding, zero there): `caption_numbers` is
+    numbered_words(caption) of each mention, `facts` maps each KB row of `idxs` to its `mel.dim.pairs.EntityFacts`."""
     b, c = idxs.shape
     out = np.zeros((b, c, N_NUMBER_FEATURES), np.float32)
-    for i, caption in enumerate(captions):
-        numbers = numbered_words(caption)
+    for i, numbers in enumerate(caption_numbers):
         if not numbers:
             continue
         for j in np.flatnonzero(valid[i]):
