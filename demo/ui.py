@@ -700,7 +700,7 @@ def _wire_linking(service: LinkService, access: Access, current: gr.State, link:
     edited = dict(fn=on_caption_edited, inputs=[link.caption, link.mention, link.start, link.end, picked],
                   outputs=[link.mention, link.start, link.end, picked], api_visibility="private",
                   show_progress="hidden", queue=False)
-    link.caption.input(trigger_mode="always_last", **edited)
+    link.caption.change(trigger_mode="always_last", **edited)   # .change: a paste or Backspace too (see below)
     selected.then(**edited)
 
     linked = _wire_link_button(service, access, current, link, fix)
@@ -742,13 +742,18 @@ def _wire_typed_inputs(link: LinkPanel, current: gr.State, picked: gr.State) -> 
     """A mention typed by hand moves the offsets with it; an upload is decoded as it arrives."""
     # A mention typed by hand: the offsets of an earlier highlight no longer apply. They follow the
     # typed text (kept where they still hold it, else its first occurrence), or are cleared.
-    def on_mention_typed(caption_text, mention_text, start_char, end_char):
+    # Gradio's Textbox sends .input for key presses only (not a paste, Backspace, cut or drop), so
+    # this listens to .change, which also fires when a selection or a link sets the mention with
+    # its span: a mention its offsets already hold changes nothing (nor ends the link shown).
+    def on_mention_changed(caption_text, mention_text, start_char, end_char):
         s, e = retarget_offsets(caption_text, mention_text, start_char, end_char)
+        if (s, e) == (start_char, end_char):
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         return s, e, None, False   # typed, not selected: an edit of the caption never clears it
 
-    link.mention.input(on_mention_typed, [link.caption, link.mention, link.start, link.end],
-                       [link.start, link.end, current, picked], queue=False, api_visibility="private",
-                       show_progress="hidden", trigger_mode="always_last")
+    link.mention.change(on_mention_changed, [link.caption, link.mention, link.start, link.end],
+                        [link.start, link.end, current, picked], queue=False, api_visibility="private",
+                        show_progress="hidden", trigger_mode="always_last")
 
     # An upload is decoded at once: a file that is not an image is refused there, with the formats
     # that work, and taken off; the caption, mention and offsets stay as typed.

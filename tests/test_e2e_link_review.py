@@ -105,6 +105,27 @@ def test_typing_a_mention_after_a_highlight_moves_or_clears_the_offsets(page):
 OFFSETS_JS = """() => [document.querySelector('#mel-start input').value, document.querySelector('#mel-end input').value]"""
 
 
+def test_a_pasted_or_deleted_mention_or_caption_moves_the_offsets(page):
+    """Gradio's Textbox sends .input on key presses only: a mention pasted over a highlight (one
+    input event, no key) kept the highlight's offsets (mention "bar", offsets of "Collins"), and
+    Backspace in the mention or a caption pasted over the old one moved nothing."""
+    caption, box = page.locator("#mel-caption textarea"), page.locator(MENTION_BOX).first
+    caption.fill("Collins met Collins at the bar.")
+    page.evaluate("""() => { const t = document.querySelector('#mel-caption textarea'); t.focus();
+                             t.setSelectionRange(12, 19); }""")  # the browser fires one select event
+    page.wait_for_function("() => document.querySelector('#mel-start input').value === '12'")
+    box.fill("bar")                                                      # a paste: no key pressed
+    page.wait_for_function("() => document.querySelector('#mel-start input').value === '27' && "
+                           "document.querySelector('#mel-end input').value === '30'")
+    box.press("End")
+    box.press("Backspace")                                               # "ba": still at 27, one shorter
+    page.wait_for_function("() => document.querySelector('#mel-end input').value === '29'")
+    caption.fill("Hopper at the bar.")                                   # a caption pasted over the old one
+    page.wait_for_function("() => document.querySelector('#mel-start input').value === '14' && "
+                           "document.querySelector('#mel-end input').value === '16'")
+    assert box.input_value() == "ba"
+
+
 def test_all_of_the_caption_selected_and_typed_over_is_not_left_as_the_mention(page):
     """Select all of the caption (the mention becomes all of it), type a new caption over it: the
     mention was left as the old caption, also when the select's answer came after the typing began.
