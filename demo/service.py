@@ -52,7 +52,7 @@ from typing import Any, Callable
 from annotations import FORMATS, AnnotationStore, NotAllowedError, export_corrections
 from annotations.store import ACTIONS, LINK_ACTIONS, STANDING
 from mel.errors import InputError, MELError
-from mel.spans import resolve_mention, resolve_span
+from mel.spans import follow_edit, resolve_mention, resolve_span, span_holds
 from mel.types import NIL, DimDetails, Entity, Example, GemelDetails, LinkResult, Mention, check_typed_text
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,20 @@ def retarget_offsets(caption, mention, start, end) -> tuple[int | None, int | No
         return resolve_span(caption, mention, start, end)
     except (MELError, TypeError, ValueError, OverflowError):
         return None, None
+
+
+def follow_caption_edit(before, caption, mention, start, end, selected: bool) -> tuple[int | None, int | None] | None:
+    """The mention's offsets after the caption went from `before` to `caption` (None: not known). A
+    mention that was at [start, end) of `before` moves with an edit made elsewhere (a second
+    "Collins" stays the second); else, as for a typed mention, retarget_offsets. None: a selected
+    mention (`selected`) that the edit went through or took out of the caption, to be cleared."""
+    if isinstance(before, str) and isinstance(caption, str) and span_holds(before, mention, start, end):
+        moved = follow_edit(before, caption, int(start), int(end))
+        if moved is None and selected:
+            return None
+        start, end = moved or (start, end)
+    s, e = retarget_offsets(caption, mention, start, end)
+    return None if s is None and selected else (s, e)
 
 
 def check_search_k(k) -> int:

@@ -47,6 +47,7 @@ from annotations import FORMATS
 from mel.errors import InputError as MELInputError
 from mel.errors import MELError
 from mel.paths import cache_dir
+from mel.spans import span_holds
 from mel.types import MAX_CAPTION_CHARS
 
 from .access import Access, esc_message, guarded, user_error
@@ -80,6 +81,7 @@ from .service import (
     LinkView,
     ServiceConfig,
     check_upload,
+    follow_caption_edit,
     locate_mention,
     retarget_offsets,
 )
@@ -393,7 +395,6 @@ SELECTION_JS = """
 }
 """
 
-
 ASSETS = Path(__file__).resolve().parent / "assets"
 STYLE_FILES = ("app.css", "queue.css")
 SCRIPT_FILES = ("app.js", "queue.js")
@@ -539,7 +540,9 @@ def _build_link_tab(demo: gr.Blocks, service: LinkService, access: Access, vault
     fix = _correction_panel(service)
     admin = _admin_panel()
     _wire_page_load(demo, service, access, who, link.info, admin.box)
-    picked = gr.State(False)     # whether the mention was picked by a selection in the caption (not typed)
+    # the mention a selection in the caption put in the box (None: typed). Its text, not a flag: the
+    # select's answer can land after a caption edit already ran with the new state and the old box.
+    picked = gr.State(None)
     _wire_linking(service, access, current, link, fix, picked)
     _wire_corrections(service, access, who, current, fix)
     _wire_search(service, fix)
@@ -673,7 +676,7 @@ def _wire_linking(service: LinkService, access: Access, current: gr.State, link:
             return nothing  # a selection of spaces, or of nothing
         # another mention selected: the last link ends (the keys must not save for the one linked before)
         ends = (None, gr.update(value=None)) if _other_span(last, s, e) else (gr.skip(), gr.skip())
-        return text[s:e], s, e, True, *ends
+        return text[s:e], s, e, text[s:e], *ends
 
     # The selection is read from the textarea by JS when the handler runs, not from the event:
     # a keyboard or mouse selection fires one event per step, and Gradio's always_last mode
@@ -687,21 +690,33 @@ def _wire_linking(service: LinkService, access: Access, current: gr.State, link:
     # a selected mention the edit took out of the caption is cleared with them. Selecting all of the
     # caption and typing over it left the old caption as the mention (and an answer to the select
     # that arrives after the typing began sets it again: checked once more when it lands).
-    def on_caption_edited(caption_text, mention_text, start_char, end_char, from_selection):
+    # `before` is the caption the offsets were last checked in: an edit elsewhere moves a selected
+    # word by the edit (a second "Collins" stays the second), never onto another copy of its text.
+    def on_caption_edited(caption_text, mention_text, start_char, end_char, selection, before):
+        keep = (gr.skip(),) * 4
         if not isinstance(mention_text, str) or not mention_text:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        s, e = retarget_offsets(caption_text, mention_text, start_char, end_char)
-        if s is None and from_selection is True:
-            return "", None, None, False
-        if (s, e) == (start_char, end_char):   # nothing to change: an answer that lands late changes nothing
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        return gr.skip(), s, e, gr.skip()
+            return (*keep, caption_text)
+        from_selection = isinstance(selection, str) and selection == mention_text
+        span = follow_caption_edit(before, caption_text, mention_text, start_char, end_char, from_selection)
+        if span is None:   # a selected mention the edit went through or took out
+            return "", None, None, None, caption_text
+        if span == (start_char, end_char):   # nothing to change: an answer that lands late changes nothing
+            return (*keep, caption_text)
+        return gr.skip(), *span, gr.skip(), caption_text
 
-    edited = dict(fn=on_caption_edited, inputs=[link.caption, link.mention, link.start, link.end, picked],
-                  outputs=[link.mention, link.start, link.end, picked], api_visibility="private",
-                  show_progress="hidden", queue=False)
-    link.caption.change(trigger_mode="always_last", **edited)   # .change: a paste or Backspace too (see below)
-    selected.then(**edited)
+    # A selection's answer that lands after the caption changed (all of it selected, then typed over):
+    # its mention is no longer at its offsets. Left to the caption's own check while that is to come
+    # (`before` is not the caption on screen); else a selected mention that no longer holds is cleared.
+    def on_selection_landed(caption_text, mention_text, start_char, end_char, selection, before):
+        if (not mention_text or selection != mention_text or span_holds(caption_text, mention_text, start_char, end_char)
+                or (isinstance(before, str) and before != caption_text)):
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return "", None, None, None
+
+    checked_in = gr.State(None)  # the caption on_caption_edited saw last
+    edited_io = dict(inputs=[link.caption, link.mention, link.start, link.end, picked, checked_in],
+                     api_visibility="private", show_progress="hidden", queue=False)
+    selected.then(on_selection_landed, outputs=[link.mention, link.start, link.end, picked], **edited_io)
 
     linked = _wire_link_button(service, access, current, link, fix)
 
@@ -711,10 +726,13 @@ def _wire_linking(service: LinkService, access: Access, current: gr.State, link:
     def forget_last_link():
         return None, gr.update(value=None)  # and a search result chosen for it
 
+    link.caption.input(on_caption_edited, outputs=[link.mention, link.start, link.end, picked, checked_in],
+                       trigger_mode="always_last", **edited_io)
+    link.caption.change(forget_last_link, None, [current, fix.search_results], queue=False, api_visibility="private",
+                        show_progress="hidden")
     linked.failure(forget_last_link, None, [current, fix.search_results], queue=False, api_visibility="private")
-    for changed in (link.caption.change, link.image.change):
-        changed(forget_last_link, None, [current, fix.search_results], queue=False, api_visibility="private",
-                show_progress="hidden")
+    link.image.change(forget_last_link, None, [current, fix.search_results], queue=False, api_visibility="private",
+                      show_progress="hidden")
 
     def on_offsets_typed(last, start_char, end_char):  # offsets typed by hand: another span ends the link
         return (None, gr.update(value=None)) if _other_span(last, start_char, end_char) else (gr.skip(), gr.skip())
@@ -742,18 +760,16 @@ def _wire_typed_inputs(link: LinkPanel, current: gr.State, picked: gr.State) -> 
     """A mention typed by hand moves the offsets with it; an upload is decoded as it arrives."""
     # A mention typed by hand: the offsets of an earlier highlight no longer apply. They follow the
     # typed text (kept where they still hold it, else its first occurrence), or are cleared.
-    # Gradio's Textbox sends .input for key presses only (not a paste, Backspace, cut or drop), so
-    # this listens to .change, which also fires when a selection or a link sets the mention with
-    # its span: a mention its offsets already hold changes nothing (nor ends the link shown).
-    def on_mention_changed(caption_text, mention_text, start_char, end_char):
+    # (.input, not .change: .change also fires for the values a selection sets, and listening to it
+    # let a selection's late answer come back over the mention. A paste, cut or Backspace is sent as
+    # .input by demo/assets/app.js, as Gradio's Textbox sends .input for key presses only.)
+    def on_mention_typed(caption_text, mention_text, start_char, end_char):
         s, e = retarget_offsets(caption_text, mention_text, start_char, end_char)
-        if (s, e) == (start_char, end_char):
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        return s, e, None, False   # typed, not selected: an edit of the caption never clears it
+        return s, e, None, None   # typed, not selected: an edit of the caption never clears it
 
-    link.mention.change(on_mention_changed, [link.caption, link.mention, link.start, link.end],
-                        [link.start, link.end, current, picked], queue=False, api_visibility="private",
-                        show_progress="hidden", trigger_mode="always_last")
+    link.mention.input(on_mention_typed, [link.caption, link.mention, link.start, link.end],
+                       [link.start, link.end, current, picked], queue=False, api_visibility="private",
+                       show_progress="hidden", trigger_mode="always_last")
 
     # An upload is decoded at once: a file that is not an image is refused there, with the formats
     # that work, and taken off; the caption, mention and offsets stay as typed.

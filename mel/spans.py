@@ -20,6 +20,7 @@ it onto the NFC caption it stores.
 """
 from __future__ import annotations
 
+import os
 import unicodedata
 
 from .errors import InputError, MELError
@@ -92,6 +93,34 @@ def _whole_characters(caption: str, start: int, end: int) -> tuple[int, int]:
 
 def _same_text(a: str, b: str) -> bool:
     return unicodedata.normalize("NFC", a) == unicodedata.normalize("NFC", b)
+
+
+def span_holds(caption, mention, start, end) -> bool:
+    """Whether caption[start:end] is the mention (any Unicode form); False for anything that is not
+    a caption, a mention and two offsets inside the caption."""
+    if not isinstance(caption, str) or not isinstance(mention, str) or not mention.strip():
+        return False
+    try:
+        s, e = int(start), int(end)
+    except (TypeError, ValueError, OverflowError):
+        return False
+    return 0 <= s < e <= len(caption) and _same_text(caption[s:e], mention.strip())
+
+
+def follow_edit(before: str, after: str, start: int, end: int) -> tuple[int, int] | None:
+    """Where the span [start, end) of `before` is in `after`, the text after an edit in one place
+    (typing, a paste, a deletion): kept when the edit came after it, shifted when it came before,
+    None when the edit touched it. Two edits in one step count as one that spans both."""
+    prefix = len(os.path.commonprefix([before, after]))
+    suffix, most = 0, min(len(before), len(after)) - prefix
+    while suffix < most and before[-1 - suffix] == after[-1 - suffix]:
+        suffix += 1
+    if end <= prefix:
+        return start, end
+    if start >= len(before) - suffix:
+        shift = len(after) - len(before)
+        return start + shift, end + shift
+    return None
 
 
 def _whole_numbers(start, end) -> tuple[int, int]:

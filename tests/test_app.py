@@ -302,6 +302,28 @@ def test_a_typed_mention_moves_the_offsets_or_clears_them():
     assert retarget_offsets("", "Collins", 0, 7) == (None, None)
 
 
+
+def test_an_edit_elsewhere_in_the_caption_moves_a_selected_mention_by_the_edit():
+    """The second "Collins" selected, then "Yesterday " typed at the start: the offsets went to the first
+    "Collins" (its first occurrence) and the decision was saved for that one."""
+    from demo.service import follow_caption_edit
+    from mel.spans import follow_edit, span_holds
+    before = "Phil met Collins, and later Collins flew the shuttle."
+    after = "Yesterday " + before
+    assert follow_caption_edit(before, after, "Collins", 28, 35, True) == (38, 45)           # the same word
+    assert follow_caption_edit(before, before + " Later.", "Collins", 28, 35, True) == (28, 35)  # edit after it
+    through = before.replace("later Collins", "later Col")                                    # Backspace in it
+    assert follow_caption_edit(before, through, "Collins", 28, 35, True) is None              # selected: cleared
+    assert follow_caption_edit(before, through, "Collins", 28, 35, False) == (9, 16)          # typed: its text
+    assert follow_caption_edit(None, after, "Collins", 28, 35, True) == (19, 26)               # no before: as typed
+    assert follow_caption_edit(before, "Hopper.", "Collins", 28, 35, True) is None
+    assert follow_caption_edit(before, "Hopper.", "Collins", 28, 35, False) == (None, None)
+    assert follow_edit("ab", "xab", 0, 1) == (1, 2) and follow_edit("ab", "ab!", 0, 2) == (0, 2)
+    assert follow_edit("abc", "aXc", 1, 2) is None
+    assert span_holds(before, "Collins", 28, 35) and not span_holds(before, "Collins", 27, 34)
+    assert not span_holds(before, "Collins", None, 35) and not span_holds(before, " ", 8, 9)
+
+
 def test_the_link_check_says_what_is_wrong_and_what_to_do():
     from demo.service import locate_mention
     assert locate_mention("Hopper at the podium.", "Hopper", None, None) == (0, 6)

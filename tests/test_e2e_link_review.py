@@ -143,15 +143,25 @@ def test_all_of_the_caption_selected_and_typed_over_is_not_left_as_the_mention(p
         page.wait_for_timeout(1500)                           # every answer is in
         assert caption.input_value() == "Hopper at the podium."
         assert mention.input_value() == "" and page.evaluate(OFFSETS_JS) == ["", ""], delay
-    # a selected word whose caption is edited elsewhere stays, its offsets following it
+    # a selected word whose caption is edited elsewhere stays, its offsets following it (the second
+    # "Collins" stays the second: they went to the first, and the decision was saved for that one)
     caption.fill(old)
     page.evaluate("""() => { const t = document.querySelector('#mel-caption textarea'); t.focus();
                              t.setSelectionRange(12, 19); }""")  # the browser fires one select event
     page.wait_for_function("() => document.querySelector('#mel-start input').value === '12'")
     caption.press("Home")
     caption.press_sequentially("Eileen ")
-    page.wait_for_function("() => document.querySelector('#mel-start input').value === '7'")   # its first occurrence
-    assert mention.input_value() == "Collins"
+    page.wait_for_function("() => document.querySelector('#mel-start input').value === '19'")   # the same word
+    assert mention.input_value() == "Collins" and page.evaluate(OFFSETS_JS) == ["19", "26"]
+    caption.press("End")
+    caption.press_sequentially(" Collins again.")                                # after it: nothing moves
+    page.wait_for_timeout(800)
+    assert page.evaluate(OFFSETS_JS) == ["19", "26"]
+    page.evaluate("""() => { const t = document.querySelector('#mel-caption textarea'); t.focus();
+                             t.setSelectionRange(26, 26); }""")                # the caret after the selected word
+    caption.press("Backspace")                                                 # an edit through it: cleared
+    page.wait_for_function("m => document.querySelector(m).value === ''", arg=MENTION_BOX)
+    assert page.evaluate(OFFSETS_JS) == ["", ""]
     # a mention typed by hand is never cleared by an edit of the caption (the Link button says what is wrong)
     mention.fill("")
     mention.press_sequentially("Grace")                      # not in the caption: no offsets
@@ -159,6 +169,50 @@ def test_all_of_the_caption_selected_and_typed_over_is_not_left_as_the_mention(p
     caption.press_sequentially(" Later.")
     page.wait_for_timeout(1500)
     assert mention.input_value() == "Grace" and page.evaluate(OFFSETS_JS) == ["", ""]
+
+
+
+def test_a_mention_typed_after_the_caption_was_typed_over_stays_typed(page):
+    """A typed mention, then all of the caption selected and typed over, then another mention typed:
+    a select answer landing after the new caption turned the selected old caption into a "typed"
+    mention, which the caption edit then kept, and the annotator typed into it."""
+    caption, mention = page.locator("#mel-caption textarea"), page.locator(MENTION_BOX).first
+    for delay in (30, 0):
+        caption.fill("Tab here and Collins there")
+        mention.fill("Collins")
+        page.wait_for_function("() => document.querySelector('#mel-start input').value === '13'")
+        caption.click()
+        page.keyboard.press("Control+a")
+        page.keyboard.type("Collins flew.", delay=delay)
+        mention.click()
+        page.keyboard.press("End")
+        page.keyboard.type("Hopper", delay=30)
+        page.wait_for_timeout(1500)                           # every answer is in
+        assert mention.input_value() in ("Hopper", "CollinsHopper"), (delay, mention.input_value())
+        assert caption.input_value() == "Collins flew."
+
+
+def test_ctrl_enter_then_a_key_decides_and_does_not_type_into_the_caption(page, running):
+    """Select in the caption, Ctrl+Enter, g: the caret was still in the caption, so "g" replaced the
+    selected mention there and nothing was saved; Esc did not leave the caption either."""
+    caption = page.locator("#mel-caption textarea")
+    caption.fill("Hopper at the podium.")
+    page.evaluate("""() => { const t = document.querySelector('#mel-caption textarea'); t.focus();
+                             t.setSelectionRange(0, 6); }""")
+    page.wait_for_function("m => document.querySelector(m).value === 'Hopper'", arg=MENTION_BOX)
+    before = len(_rows(running, "bob"))
+    page.keyboard.press("Control+Enter")
+    page.wait_for_selector("#mel-gemel-result", timeout=180_000)
+    page.keyboard.press("g")
+    page.wait_for_selector("#mel-ack-ok")
+    assert caption.input_value() == "Hopper at the podium."
+    assert len(_rows(running, "bob")) == before + 1 and _rows(running, "bob")[-1][1] == "accept_gemel"
+    caption.click()
+    page.keyboard.press("Escape")                            # Esc leaves the caption for the keys
+    page.keyboard.press("n")
+    page.wait_for_function("() => document.querySelectorAll('#mel-ack-ok').length === 1 && "
+                           "document.querySelector('#mel-ack-ok').textContent.toLowerCase().includes('nil')")
+    assert caption.input_value() == "Hopper at the podium." and _rows(running, "bob")[-1][1] == "nil"
 
 
 def test_nothing_is_chosen_for_the_annotator_and_every_candidate_has_a_key(page, running):

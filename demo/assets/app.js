@@ -16,8 +16,13 @@
     const t = e.target;
     const typing = t && (t.tagName === 'TEXTAREA' || t.isContentEditable ||
                          (t.tagName === 'INPUT' && !['radio', 'checkbox', 'button'].includes(t.type)));
-    if (e.key === 'Enter' && (e.ctrlKey || e.metaKey)) { if (press('mel-link')) e.preventDefault(); return; }
-    if (e.key === 'Escape' && t && t.closest && t.closest('#mel-search')) {  // back to the keys, as in Annotate
+    // Ctrl+Enter links from wherever the annotator is; the caret then leaves the text box, so the
+    // next key is a decision (g, d, 1-9 ...) and not a letter typed over the selected mention.
+    if (e.key === 'Enter' && (e.ctrlKey || e.metaKey)) {
+      if (press('mel-link')) { e.preventDefault(); if (typing) t.blur(); }
+      return;
+    }
+    if (e.key === 'Escape' && typing) {  // back to the keys from any text box, as in Annotate
       t.blur(); e.preventDefault(); return;
     }
     if (e.key === 'Enter' && t && t.type === 'radio' && t.closest && t.closest('#mel-search-results')) {
@@ -37,6 +42,22 @@
       const r = radios[e.key === '0' ? 9 : Number(e.key) - 1];
       if (r) { r.click(); e.preventDefault(); }
     }
+  });
+})();
+// Gradio's Textbox sends its .input event on key presses only: a paste, cut, drop, Backspace or Delete
+// in the caption or the mention box changed the text and left the offsets where they were (the
+// mention "bar" with the offsets of "Collins"). Such an edit is passed on as the key press Gradio
+// listens to, after the box has taken the new text; a typed character has sent one already.
+(() => {
+  if (window.__melEditsAsInput) return;
+  window.__melEditsAsInput = true;
+  let lastKeyPress = -1;
+  document.addEventListener('keypress', (e) => { if (e.isTrusted) lastKeyPress = e.timeStamp; }, true);
+  document.addEventListener('input', (e) => {
+    const t = e.target;
+    if (!(t instanceof Element) || !t.closest('#mel-caption, #mel-mention')) return;
+    if (e.inputType === 'insertText' && e.timeStamp - lastKeyPress < 100) return;  // sent by its key press
+    t.dispatchEvent(new KeyboardEvent('keypress', {bubbles: true}));
   });
 })();
 // The DIM table's p column has a short header ("p (uncal.)", demo/render.py P_HEADERS): pointing at it
