@@ -596,12 +596,10 @@ def _import_upload(service: LinkService, screens: QueueScreens, project_name, k,
                 screens.forget(project.name)
             if not isinstance(exc, MELError):
                 raise
-            # the files as the admin named them, not the server's temporary paths (/tmp/gradio/<hash>/...)
-            message = str(exc).replace(str(tasks_path), tasks_path.name).replace(f"{folder}{os.sep}", "")
-            raise InputError(message) from None
+            raise InputError(_as_uploaded(str(exc), tasks_path, folder)) from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return _named_as_uploaded(result, tasks_path), project
+    return _named_as_uploaded(result, tasks_path, folder), project
 
 
 def _wire_import(service: LinkService, annotate: AnnotateTab, panel: ProjectsPanel, admin_of) -> None:
@@ -659,17 +657,24 @@ def _wire_preannotation(runs: Preannotations, panel: ProjectsPanel, admin_of) ->
     panel.timer.tick(on_tick, [panel.pa_project], [panel.pa_status, panel.timer], show_progress="hidden", **common)
 
 
-def _named_as_uploaded(report, path: Path):
-    """The import report with the uploaded file named as the admin named it, not by the server's
-    temporary path (Gradio keeps uploads under /tmp/gradio/<hash>/)."""
+def _as_uploaded(message: str, path: Path, folder: Path) -> str:
+    """A message with the files as the admin named them, not the server's temporary paths (Gradio
+    keeps uploads under /tmp/gradio/<hash>/; the zip is unpacked into a temporary folder)."""
+    return (message.replace(str(path), path.name).replace(f"the image folder {folder}", "the uploaded images zip")
+            .replace(f"{folder}{os.sep}", ""))
+
+
+def _named_as_uploaded(report, path: Path, folder: Path):
+    """The import report with the uploaded files named as the admin named them (_as_uploaded)."""
     import dataclasses
     full, name = str(path), path.name
 
     def renamed(m):
         if isinstance(m, str):
-            return m.replace(full, name)
-        if dataclasses.is_dataclass(m) and getattr(m, "file", None) == full:
-            return dataclasses.replace(m, file=name)
+            return _as_uploaded(m, path, folder)
+        if dataclasses.is_dataclass(m) and isinstance(getattr(m, "reason", None), str):
+            return dataclasses.replace(m, file=name if m.file == full else m.file,
+                                       reason=_as_uploaded(m.reason, path, folder))
         return m
     return dataclasses.replace(report, malformed=[renamed(m) for m in report.malformed], source=name) \
         if dataclasses.is_dataclass(report) else report

@@ -266,10 +266,14 @@ def test_the_import_report_names_the_uploaded_file_not_the_servers_temporary_pat
     from demo.queue_ui import _named_as_uploaded
     from demo.render import render_import_report
     upload = tmp_path / "gradio" / ("ab" * 32) / "tasks.csv"
-    report = ImportReport(project="p", format="csv", source=str(upload), n_read=2, n_malformed=1,
-                          malformed=[MalformedRecord(str(upload), "row 2", "no mention")])
-    html = render_import_report(_named_as_uploaded(report, upload))
+    unpacked = tmp_path / "mel-import-x1" / "images"   # the images zip, unpacked on the server
+    report = ImportReport(project="p", format="csv", source=str(upload), n_read=3, n_malformed=2,
+                          malformed=[MalformedRecord(str(upload), "row 2", "no mention"),
+                                     MalformedRecord(str(upload), "row 3",
+                                                     f"the image 'missing.png' is not in the image folder {unpacked}")])
+    html = render_import_report(_named_as_uploaded(report, upload, unpacked))
     assert "tasks.csv, record row 2: no mention" in html and str(upload.parent) not in html
+    assert "&#x27;missing.png&#x27; is not in the uploaded images zip" in html and str(unpacked) not in html
 
 
 @pytest.mark.slow
