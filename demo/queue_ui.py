@@ -605,20 +605,27 @@ def _import_upload(service: LinkService, screens: QueueScreens, project_name, k,
 def _wire_import(service: LinkService, annotate: AnnotateTab, panel: ProjectsPanel, admin_of) -> None:
     """The import button (admins): the report, and the new project in both project pickers."""
     @guarded
-    def on_import(project_name, k, tasks, images, guide, request: gr.Request, profile: gr.OAuthProfile | None = None):
-        admin_of(request, profile)  # a role refusal stays an error
+    def on_import(project_name, k, tasks, images, guide, annotating, request: gr.Request,
+                  profile: gr.OAuthProfile | None = None):
+        annotator = admin_of(request, profile)  # a role refusal stays an error
         try:
             result, project = _import_upload(service, annotate.screens, project_name, k, tasks, images, guide)
         except NotAllowedError:
             raise
         except MELError as exc:  # a refused file or name: said once, in the report line; nothing else marked
-            return refusal_html(str(exc), "mel-adm-import-refused"), gr.skip(), gr.skip(), gr.skip()
+            return refusal_html(str(exc), "mel-adm-import-refused"), *[gr.skip()] * 5
         names = annotate.screens.project_names()
-        return (render_import_report(result), gr.update(choices=names, value=project.name),
-                gr.update(choices=names), gr.update(visible=True))
+        report = (render_import_report(result), gr.update(choices=names, value=project.name))
+        if annotating:  # the Annotate tab stays on the project the admin works in
+            return (*report, gr.update(choices=names), gr.update(visible=True), gr.skip(), gr.skip())
+        # no project there yet (the first one): the Annotate tab opens on this one, with its first task
+        return (*report, gr.update(choices=names, value=project.name), gr.update(visible=True),
+                annotate.screens.handle(annotator, {"project": project.name, "action": "next"}),
+                annotate.screens.guidelines(project.name))
 
-    form = [panel.name, panel.per_task, panel.tasks_file, panel.images_zip, panel.guidelines]
-    panel.import_btn.click(on_import, form, [panel.report, panel.pa_project, annotate.project, annotate.tab],
+    form = [panel.name, panel.per_task, panel.tasks_file, panel.images_zip, panel.guidelines, annotate.project]
+    panel.import_btn.click(on_import, form, [panel.report, panel.pa_project, annotate.project, annotate.tab,
+                                             annotate.view, annotate.guide],
                            api_visibility="private", concurrency_limit=1, concurrency_id="admin")
 
 

@@ -1054,11 +1054,27 @@ def build_team_tabs(team: Team, tabs: gr.Tabs | None = None) -> dict:
     root.load(on_load, None, [review["tab"], review["project"], dash["tab"], dash["project"], dash["admin_box"]],
               api_visibility="private")
 
-    @guarded
-    def on_dash_selected(request: gr.Request, profile: gr.OAuthProfile | None = None):
-        return gr.Timer(active=team.can_watch(team.user(request, profile)))
+    # A project created since the page loaded (Projects tab) is offered when the tab is opened: the
+    # pickers were filled at page load only, so a new project needed a reload of the page.
+    def project_choices(allowed: bool, shown):
+        if not allowed:
+            return gr.skip()
+        names = team.projects()
+        return gr.update(choices=names, value=shown if shown in names else (names[0] if names else None))
 
-    dash["tab"].select(on_dash_selected, None, [dash["timer"]], api_visibility="private", queue=False)
+    @guarded
+    def on_review_selected(shown, request: gr.Request, profile: gr.OAuthProfile | None = None):
+        return project_choices(team.is_reviewer(team.user(request, profile)), shown)
+
+    @guarded
+    def on_dash_selected(shown, request: gr.Request, profile: gr.OAuthProfile | None = None):
+        watcher = team.can_watch(team.user(request, profile))
+        return gr.Timer(active=watcher), project_choices(watcher, shown)
+
+    review["tab"].select(on_review_selected, [review["project"]], [review["project"]], api_visibility="private",
+                        queue=False)
+    dash["tab"].select(on_dash_selected, [dash["project"]], [dash["timer"], dash["project"]], api_visibility="private",
+                      queue=False)
     if tabs is not None:
         def on_tab(evt: gr.SelectData):
             if evt.value == DASHBOARD_TAB:

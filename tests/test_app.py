@@ -264,12 +264,26 @@ def test_a_refused_import_is_said_once_in_the_report_line(running, tmp_path):
     bad = tmp_path / "tasks.csv"
     bad.write_text("just text\n", encoding="utf-8")
     before = [p.name for p in list_projects(running.service.store)]
-    out = on_import("refused-import", 1, str(bad), None, "", request=gr.Request(username="alice"))
+    out = on_import("refused-import", 1, str(bad), None, "", None, request=gr.Request(username="alice"))
     assert 'id="mel-adm-import-refused"' in out[0] and "tasks.csv" in out[0], out[0]
     assert all(o == gr.skip() for o in out[1:]), out[1:]           # the pickers and the tab stay as they are
     assert [p.name for p in list_projects(running.service.store)] == before
     with pytest.raises(gr.Error, match="admin role"):              # not an admin: still an error
-        on_import("refused-import", 1, str(bad), None, "", request=gr.Request(username="bob"))
+        on_import("refused-import", 1, str(bad), None, "", None, request=gr.Request(username="bob"))
+    # A project imported while the Annotate tab has none: it opens on it, with its first task (it was
+    # left blank, with no project chosen); the Review and Dashboard pickers offer it when opened.
+    good = tmp_path / "first.csv"
+    good.write_text("caption,mention\nHopper painted the diner.,Hopper\n", encoding="utf-8")
+    out = on_import("first-import", 1, str(good), None, "", None, request=gr.Request(username="alice"))
+    assert out[2]["value"] == "first-import" and "first-import" in out[2]["choices"] and "Hopper" in out[4]
+    out = on_import("second-import", 1, str(good), None, "", "first-import", request=gr.Request(username="alice"))
+    assert "value" not in out[2] and out[4] == gr.skip()           # the admin's Annotate project stays
+    (on_dash_selected,) = [b.fn for b in running.demo.fns.values() if getattr(b.fn, "__name__", "") == "on_dash_selected"]
+    _, shown = on_dash_selected("first-import", request=gr.Request(username="alice"))   # the admin watches
+    assert "second-import" in shown["choices"] and shown["value"] == "first-import"
+    (on_review_selected,) = [b.fn for b in running.demo.fns.values()
+                             if getattr(b.fn, "__name__", "") == "on_review_selected"]
+    assert on_review_selected(None, request=gr.Request(username="bob")) == gr.skip()   # not a reviewer
 
 
 def test_the_cue_panel_lists_apparent_faces_and_says_they_are_no_facts():
