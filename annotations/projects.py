@@ -613,6 +613,9 @@ def _task_record(store: AnnotationStore, path: Path, record: str, row: dict, fol
     if isinstance(start, bool) or isinstance(end, bool):
         raise InputError("start and end must be whole numbers, got true/false")
     s, e = resolve_span(caption, row.get("mention"), start, end)
+    if caption[s:e] != caption[s:e].strip():   # a mention never starts or ends with a space: offsets off by one
+        raise InputError(f"the span [{s}, {e}) is {caption[s:e]!r}, which starts or ends with a space; check start "
+                         f"and end (off by one?) or give the mention")
     image = _image_file(row.get("image"), folder)
     sha = _store_image(store, image, cache)
     mention = Mention(caption, s, e, image=image)

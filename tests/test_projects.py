@@ -120,6 +120,7 @@ def test_import_csv_with_images_reports_malformed_rows_and_imports_the_rest(stor
         {"caption": "Falcon 9 lifts off", "start": "x", "end": "3"},                          # row 9: bad offset
         {"caption": "", "mention": "x"},                                                      # row 10: no caption
         {"caption": "Falcon 9 lifts off", "mention": "Falcon 9", "id": "rec-11"},
+        {"caption": "Chelsea naps; Chelsea won.", "start": "13", "end": "20"},                 # row 12: off by one
     ]
     data = tmp_path / "tasks.csv"
     with open(data, "w", newline="", encoding="utf-8") as f:
@@ -128,10 +129,11 @@ def test_import_csv_with_images_reports_malformed_rows_and_imports_the_rest(stor
         writer.writerows(rows)
     project = create_project(store, "team")
     report = import_tasks(store, project, "csv", data, images=pics)
-    assert (report.n_read, report.n_imported, report.n_malformed) == (11, 4, 7), report.summary()
+    assert (report.n_read, report.n_imported, report.n_malformed) == (12, 4, 8), report.summary()
     reasons = {m.record: m.reason for m in report.malformed}
     assert all(m.file == str(data) for m in report.malformed)
-    assert set(reasons) == {f"row {n}" for n in range(4, 11)}
+    assert set(reasons) == {f"row {n}" for n in (*range(4, 11), 12)}
+    assert "' Chelse'" in reasons["row 12"] and "off by one" in reasons["row 12"]
     assert "does not occur in the caption" in reasons["row 4"]
     assert "URL" in reasons["row 5"] and "not downloaded" in reasons["row 5"]
     assert "not in the image folder" in reasons["row 6"]
@@ -149,7 +151,7 @@ def test_import_csv_with_images_reports_malformed_rows_and_imports_the_rest(stor
     assert Path(with_image[0].mention.image).parent == store.images_dir, "images are stored by content hash"
 
     again = import_tasks(store, project, "csv", data, images=pics)
-    assert (again.n_imported, again.n_already_present, again.n_malformed) == (0, 4, 7)
+    assert (again.n_imported, again.n_already_present, again.n_malformed) == (0, 4, 8)
 
 
 def test_csv_with_an_unknown_column_is_refused_before_anything_is_imported(store, tmp_path):
