@@ -432,8 +432,8 @@ def _gemel_panel(pred, describe, calibrations=None) -> tuple[str, str | None]:
         if demos:
             items = "".join(f'<li>{_esc(_clip(d.mention, 30))} → {_esc(_clip(d.gold_name, 40))} '
                             f'<span class="mel-note">{d.similarity:.2f}</span></li>' for d in demos)
-            extra.append(f'<div class="mel-q-demos"><span class="mel-note">demonstrations (most similar first, '
-                         f'{len(details.demonstrations)} in the prompt):</span><ol>{items}</ol></div>')
+            extra.append(f'<div class="mel-q-demos"><span class="mel-note">demonstrations (the {len(demos)} most '
+                         f'similar of the {len(details.demonstrations)} in the prompt):</span><ol>{items}</ol></div>')
         elif details.demonstrations_note:
             extra.append(f'<div class="mel-note">{_esc(details.demonstrations_note)}</div>')
     return (f'<section class="mel-q-panel mel-q-gemel"><h3>GEMEL <kbd>Enter</kbd> <kbd>g</kbd></h3>{answer}'

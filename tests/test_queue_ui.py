@@ -65,6 +65,7 @@ def test_the_task_screen_is_escaped_and_carries_what_a_save_needs():
         "disagree" not in render_task(_task_view(dim=("Q1", "Q2")), project="p")
     assert "73%" in html                                       # softmax(3, 2) -> 0.73 for DIM's first
     assert "softmax" in html                                   # the probabilities say what they are
+    assert "(the 1 most similar of the 1 in the prompt)" in html  # it said "4 in the prompt" over 3 listed
     found = render_search_results([Entity("Q<1>", EVIL, description=EVIL)])
     assert "<img src" not in found and 'data-entity-id="Q&lt;1&gt;"' in found
 
