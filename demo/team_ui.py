@@ -933,6 +933,8 @@ def build_dashboard_tab(team: Team) -> dict:
     project.change(on_refresh, [project], outputs, **common)
     refresh.click(on_refresh, [project], outputs, **common)
     timer.tick(on_tick, [project, seen], outputs, show_progress="hidden", **common)
+    # opened: what changed since it was drawn (at page load, or when last open) is drawn now, not at the next tick
+    tab.select(on_tick, [project, seen], outputs, show_progress="hidden", **common)
 
     @guarded
     def on_settings(name, request: gr.Request, profile: gr.OAuthProfile | None = None):

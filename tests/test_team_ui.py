@@ -446,6 +446,19 @@ OPENED = [("Joan Collins starred in Dynasty.", "Collins", "demo:joan-collins", [
 
 
 @pytest.mark.slow
+def test_opening_the_dashboard_draws_what_changed_since_it_was_drawn(app):
+    """Opened, the Dashboard showed what it drew at page load (minutes old) until the timer's next tick."""
+    import gradio as gr
+    on_select = {b.fn.__name__: b.fn for b in app.demo.fns.values() for block_id, event in b.targets or []
+                 if event == "select" and getattr(app.demo.blocks.get(block_id), "elem_id", None) == "mel-tab-dashboard"}
+    assert set(on_select) == {"on_dash_selected", "on_tick"}
+    make_team_project(app.data_dir, app.kb_path, tasks=OPENED, name="dash-opened")
+    drawn = on_select["on_tick"]("dash-opened", ["stale"], request=gr.Request(username="rita"))
+    assert drawn[0] != ["stale"] and drawn[1] != gr.skip()                       # redrawn
+    again = on_select["on_tick"]("dash-opened", drawn[0], request=gr.Request(username="rita"))
+    assert all(o == gr.skip() for o in again[:-1])                               # nothing changed: nothing redrawn
+
+
 def test_opening_the_review_tab_redraws_what_changed_elsewhere(app):
     """The Review tab kept what it drew last until the reviewer pressed something: opened after
     decisions were made elsewhere, it showed settled tasks as still to review. Opening it (the tab's
