@@ -395,6 +395,7 @@ SELECTION_JS = """
 }
 """
 
+
 ASSETS = Path(__file__).resolve().parent / "assets"
 STYLE_FILES = ("app.css", "queue.css")
 SCRIPT_FILES = ("app.js", "queue.js")
