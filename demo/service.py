@@ -119,7 +119,7 @@ def retarget_offsets(caption, mention, start, end) -> tuple[int | None, int | No
         return None, None
 
 
-def follow_caption_edit(before, caption, mention, start, end, selected: bool) -> tuple[int | None, int | None] | None:
+def follow_caption_edit(before, start, end, caption, mention, selected: bool) -> tuple[int | None, int | None] | None:
     """The mention's offsets after the caption went from `before` to `caption` (None: not known). A
     mention that was at [start, end) of `before` moves with an edit made elsewhere (a second
     "Collins" stays the second); else, as for a typed mention, retarget_offsets. None: a selected

@@ -544,7 +544,10 @@ def _build_link_tab(demo: gr.Blocks, service: LinkService, access: Access, vault
     # the mention a selection in the caption put in the box (None: typed). Its text, not a flag: the
     # select's answer can land after a caption edit already ran with the new state and the old box.
     picked = gr.State(None)
-    _wire_linking(service, access, current, link, fix, picked)
+    # the server's last word on the span: {"caption", "start", "end"} as a selection, a typed mention or
+    # a caption edit left them. The boxes may still show older offsets while an answer is on its way.
+    seen = gr.State(None)
+    _wire_linking(service, access, current, link, fix, picked, seen)
     _wire_corrections(service, access, who, current, fix)
     _wire_search(service, fix)
     _wire_admin(service, access, vault, admin)
@@ -663,11 +666,11 @@ def _wire_page_load(demo: gr.Blocks, service: LinkService, access: Access, who: 
 
 
 def _wire_linking(service: LinkService, access: Access, current: gr.State, link: LinkPanel,
-                  fix: CorrectionPanel, picked: gr.State) -> None:
+                  fix: CorrectionPanel, picked: gr.State, seen: gr.State) -> None:
     """A selection in the caption fills mention/start/end; Link (/link) links; a DIM row picks its entity."""
     def on_select(text: str, s16, e16, selected: str, last):
         # s16/e16: the browser's selection in UTF-16 units (see SELECTION_JS)
-        nothing = (gr.skip(),) * 6
+        nothing = (gr.skip(),) * 7
         if (not selected or s16 is None or e16 is None or not isinstance(text, str)
                 or not isinstance(selected, str) or len(text) > MAX_CAPTION_CHARS):
             return nothing  # the Link button says what is wrong with the caption
@@ -677,47 +680,42 @@ def _wire_linking(service: LinkService, access: Access, current: gr.State, link:
             return nothing  # a selection of spaces, or of nothing
         # another mention selected: the last link ends (the keys must not save for the one linked before)
         ends = (None, gr.update(value=None)) if _other_span(last, s, e) else (gr.skip(), gr.skip())
-        return text[s:e], s, e, text[s:e], *ends
+        return text[s:e], s, e, text[s:e], *ends, span_seen(text, s, e)
 
     # The selection is read from the textarea by JS when the handler runs, not from the event:
     # a keyboard or mouse selection fires one event per step, and Gradio's always_last mode
     # re-runs the last one without its event data. start/end/mention only carry the values in.
     selected = link.caption.select(on_select, [link.caption, link.start, link.end, link.mention, current],
-                                   [link.mention, link.start, link.end, picked, current, fix.search_results],
+                                   [link.mention, link.start, link.end, picked, current, fix.search_results, seen],
                                    js=SELECTION_JS,
                                    api_visibility="private", show_progress="hidden", trigger_mode="always_last")
 
     # The caption edited after a selection: the offsets follow the mention (as for a typed one), and
-    # a selected mention the edit took out of the caption is cleared with them. Selecting all of the
-    # caption and typing over it left the old caption as the mention (and an answer to the select
-    # that arrives after the typing began sets it again: checked once more when it lands).
-    # `before` is the caption the offsets were last checked in: an edit elsewhere moves a selected
-    # word by the edit (a second "Collins" stays the second), never onto another copy of its text.
-    def on_caption_edited(caption_text, mention_text, start_char, end_char, selection, before):
+    # a selected mention the edit took out of the caption is cleared with them. `last_seen` is the
+    # span the server worked out last, with its caption: an edit elsewhere moves a selected word by
+    # the edit (a second "Collins" stays the second), never onto another copy of its text, and two
+    # quick edits are followed from the span the first left, not from older offsets the boxes may
+    # still show. Run again when a selection's answer lands, which can be after the caption changed
+    # (all of it selected, then typed over: the old caption must not stay as the mention).
+    def on_caption_edited(caption_text, mention_text, start_char, end_char, selection, last_seen):
         keep = (gr.skip(),) * 4
+        from_selection = isinstance(selection, str) and bool(mention_text) and selection == mention_text
+        if isinstance(last_seen, dict) and last_seen["caption"] == caption_text:
+            return _worked_out(caption_text, mention_text, start_char, end_char, from_selection, last_seen)
         if not isinstance(mention_text, str) or not mention_text:
-            return (*keep, caption_text)
-        from_selection = isinstance(selection, str) and selection == mention_text
-        span = follow_caption_edit(before, caption_text, mention_text, start_char, end_char, from_selection)
+            return (*keep, span_seen(caption_text, None, None))
+        span = follow_caption_edit(*_edited_from(last_seen, mention_text, start_char, end_char), caption_text,
+                                   mention_text, from_selection)
         if span is None:   # a selected mention the edit went through or took out
-            return "", None, None, None, caption_text
+            return "", None, None, None, span_seen(caption_text, None, None)
         if span == (start_char, end_char):   # nothing to change: an answer that lands late changes nothing
-            return (*keep, caption_text)
-        return gr.skip(), *span, gr.skip(), caption_text
+            return (*keep, span_seen(caption_text, *span))
+        return gr.skip(), *span, gr.skip(), span_seen(caption_text, *span)
 
-    # A selection's answer that lands after the caption changed (all of it selected, then typed over):
-    # its mention is no longer at its offsets. Left to the caption's own check while that is to come
-    # (`before` is not the caption on screen); else a selected mention that no longer holds is cleared.
-    def on_selection_landed(caption_text, mention_text, start_char, end_char, selection, before):
-        if (not mention_text or selection != mention_text or span_holds(caption_text, mention_text, start_char, end_char)
-                or (isinstance(before, str) and before != caption_text)):
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        return "", None, None, None
-
-    checked_in = gr.State(None)  # the caption on_caption_edited saw last
-    edited_io = dict(inputs=[link.caption, link.mention, link.start, link.end, picked, checked_in],
-                     api_visibility="private", show_progress="hidden", queue=False)
-    selected.then(on_selection_landed, outputs=[link.mention, link.start, link.end, picked], **edited_io)
+    edited = dict(fn=on_caption_edited, inputs=[link.caption, link.mention, link.start, link.end, picked, seen],
+                  outputs=[link.mention, link.start, link.end, picked, seen], api_visibility="private",
+                  show_progress="hidden", queue=False)
+    selected.then(**edited)
 
     linked = _wire_link_button(service, access, current, link, fix)
 
@@ -727,19 +725,21 @@ def _wire_linking(service: LinkService, access: Access, current: gr.State, link:
     def forget_last_link():
         return None, gr.update(value=None)  # and a search result chosen for it
 
-    link.caption.input(on_caption_edited, outputs=[link.mention, link.start, link.end, picked, checked_in],
-                       trigger_mode="always_last", **edited_io)
+    link.caption.input(trigger_mode="always_last", **edited)
     link.caption.change(forget_last_link, None, [current, fix.search_results], queue=False, api_visibility="private",
                         show_progress="hidden")
     linked.failure(forget_last_link, None, [current, fix.search_results], queue=False, api_visibility="private")
     link.image.change(forget_last_link, None, [current, fix.search_results], queue=False, api_visibility="private",
                       show_progress="hidden")
 
-    def on_offsets_typed(last, start_char, end_char):  # offsets typed by hand: another span ends the link
-        return (None, gr.update(value=None)) if _other_span(last, start_char, end_char) else (gr.skip(), gr.skip())
+    # offsets typed by hand: another span ends the link, and they are the span from now on
+    def on_offsets_typed(caption_text, last, start_char, end_char):
+        ends = (None, gr.update(value=None)) if _other_span(last, start_char, end_char) else (gr.skip(), gr.skip())
+        return *ends, span_seen(caption_text, start_char, end_char)
 
     for box in (link.start, link.end):
-        box.input(on_offsets_typed, [current, link.start, link.end], [current, fix.search_results], queue=False,
+        box.input(on_offsets_typed, [link.caption, current, link.start, link.end], [current, fix.search_results, seen],
+                  queue=False,
                   api_visibility="private", show_progress="hidden", trigger_mode="always_last")
 
     def on_row(state, evt: gr.SelectData):
@@ -749,7 +749,34 @@ def _wire_linking(service: LinkService, access: Access, current: gr.State, link:
         return state["ranked"][row][0] if 0 <= row < len(state["ranked"]) else gr.skip()
 
     link.dim_table.select(on_row, [current], [fix.dim_choice], api_visibility="undocumented", queue=False)
-    _wire_typed_inputs(link, current, picked)
+    _wire_typed_inputs(link, current, picked, seen)
+
+
+def _worked_out(caption, mention, start, end, from_selection: bool, last_seen: dict) -> tuple:
+    """on_caption_edited's outputs for a caption whose span the server worked out already: the boxes
+    get that span where they show other offsets for its mention (a selection's answer that landed
+    after it, with the offsets from before the edit); a selection's words no longer at its offsets
+    are cleared; else nothing changes."""
+    skip = gr.skip()
+    if mention and span_holds(caption, mention, last_seen["start"], last_seen["end"]):
+        span = (last_seen["start"], last_seen["end"])
+        return (skip,) * 5 if span == (start, end) else (skip, *span, skip, skip)
+    if from_selection and not span_holds(caption, mention, start, end):
+        return "", None, None, None, span_seen(caption, None, None)
+    return (skip,) * 5
+
+
+def _edited_from(last_seen, mention, start, end) -> tuple:
+    """(caption before the edit, start, end) to follow an edit from: the span the server saw last when it
+    still holds the mention there, else the boxes' offsets (the caption before unknown: None)."""
+    if isinstance(last_seen, dict) and span_holds(last_seen["caption"], mention, last_seen["start"], last_seen["end"]):
+        return last_seen["caption"], last_seen["start"], last_seen["end"]
+    return None, start, end
+
+
+def span_seen(caption, start, end) -> dict | None:
+    """The span as the server saw it last, with its caption (the `seen` state of the Link tab)."""
+    return {"caption": caption, "start": start, "end": end} if isinstance(caption, str) else None
 
 
 def _other_span(last, start, end) -> bool:
@@ -757,7 +784,7 @@ def _other_span(last, start, end) -> bool:
     return isinstance(last, dict) and (last.get("start"), last.get("end")) != (start, end)
 
 
-def _wire_typed_inputs(link: LinkPanel, current: gr.State, picked: gr.State) -> None:
+def _wire_typed_inputs(link: LinkPanel, current: gr.State, picked: gr.State, seen: gr.State) -> None:
     """A mention typed by hand moves the offsets with it; an upload is decoded as it arrives."""
     # A mention typed by hand: the offsets of an earlier highlight no longer apply. They follow the
     # typed text (kept where they still hold it, else its first occurrence), or are cleared.
@@ -766,10 +793,10 @@ def _wire_typed_inputs(link: LinkPanel, current: gr.State, picked: gr.State) -> 
     # .input by demo/assets/app.js, as Gradio's Textbox sends .input for key presses only.)
     def on_mention_typed(caption_text, mention_text, start_char, end_char):
         s, e = retarget_offsets(caption_text, mention_text, start_char, end_char)
-        return s, e, None, None   # typed, not selected: an edit of the caption never clears it
+        return s, e, None, None, span_seen(caption_text, s, e)   # typed, not selected: a caption edit never clears it
 
     link.mention.input(on_mention_typed, [link.caption, link.mention, link.start, link.end],
-                       [link.start, link.end, current, picked], queue=False, api_visibility="private",
+                       [link.start, link.end, current, picked, seen], queue=False, api_visibility="private",
                        show_progress="hidden", trigger_mode="always_last")
 
     # An upload is decoded at once: a file that is not an image is refused there, with the formats

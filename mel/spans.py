@@ -20,6 +20,7 @@ it onto the NFC caption it stores.
 """
 from __future__ import annotations
 
+import difflib
 import os
 import unicodedata
 
@@ -107,19 +108,31 @@ def span_holds(caption, mention, start, end) -> bool:
     return 0 <= s < e <= len(caption) and _same_text(caption[s:e], mention.strip())
 
 
+MAX_MATCHED_MIDDLE = 4_000  # characters of follow_edit's changed middle, both texts together
+
+
 def follow_edit(before: str, after: str, start: int, end: int) -> tuple[int, int] | None:
-    """Where the span [start, end) of `before` is in `after`, the text after an edit in one place
-    (typing, a paste, a deletion): kept when the edit came after it, shifted when it came before,
-    None when the edit touched it. Two edits in one step count as one that spans both."""
+    """Where the span [start, end) of `before` is in `after`, the text after an edit (typing, a paste,
+    a deletion, or a few of them in one step): kept when the edits came after it, shifted by those
+    before it, None when one touched it."""
     prefix = len(os.path.commonprefix([before, after]))
     suffix, most = 0, min(len(before), len(after)) - prefix
     while suffix < most and before[-1 - suffix] == after[-1 - suffix]:
         suffix += 1
     if end <= prefix:
         return start, end
+    shift = len(after) - len(before)
     if start >= len(before) - suffix:
-        shift = len(after) - len(before)
         return start + shift, end + shift
+    # edits on both sides of it (two quick edits seen as one): the changed middle, matched block by block
+    # (quadratic: only for a middle of a usual caption's size; a longer one counts as touched)
+    old_middle, new_middle = before[prefix:len(before) - suffix], after[prefix:len(after) - suffix]
+    if len(old_middle) + len(new_middle) > MAX_MATCHED_MIDDLE:
+        return None
+    middle = difflib.SequenceMatcher(None, old_middle, new_middle, autojunk=False)
+    for i, j, n in middle.get_matching_blocks():
+        if prefix + i <= start and end <= prefix + i + n:
+            return start + j - i, end + j - i
     return None
 
 
