@@ -122,15 +122,16 @@ def retarget_offsets(caption, mention, start, end) -> tuple[int | None, int | No
 def follow_caption_edit(before, start, end, caption, mention, selected: bool) -> tuple[int | None, int | None] | None:
     """The mention's offsets after the caption went from `before` to `caption` (None: not known). A
     mention that was at [start, end) of `before` moves with an edit made elsewhere (a second
-    "Collins" stays the second); else, as for a typed mention, retarget_offsets. None: a selected
-    mention (`selected`) that the edit went through or took out of the caption, to be cleared."""
+    "Collins" stays the second); a typed one is then found as retarget_offsets finds it. None: a
+    selected mention (`selected`) the edit went through or took out, or whose place is not known."""
     if isinstance(before, str) and isinstance(caption, str) and span_holds(before, mention, start, end):
         moved = follow_edit(before, caption, int(start), int(end))
         if moved is None and selected:
             return None
         start, end = moved or (start, end)
-    s, e = retarget_offsets(caption, mention, start, end)
-    return None if s is None and selected else (s, e)
+    if selected:   # a selected word is never moved onto another copy of its text: kept where it is, or cleared
+        return (int(start), int(end)) if span_holds(caption, mention, start, end) else None
+    return retarget_offsets(caption, mention, start, end)
 
 
 def check_search_k(k) -> int:

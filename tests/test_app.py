@@ -329,7 +329,8 @@ def test_an_edit_elsewhere_in_the_caption_moves_a_selected_mention_by_the_edit()
     through = before.replace("later Collins", "later Col")                                    # Backspace in it
     assert follow_caption_edit(before, 28, 35, through, "Collins", True) is None              # selected: cleared
     assert follow_caption_edit(before, 28, 35, through, "Collins", False) == (9, 16)          # typed: its text
-    assert follow_caption_edit(None, 28, 35, after, "Collins", True) == (19, 26)               # no before: as typed
+    assert follow_caption_edit(None, 28, 35, after, "Collins", True) is None       # place unknown: cleared, never
+    assert follow_caption_edit(None, 28, 35, after, "Collins", False) == (19, 26)  # another copy (a typed one: found)
     assert follow_caption_edit(before, 28, 35, "Hopper.", "Collins", True) is None
     assert follow_caption_edit(before, 28, 35, "Hopper.", "Collins", False) == (None, None)
     # two quick edits: the second is followed from the span the first left (the boxes may still show
