@@ -198,7 +198,8 @@ def test_a_mention_typed_after_the_caption_was_typed_over_stays_typed(page):
     mention, which the caption edit then kept, and the annotator typed into it."""
     caption, mention = page.locator("#mel-caption textarea"), page.locator(MENTION_BOX).first
     for delay in (30, 0):
-        caption.fill("Tab here and Collins there")
+        caption.fill("Tab here and Collins there")    # (fill selects all of the old caption first: a select
+        page.wait_for_timeout(800)                     # event whose answer is let in before the mention is typed)
         mention.fill("Collins")
         page.wait_for_function("() => document.querySelector('#mel-start input').value === '13'")
         caption.click()
