@@ -758,9 +758,9 @@ def _worked_out(caption, mention, start, end, from_selection: bool, last_seen: d
     after it, with the offsets from before the edit); a selection's words no longer at its offsets
     are cleared; else nothing changes."""
     skip = gr.skip()
-    if mention and span_holds(caption, mention, last_seen["start"], last_seen["end"]):
-        span = (last_seen["start"], last_seen["end"])
-        return (skip,) * 5 if span == (start, end) else (skip, *span, skip, skip)
+    before, *span = _edited_from(last_seen, mention, start, end)   # (the seen caption is this caption)
+    if before is not None:
+        return (skip,) * 5 if tuple(span) == (start, end) else (skip, *span, skip, skip)
     if from_selection and not span_holds(caption, mention, start, end):
         return "", None, None, None, span_seen(caption, None, None)
     return (skip,) * 5

@@ -116,9 +116,7 @@ def follow_edit(before: str, after: str, start: int, end: int) -> tuple[int, int
     a deletion, or a few of them in one step): kept when the edits came after it, shifted by those
     before it, None when one touched it."""
     prefix = len(os.path.commonprefix([before, after]))
-    suffix, most = 0, min(len(before), len(after)) - prefix
-    while suffix < most and before[-1 - suffix] == after[-1 - suffix]:
-        suffix += 1
+    suffix = min(len(os.path.commonprefix([before[::-1], after[::-1]])), min(len(before), len(after)) - prefix)
     if end <= prefix:
         return start, end
     shift = len(after) - len(before)
@@ -186,7 +184,7 @@ def _resolve(caption, mention, start, end, image, id, strict) -> tuple[tuple[int
                 raise InputError(f"the mention {mention!r} and the offsets [{s}, {e}) ({caption[s:e]!r}) disagree; "
                                  f"give one of them")
             return (s, e), Mention(caption, s, e, image=image, id=id)  # raises when the span cuts a character
-        if 0 <= s < e <= len(caption) and _same_text(caption[s:e], mention):
+        if span_holds(caption, mention, s, e):
             try:
                 return (s, e), Mention(caption, s, e, image=image, id=id)
             except MELError:
