@@ -158,6 +158,13 @@ CUE_HOW = {
     "blip": "a BLIP caption of the photo",
 }
 APPARENT = "Apparent attributes read from the pixels of this photo, never facts about a person."
+NO_FACE_FOUND = "no face found: ImageNet labels"
+
+
+def cue_source(provider: str, faces) -> str:
+    """The provider's name as shown beside a cue; the person cue that found no face says its text is
+    ImageNet labels, or "(faces)" would stand beside a list of object labels."""
+    return f"{provider}: {NO_FACE_FOUND}" if provider == "faces" and not faces else provider
 
 
 def render_cue(view) -> str:
@@ -169,6 +176,7 @@ def render_cue(view) -> str:
                 f' <span class="mel-note">({_esc(cue.get("provider"))})</span></div>')
     provider = str(cue.get("provider") or "")
     how = CUE_HOW.get(provider) or CUE_HOW.get(provider.split(":", 1)[0], "")
+    provider = cue_source(provider, cue.get("faces"))
     question = f'<div class="mel-note">asked: {_esc(cue["question"])}</div>' if cue.get("question") else ""
     faces = [f for f in cue.get("faces") or [] if f.get("gender") or f.get("age") is not None]
     face_rows = "".join(
@@ -455,7 +463,7 @@ def _dim_panel(pred, describe, calibrations=None) -> tuple[str, list[str]]:
     if isinstance(details, DimDetails):
         if details.cue is not None and details.cue.text:
             cue = (f'<div class="mel-q-cue">expert cue: <b>{_esc(_clip(details.cue.text, 120))}</b> '
-                   f'<span class="mel-note">({_esc(details.cue.provider)})</span></div>')
+                   f'<span class="mel-note">({_esc(cue_source(details.cue.provider, details.cue.faces))})</span></div>')
         elif not details.feature_mask.image:
             cue = '<div class="mel-q-cue mel-note">no image: no expert cue</div>'
     rows = []

@@ -299,9 +299,32 @@ def test_the_cue_panel_lists_apparent_faces_and_says_they_are_no_facts():
     labels = render_cue(SimpleNamespace(cue={"text": "espresso, coffee mug", "provider": "faces", "faces": [],
                                              "note": "no face detection, ImageNet labels instead: dlib missing"}))
     assert APPARENT not in labels and "ImageNet labels instead" in labels  # no face: no apparent attributes
+    assert "provider: faces: no face found: ImageNet labels" in labels  # not "(faces)" beside object labels
+    assert "no face found" not in html_text
     blip = render_cue(SimpleNamespace(cue={"text": "an astronaut", "provider": "blip2:Salesforce/blip2-opt-2.7b",
                                            "question": "Who is this?"}))
     assert "BLIP-2 answering" in blip and "asked: Who is this?" in blip
+
+
+def test_the_task_screen_says_when_the_person_cue_found_no_face():
+    from annotations.projects import Progress, Task
+    from annotations.queue import PredictionView, TaskView
+    from demo.render import render_task
+    from mel.types import Mention
+
+    def task_with_cue(cue):
+        m = Mention.from_text("Collins waves", "Collins", id="mid")
+        details = {"kind": "dim", "feature_mask": {"image": True, "cue": True}, "cue": cue}
+        pred = PredictionView(1, "dim", "Q1", "Eileen Collins", 3.0, [{"id": "Q1", "name": "Eileen Collins", "score": 3.0}],
+                              details, None, "kb")
+        return render_task(TaskView(Task("t1", 1, "mid", m, None, None, "", "f.jsonl", "line 1", 0), {"dim": pred},
+                                    Progress(1, 0, "alice", 0, 0)), project="p")
+
+    labels = task_with_cue({"text": "espresso, coffee mug", "provider": "faces", "faces": []})
+    assert "espresso, coffee mug" in labels and "(faces: no face found: ImageNet labels)" in labels
+    face = {"box": [1, 2, 3, 4], "gender": "female", "gender_probability": 0.89, "age": 31.9, "age_range": [30, 40]}
+    person = task_with_cue({"text": "a photo of one person", "provider": "faces", "faces": [face]})
+    assert "(faces)" in person and "no face found" not in person
 
 
 # -- the review of the Link tab by an annotator (fast parts; the browser parts: test_e2e_link_review.py)
