@@ -503,6 +503,7 @@ class LinkPanel:
     timings: gr.JSON
     models: gr.JSON
     raw: gr.JSON
+    examples: gr.Examples | None = None   # None: no KB loaded, or none of the bundled examples is in it
 
 
 @dataclass
@@ -572,8 +573,9 @@ def _link_panel(service: LinkService) -> LinkPanel:
                                      "end")
             link_btn = gr.Button("Link  (Ctrl+Enter)", variant="primary", elem_id="mel-link")
             status = gr.HTML(elem_id="mel-link-status", padding=False)
+            loader = None
             if examples:  # from the KB that is loaded (demo/bundled.py examples_for)
-                gr.Examples([[e.image, e.caption, e.mention, e.start, e.end] for e in examples],
+                loader = gr.Examples([[e.image, e.caption, e.mention, e.start, e.end] for e in examples],
                             inputs=[image, caption, mention, start, end], label="Examples: ambiguous names, each with a photo",
                             example_labels=[f"{e.mention}: {e.why}" for e in examples])
             highlighted = gr.HTML(label="highlighted mention", elem_id="mel-highlight")
@@ -601,7 +603,7 @@ def _link_panel(service: LinkService) -> LinkPanel:
             with gr.Accordion("Raw result (JSON)", open=False):
                 raw = gr.JSON(label="link result", elem_id="mel-raw")
     return LinkPanel(info, image, caption, mention, start, end, link_btn, status, highlighted, gemel_html, cue_html,
-                     ranker_note, dim_table, demos, timings, models, raw)
+                     ranker_note, dim_table, demos, timings, models, raw, loader)
 
 
 def _correction_panel(service: LinkService) -> CorrectionPanel:
@@ -750,6 +752,16 @@ def _wire_linking(service: LinkService, access: Access, current: gr.State, link:
 
     link.dim_table.select(on_row, [current], [fix.dim_choice], api_visibility="undocumented", queue=False)
     _wire_typed_inputs(link, current, picked, seen)
+
+    # An example fills the boxes without an .input event: its mention counts as selected, and its span
+    # is the server's from now on (an edit right after is followed from it, not from older offsets).
+    def on_example_loaded(caption_text, mention_text, start_char, end_char):
+        return mention_text or None, span_seen(caption_text, start_char, end_char)
+
+    if link.examples is not None:
+        link.examples.load_input_event.then(on_example_loaded, [link.caption, link.mention, link.start, link.end],
+                                            [picked, seen], queue=False, api_visibility="private",
+                                            show_progress="hidden")
 
 
 def _worked_out(caption, mention, start, end, from_selection: bool, last_seen: dict) -> tuple:

@@ -377,6 +377,23 @@ def test_an_edit_elsewhere_in_the_caption_moves_a_selected_mention_by_the_edit()
     assert not span_holds(before, "Collins", None, 35) and not span_holds(before, " ", 8, 9)
 
 
+def test_an_example_counts_as_a_selected_mention_for_the_edits_after_it(running):
+    """gr.Examples fills the boxes without an .input event, so the span the server saw stayed the one
+    before the example: its mention is now a selection, with its span, as soon as it is loaded."""
+    fns = running.demo.fns
+    (loaded,) = [b for b in fns.values() if getattr(b.fn, "__name__", "") == "on_example_loaded"]
+    (load,) = [b for b in fns.values() if b is fns.get(loaded.trigger_after)]
+    assert getattr(load.fn, "__name__", "") == "load_example"   # right after the example fills the boxes
+    ids = {running.demo.blocks[i].elem_id: i for i in running.demo.blocks if running.demo.blocks[i].elem_id}
+    assert [b._id for b in loaded.inputs] == [ids[k] for k in ("mel-caption", "mel-mention", "mel-start", "mel-end")]
+    caption = "Collins smiles for the official portrait before the mission."
+    picked, seen = loaded.fn(caption, "Collins", 0, 7)
+    assert picked == "Collins" and seen == {"caption": caption, "start": 0, "end": 7}
+    from demo.service import follow_caption_edit    # so an edit through it clears it, as a selected word's
+    assert follow_caption_edit(seen["caption"], 0, 7, caption.replace("Collins", "Colins"), "Collins",
+                               picked == "Collins") is None
+
+
 def test_the_link_check_says_what_is_wrong_and_what_to_do():
     from demo.service import locate_mention
     assert locate_mention("Hopper at the podium.", "Hopper", None, None) == (0, 6)
