@@ -752,9 +752,12 @@ def _wire_linking(service: LinkService, access: Access, current: gr.State, link:
 
     link.dim_table.select(on_row, [current], [fix.dim_choice], api_visibility="undocumented", queue=False)
     _wire_typed_inputs(link, current, picked, seen)
+    _wire_examples(link, picked, seen)
 
-    # An example fills the boxes without an .input event: its mention counts as selected, and its span
-    # is the server's from now on (an edit right after is followed from it, not from older offsets).
+
+def _wire_examples(link: LinkPanel, picked: gr.State, seen: gr.State) -> None:
+    """An example fills the boxes without an .input event: its mention counts as selected, and its span
+    is the server's from now on (an edit right after is followed from it, not from older offsets)."""
     def on_example_loaded(caption_text, mention_text, start_char, end_char):
         return mention_text or None, span_seen(caption_text, start_char, end_char)
 

@@ -389,7 +389,7 @@ def test_an_example_counts_as_a_selected_mention_for_the_edits_after_it(running)
     caption = "Collins smiles for the official portrait before the mission."
     picked, seen = loaded.fn(caption, "Collins", 0, 7)
     assert picked == "Collins" and seen == {"caption": caption, "start": 0, "end": 7}
-    from demo.service import follow_caption_edit    # so an edit through it clears it, as a selected word's
+    from demo.service import follow_caption_edit  # so an edit through it clears it, as a selected word's
     assert follow_caption_edit(seen["caption"], 0, 7, caption.replace("Collins", "Colins"), "Collins",
                                picked == "Collins") is None
 
