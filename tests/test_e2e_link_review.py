@@ -173,6 +173,30 @@ def test_all_of_the_caption_selected_and_typed_over_is_not_left_as_the_mention(p
 
 
 
+def test_an_example_mention_counts_as_selected_for_the_edits_after_it(page):
+    """An example fills the boxes without an .input event, so the server still had the span of before
+    the example: an edit through the example's mention now clears it, as for a selected word, and an
+    edit before it moves it."""
+    caption, mention = page.locator("#mel-caption textarea"), page.locator(MENTION_BOX).first
+    text = "Collins smiles for the official portrait before the mission."
+    for edit in ("before", "through"):
+        page.get_by_text("Collins: Collins is a singer").first.click()
+        page.wait_for_function("t => document.querySelector('#mel-caption textarea').value === t", arg=text)
+        page.wait_for_timeout(500)                                # the example's answer is in
+        caption.click()
+        if edit == "before":
+            caption.press("Control+Home")
+            caption.press_sequentially("Eileen ")
+            page.wait_for_function("() => document.querySelector('#mel-start input').value === '7'")
+            assert mention.input_value() == "Collins" and page.evaluate(OFFSETS_JS) == ["7", "14"]
+        else:
+            page.evaluate("""() => { const t = document.querySelector('#mel-caption textarea'); t.focus();
+                                     t.setSelectionRange(3, 3); }""")     # the caret inside "Collins"
+            caption.press("Backspace")                                     # "Colins": the word is gone
+            page.wait_for_function("m => document.querySelector(m).value === ''", arg=MENTION_BOX)
+            assert page.evaluate(OFFSETS_JS) == ["", ""]
+
+
 def test_two_quick_edits_around_a_selected_word_keep_it(page):
     """Text typed before the selected word, then at once after it: the second edit was checked against
     the offsets the boxes still showed from before the first (the answer not in yet), so it looked
