@@ -219,7 +219,7 @@ def main(argv=None) -> int:
 
     kb = KnowledgeBase(args.kb)
     preset = resolve_preset(args)
-    examples = load_dataset(args.format, args.data, args.split).examples
+    examples = load_dataset(args.format, args.data, args.split, unlocated="context").examples  # as `mel eval`
     examples = examples[: args.limit] if args.limit else examples
     out = {"dataset": args.format, "split": args.split, "kb": Path(args.kb).name, "kb_size": kb.size,
            "preset": preset.name, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),

@@ -541,3 +541,14 @@ def test_wikimel_mentions_without_particles_are_located_by_their_words(wikimel_d
     r = wikimel_dev.report
     assert r.n_located_words > 0 and len(wikimel_dev) == r.n_mentions  # nothing left out of n
     assert "words" in r.rules_line() and r.located_samples["words"]
+
+
+def test_a_batch_over_a_split_links_every_mention_mel_eval_counts(tmp_path):
+    """`mel batch link/eval --format F` over a split left out a mention no rule finds in its caption,
+    which `mel eval` links by its mention string and counts in n."""
+    from mel.batch.sources import open_source
+    data = make_wikimel(tmp_path / "wm", {"1": sample("1", "Norris in 1976, on the set", ["Norris"]),
+                                          "2": sample("2", "The mission patch, 1999", ["Collins"])})
+    source = open_source(format="wikimel", data=str(data), split="dev")
+    mentions = [json.loads(r)["mention"] for r in source.records or []]
+    assert source.n_rows == 2 and [m["caption"][m["start"]:m["end"]] for m in mentions] == ["Norris", "Collins"]

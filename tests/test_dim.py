@@ -465,3 +465,25 @@ def test_shipped_head_links_real_wikimel_dev_mentions(shared_data, tmp_path):
     assert top1 >= 9, [(ex.mention.text, ex.gold_name, r.prediction.name if r.prediction else None)
                        for r, ex in zip(results, examples, strict=True)]
     assert linker.dev_figures.get("hits@1", 0) >= 0.8  # the figures it was shipped with
+
+
+def test_candidate_lists_cover_every_mention_mel_eval_counts(kb, tmp_path, monkeypatch, hashing_encoder):
+    """`mel eval` links a mention no rule finds in its caption by its mention string (it counts in n),
+    so `mel dim candidates` must write a list for it too: it skipped it, and the candidate-list protocol
+    then refused the whole split ("mention ... has no candidate list")."""
+    from test_datasets import make_wikimel, sample
+
+    import mel.cli_kit
+    from mel.cli import main
+    from mel.datasets import load_dataset
+    data = make_wikimel(tmp_path / "wm", {"1": sample("1", "Norris in 1976, on the set", ["Norris"], ["Q4"]),
+                                          "2": sample("2", "The mission patch, 1999", ["Collins"], ["Q1"])})
+    assert [e.located for e in load_dataset("wikimel", data, "dev", unlocated="context").examples] == ["exact",
+                                                                                                      "context"]
+    monkeypatch.setattr(mel.cli_kit, "resolve_preset", lambda args: hashing_preset())
+    monkeypatch.setattr(Preset, "backend", lambda self, role, *a, **kw: hashing_encoder)   # the KB's encoder
+    main(["dim", "candidates", "--format", "wikimel", "--data", str(data), "--kb", str(kb.path), "--size", "3",
+          "--out", str(tmp_path / "lists.jsonl")])
+    lists = {json.loads(line)["id"]: json.loads(line)["candidates"]
+             for line in (tmp_path / "lists.jsonl").read_text(encoding="utf-8").splitlines()}
+    assert set(lists) == {"1#0", "2#0"} and "Q1" in lists["2#0"] and len(lists["2#0"]) == 3

@@ -100,7 +100,7 @@ def _dataset_source(format: str, data: str | None, split: str, limit: int | None
     from ..datasets import load_dataset
     if not data:
         raise InputError(f"--format {format} needs the dataset directory: --input DIR (or --data DIR)")
-    ds = load_dataset(format, data, split)
+    ds = load_dataset(format, data, split, unlocated="context")  # every mention, as `mel eval` counts them
     examples = ds.examples[:limit] if limit else ds.examples
     if not examples:
         raise InputError("nothing to link: no usable mention (an empty split, --limit cut everything, or the reader "

@@ -20,7 +20,7 @@ from .report import markdown_reference
 from .synthetic import WORDS, RandomEncoder, synthetic_entities, synthetic_queries, synthetic_vectors
 
 DATASETS = ("wikimel", "richpedia", "wikidiverse")
-LINKERS = ("exact", "bm25", "dense", "dim", "gemel", "gemel+dense", "gemel+dim")
+LINKERS = ("exact", "bm25", "dense", "dim", "gemel+bm25", "gemel", "gemel+dense", "gemel+dim")
 
 
 def parse_linker(spec: str) -> tuple[str, dict]:

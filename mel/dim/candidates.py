@@ -302,7 +302,7 @@ def run(args) -> None:
     pool_size("--size", args.size)
     check_output_file(args.out)
     kb = KnowledgeBase(args.kb)
-    examples = load_dataset(args.format, args.data, args.split).examples
+    examples = load_dataset(args.format, args.data, args.split, unlocated="context").examples  # one list per mention `mel eval` counts
     lists, pools = protocol_lists(kb, examples, resolve_preset(args), size=args.size, seed=args.seed)
     save_candidate_lists(lists, args.out)
     recall = candidate_recall(pools, [kb.idx_of(ex.gold_id) for ex in examples])
