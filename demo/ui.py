@@ -29,6 +29,7 @@ import contextlib
 import contextvars
 import functools
 import hmac
+import json
 import logging
 import math
 import re
@@ -407,8 +408,11 @@ def page_css() -> str:
 
 
 def page_head() -> str:
-    """<script> tags for the page's head: the Link tab's shortcuts and the Annotate tab's keys."""
-    return "\n".join(f"<script>\n{(ASSETS / name).read_text(encoding='utf-8')}\n</script>" for name in SCRIPT_FILES)
+    """<script> tags for the page's head: the Link tab's shortcuts and the Annotate tab's keys (and the
+    image formats the Link tab's upload check names)."""
+    formats = f"<script>window.__melImageFormats = {json.dumps(IMAGE_FORMATS)};</script>"
+    return "\n".join([formats, *(f"<script>\n{(ASSETS / name).read_text(encoding='utf-8')}\n</script>"
+                                  for name in SCRIPT_FILES)])
 
 
 def launch_options() -> dict:

@@ -85,6 +85,29 @@ def test_a_file_that_is_not_an_image_is_refused_at_upload_and_nothing_typed_is_l
     assert page.evaluate(FAILED_OUTPUTS_JS) == []
 
 
+def test_a_dropped_file_that_is_not_an_image_is_said_on_screen(page):
+    """Gradio's image drops a PDF without a word (no event reaches the server), and the status line
+    kept the refusal of the file before: the page now says what was dropped, on screen, in its place."""
+    page.set_viewport_size({"width": 1366, "height": 768})
+    page.set_input_files("#mel-image input[type=file]", {"name": "holiday.png", "mimeType": "image/png",
+                                                         "buffer": b"this is a text file, not a photo\n"})
+    page.wait_for_selector("#mel-upload-refused")                         # the server's refusal
+    page.evaluate("() => window.scrollTo(0, 0)")                          # back at the image
+    drop = page.evaluate_handle("""() => { const dt = new DataTransfer();
+        dt.items.add(new File(['%PDF-1.4'], 'minutes.pdf', {type: 'application/pdf'})); return dt; }""")
+    image = page.locator("#mel-image")
+    for event in ("dragenter", "dragover", "drop"):
+        image.dispatch_event(event, {"dataTransfer": drop})
+    said = page.locator("#mel-drop-refused")
+    said.wait_for()
+    assert "minutes.pdf is not an image (application/pdf)" in said.inner_text() and "JPEG, PNG" in said.inner_text()
+    assert not page.locator("#mel-upload-refused").is_visible()          # not the earlier file's refusal
+    assert said.evaluate("e => { const r = e.getBoundingClientRect(); return r.top >= 0 && r.bottom <= innerHeight; }")
+    _type(page, "Hopper at the podium.", "Hopper")
+    _link(page)                                                           # the next link takes it away
+    assert page.locator("#mel-drop-refused").count() == 0
+
+
 def test_typing_a_mention_after_a_highlight_moves_or_clears_the_offsets(page):
     caption = "Collins met Collins at the bar."
     page.locator("#mel-caption textarea").fill(caption)

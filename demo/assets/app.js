@@ -74,3 +74,43 @@
     for (const el of [th, ...th.querySelectorAll('[title]')]) el.title = full;
   });
 })();
+// A file that is not an image, dropped on the Link tab's image (or chosen for it), is dropped by
+// Gradio's upload without a word, and the status line kept whatever it said before. Say it there, as
+// the server says it for an upload it refuses; the next drop, upload or link takes the message away.
+(() => {
+  if (window.__melImageCheck) return;
+  window.__melImageCheck = true;
+  const MESSAGE_ID = 'mel-drop-refused';
+  const clear = () => { const old = document.getElementById(MESSAGE_ID); if (old) old.remove(); };
+  const check = (files) => {
+    clear();
+    const list = [...(files || [])];
+    const status = document.getElementById('mel-link-status');
+    if (!status || !list.length || list.some((f) => f.type.startsWith('image/'))) return;
+    for (const earlier of status.querySelectorAll('.mel-refusal')) earlier.style.display = 'none';
+    const f = list[0];
+    const div = document.createElement('div');
+    div.id = MESSAGE_ID;
+    div.className = 'mel-refusal mel-error';
+    div.setAttribute('role', 'alert');
+    div.textContent = `${f.name} is not an image (${f.type || 'unknown type'}): upload a photo in ` +
+      `${window.__melImageFormats || 'JPEG or PNG'} format (your caption and mention are kept)`;
+    status.appendChild(div);
+    div.scrollIntoView({block: 'nearest'});  // the status line is below the Link button: off screen at 768 px
+  };
+  // the server's refusal of an upload (a file PIL cannot read) is brought on screen the same way
+  let shown = '';
+  new MutationObserver(() => {
+    const refusal = document.getElementById('mel-upload-refused');
+    const n = refusal ? refusal.dataset.n || '' : '';
+    if (refusal && n !== shown) { shown = n; refusal.scrollIntoView({block: 'nearest'}); }
+  }).observe(document.documentElement, {childList: true, subtree: true});
+  const inImage = (t) => t instanceof Element && t.closest('#mel-image');
+  document.addEventListener('drop', (e) => { if (inImage(e.target)) check(e.dataTransfer && e.dataTransfer.files); }, true);
+  document.addEventListener('change', (e) => {
+    if (inImage(e.target) && e.target.type === 'file') check(e.target.files);
+  }, true);
+  document.addEventListener('click', (e) => {
+    if (e.target instanceof Element && e.target.closest('#mel-link')) clear();
+  }, true);
+})();
