@@ -48,7 +48,7 @@ from annotations import FORMATS
 from mel.errors import InputError as MELInputError
 from mel.errors import MELError
 from mel.paths import cache_dir
-from mel.spans import span_holds
+from mel.spans import follow_edit, span_holds
 from mel.types import MAX_CAPTION_CHARS
 
 from .access import Access, esc_message, guarded, user_error
@@ -709,7 +709,9 @@ def _wire_linking(service: LinkService, access: Access, current: gr.State, link:
         if isinstance(last_seen, dict) and last_seen["caption"] == caption_text:
             return _worked_out(caption_text, mention_text, start_char, end_char, from_selection, last_seen)
         if not isinstance(mention_text, str) or not mention_text:
-            return (*keep, span_seen(caption_text, None, None))
+            # the box may be empty only because a selection's answer has not reached the page yet:
+            # the server's span goes on following the edit, for that answer to be placed by
+            return (*keep, span_followed(last_seen, caption_text))
         span = follow_caption_edit(*_edited_from(last_seen, mention_text, start_char, end_char), caption_text,
                                    mention_text, from_selection)
         if span is None:   # a selected mention the edit went through or took out
@@ -796,6 +798,18 @@ def _edited_from(last_seen, mention, start, end) -> tuple:
 def span_seen(caption, start, end) -> dict | None:
     """The span as the server saw it last, with its caption (the `seen` state of the Link tab)."""
     return {"caption": caption, "start": start, "end": end} if isinstance(caption, str) else None
+
+
+def span_followed(last_seen, caption) -> dict | None:
+    """`last_seen` carried over to the edited `caption`: its span moved by the edit, or none when the
+    edit went through it (or there was none)."""
+    if not isinstance(last_seen, dict) or last_seen["caption"] == caption:
+        return last_seen if isinstance(last_seen, dict) else span_seen(caption, None, None)
+    start, end = last_seen["start"], last_seen["end"]
+    if not isinstance(caption, str) or start is None or end is None:
+        return span_seen(caption, None, None)
+    moved = follow_edit(last_seen["caption"], caption, int(start), int(end))
+    return span_seen(caption, *(moved or (None, None)))
 
 
 def _other_span(last, start, end) -> bool:

@@ -365,6 +365,14 @@ def test_an_edit_elsewhere_in_the_caption_moves_a_selected_mention_by_the_edit()
                                "Collins", True) == (32, 39)
     assert _edited_from(span_seen(first, 0, 4), "Collins", 28, 35) == (None, 28, 35)   # not the mention there
     assert _edited_from(None, "Collins", 28, 35) == (None, 28, 35)
+    # an edit answered while the mention box is still empty (a selection's answer on its way): the
+    # server's span follows the edit, or is none when the edit went through it
+    from demo.ui import span_followed
+    assert span_followed(span_seen(before, 28, 35), after) == span_seen(after, 38, 45)
+    assert span_followed(span_seen(before, 28, 35), through) == span_seen(through, None, None)
+    assert span_followed(span_seen(after, 38, 45), after) == span_seen(after, 38, 45)
+    assert span_followed(None, after) == span_seen(after, None, None)
+    assert span_followed(span_seen(before, None, None), after) == span_seen(after, None, None)
     assert follow_edit("ab", "xab", 0, 1) == (1, 2) and follow_edit("ab", "ab!", 0, 2) == (0, 2)
     assert follow_edit("abc", "aXc", 1, 2) is None
     # two quick edits answered as one (before and after the word): the word is matched between them
