@@ -161,10 +161,14 @@ APPARENT = "Apparent attributes read from the pixels of this photo, never facts 
 NO_FACE_FOUND = "no face found: ImageNet labels"
 
 
-def cue_source(provider: str, faces) -> str:
+def cue_source(provider: str, faces, text: str = "") -> str:
     """The provider's name as shown beside a cue; the person cue that found no face says its text is
-    ImageNet labels, or "(faces)" would stand beside a list of object labels."""
-    return f"{provider}: {NO_FACE_FOUND}" if provider == "faces" and not faces else provider
+    ImageNet labels, or "(faces)" would stand beside a list of object labels. (A face cue's text is
+    "a photo of ...": predictions stored before cues kept their faces have none listed.)"""
+    looked_for_faces = provider.startswith("faces") and provider != "faces (labels only)"
+    if looked_for_faces and not faces and not str(text or "").startswith("a photo of"):
+        return f"{provider}: {NO_FACE_FOUND}"
+    return provider
 
 
 def render_cue(view) -> str:
@@ -176,7 +180,7 @@ def render_cue(view) -> str:
                 f' <span class="mel-note">({_esc(cue.get("provider"))})</span></div>')
     provider = str(cue.get("provider") or "")
     how = CUE_HOW.get(provider) or CUE_HOW.get(provider.split(":", 1)[0], "")
-    provider = cue_source(provider, cue.get("faces"))
+    provider = cue_source(provider, cue.get("faces"), cue.get("text"))
     question = f'<div class="mel-note">asked: {_esc(cue["question"])}</div>' if cue.get("question") else ""
     faces = [f for f in cue.get("faces") or [] if f.get("gender") or f.get("age") is not None]
     face_rows = "".join(
@@ -463,7 +467,7 @@ def _dim_panel(pred, describe, calibrations=None) -> tuple[str, list[str]]:
     if isinstance(details, DimDetails):
         if details.cue is not None and details.cue.text:
             cue = (f'<div class="mel-q-cue">expert cue: <b>{_esc(_clip(details.cue.text, 120))}</b> '
-                   f'<span class="mel-note">({_esc(cue_source(details.cue.provider, details.cue.faces))})</span></div>')
+                   f'<span class="mel-note">({_esc(cue_source(details.cue.provider, details.cue.faces, details.cue.text))})</span></div>')
         elif not details.feature_mask.image:
             cue = '<div class="mel-q-cue mel-note">no image: no expert cue</div>'
     rows = []

@@ -325,6 +325,10 @@ def test_the_task_screen_says_when_the_person_cue_found_no_face():
     face = {"box": [1, 2, 3, 4], "gender": "female", "gender_probability": 0.89, "age": 31.9, "age_range": [30, 40]}
     person = task_with_cue({"text": "a photo of one person", "provider": "faces", "faces": [face]})
     assert "(faces)" in person and "no face found" not in person
+    stored = task_with_cue({"text": "a photo of one person, apparently a man", "provider": "faces"})
+    assert "no face found" not in stored          # stored before cues kept their faces: the text says it
+    counted = task_with_cue({"text": "espresso", "provider": "faces (no age/gender)", "faces": []})
+    assert "(faces (no age/gender): no face found: ImageNet labels)" in counted
 
 
 # -- the review of the Link tab by an annotator (fast parts; the browser parts: test_e2e_link_review.py)

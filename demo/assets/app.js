@@ -98,13 +98,14 @@
     status.appendChild(div);
     div.scrollIntoView({block: 'nearest'});  // the status line is below the Link button: off screen at 768 px
   };
-  // the server's refusal of an upload (a file PIL cannot read) is brought on screen the same way
+  // the server's refusal of an upload (a file PIL cannot read) is brought on screen the same way (a
+  // second refusal in a row is the same element with a new data-n)
   let shown = '';
   new MutationObserver(() => {
     const refusal = document.getElementById('mel-upload-refused');
     const n = refusal ? refusal.dataset.n || '' : '';
     if (refusal && n !== shown) { shown = n; refusal.scrollIntoView({block: 'nearest'}); }
-  }).observe(document.documentElement, {childList: true, subtree: true});
+  }).observe(document.documentElement, {childList: true, subtree: true, attributes: true, attributeFilter: ['data-n']});
   const inImage = (t) => t instanceof Element && t.closest('#mel-image');
   document.addEventListener('drop', (e) => { if (inImage(e.target)) check(e.dataTransfer && e.dataTransfer.files); }, true);
   document.addEventListener('change', (e) => {

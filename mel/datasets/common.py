@@ -39,8 +39,8 @@ class ReadReport:
     n_located == n_located_exact + n_located_casefold + n_located_words
     n_located_nfc <= n_located_exact   (exact up to Unicode normalisation; of which n_located_nfc
                                         matched only once both were NFC: rule_counts splits them)
-    len(examples) == n_with_span + n_located + n_unlocated   (unlocated="context", the default)
-    len(examples) == n_with_span + n_located                 (unlocated="skip")
+    len(examples) == n_with_span + n_located + n_unlocated   (unlocated="context")
+    len(examples) == n_with_span + n_located                 (unlocated="skip", the default)
     n_records == n_with_image + n_missing_image   (images are counted per record)
 
     An unlocated mention (no rule of mel.types.LOCATE_RULES finds it) is listed in `unlocated`; with
