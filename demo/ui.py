@@ -803,12 +803,10 @@ def span_seen(caption, start, end) -> dict | None:
 def span_followed(last_seen, caption) -> dict | None:
     """`last_seen` carried over to the edited `caption`: its span moved by the edit, or none when the
     edit went through it (or there was none)."""
-    if not isinstance(last_seen, dict) or last_seen["caption"] == caption:
-        return last_seen if isinstance(last_seen, dict) else span_seen(caption, None, None)
-    start, end = last_seen["start"], last_seen["end"]
-    if not isinstance(caption, str) or start is None or end is None:
+    if (not isinstance(last_seen, dict) or not isinstance(caption, str) or last_seen["start"] is None
+            or last_seen["end"] is None):
         return span_seen(caption, None, None)
-    moved = follow_edit(last_seen["caption"], caption, int(start), int(end))
+    moved = follow_edit(last_seen["caption"], caption, int(last_seen["start"]), int(last_seen["end"]))
     return span_seen(caption, *(moved or (None, None)))
 
 
