@@ -28,6 +28,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from mel.backends.cue import PERSON_CUE_HEAD
 from mel.errors import MELError
 from mel.types import NIL, DimDetails, GemelDetails, details_from_dict
 
@@ -166,7 +167,7 @@ def cue_source(provider: str, faces, text: str = "") -> str:
     ImageNet labels, or "(faces)" would stand beside a list of object labels. (A face cue's text is
     "a photo of ...": predictions stored before cues kept their faces have none listed.)"""
     looked_for_faces = provider.startswith("faces") and provider != "faces (labels only)"
-    if looked_for_faces and not faces and not str(text or "").startswith("a photo of"):
+    if looked_for_faces and not faces and not str(text or "").startswith(PERSON_CUE_HEAD):
         return f"{provider}: {NO_FACE_FOUND}"
     return provider
 

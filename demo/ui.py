@@ -710,8 +710,12 @@ def _wire_linking(service: LinkService, access: Access, current: gr.State, link:
             return _worked_out(caption_text, mention_text, start_char, end_char, from_selection, last_seen)
         if not isinstance(mention_text, str) or not mention_text:
             # the box may be empty only because a selection's answer has not reached the page yet:
-            # the server's span goes on following the edit, for that answer to be placed by
-            return (*keep, span_followed(last_seen, caption_text))
+            # the server's span goes on following the edit, for that answer to be placed by. Offsets
+            # the boxes show as the server's own (typed by hand, no mention) move with it.
+            followed = span_followed(last_seen, caption_text)
+            if _boxes_show_seen(last_seen, start_char, end_char) and followed is not None:
+                return gr.skip(), followed["start"], followed["end"], gr.skip(), followed
+            return (*keep, followed)
         span = follow_caption_edit(*_edited_from(last_seen, mention_text, start_char, end_char), caption_text,
                                    mention_text, from_selection)
         if span is None:   # a selected mention the edit went through or took out
@@ -808,6 +812,12 @@ def span_followed(last_seen, caption) -> dict | None:
         return span_seen(caption, None, None)
     moved = follow_edit(last_seen["caption"], caption, int(last_seen["start"]), int(last_seen["end"]))
     return span_seen(caption, *(moved or (None, None)))
+
+
+def _boxes_show_seen(last_seen, start, end) -> bool:
+    """Whether the offset boxes show the server's last span (not older offsets a pending answer replaces)."""
+    return (isinstance(last_seen, dict) and last_seen["start"] is not None and last_seen["end"] is not None
+            and (start, end) == (last_seen["start"], last_seen["end"]))
 
 
 def _other_span(last, start, end) -> bool:

@@ -145,12 +145,13 @@ def config_from_args(config_class, args: argparse.Namespace):
 
 
 # -- output checks -------------------------------------------------------------------------------
-def check_output_file(path: str | Path) -> Path:
+def check_output_file(path: str | Path, *, what: str = "name the file to write", example: str = "report.json",
+                      error: type[Exception] = InputError) -> Path:
     """A file this command will write: not a directory, and its folder exists (created) and is writable.
     Call it before the work, so a bad path fails now and not after an hour's evaluation."""
     path = Path(path)
     if path.is_dir():
-        raise InputError(f"{path} is a directory; name the file to write, e.g. {path / 'report.json'}")
+        raise error(f"{path} is a directory; {what}, e.g. {path / example}")
     check_output_dir(path.parent)
     return path
 

@@ -403,12 +403,8 @@ def build_kb(entities: Iterable[Entity], out: str | Path, *, text_encoder=None, 
 def check_kb_out(out: str | Path) -> Path:
     """The KB file a build will write: not a directory, in a folder that exists (created) and is writable
     (InputError otherwise). Call it before the work, so a bad --out fails now and not after the encoding."""
-    from .cli_kit import check_output_dir
-    out = Path(out)
-    if out.is_dir():
-        raise KBError(f"{out} is a directory; the KB is one file: name it, e.g. {out / 'kb.sqlite'}")
-    check_output_dir(out.parent)
-    return out
+    from .cli_kit import check_output_file
+    return check_output_file(out, what="the KB is one file: name it", example="kb.sqlite", error=KBError)
 
 
 def _create_tables(db: sqlite_utils.Database) -> None:

@@ -378,6 +378,11 @@ def test_an_edit_elsewhere_in_the_caption_moves_a_selected_mention_by_the_edit()
     assert span_followed(None, after) == span_seen(after, None, None)
     assert span_followed(span_seen(before, None, None), after) == span_seen(after, None, None)
     assert follow_edit("ab", "xab", 0, 1) == (1, 2) and follow_edit("ab", "ab!", 0, 2) == (0, 2)
+    # offsets typed by hand with no mention: the boxes show the server's span, and move with it
+    from demo.ui import _boxes_show_seen
+    assert _boxes_show_seen(span_seen(before, 28, 35), 28, 35)
+    assert not _boxes_show_seen(span_seen(before, 28, 35), 9, 16)    # older offsets: an answer replaces them
+    assert not _boxes_show_seen(span_seen(before, None, None), None, None) and not _boxes_show_seen(None, 28, 35)
     assert follow_edit("abc", "aXc", 1, 2) is None
     # two quick edits answered as one (before and after the word): the word is matched between them
     assert follow_edit("A " + before, "A B " + before + " Y", 30, 37) == (32, 39)

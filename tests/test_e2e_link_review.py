@@ -265,6 +265,25 @@ def test_a_word_selected_then_text_typed_before_it_at_once_stays_selected(page):
         assert (mention.input_value(), page.evaluate(OFFSETS_JS)) == ("and", [str(start), str(start + 3)])
 
 
+def test_offsets_typed_by_hand_with_no_mention_move_with_a_caption_edit(page):
+    """Offsets typed into the boxes, no mention: an edit before them moved the server's span but left
+    the boxes showing the old offsets, so what the page showed and what a link used differed."""
+    caption, mention = page.locator("#mel-caption textarea"), page.locator(MENTION_BOX).first
+    caption.fill("Phil met Collins.")
+    mention.fill("")
+    page.wait_for_timeout(800)
+    for box, value in (("#mel-start input", "9"), ("#mel-end input", "16")):
+        page.locator(box).fill(value)
+        page.locator(box).dispatch_event("input")
+        page.wait_for_timeout(500)
+    caption.click()
+    page.keyboard.press("Home")
+    page.keyboard.type("Then ", delay=30)
+    page.wait_for_timeout(1500)                                # every answer is in
+    assert caption.input_value() == "Then Phil met Collins."
+    assert page.evaluate(OFFSETS_JS) == ["14", "21"]
+
+
 def test_a_mention_typed_after_the_caption_was_typed_over_stays_typed(page):
     """A typed mention, then all of the caption selected and typed over, then another mention typed:
     a select answer landing after the new caption turned the selected old caption into a "typed"

@@ -200,6 +200,9 @@ def describe_face(face: dict) -> str:
     return f"{who} aged about {ages[0]}-{ages[1]}" if ages else who
 
 
+PERSON_CUE_HEAD = "a photo of"   # how every person cue starts (the app tells a stored face cue by it)
+
+
 def person_cue_text(faces: list[dict]) -> str:
     """The person cue: how many faces, and each face's apparent gender and age range, e.g.
     "a photo of one person, apparently a woman aged about 30-40". It says "apparently": it is what a
@@ -207,11 +210,11 @@ def person_cue_text(faces: list[dict]) -> str:
     n = len(faces)
     count = _NUMBERS[n] if n < len(_NUMBERS) else str(n)
     if n == 1:
-        head = "a photo of one person"
+        head = f"{PERSON_CUE_HEAD} one person"
     elif n <= MAX_FACES_DESCRIBED:
-        head = f"a photo of {count} people"
+        head = f"{PERSON_CUE_HEAD} {count} people"
     else:
-        head = f"a photo of a group of {count} people"
+        head = f"{PERSON_CUE_HEAD} a group of {count} people"
     described = [describe_face(f) for f in faces[:MAX_FACES_DESCRIBED] if f.get("gender") or f.get("age_range")]
     if not described:
         return head + " (apparent age and gender not available)"
