@@ -8,7 +8,8 @@
 Who annotates:
   MEL_AUTH    "user:password,user2:password2": password login (never put passwords in the repo)
   OAuth       on a Space with `hf_oauth: true` in README front matter (and no MEL_AUTH): HF login
-  neither     locally: everyone is "local" (also admin); on a Space: linking only, no saving
+  neither     on 127.0.0.1: everyone is "local" (also admin); on a Space, a --share link or a --host other
+              machines reach: linking only, no saving (--allow-anonymous: every visitor is "local")
   MEL_ADMINS  comma-separated users who may export training data and manage projects in the app
 The "Annotate" tab opens first when the database has annotation projects (python -m mel annotations
 import ...; or the "Projects" tab, for admins).
@@ -20,6 +21,7 @@ storage, else ./data/app.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import signal
@@ -66,6 +68,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    p.add_argument("--allow-anonymous", action="store_true",
+                   help="without MEL_AUTH on a --host other machines reach (or with --share), let every visitor "
+                        "annotate as 'local', who is also the admin (export, backup) and a reviewer; without this "
+                        "flag annotation is off there")
     p.add_argument("--concurrency", type=int, default=4, help="requests handled at once (linking: always 1)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; more are refused")
     p.add_argument("--threads", type=int, default=int(os.environ.get("MEL_THREADS", "0")) or None,
@@ -84,6 +90,31 @@ def linker_options(items: list[str]) -> tuple[dict, dict]:
             raise SystemExit(f"--opt {item!r}: expected ROLE.key=value with ROLE generator or ranker")
         out[role][name] = option_value(value)
     return out["generator"], out["ranker"]
+
+
+def open_access(host: str, share: bool, on_space: bool, allow_anonymous: bool) -> tuple[str | None, str]:
+    """Who annotates without a login ("local", who is also the admin, or None: nobody) and what to say.
+    Only the person at the machine is "local": on a Space, a --share link or a --host other machines
+    reach, anyone could otherwise download the annotation database, unless --allow-anonymous says so."""
+    if on_space:
+        return None, "annotation is off on this Space until a login is configured"
+    reached = "--share" if share else None if _is_loopback(host) else f"--host {host}"
+    if reached is None:
+        return "local", "every correction is saved as annotator 'local' (set MEL_AUTH to log annotators in)"
+    if allow_anonymous:
+        return "local", (f"{reached} with --allow-anonymous: every visitor annotates as 'local', "
+                         "who may also export and back up the annotation database")
+    return None, (f"{reached} lets other machines in, so annotation, export and backup are off: set MEL_AUTH "
+                  "(and MEL_ADMINS) to log annotators in, or pass --allow-anonymous to let every visitor in as 'local'")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:   # a host name or 0.0.0.0 / :: (every interface)
+        return False
 
 
 def main(argv=None) -> None:
@@ -108,10 +139,9 @@ def main(argv=None) -> None:
     elif oauth:
         access = Access("oauth", admins=admins)
     else:
-        access = Access("open", admins=admins, open_annotator=None if on_space else "local")
-        print("[app] no MEL_AUTH: " + ("annotation is off on this Space until a login is configured" if on_space
-              else "every correction is saved as annotator 'local' (set MEL_AUTH to log annotators in)"),
-              file=sys.stderr)
+        open_annotator, said = open_access(args.host, args.share, on_space, args.allow_anonymous)
+        access = Access("open", admins=admins, open_annotator=open_annotator)
+        print(f"[app] no MEL_AUTH: {said}", file=sys.stderr)
 
     from mel.cli_kit import check_device
     try:

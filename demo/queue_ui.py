@@ -112,6 +112,8 @@ class QueueScreens:
         with self._lock:
             q = self._queues.get(name)
         if q is None:
+            if name not in self.project_names():   # (get_project's message names the server's path and every project)
+                raise InputError(f"no project {name[:MAX_ID_CHARS]!r} here: pick one of the projects listed above")
             project = get_project(self.store, name)
             q = AnnotationQueue(self.store, project, kb=self.service.project_kb(project),
                                 linkers=self.service.project_linkers(project), k=self.service.config.k)

@@ -199,6 +199,12 @@ def _utf8(text) -> bytes:
 
 # -- admin downloads: one-time links, never Gradio's shared cache ------------------------------------
 DOWNLOAD_PATH = re.compile(r"(?:^|/)mel/download/([A-Za-z0-9_-]{20,100})/?$")
+UPLOAD_PATH = re.compile(r"(?:^|/)upload/?$")   # Gradio's file uploads: it caps each file at MAX_UPLOAD
+# Bodies are read (and parsed) before Gradio checks the login: without a cap anyone could make the
+# server hold gigabytes. An event's JSON is small (a caption is at most MAX_CAPTION_CHARS, files go to
+# /upload); before a password login, only the login form is expected.
+MAX_REQUEST_BODY = 4 * 1024 * 1024
+MAX_ANONYMOUS_BODY = 64 * 1024
 
 
 class DownloadVault:
@@ -293,9 +299,54 @@ class AppGuard:
             match = DOWNLOAD_PATH.search(scope.get("path", ""))
             if match and scope.get("method") in ("GET", "HEAD"):
                 return await self._download(match.group(1), scope, receive, send)
+            if scope.get("method") in ("POST", "PUT", "PATCH"):
+                return await self._bounded(scope, receive, send)
             return await self.app(scope, receive, send)
         finally:
             CLIENT_ADDRESS.reset(mark)
+
+    def _body_limit(self, scope) -> int | None:
+        """The most bytes this request's body may have (None: Gradio's upload route, which caps files)."""
+        if self.access.mode == "password" and self.access.annotator_of_scope(scope) is None:
+            return MAX_ANONYMOUS_BODY
+        return None if UPLOAD_PATH.search(scope.get("path", "")) else MAX_REQUEST_BODY
+
+    async def _bounded(self, scope, receive, send):
+        """Pass the request on with its body read whole, or answer 413 once it is over the limit."""
+        limit = self._body_limit(scope)
+        if limit is None:
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            return await self._too_large(int(declared), limit, scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":      # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                return await self._too_large(size, limit, scope, receive, send)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()       # after the body: the disconnect, when it comes
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _too_large(size: int, limit: int, scope, receive, send):
+        from starlette.responses import PlainTextResponse
+        response = PlainTextResponse(f"Request body too large: {size:,} bytes or more, the most is {limit:,}. Log in "
+                                     f"first; send files through /gradio_api/upload.", status_code=413,
+                                     headers={"Connection": "close"})
+        await response(scope, receive, send)
 
     async def _download(self, token: str, scope, receive, send):
         from starlette.background import BackgroundTask

@@ -105,6 +105,21 @@ def test_app_auth_parsing():
         {"n_demos": 8}, {"checkpoint": "runs/dim"})
 
 
+def test_without_a_login_only_the_person_at_the_machine_annotates():
+    """No MEL_AUTH: "local" (the admin, who may download the annotation database) only on a loopback
+    address; on --host 0.0.0.0, another interface or --share annotation is off unless --allow-anonymous."""
+    import app
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        assert app.open_access(host, False, False, False)[0] == "local", host
+    for host, share in (("0.0.0.0", False), ("::", False), ("192.168.1.20", False), ("myhost", False),
+                        ("127.0.0.1", True)):
+        annotator, said = app.open_access(host, share, False, False)
+        assert annotator is None and "--allow-anonymous" in said and "MEL_AUTH" in said, (host, share)
+        assert app.open_access(host, share, False, True)[0] == "local"
+    assert app.open_access("127.0.0.1", False, True, True)[0] is None     # a Space: never anonymous
+    assert app.parse_args(["--host", "0.0.0.0", "--allow-anonymous"]).allow_anonymous
+
+
 # -- the launched app through gradio_client -------------------------------------------------------
 @pytest.fixture(scope="module")
 def running(tmp_path_factory):

@@ -229,7 +229,10 @@ def test_queue_commands_refuse_stale_and_reused_saves(service, tmp_path):
     assert "mel-q-ack err" in reused
     rows = service.store.corrections(annotator="carol")
     assert len(rows) == 1 and rows[0]["client_token"] == "k1"
-    assert screens.handle("dave", {"project": "nope", "action": "next"}).count("mel-q-ack err") == 1
+    unknown = screens.handle("dave", {"project": "nope", "action": "next"})
+    assert unknown.count("mel-q-ack err") == 1 and "no project &#x27;nope&#x27; here" in unknown
+    # an annotator is told neither the server's database path nor the other projects' names
+    assert str(service.store.path) not in unknown and "unit" not in unknown, unknown
     assert "log in" in screens.handle(None, {"project": "unit", "action": "next"})
     screens.close()
 
