@@ -443,15 +443,8 @@ class AnnotationQueue:
                         self._flags("f.task_id = ? AND f.annotator = ?", [task_id, annotator]), note)
 
     def latest_predictions(self, task: Task) -> dict[str, PredictionView]:
-        """The latest prediction of each linker for the task's mention, made against the project's KB
-        (any KB when the project has none attached)."""
-        where, params = "mention_id = ?", [task.mention_id]
-        if self.project.kb_stamp:
-            where, params = where + " AND kb = ?", params + [self.project.kb_stamp]
-        rows = self.store.db.query(
-            f"SELECT * FROM predictions WHERE id IN (SELECT max(id) FROM predictions WHERE {where} GROUP BY linker) "
-            f"ORDER BY id", params)
-        return {r["linker"]: _prediction_view(r) for r in rows}
+        """The latest prediction of each of the queue's linkers (else the project's) for the task."""
+        return latest_predictions(self.store, self.project, task.mention_id, list(self.linkers))
 
     def _predictions_by_id(self, ids: list[int]) -> list[PredictionView]:
         if not ids:
@@ -572,6 +565,24 @@ def _check_ids(shown, prediction_id) -> list[int]:
         raise InputError(f"prediction {prediction_id} was not among the predictions on screen {shown}; "
                          f"nothing was saved")
     return shown
+
+
+def latest_predictions(store: AnnotationStore, project: Project, mention_id: str,
+                       linkers: list[str] | None = None) -> dict[str, PredictionView]:
+    """The latest prediction of each linker that links the project's tasks (`linkers`, else its
+    settings.linkers) for a mention, made against the project's KB (any KB when it has none attached).
+    Other linkers' predictions of the same mention (the Link tab's gemel+bm25, say) are neither shown
+    with the task nor counted in the Dashboard."""
+    where, params = "mention_id = ?", [mention_id]
+    if project.kb_stamp:
+        where, params = where + " AND kb = ?", params + [project.kb_stamp]
+    linkers = list(linkers or project.settings.linkers)
+    if linkers:
+        where += f" AND linker IN ({','.join('?' * len(linkers))})"
+        params += linkers
+    rows = store.db.query(f"SELECT * FROM predictions WHERE id IN (SELECT max(id) FROM predictions WHERE {where} "
+                          f"GROUP BY linker) ORDER BY id", params)
+    return {r["linker"]: _prediction_view(r) for r in rows}
 
 
 def _prediction_view(r: dict) -> PredictionView:

@@ -38,7 +38,7 @@ from mel.errors import InputError
 from mel.types import NIL, check_typed_text
 
 from .projects import Project, Task, get_project, get_task
-from .queue import MAX_COMMENT_CHARS, Flag, PredictionView, StaleTaskError, _check_token, _prediction_view
+from .queue import MAX_COMMENT_CHARS, Flag, PredictionView, StaleTaskError, _check_token, latest_predictions
 from .store import STANDING, AnnotationStore, NotAllowedError, _check_annotator, standing, utc_now
 
 REVIEW_ACTIONS = ("final", "send_back")
@@ -356,12 +356,7 @@ class ReviewQueue:
 
     def _item(self, label: TaskLabel) -> ReviewItem:
         task = get_task(self.store, label.task_id)
-        where, params = "mention_id = ?", [task.mention_id]
-        if self.project.kb_stamp:
-            where, params = where + " AND kb = ?", params + [self.project.kb_stamp]
-        predictions = {r["linker"]: _prediction_view(r) for r in self.store.db.query(
-            f"SELECT * FROM predictions WHERE id IN (SELECT max(id) FROM predictions WHERE {where} GROUP BY linker) "
-            f"ORDER BY id", params)}
+        predictions = latest_predictions(self.store, self.project, task.mention_id)
         flags = [Flag(r["id"], r["task_id"], r["annotator"], r["comment"], r["created"], r["resolved_at"],
                       r["resolved_by"]) for r in self.store.db.query("SELECT * FROM flags WHERE task_id = ? ORDER BY id",
                                                                      [task.id])]

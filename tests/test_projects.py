@@ -326,6 +326,25 @@ def test_predictions_on_screen_are_checked_and_recorded(store, tmp_path):
     assert ack.shown_prediction_ids == (pid0,) and ack.prediction_id == pid0 and ack.entity_name == "Five"
 
 
+def test_only_the_projects_linkers_are_shown_and_recorded(store, tmp_path):
+    """The Link tab linked a task's mention with its gemel+bm25 (same mention id, same KB): that
+    prediction was shown with the task, sent back as on screen, and the Dashboard gained a third
+    model, "GEMEL+BM25 accepted 0% of 2 decisions" (a browser review)."""
+    queue = AnnotationQueue(store, _project_with_tasks(store, tmp_path, linkers=["gemel", "dim"]))
+    t0 = list_tasks(store, "q")[0]
+    gemel, dim = store.record_predictions(t0.mention_id, [{"linker": "gemel", "entity_id": "Q1"},
+                                                          {"linker": "dim", "entity_id": "Q2"}])
+    store.record_predictions(t0.mention_id, [{"linker": "gemel+bm25", "entity_id": "Q3"}])   # the Link tab's
+    view = queue.next_task("alice")
+    assert set(view.predictions) == {"gemel", "dim"} and sorted(view.prediction_ids) == sorted([gemel, dim])
+    queue.decide("alice", t0.id, "accept_dim", "Q2", token="a", shown_prediction_ids=view.prediction_ids,
+                 prediction_id=dim)
+    from annotations.dashboard import dashboard_data
+    from annotations.review import ReviewQueue
+    assert dashboard_data(store, "q").models == ("gemel", "dim")
+    assert set(ReviewQueue(store, "q", reviewer="rita", is_reviewer=True).item(t0.id).predictions) == {"gemel", "dim"}
+
+
 def test_history_back_forward_and_changing_a_past_decision(store, tmp_path):
     queue = AnnotationQueue(store, _project_with_tasks(store, tmp_path))
     t0 = queue.next_task("alice").task.id
