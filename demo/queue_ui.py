@@ -78,10 +78,10 @@ KEYMAP_MD = """### Keys (never while typing in a text box; `Esc` leaves the box)
 | key | does |  | key | does |
 |---|---|---|---|---|
 | `Enter` or `g` | accept GEMEL's entity and save |  | `u` | undo your last decision |
-| `1`–`9`, `0` | pick DIM's candidate 1–10 and save |  | `←` / `→` | back / forward through your decisions |
+| `1`–`9`, `0` | pick DIM's candidate 1–10 and save |  | `←`/`b`, `→`/`f` | back / forward through your decisions |
 | `n` | NIL: the entity is not in the KB |  | `/` | search the KB (Tab or ↓ to a result, Enter picks it) |
 | `s` | skip: the task comes back at the end |  | `x` | flag for review (type a comment, Enter) |
-| `h` | this help and the project's guidelines |  | | |
+| `h` or `?` | this help and the project's guidelines |  | | |
 
 Every save names the task on screen; the line at the top says what was saved, for which task.
 Going back shows a decision you made: any decision key changes it."""

@@ -360,6 +360,25 @@ def test_nothing_is_chosen_for_the_annotator_and_every_candidate_has_a_key(page,
     assert len(rows) == before + 1 and rows[-1][1:] == ("accept_dim", tenth, None)
 
 
+def test_down_arrow_from_the_search_box_reaches_the_results_as_in_annotate(page, running):
+    """`/`, a query, Enter, then ↓ and Enter: the caret stayed in the search box and nothing was saved
+    (the Annotate tab's search takes ↓ to its results; a browser review)."""
+    _type(page, "Hopper at the podium.", "Hopper")
+    _link(page)
+    before = len(_rows(running, "bob"))
+    page.locator("h2").first.click()
+    page.keyboard.press("/")
+    page.keyboard.type("Hopper")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#mel-search-results input[type=radio]")
+    page.keyboard.press("ArrowDown")
+    assert page.evaluate("() => document.activeElement.closest('#mel-search-results') !== null")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#mel-ack-ok")
+    rows = _rows(running, "bob")
+    assert len(rows) == before + 1 and rows[-1][1] == "search"
+
+
 def test_a_search_result_chosen_before_a_link_is_never_saved_for_it(page, running):
     _type(page, "Hopper at the podium.", "Hopper")
     _link(page)

@@ -220,3 +220,19 @@ def test_a_project_keyboard_only(browser, app):
         assert len(ids) == 2 and token and (pid is None or pid in ids)
     assert len({r[3] for r in rows}) == len(rows)              # one token per key press
     page.close()
+
+
+def test_on_a_phone_every_candidate_is_read_whole_before_a_tap_saves_it(browser, app):
+    """At 412x915 a DIM candidate's name and description were cut to one line ("Hopper (microarchitect…"):
+    a phone cannot hover to read the rest, and one tap saves (a browser review)."""
+    from conftest import open_logged_in
+    page = open_logged_in(browser, app.url, "bob", viewport=(412, 915), wait=("#mel-q-view[data-state=task]",))
+    try:
+        cut = page.evaluate("""() => [...document.querySelectorAll('#mel-q-view .mel-q-cand .mel-q-name, '
+                                                                 + '#mel-q-view .mel-q-cand .mel-q-desc')]
+            .filter(e => e.scrollWidth > e.clientWidth + 1).map(e => e.textContent)""")
+        assert page.locator("#mel-q-view .mel-q-cand").count() > 0
+        assert cut == []
+        assert page.evaluate("() => document.documentElement.scrollWidth") <= 412   # and nothing scrolls sideways
+    finally:
+        page.close()

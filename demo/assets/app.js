@@ -25,6 +25,11 @@
     if (e.key === 'Escape' && typing) {  // back to the keys from any text box, as in Annotate
       t.blur(); e.preventDefault(); return;
     }
+    if (e.key === 'ArrowDown' && typing && t.closest('#mel-search')) {  // to the results, as in Annotate
+      const first = document.querySelector('#mel-search-results input[type=radio]');
+      if (first) { first.focus(); e.preventDefault(); }
+      return;
+    }
     if (e.key === 'Enter' && t && t.type === 'radio' && t.closest && t.closest('#mel-search-results')) {
       if (!t.checked) t.click();  // Enter on a result (reached with Tab / arrows) links to it
       setTimeout(() => press('mel-pick'), 0);
