@@ -222,16 +222,33 @@ def test_a_project_keyboard_only(browser, app):
     page.close()
 
 
-def test_on_a_phone_every_candidate_is_read_whole_before_a_tap_saves_it(browser, app):
+
+def test_on_a_phone_every_candidate_is_read_whole_before_a_tap_saves_it(browser):
     """At 412x915 a DIM candidate's name and description were cut to one line ("Hopper (microarchitect…"):
-    a phone cannot hover to read the rest, and one tap saves (a browser review)."""
-    from conftest import open_logged_in
-    page = open_logged_in(browser, app.url, "bob", viewport=(412, 915), wait=("#mel-q-view[data-state=task]",))
+    a phone cannot hover to read the rest, and one tap saves (a browser review). The task screen as the
+    app renders it, with the app's stylesheet."""
+    from annotations.projects import Progress, Task
+    from annotations.queue import PredictionView, TaskView
+    from demo.render import render_task
+    from mel.paths import REPO_ROOT
+    from mel.types import Mention
+    mention = Mention.from_text("Hopper at the podium in 1983.", "Hopper", id="m")
+    long_name = "Grace Brewster Murray Hopper (United States Navy rear admiral and computer scientist)"
+    dim = [{"id": f"demo:q{k}", "name": f"{long_name} {k}", "score": 3.0 - k} for k in range(5)]
+    view = TaskView(Task("t1", 1, "m", mention, None, None, "", "f.jsonl", "line 1", 0),
+                    {"dim": PredictionView(12, "dim", "demo:q0", long_name, 3.0, dim, {"kind": "dim"}, None, "kb")},
+                    Progress(20, 3, "ann", 2, 1))
+    html = render_task(view, project="p", describe=lambda i: "American computer scientist and United States "
+                       "Navy rear admiral, a pioneer of computer programming who invented one of the first "
+                       "linkers")
+    css = (REPO_ROOT / "demo" / "assets" / "queue.css").read_text(encoding="utf-8")
+    page = browser.new_page(viewport={"width": 412, "height": 915})
     try:
+        page.set_content(f"<style>{css}</style>{html}")
+        assert page.locator("#mel-q-view .mel-q-cand").count() == 5
         cut = page.evaluate("""() => [...document.querySelectorAll('#mel-q-view .mel-q-cand .mel-q-name, '
                                                                  + '#mel-q-view .mel-q-cand .mel-q-desc')]
             .filter(e => e.scrollWidth > e.clientWidth + 1).map(e => e.textContent)""")
-        assert page.locator("#mel-q-view .mel-q-cand").count() > 0
         assert cut == []
         assert page.evaluate("() => document.documentElement.scrollWidth") <= 412   # and nothing scrolls sideways
     finally:
