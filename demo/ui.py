@@ -205,6 +205,43 @@ UPLOAD_PATH = re.compile(r"(?:^|/)upload/?$")   # Gradio's file uploads: it caps
 # /upload); before a password login, only the login form is expected.
 MAX_REQUEST_BODY = 4 * 1024 * 1024
 MAX_ANONYMOUS_BODY = 64 * 1024
+# Gradio keeps every uploaded file until the app stops: without a budget one account could fill the
+# disk with 20 MB files. An annotator's photos and an admin's task zips stay far below it.
+UPLOAD_BUDGET_BYTES = 500 * 1024 * 1024
+UPLOAD_BUDGET_WINDOW = 3600.0
+
+
+class UploadBudget:
+    """Bytes each user (else client address) may upload within a sliding `window` of seconds."""
+
+    def __init__(self, budget: int = UPLOAD_BUDGET_BYTES, window: float = UPLOAD_BUDGET_WINDOW,
+                 max_tracked: int = 10_000, clock=time.monotonic):
+        self.budget, self.window, self.max_tracked, self.clock = budget, window, max_tracked, clock
+        self._spent: dict[str, deque] = {}
+        self._lock = threading.Lock()
+
+    def charge(self, who: str, n: int) -> float:
+        """Charge `n` bytes to `who`: 0 when within the budget, else the seconds until it would be."""
+        now = self.clock()
+        with self._lock:
+            spent = self._spent.setdefault(who, deque())
+            while spent and now - spent[0][0] >= self.window:
+                spent.popleft()
+            used = sum(b for _, b in spent)
+            if used + n > self.budget:
+                if not spent:
+                    return self.window
+                freed, wait = used + n - self.budget, 0.0
+                for t, b in spent:   # the oldest uploads leave the window first
+                    freed, wait = freed - b, t + self.window - now
+                    if freed <= 0:
+                        break
+                return max(wait, 1.0)
+            spent.append((now, n))
+            if len(self._spent) > self.max_tracked:   # forget idle users first (bounded memory)
+                for key in [k for k, v in self._spent.items() if not v][: len(self._spent) - self.max_tracked]:
+                    del self._spent[key]
+            return 0.0
 
 
 class DownloadVault:
@@ -287,8 +324,9 @@ class DownloadVault:
 class AppGuard:
     """ASGI middleware: tells LoginGuard the client's address, and serves DownloadVault's links."""
 
-    def __init__(self, app, vault: DownloadVault, access: Access):
+    def __init__(self, app, vault: DownloadVault, access: Access, uploads: UploadBudget | None = None):
         self.app, self.vault, self.access = app, vault, access
+        self.uploads = uploads or UploadBudget()
 
     async def __call__(self, scope, receive, send):
         if scope.get("type") != "http":
@@ -314,9 +352,13 @@ class AppGuard:
     async def _bounded(self, scope, receive, send):
         """Pass the request on with its body read whole, or answer 413 once it is over the limit."""
         limit = self._body_limit(scope)
-        if limit is None:
-            return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if limit is None:   # an upload: its declared length (the server reads no more) counts against a budget
+            refusal = self._upload_refusal(scope, declared)
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+            return await self.app(scope, receive, send)
         if declared.isdigit() and int(declared) > limit:
             return await self._too_large(int(declared), limit, scope, receive, send)
         chunks, size, more = [], 0, True
@@ -339,6 +381,22 @@ class AppGuard:
             replayed = True
             return {"type": "http.request", "body": body, "more_body": False}
         return await self.app(scope, replay, send)
+
+    def _upload_refusal(self, scope, declared: bytes):
+        """None when the upload may go on, else the response that refuses it."""
+        from starlette.responses import PlainTextResponse
+        if not declared.isdigit():
+            return PlainTextResponse("An upload must say its length (Content-Length); send the file as a browser "
+                                     "or gradio_client does.", status_code=411)
+        client = scope.get("client")
+        who = self.access.annotator_of_scope(scope) or f"address {client[0] if client else '?'}"
+        wait = self.uploads.charge(who, int(declared))
+        if wait:
+            return PlainTextResponse(
+                f"Upload budget used: at most {self.uploads.budget // (1024 * 1024):,} MB an hour per account; "
+                f"try again in {math.ceil(wait / 60):,} minutes.", status_code=429,
+                headers={"Retry-After": str(math.ceil(wait)), "Connection": "close"})
+        return None
 
     @staticmethod
     async def _too_large(size: int, limit: int, scope, receive, send):
@@ -370,7 +428,8 @@ def serve_options(demo: gr.Blocks, users: dict[str, str] | list[tuple[str, str]]
                   guard: LoginGuard | None = None) -> dict:
     """Keyword arguments for Blocks.launch() that secure the app built by build_demo:
     `auth` (a LoginGuard over `users`, or None: no password login) and `app_kwargs` (AppGuard,
-    and a lifespan that deletes waiting downloads at shutdown). demo.mel_login_guard is the guard."""
+    and a lifespan that deletes waiting downloads at shutdown). demo.mel_login_guard is the guard,
+    demo.mel_upload_budget the uploads' UploadBudget."""
     if guard is None and users:
         guard = LoginGuard(users)
     vault, access = demo.mel_vault, demo.mel_access
@@ -383,8 +442,10 @@ def serve_options(demo: gr.Blocks, users: dict[str, str] | list[tuple[str, str]]
         finally:
             vault.close()
 
+    demo.mel_upload_budget = uploads = UploadBudget()
     from starlette.middleware import Middleware
-    return {"auth": guard, "app_kwargs": {"middleware": [Middleware(AppGuard, vault=vault, access=access)],
+    return {"auth": guard, "app_kwargs": {"middleware": [Middleware(AppGuard, vault=vault, access=access,
+                                                                    uploads=uploads)],
                                           "lifespan": lifespan}}
 
 

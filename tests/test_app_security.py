@@ -142,6 +142,46 @@ def test_request_bodies_are_bounded_before_and_after_login(app):
     assert "Collins" in str(_link(http, "Collins waves before the launch.", "Collins"))   # events still work
 
 
+def test_upload_budget_per_account_slides_with_the_clock():
+    from demo.ui import UploadBudget
+    now = [0.0]
+    budget = UploadBudget(budget=100, window=60, clock=lambda: now[0])
+    assert budget.charge("bob", 60) == 0 and budget.charge("bob", 30) == 0
+    assert budget.charge("bob", 20) == 60             # over: the first 60 bytes leave the window at t=60
+    assert budget.charge("ann", 100) == 0             # per account
+    assert budget.charge("carol", 101) == 60          # never fits: said, not charged
+    now[0] = 30.0
+    assert budget.charge("bob", 5) == 0               # 95 of 100
+    now[0] = 60.0                                     # the first two have left the window: 5 spent
+    assert budget.charge("bob", 95) == 0 and budget.charge("bob", 1) > 0
+
+
+@pytest.mark.slow
+def test_uploads_are_refused_past_the_accounts_budget(app):
+    """A logged-in user could fill the disk: Gradio keeps every upload (20 MB each at most) until the
+    app stops, with no limit on how many (an access review's finding). Each account now has an hourly
+    budget; an upload that says no length is refused too."""
+    budget = app.demo.mel_upload_budget
+    saved = budget.budget
+    budget.budget = 3 * 1024 * 1024
+    try:
+        http = _session(app.url, "carol")
+        for _ in range(2):
+            r = http.post("gradio_api/upload", files={"files": ("photo.jpg", b"0" * 1024 * 1024)})
+            assert r.status_code == 200, (r.status_code, r.text[:200])
+        r = http.post("gradio_api/upload", files={"files": ("photo.jpg", b"0" * 1024 * 1024)})
+        assert r.status_code == 429 and "Upload budget used" in r.text and int(r.headers["Retry-After"]) > 0
+        r = _session(app.url, "dave").post("gradio_api/upload", files={"files": ("photo.jpg", b"0" * 1024)})
+        assert r.status_code == 200                     # another account has its own budget
+
+        def chunked():
+            yield b"0" * 1024
+        r = http.post("gradio_api/upload", content=chunked(), headers={"Content-Type": "multipart/form-data; boundary=x"})
+        assert r.status_code == 411
+    finally:
+        budget.budget = saved
+
+
 # -- access: admin downloads -------------------------------------------------------------------------
 @pytest.mark.slow
 def test_admin_downloads_open_once_and_for_the_admin_only(app):
