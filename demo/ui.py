@@ -238,8 +238,8 @@ class UploadBudget:
                         break
                 return max(wait, 1.0)
             spent.append((now, n))
-            if len(self._spent) > self.max_tracked:   # forget idle users first (bounded memory)
-                for key in [k for k, v in self._spent.items() if not v][: len(self._spent) - self.max_tracked]:
+            if len(self._spent) > self.max_tracked:   # bounded memory: forget whoever's uploads left the window
+                for key in [k for k, v in self._spent.items() if not v or now - v[-1][0] >= self.window]:
                     del self._spent[key]
             return 0.0
 
@@ -322,7 +322,8 @@ class DownloadVault:
 
 
 class AppGuard:
-    """ASGI middleware: tells LoginGuard the client's address, and serves DownloadVault's links."""
+    """ASGI middleware: tells LoginGuard the client's address, serves DownloadVault's links, bounds
+    request bodies before Gradio reads them, and charges uploads to the sender's UploadBudget."""
 
     def __init__(self, app, vault: DownloadVault, access: Access, uploads: UploadBudget | None = None):
         self.app, self.vault, self.access = app, vault, access
