@@ -8,8 +8,9 @@
 Who annotates:
   MEL_AUTH    "user:password,user2:password2": password login (never put passwords in the repo)
   OAuth       on a Space with `hf_oauth: true` in README front matter (and no MEL_AUTH): HF login
-  neither     on 127.0.0.1: everyone is "local" (also admin); on a Space, a --share link or a --host other
-              machines reach: linking only, no saving (--allow-anonymous: every visitor is "local")
+  neither     on 127.0.0.1: everyone is "local" (also admin); on a --share link or a --host other machines
+              reach: linking only, no saving (--allow-anonymous: every visitor is "local"); on a Space:
+              linking only, no saving
   MEL_ADMINS  comma-separated users who may export training data and manage projects in the app
 The "Annotate" tab opens first when the database has annotation projects (python -m mel annotations
 import ...; or the "Projects" tab, for admins).

@@ -48,6 +48,9 @@ THUMBNAIL = 256
 TASK_IMAGE = (360, 240)   # the task screen's image, at most (width, height) in pixels
 MAX_DIM_SHOWN = 10        # keys 1-9 and 0
 MAX_DEMOS_SHOWN = 3
+# a task's descriptions: one line with an ellipsis on a wide screen (the whole text on hover), a few
+# wrapped lines on a phone, which cannot hover (demo/assets/queue.css)
+DESCRIPTION_CHARS = 220
 # The temperature each linker's scores are made for (see mel/gemel/linker.py FUSION_DEFAULTS: DIM's
 # scores are softmax logits, dense scores are cosines, BM25 scores are unbounded sums).
 RANKER_TEMPERATURES = {"dim": 1.0, "dense": 0.02, "bm25": 1.0, "gemel": 1.0}
@@ -58,6 +61,11 @@ ACTION_TEXT = {"accept_gemel": "accepted GEMEL's entity", "accept_dim": "picked 
 
 def _esc(value) -> str:
     return html.escape("" if value is None else str(value))
+
+
+def _description_html(text, tag: str) -> str:
+    """An entity's description on a task screen: clipped, the whole of it on hover."""
+    return f'<{tag} class="mel-q-desc" title="{_attr(text)}">{_esc(_clip(text, DESCRIPTION_CHARS))}</{tag}>'
 
 
 def _attr(value) -> str:
@@ -299,7 +307,8 @@ def counter_html(annotator: str | None, counts: dict, is_admin: bool) -> str:
     """Who is annotating and how far: distinct mentions decided (LinkService.counts "decided*",
     as the store holds them), then the saves behind them."""
     if not annotator:
-        return '<span class="mel-note">Not logged in: linking works, saving corrections needs a login.</span>'
+        return ('<span class="mel-note">Not logged in: linking works, saving corrections needs a login (a server '
+                'without logins saves none until its admin sets MEL_AUTH).</span>')
     role = " (admin)" if is_admin else ""
     decided, skipped = counts.get("decided", 0), counts.get("decided_skip", 0)
     return (f'<span id="mel-counter" title="{_attr(COUNTER_HOW)}">Annotating as <b>{_esc(annotator)}</b>{role}: '
@@ -435,7 +444,7 @@ def _gemel_panel(pred, describe, calibrations=None) -> tuple[str, str | None]:
     else:
         answer = (f'<div class="mel-q-entity"><b>{_esc(pred.entity_name)}</b> <code>{_esc(entity)}</code> '
                   f'<span class="mel-q-p" title="{_attr(tooltip)}" data-p="{_attr(p)}">p {_pct(p)}</span></div>'
-                  f'<div class="mel-q-desc">{_esc(_clip(describe(entity), 140))}</div>'
+                  f'{_description_html(describe(entity), "div")}'
                   f'<div class="mel-note mel-q-plabel">p: {_p_label(calibrated, tooltip)}</div>')
     extra = []
     if isinstance(details, GemelDetails):
@@ -478,7 +487,7 @@ def _dim_panel(pred, describe, calibrations=None) -> tuple[str, list[str]]:
                     f'data-entity-id="{_attr(c.get("id"))}" role="button" tabindex="-1">'
                     f'<kbd>{key}</kbd><span class="mel-q-name"><b>{_esc(c.get("name"))}</b> '
                     f'<code>{_esc(c.get("id"))}</code></span>'
-                    f'<span class="mel-q-desc">{_esc(_clip(describe(c.get("id")), 110))}</span>'
+                    f'{_description_html(describe(c.get("id")), "span")}'
                     f'<span class="mel-q-p" data-p="{_attr(p)}">{_pct(p)}</span></li>')
     label = "DIM" if kind == "dim" else f"{_esc(pred.linker)} (DIM unavailable)"
     note = f'<div class="mel-note mel-q-plabel">p: {_p_label(calibrated, tooltip)}</div>'

@@ -536,7 +536,8 @@ class LinkService:
                 prediction_id: int | None = None, live_pool: bool | None = None):
         """Save a correction; returns the store's Ack (given only after the commit)."""
         if not annotator:
-            raise NotAllowedError("log in to save corrections: this app records who made each correction")
+            raise NotAllowedError("log in to save corrections: this app records who made each correction (a server "
+                                  "without logins saves none until its admin sets MEL_AUTH)")
         check_id(mention_id, "mention_id", "use the mention_id that linking the mention returned")
         if not isinstance(action, str) or action not in ACTIONS:
             shown = repr(action) if len(repr(action)) <= 40 else repr(action)[:40] + "..."

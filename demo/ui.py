@@ -402,9 +402,9 @@ class AppGuard:
     @staticmethod
     async def _too_large(size: int, limit: int, scope, receive, send):
         from starlette.responses import PlainTextResponse
-        response = PlainTextResponse(f"Request body too large: {size:,} bytes or more, the most is {limit:,}. Log in "
-                                     f"first; send files through /gradio_api/upload.", status_code=413,
-                                     headers={"Connection": "close"})
+        hint = "log in first" if limit == MAX_ANONYMOUS_BODY else "send files through /gradio_api/upload"
+        response = PlainTextResponse(f"Request body too large: {size:,} bytes or more, the most is {limit:,}; {hint}.",
+                                     status_code=413, headers={"Connection": "close"})
         await response(scope, receive, send)
 
     async def _download(self, token: str, scope, receive, send):

@@ -373,10 +373,16 @@ def test_down_arrow_from_the_search_box_reaches_the_results_as_in_annotate(page,
     page.wait_for_selector("#mel-search-results input[type=radio]")
     page.keyboard.press("ArrowDown")
     assert page.evaluate("() => document.activeElement.closest('#mel-search-results') !== null")
+    radios = page.locator("#mel-search-results input[type=radio]")
+    assert radios.count() >= 3
+    for key in ("ArrowDown", "ArrowDown", "ArrowUp"):    # ↓↓ Enter linked the first result (a second review)
+        page.keyboard.press(key)
+    second = radios.nth(1).get_attribute("value")
+    assert page.evaluate("() => document.activeElement.value") == second
     page.keyboard.press("Enter")
     page.wait_for_selector("#mel-ack-ok")
     rows = _rows(running, "bob")
-    assert len(rows) == before + 1 and rows[-1][1] == "search"
+    assert len(rows) == before + 1 and rows[-1][1] == "search" and rows[-1][2] == second
 
 
 def test_a_search_result_chosen_before_a_link_is_never_saved_for_it(page, running):

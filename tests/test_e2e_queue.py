@@ -241,6 +241,7 @@ def test_on_a_phone_every_candidate_is_read_whole_before_a_tap_saves_it(browser)
     html = render_task(view, project="p", describe=lambda i: "American computer scientist and United States "
                        "Navy rear admiral, a pioneer of computer programming who invented one of the first "
                        "linkers")
+    assert html.count("invented one of the first linkers") >= 5 * 2   # not clipped on the server (and its title)
     css = (REPO_ROOT / "demo" / "assets" / "queue.css").read_text(encoding="utf-8")
     page = browser.new_page(viewport={"width": 412, "height": 915})
     try:

@@ -30,6 +30,13 @@
       if (first) { first.focus(); e.preventDefault(); }
       return;
     }
+    // ↓ / ↑ among the results: Gradio names each radio apart, so the browser's own arrows stay on one
+    if ((e.key === 'ArrowDown' || e.key === 'ArrowUp') && t && t.type === 'radio' && t.closest('#mel-search-results')) {
+      const radios = [...document.querySelectorAll('#mel-search-results input[type=radio]')];
+      const next = radios[radios.indexOf(t) + (e.key === 'ArrowDown' ? 1 : -1)];
+      if (next) next.focus();
+      e.preventDefault(); return;
+    }
     if (e.key === 'Enter' && t && t.type === 'radio' && t.closest && t.closest('#mel-search-results')) {
       if (!t.checked) t.click();  // Enter on a result (reached with Tab / arrows) links to it
       setTimeout(() => press('mel-pick'), 0);
