@@ -285,11 +285,12 @@ class LinkService:
             say(0.1, f"preset {self.preset.name}: loading the knowledge base")
             self._load_kb()
             self.load_seconds["kb"] = time.perf_counter() - t
-            say(0.3, "loading the generative linker (GEMEL)")
+            say(0.3, f"loading the generative linker ({self.config.generator})" if self.config.generator
+                else "no generative linker (--generator '')")
             t = time.perf_counter()
             self._load_generator()
             self.load_seconds["generator"] = time.perf_counter() - t
-            say(0.6, "loading the ranking linker (DIM)")
+            say(0.6, f"loading the ranking linker ({self.ranker_name})" if self.ranker_name else "no ranking linker")
             t = time.perf_counter()
             self._load_ranker()
             self.load_seconds["ranker"] = time.perf_counter() - t
