@@ -321,13 +321,18 @@ class DownloadVault:
             shutil.rmtree(root, ignore_errors=True)
 
 
+def _too_large(size: int, limit: int, hint: str):
+    from starlette.responses import PlainTextResponse
+    return PlainTextResponse(f"Request body too large: {size:,} bytes or more, the most is {limit:,}; {hint}.",
+                             status_code=413, headers={"Connection": "close"})
+
+
 class AppGuard:
     """ASGI middleware: tells LoginGuard the client's address, serves DownloadVault's links, bounds
     request bodies before Gradio reads them, and charges uploads to the sender's UploadBudget."""
 
-    def __init__(self, app, vault: DownloadVault, access: Access, uploads: UploadBudget | None = None):
-        self.app, self.vault, self.access = app, vault, access
-        self.uploads = uploads or UploadBudget()
+    def __init__(self, app, vault: DownloadVault, access: Access, uploads: UploadBudget):
+        self.app, self.vault, self.access, self.uploads = app, vault, access, uploads
 
     async def __call__(self, scope, receive, send):
         if scope.get("type") != "http":
@@ -344,24 +349,20 @@ class AppGuard:
         finally:
             CLIENT_ADDRESS.reset(mark)
 
-    def _body_limit(self, scope) -> int | None:
-        """The most bytes this request's body may have (None: Gradio's upload route, which caps files)."""
-        if self.access.mode == "password" and self.access.annotator_of_scope(scope) is None:
-            return MAX_ANONYMOUS_BODY
-        return None if UPLOAD_PATH.search(scope.get("path", "")) else MAX_REQUEST_BODY
-
     async def _bounded(self, scope, receive, send):
-        """Pass the request on with its body read whole, or answer 413 once it is over the limit."""
-        limit = self._body_limit(scope)
+        """Pass the request on with its body read whole, or answer 413 once it is over the limit; an
+        upload goes on as it is, its declared length (the server reads no more) charged to a budget."""
+        user = self.access.annotator_of_scope(scope)
         declared = dict(scope.get("headers") or []).get(b"content-length", b"")
-        if limit is None:   # an upload: its declared length (the server reads no more) counts against a budget
-            refusal = self._upload_refusal(scope, declared)
-            if refusal is not None:
-                await refusal(scope, receive, send)
-                return
-            return await self.app(scope, receive, send)
+        if self.access.mode == "password" and user is None:
+            limit, hint = MAX_ANONYMOUS_BODY, "log in first"   # before the login: only the login form
+        elif UPLOAD_PATH.search(scope.get("path", "")):
+            refusal = self._upload_refusal(scope, declared, user)
+            return await (refusal or self.app)(scope, receive, send)
+        else:
+            limit, hint = MAX_REQUEST_BODY, "send files through /gradio_api/upload"
         if declared.isdigit() and int(declared) > limit:
-            return await self._too_large(int(declared), limit, scope, receive, send)
+            return await _too_large(int(declared), limit, hint)(scope, receive, send)
         chunks, size, more = [], 0, True
         while more:
             message = await receive()
@@ -370,7 +371,7 @@ class AppGuard:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > limit:
-                return await self._too_large(size, limit, scope, receive, send)
+                return await _too_large(size, limit, hint)(scope, receive, send)
             more = message.get("more_body", False)
         body = b"".join(chunks)
         replayed = False
@@ -383,29 +384,20 @@ class AppGuard:
             return {"type": "http.request", "body": body, "more_body": False}
         return await self.app(scope, replay, send)
 
-    def _upload_refusal(self, scope, declared: bytes):
+    def _upload_refusal(self, scope, declared: bytes, user: str | None):
         """None when the upload may go on, else the response that refuses it."""
         from starlette.responses import PlainTextResponse
         if not declared.isdigit():
             return PlainTextResponse("An upload must say its length (Content-Length); send the file as a browser "
                                      "or gradio_client does.", status_code=411)
         client = scope.get("client")
-        who = self.access.annotator_of_scope(scope) or f"address {client[0] if client else '?'}"
-        wait = self.uploads.charge(who, int(declared))
+        wait = self.uploads.charge(user or f"address {client[0] if client else '?'}", int(declared))
         if wait:
             return PlainTextResponse(
                 f"Upload budget used: at most {self.uploads.budget // (1024 * 1024):,} MB an hour per account; "
                 f"try again in {math.ceil(wait / 60):,} minutes.", status_code=429,
                 headers={"Retry-After": str(math.ceil(wait)), "Connection": "close"})
         return None
-
-    @staticmethod
-    async def _too_large(size: int, limit: int, scope, receive, send):
-        from starlette.responses import PlainTextResponse
-        hint = "log in first" if limit == MAX_ANONYMOUS_BODY else "send files through /gradio_api/upload"
-        response = PlainTextResponse(f"Request body too large: {size:,} bytes or more, the most is {limit:,}; {hint}.",
-                                     status_code=413, headers={"Connection": "close"})
-        await response(scope, receive, send)
 
     async def _download(self, token: str, scope, receive, send):
         from starlette.background import BackgroundTask
@@ -920,17 +912,20 @@ def span_seen(caption, start, end) -> dict | None:
 def span_followed(last_seen, caption) -> dict | None:
     """`last_seen` carried over to the edited `caption`: its span moved by the edit, or none when the
     edit went through it (or there was none)."""
-    if (not isinstance(last_seen, dict) or not isinstance(caption, str) or last_seen["start"] is None
-            or last_seen["end"] is None):
+    if not _has_span(last_seen) or not isinstance(caption, str):
         return span_seen(caption, None, None)
     moved = follow_edit(last_seen["caption"], caption, int(last_seen["start"]), int(last_seen["end"]))
     return span_seen(caption, *(moved or (None, None)))
 
 
+def _has_span(last_seen) -> bool:
+    """Whether the server's last word on the span (the `seen` state) names one."""
+    return isinstance(last_seen, dict) and last_seen["start"] is not None and last_seen["end"] is not None
+
+
 def _boxes_show_seen(last_seen, start, end) -> bool:
     """Whether the offset boxes show the server's last span (not older offsets a pending answer replaces)."""
-    return (isinstance(last_seen, dict) and last_seen["start"] is not None and last_seen["end"] is not None
-            and (start, end) == (last_seen["start"], last_seen["end"]))
+    return _has_span(last_seen) and (start, end) == (last_seen["start"], last_seen["end"])
 
 
 def _other_span(last, start, end) -> bool:
